@@ -1,0 +1,389 @@
+"""Self-attention, from trainable weights to causal multi-head attention over batches.
+
+The module follows the order in which the idea is usually taught:
+
+1. ``SelfAttentionParams``  – raw ``nn.Parameter`` matrices, ``x @ W``.
+2. ``SelfAttention``        – the same with ``nn.Linear`` projections.
+3. ``CausalAttention``      – a mask over future positions and dropout on the weights.
+4. ``MultiHeadAttentionWrapper`` – several independent causal heads, concatenated.
+5. ``MultiHeadAttention``   – the efficient form: one projection per Q, K, V, split into
+   heads by reshaping into ``(B, H, T, d)``.
+
+All of them end in one function, :func:`attend`, which computes
+``softmax(mask(Q·Kᵀ · scale)) · V`` with one of two backends:
+
+* ``"explicit"``: the matrix products, mask, softmax and dropout written out. It can
+  return the attention weights, which the inspection tools draw.
+* ``"fused"``: :func:`torch.nn.functional.scaled_dot_product_attention`, which picks
+  PyTorch's fastest kernel (flash, memory-efficient, cuDNN) for the device.
+
+Tests hold the two equal. Shapes: ``B`` batch, ``H`` heads, ``T`` tokens, ``d`` head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Backend = Literal["explicit", "fused"]
+Scale = Union[bool, float]
+BACKENDS = ("explicit", "fused")
+
+
+def resolve_scale(scale: Scale, head_dim: int) -> float:
+    """The factor the scores Q·Kᵀ are multiplied by: 1/√d_k, 1 (no scaling) or a given float."""
+    if scale is True:
+        return 1.0 / math.sqrt(head_dim)
+    if scale is False:
+        return 1.0
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        if not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"scale must be True, False or a positive finite float, got {scale!r}")
+        return float(scale)
+    raise ValueError(f"scale must be True, False or a positive finite float, got {scale!r}")
+
+
+def build_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[torch.Tensor],
+    device: torch.device,
+    causal_mask: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
+    """Boolean mask of the keys each query may see, ``True`` = visible.
+
+    Queries are aligned to the *end* of the keys: with a KV cache, ``q_len`` new tokens
+    follow ``k_len - q_len`` cached ones, so query ``i`` sits at absolute position
+    ``k_len - q_len + i`` and sees keys ``j <= k_len - q_len + i``.
+
+    ``causal_mask`` replaces the computed causal part (the book-style layers pass the
+    top-left corner of their stored mask buffer).
+
+    Returns ``None`` when every key is visible to every query, else a mask that
+    broadcasts to ``(B, H, q_len, k_len)``: ``(q_len, k_len)`` or ``(B, 1, q_len, k_len)``.
+    """
+    mask = None
+    if causal and causal_mask is not None:
+        mask = causal_mask.to(device=device, dtype=torch.bool)  # (Tq, Tk), given by the caller
+    elif causal and q_len > 1:  # a single newest query sees every key
+        offset = k_len - q_len
+        q_pos = torch.arange(q_len, device=device).unsqueeze(1) + offset  # (Tq, 1)
+        k_pos = torch.arange(k_len, device=device).unsqueeze(0)  # (1, Tk)
+        mask = k_pos <= q_pos  # (Tq, Tk)
+    if key_padding_mask is not None:
+        if key_padding_mask.dim() != 2 or key_padding_mask.shape[1] != k_len:
+            raise ValueError(
+                f"key_padding_mask must have shape (batch, {k_len}) (one flag per key), "
+                f"got {tuple(key_padding_mask.shape)}"
+            )
+        pad = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, Tk)
+        mask = pad if mask is None else (mask & pad)  # (B, 1, Tq, Tk)
+    return mask
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    attn_bias: Optional[torch.Tensor] = None,
+    scale: Scale = True,
+    dropout_p: float = 0.0,
+    backend: Backend = "fused",
+    need_weights: bool = False,
+    causal_mask: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Scaled dot-product attention over ``(..., T, d)`` tensors.
+
+    Args:
+        q: queries ``(B, H, Tq, d)`` (any leading dims work).
+        k, v: keys and values ``(B, H, Tk, d)``; ``Tk >= Tq`` with a KV cache.
+        causal: hide future keys (queries aligned to the end of the keys).
+        key_padding_mask: ``(B, Tk)`` bool, ``True`` for real tokens, ``False`` for padding.
+        attn_bias: float tensor added to the scores (ALiBi), broadcastable to ``(B, H, Tq, Tk)``.
+        scale: ``True`` for 1/√d_k, ``False`` for none, or a float factor.
+        dropout_p: dropout on the attention weights (pass 0.0 in eval mode).
+        backend: ``"explicit"`` or ``"fused"``; asking for the weights forces ``"explicit"``.
+        need_weights: also return the attention weights ``(B, H, Tq, Tk)``.
+        causal_mask: optional precomputed ``(Tq, Tk)`` bool mask, ``True`` = visible.
+
+    Returns:
+        ``(context (B, H, Tq, d), weights or None)``. A query that sees no key at all
+        (a fully padded row) gets a zero context vector and zero weights, never NaN.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    q_len, k_len, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+    factor = resolve_scale(scale, head_dim)
+    mask = build_mask(
+        q_len, k_len, causal=causal, key_padding_mask=key_padding_mask, device=q.device,
+        causal_mask=causal_mask,
+    )
+    # Rows with no visible key at all (possible only with padding) are zeroed at the end.
+    dead_rows = None
+    if key_padding_mask is not None and mask is not None:
+        dead_rows = ~mask.any(dim=-1, keepdim=True)  # (B, 1, Tq, 1)
+
+    if backend == "fused" and not need_weights:
+        sdpa_mask = mask
+        is_causal = False
+        if attn_bias is not None:
+            sdpa_mask = attn_bias.to(q.dtype)
+            if mask is not None:
+                sdpa_mask = sdpa_mask.masked_fill(~mask, float("-inf"))
+        elif mask is not None and key_padding_mask is None and causal and q_len == k_len and causal_mask is None:
+            sdpa_mask, is_causal = None, True  # lets SDPA pick the flash kernel
+        if dead_rows is not None and sdpa_mask is not None:
+            # Give fully masked rows one visible key so no kernel produces NaN; zeroed below.
+            if sdpa_mask.dtype == torch.bool:
+                sdpa_mask = sdpa_mask | dead_rows
+            else:
+                sdpa_mask = sdpa_mask.masked_fill(dead_rows, 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=is_causal, scale=factor
+        )
+        if dead_rows is not None:
+            out = out.masked_fill(dead_rows, 0.0)
+        return out, None
+
+    # The explicit path, written out line by line.
+    scores = (q @ k.transpose(-2, -1)) * factor  # (B, H, Tq, Tk)
+    if attn_bias is not None:
+        scores = scores + attn_bias
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if dead_rows is not None:
+        scores = scores.masked_fill(dead_rows, 0.0)  # softmax of a row of -inf is NaN
+    weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
+    if dead_rows is not None:
+        weights = weights.masked_fill(dead_rows, 0.0)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p, training=True)
+    context = weights @ v  # (B, H, Tq, d)
+    return context, (weights if need_weights else None)
+
+
+def _as_batch(x: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
+    """Accept ``(T, d_in)`` or ``(B, T, d_in)``; return a 3-D tensor and whether to squeeze."""
+    if x.dim() == 2:
+        return x.unsqueeze(0), True  # (1, T, d_in)
+    if x.dim() == 3:
+        return x, False
+    raise ValueError(f"{name} expects input of shape (T, d_in) or (B, T, d_in), got {tuple(x.shape)}")
+
+
+class SelfAttentionParams(nn.Module):
+    """Self-attention with raw trainable matrices W_q, W_k, W_v (``x @ W``), no mask.
+
+    The weights are ``nn.Parameter(torch.rand(d_in, d_out))`` created in the order
+    query, key, value, so with the same seed the numbers match the book's chapter 3.
+    """
+
+    def __init__(self, d_in: int, d_out: int, scale: Scale = True, backend: Backend = "explicit"):
+        super().__init__()
+        self.W_query = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_key = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_value = nn.Parameter(torch.rand(d_in, d_out))
+        self.scale = scale
+        self.backend = backend
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = False,
+    ):
+        x, squeeze = _as_batch(x, type(self).__name__)
+        queries = x @ self.W_query  # (B, T, d_out)
+        keys = x @ self.W_key  # (B, T, d_out)
+        values = x @ self.W_value  # (B, T, d_out)
+        context, weights = attend(
+            queries, keys, values, causal=False, key_padding_mask=key_padding_mask,
+            scale=self.scale, backend=self.backend, need_weights=need_weights,
+        )
+        return _finish(context, weights, squeeze, need_weights)
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with ``nn.Linear`` projections (optional bias), no mask."""
+
+    def __init__(
+        self, d_in: int, d_out: int, qkv_bias: bool = False, scale: Scale = True,
+        backend: Backend = "explicit",
+    ):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.scale = scale
+        self.backend = backend
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = False,
+    ):
+        x, squeeze = _as_batch(x, type(self).__name__)
+        context, weights = attend(
+            self.W_query(x), self.W_key(x), self.W_value(x), causal=False,
+            key_padding_mask=key_padding_mask, scale=self.scale, backend=self.backend,
+            need_weights=need_weights,
+        )
+        return _finish(context, weights, squeeze, need_weights)
+
+
+class CausalAttention(nn.Module):
+    """One causal head: a token attends only to itself and earlier tokens.
+
+    As in the book, the context length is fixed at construction and the mask is kept
+    as a buffer (``1`` above the diagonal = hidden); shorter inputs use its top-left part.
+    """
+
+    def __init__(
+        self, d_in: int, d_out: int, context_length: int, dropout: float = 0.0,
+        qkv_bias: bool = False, scale: Scale = True, backend: Backend = "explicit",
+    ):
+        super().__init__()
+        _check_dropout(dropout)
+        self.d_out = d_out
+        self.context_length = context_length
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+        self.scale = scale
+        self.backend = backend
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = False,
+    ):
+        x, squeeze = _as_batch(x, type(self).__name__)
+        num_tokens = x.shape[1]
+        _check_length(num_tokens, self.context_length, type(self).__name__)
+        # The buffer's top-left corner is exactly the causal mask for num_tokens.
+        visible = ~self.mask.bool()[:num_tokens, :num_tokens]  # (T, T), True = may attend
+        context, weights = attend(
+            self.W_query(x), self.W_key(x), self.W_value(x), causal=True,
+            key_padding_mask=key_padding_mask, scale=self.scale,
+            dropout_p=self.dropout.p if self.training else 0.0,
+            backend=self.backend, need_weights=need_weights, causal_mask=visible,
+        )
+        return _finish(context, weights, squeeze, need_weights)
+
+
+class MultiHeadAttentionWrapper(nn.Module):
+    """Multi-head attention as a stack of independent :class:`CausalAttention` heads.
+
+    Each head has its own ``d_out``; outputs are concatenated, so two heads of
+    ``d_out=2`` give 4 output columns (the book's chapter 3 convention).
+    """
+
+    def __init__(
+        self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+        qkv_bias: bool = False, scale: Scale = True, backend: Backend = "explicit",
+    ):
+        super().__init__()
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be at least 1, got {num_heads}")
+        self.heads = nn.ModuleList(
+            [CausalAttention(d_in, d_out, context_length, dropout, qkv_bias, scale, backend)
+             for _ in range(num_heads)]
+        )
+
+    def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.cat([head(x, key_padding_mask) for head in self.heads], dim=-1)  # (B, T, H*d_out)
+
+
+class MultiHeadAttention(nn.Module):
+    """Efficient multi-head causal attention: project once, split into heads by reshaping.
+
+    ``d_out`` is the total width; each of the ``num_heads`` heads works in its own
+    ``d_out / num_heads``-dimensional subspace. An output projection mixes the heads.
+    """
+
+    def __init__(
+        self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+        qkv_bias: bool = False, scale: Scale = True, backend: Backend = "explicit",
+    ):
+        super().__init__()
+        if num_heads < 1 or d_out % num_heads != 0:
+            raise ValueError(
+                f"d_out ({d_out}) must be divisible by num_heads ({num_heads}): "
+                "each head gets d_out / num_heads dimensions"
+            )
+        _check_dropout(dropout)
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.context_length = context_length
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
+        self.scale = scale
+        self.backend = backend
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, T, d_out)`` → ``(B, H, T, d_head)``."""
+        b, num_tokens, _ = t.shape
+        t = t.view(b, num_tokens, self.num_heads, self.head_dim)  # (B, T, H, d)
+        return t.transpose(1, 2)  # (B, H, T, d)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = False,
+    ):
+        if x.dim() != 3:
+            raise ValueError(f"MultiHeadAttention expects input (B, T, d_in), got {tuple(x.shape)}")
+        b, num_tokens, _ = x.shape
+        _check_length(num_tokens, self.context_length, type(self).__name__)
+        queries = self.split_heads(self.W_query(x))  # (B, H, T, d)
+        keys = self.split_heads(self.W_key(x))  # (B, H, T, d)
+        values = self.split_heads(self.W_value(x))  # (B, H, T, d)
+        visible = ~self.mask.bool()[:num_tokens, :num_tokens]  # (T, T), True = may attend
+        context, weights = attend(
+            queries, keys, values, causal=True, key_padding_mask=key_padding_mask,
+            scale=self.scale, dropout_p=self.dropout.p if self.training else 0.0,
+            backend=self.backend, need_weights=need_weights, causal_mask=visible,
+        )
+        context = context.transpose(1, 2)  # (B, T, H, d)
+        context = context.reshape(b, num_tokens, self.d_out)  # (B, T, d_out): heads merged
+        out = self.out_proj(context)
+        return (out, weights) if need_weights else out
+
+
+def _finish(context: torch.Tensor, weights: Optional[torch.Tensor], squeeze: bool, need_weights: bool):
+    if squeeze:
+        context = context.squeeze(0)  # (T, d_out)
+        weights = weights.squeeze(0) if weights is not None else None  # (T, T)
+    return (context, weights) if need_weights else context
+
+
+def _check_length(num_tokens: int, context_length: int, who: str) -> None:
+    if num_tokens > context_length:
+        raise ValueError(
+            f"{who}: input has {num_tokens} tokens but the context length is {context_length}; "
+            f"shorten the input or build the layer with context_length >= {num_tokens}"
+        )
+
+
+def _check_dropout(p: float) -> None:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {p}")

@@ -1,0 +1,25 @@
+"""Error types for mistakes in the user's input, one per domain.
+
+Each message says what is wrong, where (the file, field or value) and what to do.
+The command line prints them without a traceback; library users can catch them.
+"""
+
+
+class LLMScratchError(Exception):
+    """Base of every error caused by the user's input rather than by a bug."""
+
+
+class ConfigError(LLMScratchError, ValueError):
+    """A configuration value that breaks a rule; the message names the field."""
+
+
+class CorpusError(LLMScratchError):
+    """A corpus that cannot be read or is unusable (missing, empty, not decodable, too small)."""
+
+
+class TokenizerError(LLMScratchError):
+    """A tokenizer that cannot be built or loaded, or text it cannot encode."""
+
+
+class CheckpointError(LLMScratchError):
+    """A run directory or weights file that is missing, corrupted or does not match its config."""

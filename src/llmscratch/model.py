@@ -1,0 +1,376 @@
+"""The GPT: token and position embeddings, N transformer blocks, a language-model head.
+
+```
+idx (B, T) ─▶ tok_emb (+ pos_emb) ─▶ dropout               (B, T, C)
+           ─▶ N × [x + attn(norm1(x)),  x + ff(norm2(x))]  (B, T, C)
+           ─▶ final_norm ─▶ out_head                        (B, T, V)
+```
+
+The model knows nothing of training, files or devices. Parameter names are our own
+(``checkpoint.py`` maps them to Hugging Face GPT-2 and to the book's ``GPTModel``):
+
+``tok_emb``, ``pos_emb`` (learned positions only), ``blocks.{i}.norm1``,
+``blocks.{i}.attn.qkv`` (Q, K, V stacked in that order), ``blocks.{i}.attn.out_proj``,
+``blocks.{i}.norm2``, ``blocks.{i}.ff.fc_in``, ``blocks.{i}.ff.fc_out``, ``final_norm``,
+``out_head`` (shares ``tok_emb.weight`` when ``tie_weights``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import BACKENDS, attend
+from .errors import ConfigError
+from .positions import (
+    POSITION_KINDS,
+    alibi_bias,
+    alibi_slopes,
+    apply_rope,
+    rope_cos_sin,
+    sinusoidal_embedding,
+)
+
+
+@dataclass
+class GPTConfig:
+    """Everything that fixes the shape and the arithmetic of a GPT.
+
+    The defaults are the book's ``GPT_CONFIG_124M`` (GPT-2 small without qkv biases).
+    """
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    bias: bool = True  # biases of the other linear layers and of the LayerNorms
+    tie_weights: bool = False
+    pos_emb: str = "learned"  # one of POSITION_KINDS
+    scale_attn: bool = True  # multiply Q·Kᵀ by 1/√d_head
+    attn_backend: str = "fused"  # "fused" (SDPA) or "explicit"
+    rope_base: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    # Pad the LM head's rows to a multiple of this on CUDA for faster matrix products.
+    # Padded rows exist only inside forward: never saved, never sampled, never counted.
+    pad_vocab_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "pad_vocab_multiple")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads != 0:
+            raise ConfigError(
+                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ConfigError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if self.pos_emb not in POSITION_KINDS:
+            raise ConfigError(f"GPTConfig.pos_emb must be one of {POSITION_KINDS}, got {self.pos_emb!r}")
+        if self.attn_backend not in BACKENDS:
+            raise ConfigError(f"GPTConfig.attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
+        if self.pos_emb == "rope" and self.head_dim % 2 != 0:
+            raise ConfigError(f"GPTConfig.pos_emb 'rope' needs an even head dimension, got {self.head_dim}")
+        if self.pos_emb == "sinusoidal" and self.emb_dim % 2 != 0:
+            raise ConfigError(f"GPTConfig.pos_emb 'sinusoidal' needs an even emb_dim, got {self.emb_dim}")
+        for name in ("qkv_bias", "bias", "tie_weights", "scale_attn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GPTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# Presets are deltas from the base (GPTConfig's defaults = the book's GPT_CONFIG_124M).
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-124m": {},
+    "gpt2-medium": dict(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large": dict(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl": dict(emb_dim=1600, n_layers=48, n_heads=25),
+    # nanoGPT's shape of GPT-2 small: tied weights, no biases, no dropout.
+    "nanogpt-124m": dict(tie_weights=True, bias=False, drop_rate=0.0),
+    # Sized for a laptop CPU: the default of `llmscratch train`.
+    "cpu": dict(vocab_size=4096, context_length=256, emb_dim=256, n_layers=4, n_heads=4,
+                drop_rate=0.0, tie_weights=True),
+    # nanoGPT's CPU recipe (4 layers, 4 heads, 128 dims, context 64).
+    "cpu-tiny": dict(vocab_size=4096, context_length=64, emb_dim=128, n_layers=4, n_heads=4,
+                     drop_rate=0.0, tie_weights=True),
+    # For tests and quick experiments: seconds on a CPU.
+    "test": dict(vocab_size=256, context_length=32, emb_dim=32, n_layers=2, n_heads=4, drop_rate=0.0),
+}
+
+
+class KVCache:
+    """Keys and values of earlier tokens, preallocated for ``max_len`` tokens per layer.
+
+    During generation the prompt is run once (prefill) and each new token then attends
+    to the stored keys and values instead of recomputing them: one token's work per step
+    instead of the whole sequence's.
+    """
+
+    def __init__(
+        self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    ):
+        shape = (n_layers, batch, n_heads, max_len, head_dim)  # (L, B, H, T_max, d)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0  # tokens stored so far (the same for every layer)
+
+    @classmethod
+    def for_model(cls, cfg: GPTConfig, batch: int, max_len: Optional[int] = None,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "KVCache":
+        return cls(cfg.n_layers, batch, cfg.n_heads, max_len or cfg.context_length, cfg.head_dim, device, dtype)
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v (B, H, T_new, d)`` after the cached tokens; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[-2]
+        if end > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: {end} tokens do not fit in a cache of {self.max_len}; "
+                "allocate a longer cache or crop the sequence"
+            )
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H, T_total, d) each
+
+
+@dataclass
+class _Step:
+    """What every layer needs to know about the current call (built once per forward)."""
+
+    rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    alibi: Optional[torch.Tensor] = None
+    key_padding_mask: Optional[torch.Tensor] = None
+    cache: Optional[KVCache] = None
+    need_weights: bool = False
+    weights: list = field(default_factory=list)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention as used inside the GPT.
+
+    One ``qkv`` projection computes Q, K and V together (one matrix product instead of
+    three); the causal mask is built per call, so relative positions run past the
+    training length.
+    """
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        b, t, c = x.shape
+        qkv = self.qkv(x)  # (B, T, 3C)
+        qkv = qkv.view(b, t, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, d)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, d)
+        if step.rope is not None:
+            cos, sin = step.rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if step.cache is not None:
+            k, v = step.cache.update(self.layer, k, v)  # (B, H, T_total, d)
+        dropout_p = self.cfg.drop_rate if self.training else 0.0
+        backend = "explicit" if step.need_weights else self.cfg.attn_backend
+        y, weights = attend(
+            q, k, v, causal=True, key_padding_mask=step.key_padding_mask, attn_bias=step.alibi,
+            scale=self.cfg.scale_attn, dropout_p=dropout_p, backend=backend,
+            need_weights=step.need_weights,
+        )  # (B, H, T, d)
+        if step.need_weights:
+            step.weights.append(weights)
+        y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, C): heads merged
+        return self.out_proj(y)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: expand to 4·C, GELU (tanh approximation, as GPT-2), project back."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias)
+        self.fc_out = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """A pre-LayerNorm transformer block: attention and feed-forward, each with a residual."""
+
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ff = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), step))
+        x = x + self.drop(self.ff(self.norm2(x)))
+        return x
+
+
+class GPT(nn.Module):
+    """A GPT-2-style decoder-only language model."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        if cfg.pos_emb == "learned":
+            self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        if cfg.pos_emb == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
+        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: N(0, 0.02), residual projections scaled by 1/√(2·layers), zero biases."""
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("attn.out_proj.weight", "ff.fc_out.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once each (a tied head is not counted twice)."""
+        n = sum(p.numel() for p in self.parameters())  # .parameters() yields shared ones once
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.cfg.pos_emb == "learned":
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        *,
+        positions: Optional[torch.Tensor] = None,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        need_weights: bool = False,
+    ):
+        """Run the model.
+
+        Args:
+            idx: token ids ``(B, T)``.
+            targets: next-token ids ``(B, T)``; ``-100`` marks positions left out of the loss.
+            positions: position ids ``(B, T)`` or ``(T,)``; default ``0..T-1`` after the cached tokens.
+            key_padding_mask: ``(B, T_total)`` bool over every key (cached + new), ``False`` = padding.
+            cache: a :class:`KVCache`; the new keys and values are appended to it.
+            need_weights: also return the per-layer attention weights (explicit backend).
+
+        Returns:
+            logits ``(B, T, V)``, or the mean cross-entropy loss when ``targets`` is given;
+            with ``need_weights``, a pair ``(that, [weights (B, H, T, T_total) per layer])``.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"GPT expects token ids of shape (batch, tokens), got {tuple(idx.shape)}")
+        b, t = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + t, device=idx.device)  # (T,)
+        if self.cfg.pos_emb == "learned":
+            top = int(positions.max()) if positions.numel() else 0
+            if top >= self.cfg.context_length:
+                raise ValueError(
+                    f"position {top} is past the context length {self.cfg.context_length} of learned "
+                    "position embeddings; crop the input or use rope/alibi/sinusoidal/none positions"
+                )
+
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.cfg.pos_emb == "learned":
+            x = x + self.pos_emb(positions)  # (B, T, C); (T, C) broadcasts over the batch
+        elif self.cfg.pos_emb == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, self.cfg.emb_dim).to(x.dtype)
+        x = self.drop(x)
+
+        step = _Step(key_padding_mask=key_padding_mask, cache=cache, need_weights=need_weights)
+        if self.cfg.pos_emb == "rope":
+            step.rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base)
+        elif self.cfg.pos_emb == "alibi":
+            step.alibi = alibi_bias(self.alibi_slopes, t, start + t, idx.device)  # (H, T, T_total)
+        for block in self.blocks:
+            x = block(x, step)
+        if cache is not None:
+            cache.length += t
+        x = self.final_norm(x)  # (B, T, C)
+
+        if targets is None:
+            out = self.logits(x)
+        else:
+            out = self.loss(x, targets)
+        return (out, step.weights) if need_weights else out
+
+    def _head_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head's weight, padded to a multiple of ``pad_vocab_multiple`` rows on CUDA."""
+        w = self.out_head.weight  # (V, C)
+        pad = -self.cfg.vocab_size % self.cfg.pad_vocab_multiple
+        if pad and x.is_cuda:
+            w = F.pad(w, (0, 0, 0, pad))  # (V_pad, C); the extra rows are zeros
+        return w
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``(B, T, C)`` → logits over the real vocabulary ``(B, T, V)``."""
+        logits = F.linear(x, self._head_weight(x))  # (B, T, V_pad)
+        return logits[..., : self.cfg.vocab_size]  # (B, T, V)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy from final hidden states, in float32."""
+        logits = self.logits(x)  # (B, T, V)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+        )
