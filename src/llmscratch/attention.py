@@ -55,6 +55,7 @@ def build_mask(
     key_padding_mask: Optional[torch.Tensor],
     device: torch.device,
     causal_mask: Optional[torch.Tensor] = None,
+    ndim: int = 4,
 ) -> Optional[torch.Tensor]:
     """Boolean mask of the keys each query may see, ``True`` = visible.
 
@@ -65,8 +66,12 @@ def build_mask(
     ``causal_mask`` replaces the computed causal part (the book-style layers pass the
     top-left corner of their stored mask buffer).
 
+    ``ndim`` is the rank of the scores the mask will be applied to: 4 for ``(B, H, Tq, Tk)``
+    (multi-head), 3 for ``(B, Tq, Tk)`` (the single-head classes); the padding flags are
+    placed on the batch axis of that rank.
+
     Returns ``None`` when every key is visible to every query, else a mask that
-    broadcasts to ``(B, H, q_len, k_len)``: ``(q_len, k_len)`` or ``(B, 1, q_len, k_len)``.
+    broadcasts to the scores: ``(q_len, k_len)``, ``(B, 1, q_len, k_len)`` or ``(B, q_len, k_len)``.
     """
     mask = None
     if causal and causal_mask is not None:
@@ -82,8 +87,9 @@ def build_mask(
                 f"key_padding_mask must have shape (batch, {k_len}) (one flag per key), "
                 f"got {tuple(key_padding_mask.shape)}"
             )
-        pad = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, Tk)
-        mask = pad if mask is None else (mask & pad)  # (B, 1, Tq, Tk)
+        pad = key_padding_mask.to(device=device, dtype=torch.bool)
+        pad = pad.reshape(pad.shape[0], *([1] * (ndim - 2)), k_len)  # (B, 1, 1, Tk) or (B, 1, Tk)
+        mask = pad if mask is None else (mask & pad)  # (B, 1, Tq, Tk) or (B, Tq, Tk)
     return mask
 
 
@@ -123,9 +129,16 @@ def attend(
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     q_len, k_len, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     factor = resolve_scale(scale, head_dim)
+    if key_padding_mask is not None and q.dim() < 3:
+        raise ValueError(f"key_padding_mask needs batched queries (B, ..., T, d), got {tuple(q.shape)}")
+    if key_padding_mask is not None and key_padding_mask.dim() == 2 and key_padding_mask.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"key_padding_mask must have shape (batch, {k_len}) with the input's batch size "
+            f"{q.shape[0]}, got {tuple(key_padding_mask.shape)}"
+        )
     mask = build_mask(
         q_len, k_len, causal=causal, key_padding_mask=key_padding_mask, device=q.device,
-        causal_mask=causal_mask,
+        causal_mask=causal_mask, ndim=q.dim(),
     )
     # Rows with no visible key at all (possible only with padding) are zeroed at the end.
     dead_rows = None
