@@ -35,7 +35,7 @@ def _run_explain(args: argparse.Namespace) -> int:
 
     explain(
         args.sentence, batch=args.batch, heads=args.heads, d_out=args.d_out, seed=args.seed,
-        scale=not args.no_scale, run_dir=getattr(args, "run", None), out=sys.stdout,
+        scale=not args.no_scale, max_values=args.max_values, out=sys.stdout,
     )
     return 0
 
@@ -49,12 +49,15 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
         "name, shape and meaning (inputs → Q, K, V → heads → scores → mask → weights → context → output).",
     )
     p.add_argument("sentence", nargs="?", default="Your journey starts with one step",
-                   help="the text to trace (one token per whitespace-separated word without --run)")
-    p.add_argument("--batch", type=int, default=1, help="batch size: copies of the sentence, each shifted (default 1)")
+                   help="the text to trace, one token per whitespace-separated word (default: the book's sentence)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="batch size: the sentence, then its words rotated by 1, 2, ... (default 1)")
     p.add_argument("--heads", type=int, default=2, help="number of attention heads (default 2)")
     p.add_argument("--d-out", type=int, default=4, help="total output width, split across heads (default 4)")
     p.add_argument("--seed", type=int, default=123, help="seed for the projection weights (default 123)")
     p.add_argument("--no-scale", action="store_true", help="leave out the 1/sqrt(d_k) scaling of the scores")
+    p.add_argument("--max-values", type=int, default=144, metavar="N",
+                   help="print a tensor's values when it has at most N elements; 0 prints shapes only (default 144)")
 
 
 def build_parser() -> argparse.ArgumentParser:

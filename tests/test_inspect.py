@@ -1,0 +1,304 @@
+"""Tests for the shape trace (llmscratch.inspect.explain and `llmscratch explain`)."""
+
+from __future__ import annotations
+
+import io
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmscratch.attention import MultiHeadAttention
+from llmscratch.errors import ConfigError, LLMScratchError
+from llmscratch.inspect import (
+    BOOK_SENTENCE,
+    BOOK_VECTORS,
+    TraceStep,
+    build_traced_attention,
+    explain,
+    trace_attention,
+    trace_batch,
+    word_vector,
+)
+
+BOOK_INPUTS = torch.tensor(
+    [
+        [0.43, 0.15, 0.89],
+        [0.55, 0.87, 0.66],
+        [0.57, 0.85, 0.64],
+        [0.22, 0.58, 0.33],
+        [0.77, 0.25, 0.10],
+        [0.05, 0.80, 0.55],
+    ]
+)
+
+STEP_NAMES = [
+    "inputs x", "W_q", "W_k", "W_v", "Q = x·W_q", "K = x·W_k", "V = x·W_v",
+    "Q heads", "K heads", "V heads", "scores Q·Kᵀ", "scaled scores", "causal mask",
+    "attention weights", "context", "merged heads", "W_o", "b_o", "output",
+]
+
+
+def run_explain(*args, **kwargs) -> tuple[list[TraceStep], str]:
+    buf = io.StringIO()
+    steps = explain(*args, out=buf, **kwargs)
+    return steps, buf.getvalue()
+
+
+def by_name(steps: list[TraceStep]) -> dict[str, TraceStep]:
+    return {s.name: s for s in steps}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def test_book_sentence_uses_the_books_vectors():
+    tokens, x = trace_batch(BOOK_SENTENCE, 1)
+    assert tokens == [BOOK_SENTENCE.split()]
+    assert x.shape == (1, 6, 3)
+    torch.testing.assert_close(x[0], BOOK_INPUTS, rtol=0, atol=0)
+    steps, text = run_explain(BOOK_SENTENCE)
+    torch.testing.assert_close(steps[0].tensor[0], BOOK_INPUTS, rtol=0, atol=0)
+    assert "the book's inputs" in text
+
+
+def test_any_sentence_made_of_the_books_words_uses_their_vectors():
+    _, x = trace_batch("step one with starts journey Your", 1)
+    torch.testing.assert_close(x[0], BOOK_INPUTS.flip(0), rtol=0, atol=0)
+    assert torch.equal(word_vector("YOUR"), torch.tensor(BOOK_VECTORS["your"]))
+
+
+def test_other_words_get_deterministic_hashed_vectors():
+    a, b = word_vector("cat"), word_vector("cat")
+    assert torch.equal(a, b)
+    assert a.shape == (3,) and torch.all((a >= 0) & (a <= 1))
+    assert not torch.equal(word_vector("cat"), word_vector("dog"))
+    torch.manual_seed(0)  # the global RNG plays no part
+    c = word_vector("cat")
+    torch.manual_seed(1)
+    assert torch.equal(c, word_vector("cat")) and torch.equal(c, a)
+
+
+def test_batch_two_adds_a_different_rotated_sequence():
+    tokens, x = trace_batch(BOOK_SENTENCE, 2)
+    assert tokens[1] == "journey starts with one step Your".split()
+    assert x.shape == (2, 6, 3)
+    torch.testing.assert_close(x[1], BOOK_INPUTS.roll(-1, dims=0), rtol=0, atol=0)
+    assert not torch.equal(x[0], x[1])
+
+
+# --------------------------------------------------------------------------- the trace is the module's forward
+
+
+@pytest.mark.parametrize(
+    "sentence,batch,heads,d_out,seed,scale",
+    [
+        (BOOK_SENTENCE, 1, 2, 4, 123, True),
+        (BOOK_SENTENCE, 2, 3, 6, 7, True),
+        ("the quick brown fox jumps", 3, 1, 5, 0, False),
+        ("a b", 2, 4, 8, 1, True),
+        ("alone", 1, 2, 2, 5, False),
+    ],
+)
+def test_trace_output_equals_the_modules_forward(sentence, batch, heads, d_out, seed, scale):
+    steps, _ = run_explain(sentence, batch=batch, heads=heads, d_out=d_out, seed=seed, scale=scale)
+    _, x = trace_batch(sentence, batch)
+    torch.manual_seed(seed)  # built independently, the way a learner would
+    module = MultiHeadAttention(3, d_out, x.shape[1], 0.0, heads, scale=scale).eval()
+    with torch.no_grad():
+        expected, weights = module(x, need_weights=True)
+        fused = MultiHeadAttention(3, d_out, x.shape[1], 0.0, heads, scale=scale, backend="fused")
+        fused.load_state_dict(module.state_dict())
+        expected_fused = fused(x)
+    s = by_name(steps)
+    torch.testing.assert_close(s["output"].tensor, expected)
+    torch.testing.assert_close(s["output"].tensor, expected_fused, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s["attention weights"].tensor, weights)
+    # The weight steps are the module's own weights in the book's x·W orientation.
+    torch.testing.assert_close(s["W_q"].tensor, module.W_query.weight.T)
+    torch.testing.assert_close(s["W_o"].tensor, module.out_proj.weight.T)
+    torch.testing.assert_close(s["b_o"].tensor, module.out_proj.bias)
+
+
+def test_books_multi_head_numbers_appear():
+    """d_out 2, two heads, seed 123 on the book's sentence: the book's [0.3190, 0.4858]."""
+    steps, text = run_explain(BOOK_SENTENCE, heads=2, d_out=2, seed=123)
+    first = [round(v, 4) for v in steps[-1].tensor[0, 0].double().tolist()]
+    assert first == [0.3190, 0.4858]
+    assert "0.3190" in text and "0.4858" in text
+
+
+def test_intermediate_steps_follow_the_definitions():
+    steps, _ = run_explain(BOOK_SENTENCE, batch=2, heads=2, d_out=4)
+    s = by_name(steps)
+    x, q, k = s["inputs x"].tensor, s["Q heads"].tensor, s["K heads"].tensor
+    torch.testing.assert_close(s["Q = x·W_q"].tensor, x @ s["W_q"].tensor)
+    torch.testing.assert_close(q[:, 1], s["Q = x·W_q"].tensor[..., 2:4])  # head 1 = columns 2..3
+    torch.testing.assert_close(s["scores Q·Kᵀ"].tensor, q @ k.transpose(-2, -1))
+    torch.testing.assert_close(s["scaled scores"].tensor, s["scores Q·Kᵀ"].tensor / math.sqrt(2))
+    masked = s["causal mask"].tensor
+    future = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    assert torch.all(masked[..., future] == float("-inf"))
+    assert torch.isfinite(masked[..., ~future]).all()
+    w = s["attention weights"].tensor
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 2, 6))
+    assert torch.all(w[..., future] == 0)
+    torch.testing.assert_close(s["context"].tensor, w @ s["V heads"].tensor)
+    torch.testing.assert_close(s["merged heads"].tensor[..., :2], s["context"].tensor[:, 0])
+
+
+def test_no_scale_leaves_scores_unscaled():
+    steps, text = run_explain(BOOK_SENTENCE, scale=False)
+    s = by_name(steps)
+    torch.testing.assert_close(s["scaled scores"].tensor, s["scores Q·Kᵀ"].tensor)
+    assert "unscaled" in text
+
+
+# --------------------------------------------------------------------------- shapes and text
+
+
+def test_shapes_for_batch_2_heads_3_d_out_6():
+    steps, text = run_explain(BOOK_SENTENCE, batch=2, heads=3, d_out=6)
+    B, H, T, d, d_in, d_out = 2, 3, 6, 2, 3, 6
+    expected = {
+        "inputs x": (B, T, d_in),
+        "W_q": (d_in, d_out), "W_k": (d_in, d_out), "W_v": (d_in, d_out),
+        "Q = x·W_q": (B, T, d_out), "K = x·W_k": (B, T, d_out), "V = x·W_v": (B, T, d_out),
+        "Q heads": (B, H, T, d), "K heads": (B, H, T, d), "V heads": (B, H, T, d),
+        "scores Q·Kᵀ": (B, H, T, T), "scaled scores": (B, H, T, T), "causal mask": (B, H, T, T),
+        "attention weights": (B, H, T, T),
+        "context": (B, H, T, d), "merged heads": (B, T, d_out),
+        "W_o": (d_out, d_out), "b_o": (d_out,), "output": (B, T, d_out),
+    }
+    assert [s.name for s in steps] == STEP_NAMES
+    for step in steps:
+        assert step.shape == expected[step.name], step.name
+        assert tuple(step.tensor.shape) == step.shape
+        assert len(step.dims) == len(step.shape)
+        assert step.meaning
+    assert "(B=2, H=3, T=6, T=6)" in text
+    assert "(B=2, H=3, T=6, d=2)" in text
+    assert "batch 1: journey starts with one step Your" in text
+    # Q/K/V heads and context (72 elements) print their values; the (B, H, T, T) steps
+    # (216 elements) are over the default limit of 144 and show their shapes only.
+    assert text.count("[batch 1, head 2]") == 4
+    assert run_explain(BOOK_SENTENCE, batch=2, heads=3, d_out=6, max_values=1000)[1].count("[batch 1, head 2]") == 8
+
+
+def test_same_seed_same_text_and_different_seed_different_text():
+    _, a = run_explain(BOOK_SENTENCE, seed=5)
+    _, b = run_explain(BOOK_SENTENCE, seed=5)
+    _, c = run_explain(BOOK_SENTENCE, seed=6)
+    assert a == b
+    assert a != c
+
+
+def test_global_rng_is_left_alone():
+    torch.manual_seed(42)
+    expected = torch.rand(3)
+    torch.manual_seed(42)
+    run_explain(BOOK_SENTENCE)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_printed_text_is_readable():
+    _, text = run_explain(BOOK_SENTENCE)
+    lines = text.splitlines()
+    assert any("B = batch size" in ln and "H = heads" in ln and "T = tokens" in ln for ln in lines)
+    assert any("d = head width" in ln for ln in lines)
+    # The step rows line up: every step's shape starts in the same column.
+    rows = [ln for ln in lines if ln[:2].strip().isdigit() and "(" in ln]
+    assert len(rows) == len(STEP_NAMES)
+    columns = {ln.index("(") for ln in rows}
+    assert len(columns) == 1
+    # Values: rounded to 4 decimals, rows labelled with tokens, -inf for the mask.
+    assert "Your      0.4300  0.1500  0.8900" in text
+    assert "-inf" in text
+    assert "max |difference| 0.0e+00" in text
+
+
+def test_values_hidden_for_big_tensors():
+    _, text = run_explain(BOOK_SENTENCE, max_values=0)
+    assert "0.4300" not in text
+    for name in STEP_NAMES:
+        assert name in text
+
+
+def test_out_none_prints_nothing(capsys):
+    steps = explain(BOOK_SENTENCE, out=None)
+    assert len(steps) == len(STEP_NAMES)
+    assert capsys.readouterr().out == ""
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(heads=2, d_out=5), r"d_out \(5\) must be divisible by heads \(2\).*--d-out 4 --heads 2"),
+        (dict(heads=4, d_out=6), r"d_out \(6\) must be divisible by heads \(4\)"),
+        (dict(heads=0), r"heads must be at least 1, got 0"),
+        (dict(d_out=0), r"d_out must be at least 1, got 0"),
+        (dict(batch=0), r"batch must be at least 1, got 0"),
+    ],
+)
+def test_bad_settings_raise_config_error(kwargs, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        explain(BOOK_SENTENCE, out=None, **kwargs)
+
+
+def test_empty_sentence():
+    with pytest.raises(ConfigError, match=r"the sentence is empty"):
+        explain("   ", out=None)
+
+
+def test_config_error_is_an_llmscratch_error():
+    with pytest.raises(LLMScratchError):
+        build_traced_attention(5, 2, 6, 123, True)
+
+
+def test_trace_attention_needs_no_printing():
+    module = build_traced_attention(4, 2, 6, 123, True)
+    _, x = trace_batch(BOOK_SENTENCE, 1)
+    steps = trace_attention(module, x)
+    with torch.no_grad():
+        torch.testing.assert_close(steps[-1].tensor, module(x))
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llmscratch", "explain", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_cli_prints_the_steps():
+    result = _cli("Your journey starts with one step", "--batch", "2", "--heads", "3", "--d-out", "6",
+                  "--seed", "7")
+    assert result.returncode == 0, result.stderr
+    for name in STEP_NAMES:
+        assert name in result.stdout
+    assert "(B=2, H=3, T=6, d=2)" in result.stdout
+    _, expected = run_explain(BOOK_SENTENCE, batch=2, heads=3, d_out=6, seed=7)
+    assert result.stdout == expected
+
+
+def test_cli_bad_heads_d_out_pair_exits_2_with_a_clear_message():
+    result = _cli("--heads", "3", "--d-out", "4")
+    assert result.returncode == 2
+    assert "d_out (4) must be divisible by heads (3)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_cli_help_lists_the_options():
+    result = _cli("--help")
+    assert result.returncode == 0
+    for option in ("--batch", "--heads", "--d-out", "--seed", "--no-scale", "--max-values"):
+        assert option in result.stdout
