@@ -1,0 +1,326 @@
+"""Turning a GPT into text: sampling strategies and the decode loop.
+
+Generation repeats one step: run the model, look at the logits of the last token,
+pick the next token, append it. Two parts, kept apart:
+
+* **Sampling** (:func:`sample_next`): logits ``(B, V)`` → token ids ``(B,)``. Greedy
+  (temperature 0) takes the argmax; otherwise the logits are divided by the temperature,
+  filtered (top-k, then top-p) and one token is drawn from the softmax with a seeded
+  ``torch.Generator`` (never the global RNG), so a seed fixes the tokens.
+* **Decoding** (:func:`decode_steps`): the loop. With a KV cache the prompt is run once
+  (prefill) and each step then runs only the newest token against the stored keys and
+  values; without one, each step runs the whole window again. Both give the same tokens.
+
+Batched prompts of different lengths are **left-padded**: every row's newest token sits in
+the last column, so one step appends one column for all rows. A key-padding mask hides
+the pad columns, and per-row position ids start each row's real tokens at 0, so a row
+computes exactly what it computes alone.
+
+**Past the context length — the window rule.** The *window* of a row is the tokens the
+model sees for its next prediction (initially the prompt). When appending a token would
+make a row's window longer than ``context_length``, the window is cut to its last
+``max(1, context_length // 2)`` tokens and their positions restart at 0. The uncached path
+simply runs the cut window; the cached path resets the cache and re-prefills the cut
+windows of all rows (rows that were not cut get the same keys back). A prompt longer than
+``context_length`` is cut by the same rule before the first step. The window therefore
+never exceeds ``context_length``, which keeps learned positions in range and bounds the
+cache, and both paths run the model on identical windows with identical positions.
+Cutting to half (not sliding by one) makes the cached path re-prefill only once every
+``context_length // 2`` tokens instead of at every step.
+
+The eos token (``eos_id``) ends its row and is not returned, as in the book's ``generate``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .errors import ConfigError
+from .model import GPT, KVCache
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick tokens and when to stop.
+
+    Attributes:
+        max_new_tokens: the most tokens to generate per row.
+        temperature: 0 for greedy (argmax); otherwise logits are divided by it
+            (<1 sharpens the distribution, >1 flattens it).
+        top_k: keep only the k most likely tokens (``None``: all).
+        top_p: nucleus sampling, keep the smallest set of most likely tokens whose
+            probability mass reaches ``top_p`` (always at least one); ``None``: all.
+        eos_id: the end-of-text token id; a row stops when it samples it.
+        seed: seeds the sampling generator; the same seed gives the same tokens.
+    """
+
+    max_new_tokens: int = 50
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    eos_id: Optional[int] = None
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise ConfigError(
+                f"SamplingConfig.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}"
+            )
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
+            raise ConfigError(
+                f"SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            raise ConfigError(f"SamplingConfig.top_k must be None or an integer >= 1, got {self.top_k!r}")
+        if self.top_p is not None and (
+            isinstance(self.top_p, bool)
+            or not isinstance(self.top_p, (int, float))
+            or not 0.0 < self.top_p <= 1.0
+        ):
+            raise ConfigError(f"SamplingConfig.top_p must be None or in (0, 1], got {self.top_p!r}")
+        if self.eos_id is not None and (not _is_int(self.eos_id) or self.eos_id < 0):
+            raise ConfigError(f"SamplingConfig.eos_id must be None or a token id >= 0, got {self.eos_id!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ConfigError(f"SamplingConfig.seed must be None or an integer, got {self.seed!r}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide the logits by a temperature > 0: below 1 sharpens, above 1 flattens."""
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Set every logit below the k-th largest of its row to -inf. ``(B, V)`` → ``(B, V)``."""
+    k = min(k, logits.shape[-1])
+    kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens with probability mass >= p.
+
+    A token is kept when the mass of the tokens ranked above it is still below ``p``;
+    the most likely token has nothing above it, so at least one token always survives.
+    """
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (B, V) each
+    mass_above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # (B, V), in sorted order
+    drop_sorted = mass_above >= p  # (B, V)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # (B, V), vocab order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """Pick the next token of each row from the last position's logits ``(B, V)`` → ``(B,)``."""
+    logits = logits.float()
+    if cfg.temperature == 0:
+        return torch.argmax(logits, dim=-1)  # (B,)
+    logits = apply_temperature(logits, cfg.temperature)
+    if cfg.top_k is not None:
+        logits = top_k_filter(logits, cfg.top_k)
+    if cfg.top_p is not None:
+        logits = top_p_filter(logits, cfg.top_p)
+    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+
+
+def make_generator(seed: Optional[int], device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (a fresh random seed when ``None``)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()  # non-deterministic, and the global RNG is left untouched
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+# --------------------------------------------------------------------------- windows and batches
+
+
+def crop_window(window: list[int], context_length: int) -> list[int]:
+    """The window rule: a window longer than ``context_length`` keeps its last half."""
+    if len(window) <= context_length:
+        return window
+    return window[-max(1, context_length // 2):]
+
+
+def left_pad(
+    windows: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Stack rows of different lengths, aligned on the right.
+
+    Returns ``idx (B, T)`` (pad id 0), ``positions (B, T)`` (each row's real tokens at
+    ``0..len-1``, padding at 0) and ``key_padding_mask (B, T)`` (``True`` = real token),
+    or ``None`` for the mask when no row is padded (so attention keeps its fast path).
+    """
+    width = max(len(w) for w in windows)
+    idx = torch.zeros(len(windows), width, dtype=torch.long)  # (B, T)
+    positions = torch.zeros(len(windows), width, dtype=torch.long)  # (B, T)
+    real = torch.zeros(len(windows), width, dtype=torch.bool)  # (B, T)
+    for row, window in enumerate(windows):
+        n = len(window)
+        idx[row, width - n:] = torch.tensor(window, dtype=torch.long)
+        positions[row, width - n:] = torch.arange(n)
+        real[row, width - n:] = True
+    mask = None if bool(real.all()) else real.to(device)
+    return idx.to(device), positions.to(device), mask
+
+
+@dataclass
+class Step:
+    """One decode step: the tokens picked for every row and the logits they came from.
+
+    Attributes:
+        tokens: ``(B,)`` the sampled ids (rows that already finished still get one; ignore it).
+        logits: ``(B, V)`` the last position's logits the tokens were sampled from.
+        finished: per row, whether the row had already stopped before this step.
+    """
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    finished: list[bool]
+
+
+class _Decoder:
+    """The per-row windows, the optional KV cache, and the two ways to get the next logits."""
+
+    def __init__(self, model: GPT, prompts: list[list[int]], use_cache: bool):
+        self.model = model
+        self.ctx = model.cfg.context_length
+        param = next(model.parameters())
+        self.device = param.device
+        self.windows = [crop_window(list(p), self.ctx) for p in prompts]
+        self.cache: Optional[KVCache] = None
+        if use_cache:
+            self.cache = KVCache.for_model(
+                model.cfg, len(prompts), self.ctx, device=self.device, dtype=param.dtype
+            )
+        self.mask: Optional[torch.Tensor] = None  # (B, T_total) key padding of the cached keys
+
+    def run_windows(self) -> torch.Tensor:
+        """Run every row's whole window (uncached step, or cached prefill); last logits ``(B, V)``."""
+        idx, positions, mask = left_pad(self.windows, self.device)  # (B, T) each
+        if self.cache is not None:
+            self.cache.reset()
+            self.mask = mask
+        logits = self.model(idx, positions=positions, key_padding_mask=mask, cache=self.cache)  # (B, T, V)
+        return logits[:, -1]  # (B, V)
+
+    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens (B,)`` to the windows (applying the window rule); next logits ``(B, V)``."""
+        cut = False
+        for row, token in enumerate(tokens.tolist()):
+            window = self.windows[row] + [token]
+            self.windows[row] = crop_window(window, self.ctx)
+            cut = cut or len(self.windows[row]) < len(window)
+        if self.cache is None or cut:
+            return self.run_windows()
+        # One new column for every row, at each row's next position.
+        positions = torch.tensor([[len(w) - 1] for w in self.windows], device=self.device)  # (B, 1)
+        if self.mask is not None:
+            new_col = torch.ones(len(self.windows), 1, dtype=torch.bool, device=self.device)  # (B, 1)
+            self.mask = torch.cat([self.mask, new_col], dim=1)  # (B, T_total)
+        logits = self.model(
+            tokens.unsqueeze(1), positions=positions, key_padding_mask=self.mask, cache=self.cache
+        )  # (B, 1, V)
+        return logits[:, -1]  # (B, V)
+
+
+def _check_prompts(model: GPT, prompts: list[list[int]]) -> None:
+    if not prompts:
+        raise ValueError("generate needs at least one prompt, got an empty list")
+    vocab = model.cfg.vocab_size
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {row} is empty; give at least one token id (e.g. the eos id)")
+        bad = [t for t in prompt if not _is_int(t) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(
+                f"prompt {row} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+            )
+
+
+def decode_steps(
+    model: GPT, prompts: list[list[int]], sampling: SamplingConfig, use_cache: bool = True
+) -> Iterator[Step]:
+    """The decode loop, one :class:`Step` per generated position, for inspection and tests.
+
+    Stops after ``max_new_tokens`` steps or once every row has sampled ``eos_id``. The model
+    is put in eval mode while the iterator runs and its training mode restored when the
+    iterator ends (or is closed). Each step's computation runs under ``torch.inference_mode``,
+    which is not held across ``yield`` (it would leak into the caller's code).
+    """
+    _check_prompts(model, prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        if sampling.max_new_tokens == 0:
+            return
+        with torch.inference_mode():
+            decoder = _Decoder(model, prompts, use_cache)
+            generator = make_generator(sampling.seed, decoder.device)
+            logits = decoder.run_windows()  # (B, V)
+        finished = [False] * len(prompts)
+        for i in range(sampling.max_new_tokens):
+            with torch.inference_mode():
+                tokens = sample_next(logits, sampling, generator)  # (B,)
+            yield Step(tokens=tokens, logits=logits, finished=list(finished))
+            if sampling.eos_id is not None:
+                finished = [f or t == sampling.eos_id for f, t in zip(finished, tokens.tolist())]
+            if all(finished) or i + 1 == sampling.max_new_tokens:
+                return
+            with torch.inference_mode():
+                logits = decoder.advance(tokens)
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    sampling: Optional[SamplingConfig] = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Generate a continuation of every prompt; returns only the new tokens of each row.
+
+    Rows stop independently at ``eos_id`` (which is not returned); a row equals what the
+    same prompt generates alone (exactly so for greedy decoding).
+    """
+    sampling = sampling or SamplingConfig()
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step in decode_steps(model, prompts, sampling, use_cache):
+        for row, token in enumerate(step.tokens.tolist()):
+            if step.finished[row] or token == sampling.eos_id:
+                continue
+            outputs[row].append(token)
+    return outputs
+
+
+def stream(
+    model: GPT, prompt: list[int], sampling: Optional[SamplingConfig] = None, use_cache: bool = True
+) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are generated (stops before ``eos_id``)."""
+    sampling = sampling or SamplingConfig()
+    for step in decode_steps(model, [prompt], sampling, use_cache):
+        token = int(step.tokens[0])
+        if token == sampling.eos_id:
+            return
+        yield token

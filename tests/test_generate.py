@@ -1,0 +1,287 @@
+"""Tests of generate.py: sampling filters, seeds, eos, batching, the KV cache and the window rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmscratch.errors import ConfigError
+from llmscratch.generate import (
+    SamplingConfig,
+    crop_window,
+    decode_steps,
+    generate,
+    sample_next,
+    stream,
+    top_k_filter,
+    top_p_filter,
+)
+from llmscratch.model import GPT, GPTConfig
+from llmscratch.positions import POSITION_KINDS
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [42], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]
+GREEDY = SamplingConfig(max_new_tokens=20, temperature=0.0)
+
+
+def make_model(pos_emb: str = "learned", seed: int = 0, **overrides) -> GPT:
+    """A "test" preset GPT with weights large enough (std 0.1) that positions change the output."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_preset("test", pos_emb=pos_emb, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    return make_model()
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_new_tokens", -1), ("max_new_tokens", 2.5), ("temperature", -0.1),
+        ("temperature", float("nan")), ("top_k", 0), ("top_k", True), ("top_p", 0.0),
+        ("top_p", 1.5), ("eos_id", -3), ("seed", "abc"),
+    ],
+)
+def test_sampling_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"SamplingConfig.{field}"):
+        SamplingConfig(**{field: value})
+
+
+def test_bad_prompts_are_refused(model):
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [[]], GREEDY)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(model, [[1, 300]], GREEDY)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_temperature_zero_is_argmax():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 50)
+    cfg = SamplingConfig(temperature=0.0, top_k=3, top_p=0.5)
+    assert torch.equal(sample_next(logits, cfg), logits.argmax(-1))
+
+
+def test_top_k_never_leaves_the_k_largest():
+    torch.manual_seed(2)
+    logits = torch.randn(1, 30).repeat(4000, 1)  # (4000, 30): one distribution, many draws
+    allowed = set(torch.topk(logits[0], 5).indices.tolist())
+    generator = torch.Generator().manual_seed(0)
+    tokens = sample_next(logits, SamplingConfig(temperature=2.0, top_k=5), generator)
+    seen = set(tokens.tolist())
+    assert seen <= allowed
+    assert len(seen) == 5  # with temperature 2 every one of the five shows up
+    assert torch.isinf(top_k_filter(logits[:1], 5)).sum() == 25
+
+
+def test_top_p_respects_its_mass():
+    probs = torch.tensor([[0.5, 0.25, 0.15, 0.06, 0.04]])
+    logits = probs.log().repeat(4000, 1)  # (4000, 5)
+    generator = torch.Generator().manual_seed(0)
+    # 0.5 + 0.25 = 0.75 < 0.8, so the nucleus needs the third token too: {0, 1, 2}.
+    tokens = sample_next(logits, SamplingConfig(top_p=0.8), generator)
+    assert set(tokens.tolist()) == {0, 1, 2}
+    # Kept tokens are renormalised: token 0 has probability 0.5 / 0.9.
+    share = (tokens == 0).float().mean().item()
+    assert abs(share - 0.5 / 0.9) < 0.04
+    # A tiny p keeps only the argmax.
+    tokens = sample_next(logits, SamplingConfig(top_p=0.01), generator)
+    assert set(tokens.tolist()) == {0}
+    # p = 1 keeps everything.
+    assert not torch.isinf(top_p_filter(logits[:1], 1.0)).any()
+
+
+def test_top_p_at_exact_boundary_keeps_the_smallest_set():
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    kept = ~torch.isinf(top_p_filter(logits, 0.5))
+    assert kept.tolist() == [[True, False, False]]
+
+
+def test_fixed_seed_gives_fixed_tokens(model):
+    cfg = SamplingConfig(max_new_tokens=30, temperature=1.5, top_k=50, seed=123)
+    first = generate(model, PROMPTS[:2], cfg)
+    again = generate(model, PROMPTS[:2], cfg)
+    other = generate(model, PROMPTS[:2], SamplingConfig(max_new_tokens=30, temperature=1.5, top_k=50, seed=7))
+    assert first == again
+    assert first != other
+
+
+def test_sampling_leaves_the_global_rng_alone(model):
+    torch.manual_seed(99)
+    expected = torch.rand(3)
+    torch.manual_seed(99)
+    generate(model, [[1, 2]], SamplingConfig(max_new_tokens=10, seed=5))
+    generate(model, [[1, 2]], SamplingConfig(max_new_tokens=10))  # no seed: its own random seed
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def test_eos_stops_a_row_and_is_not_returned(model):
+    free = generate(model, PROMPTS, GREEDY)
+    eos = free[0][4]  # the fifth token row 0 produces greedily
+    stopped = generate(model, PROMPTS, SamplingConfig(max_new_tokens=20, temperature=0.0, eos_id=eos))
+    for row, tokens in zip(free, stopped):
+        expected = row[: row.index(eos)] if eos in row else row
+        assert tokens == expected
+    assert len(stopped[0]) == free[0].index(eos) <= 4
+    assert list(stream(model, PROMPTS[0], SamplingConfig(max_new_tokens=20, temperature=0.0, eos_id=eos))) == stopped[0]
+
+
+def test_max_new_tokens(model):
+    assert [len(r) for r in generate(model, PROMPTS, SamplingConfig(max_new_tokens=7, temperature=0))] == [7] * 4
+    assert generate(model, PROMPTS, SamplingConfig(max_new_tokens=0)) == [[]] * 4
+
+
+def test_stream_yields_the_same_tokens_as_generate(model):
+    cfg = SamplingConfig(max_new_tokens=15, temperature=0.8, seed=3)
+    assert list(stream(model, PROMPTS[1], cfg)) == generate(model, [PROMPTS[1]], cfg)[0]
+
+
+def test_training_mode_restored_and_no_gradients():
+    model = make_model()
+    model.train()
+    out = generate(model, [[1, 2, 3]], GREEDY)
+    assert model.training
+    assert len(out[0]) == 20
+    model.eval()
+    generate(model, [[1, 2, 3]], GREEDY)
+    assert not model.training
+    # Gradients are off only inside the steps, not in the caller's code between them.
+    it = stream(model, [1, 2], GREEDY)
+    next(it)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    it.close()
+
+
+# --------------------------------------------------------------------------- batching and cache
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_rows_equal_generating_alone(model, use_cache):
+    batched = list(decode_steps(model, PROMPTS, GREEDY, use_cache=use_cache))
+    for row, prompt in enumerate(PROMPTS):
+        alone = list(decode_steps(model, [prompt], GREEDY, use_cache=use_cache))
+        assert [s.tokens[row].item() for s in batched] == [s.tokens[0].item() for s in alone]
+        for b, a in zip(batched, alone):
+            torch.testing.assert_close(b.logits[row], a.logits[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_cache_equals_no_cache_past_the_context(pos_emb):
+    """Greedy tokens equal, token for token, far past context_length (32) under the window rule."""
+    model = make_model(pos_emb)
+    cfg = SamplingConfig(max_new_tokens=90, temperature=0.0)
+    cached = list(decode_steps(model, PROMPTS, cfg, use_cache=True))
+    uncached = list(decode_steps(model, PROMPTS, cfg, use_cache=False))
+    assert torch.equal(torch.stack([s.tokens for s in cached]), torch.stack([s.tokens for s in uncached]))
+    for c, u in zip(cached, uncached):
+        torch.testing.assert_close(c.logits, u.logits, atol=1e-4, rtol=1e-4)
+    # And each row is still what it generates alone, with and without the cache.
+    tokens = generate(model, PROMPTS, cfg)
+    assert tokens == [generate(model, [p], cfg, use_cache=False)[0] for p in PROMPTS]
+    assert len(set(tokens[0])) > 5  # a real sequence, not one token repeated
+
+
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_long_prompts_follow_the_window_rule(pos_emb):
+    """A prompt past the context is cut to its last half; both paths agree with running that cut."""
+    model = make_model(pos_emb, seed=1)
+    long_prompt = [(7 * i) % 256 for i in range(50)]  # 50 > context 32
+    cfg = SamplingConfig(max_new_tokens=40, temperature=0.0)
+    cached = generate(model, [long_prompt, [3]], cfg, use_cache=True)
+    assert cached == generate(model, [long_prompt, [3]], cfg, use_cache=False)
+    assert cached[0] == generate(model, [long_prompt[-16:]], cfg)[0]
+
+
+def test_positions_matter_so_the_cache_tests_mean_something():
+    outs = {kind: tuple(generate(make_model(kind), [PROMPTS[1]], GREEDY)[0]) for kind in POSITION_KINDS}
+    assert len(set(outs.values())) == len(POSITION_KINDS)
+
+
+def test_learned_positions_stay_in_range_far_past_the_context():
+    model = make_model("learned", context_length=8)
+    cfg = SamplingConfig(max_new_tokens=60, temperature=0.0)
+    assert generate(model, [[1, 2, 3]], cfg) == generate(model, [[1, 2, 3]], cfg, use_cache=False)
+
+
+def test_crop_window_rule():
+    assert crop_window(list(range(32)), 32) == list(range(32))
+    assert crop_window(list(range(33)), 32) == list(range(17, 33))
+    assert crop_window([1, 2], 1) == [2]
+
+
+def test_cached_equals_uncached_with_sampling(model):
+    cfg = SamplingConfig(max_new_tokens=60, temperature=1.0, top_p=0.9, seed=11)
+    assert generate(model, PROMPTS, cfg, use_cache=True) == generate(model, PROMPTS, cfg, use_cache=False)
+
+
+# --------------------------------------------------------------------------- the book's generate
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_greedy_matches_the_books_generate(qkv_bias):
+    from llms_from_scratch.ch04 import GPTModel, generate_text_simple
+    from llms_from_scratch.ch05 import generate as book_generate
+
+    book_cfg = dict(vocab_size=97, context_length=24, emb_dim=48, n_heads=4, n_layers=2,
+                    drop_rate=0.0, qkv_bias=qkv_bias)
+    torch.manual_seed(5)
+    book = GPTModel(book_cfg).eval()
+    with torch.no_grad():
+        for p in book.parameters():
+            p.normal_(0.0, 0.1)  # biases and norms random too, so a wrong mapping shows
+    ours = GPT(GPTConfig.from_preset("gpt2-124m", **book_cfg)).eval()
+    copy_book_weights(book, ours)
+
+    prompt = [[3, 14, 15, 92, 65]]
+    idx = torch.tensor(prompt)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), book(idx), atol=1e-5, rtol=1e-5)
+    n_new = book_cfg["context_length"] - len(prompt[0])  # stay within the context
+    expected = generate_text_simple(book, idx, n_new, book_cfg["context_length"])[0, 5:].tolist()
+    expected_ch05 = book_generate(book, idx, n_new, book_cfg["context_length"])[0, 5:].tolist()
+    cfg = SamplingConfig(max_new_tokens=n_new, temperature=0.0)
+    assert expected == expected_ch05
+    assert generate(ours, prompt, cfg) == [expected]
+    assert generate(ours, prompt, cfg, use_cache=False) == [expected]
+
+
+def copy_book_weights(book: torch.nn.Module, ours: GPT) -> None:
+    """Copy the book's ``GPTModel`` weights into our GPT by hand (the map the test relies on)."""
+    b = book.state_dict()
+    with torch.no_grad():
+        ours.tok_emb.weight.copy_(b["tok_emb.weight"])
+        ours.pos_emb.weight.copy_(b["pos_emb.weight"])
+        for i, block in enumerate(ours.blocks):
+            pre = f"trf_blocks.{i}."
+            block.attn.qkv.weight.copy_(torch.cat(
+                [b[pre + f"att.{n}.weight"] for n in ("W_query", "W_key", "W_value")], dim=0
+            ))  # (3C, C)
+            if block.attn.qkv.bias is not None:
+                block.attn.qkv.bias.copy_(torch.cat(
+                    [b[pre + f"att.{n}.bias"] for n in ("W_query", "W_key", "W_value")], dim=0
+                ))  # (3C,)
+            block.attn.out_proj.weight.copy_(b[pre + "att.out_proj.weight"])
+            block.attn.out_proj.bias.copy_(b[pre + "att.out_proj.bias"])
+            block.ff.fc_in.weight.copy_(b[pre + "ff.layers.0.weight"])
+            block.ff.fc_in.bias.copy_(b[pre + "ff.layers.0.bias"])
+            block.ff.fc_out.weight.copy_(b[pre + "ff.layers.2.weight"])
+            block.ff.fc_out.bias.copy_(b[pre + "ff.layers.2.bias"])
+            for norm in ("norm1", "norm2"):
+                getattr(block, norm).weight.copy_(b[pre + f"{norm}.scale"])
+                getattr(block, norm).bias.copy_(b[pre + f"{norm}.shift"])
+        ours.final_norm.weight.copy_(b["final_norm.scale"])
+        ours.final_norm.bias.copy_(b["final_norm.shift"])
+        ours.out_head.weight.copy_(b["out_head.weight"])

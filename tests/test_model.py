@@ -1,0 +1,268 @@
+"""Tests of model.py: configuration rules, parameter counts, and what the GPT computes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmscratch.errors import ConfigError
+from llmscratch.model import GPT, PRESETS, GPTConfig, KVCache
+from llmscratch.positions import POSITION_KINDS
+
+BOOK_124M = dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12,
+                 drop_rate=0.1, qkv_bias=False)
+
+
+def make_model(pos_emb: str = "learned", seed: int = 0, **overrides) -> GPT:
+    """A "test" preset GPT (vocab 256, context 32, 2 layers, 4 heads of 8) with weights of std 0.1."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_preset("test", pos_emb=pos_emb, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def tokens(b: int, t: int, seed: int = 0, vocab: int = 256) -> torch.Tensor:
+    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(seed))  # (B, T)
+
+
+# --------------------------------------------------------------------------- parameter counts
+
+
+def meta_count(cfg: GPTConfig) -> int:
+    with torch.device("meta"):
+        return GPT(cfg).num_parameters()
+
+
+def test_gpt2_124m_parameter_counts():
+    assert meta_count(GPTConfig.from_preset("gpt2-124m")) == 163_009_536
+    assert meta_count(GPTConfig.from_preset("gpt2-124m", tie_weights=True)) == 124_412_160
+    # OpenAI's GPT-2 small: qkv biases and tied weights.
+    assert meta_count(GPTConfig.from_preset("gpt2-124m", qkv_bias=True, tie_weights=True)) == 124_439_808
+
+
+def test_parameter_count_matches_the_books_gptmodel():
+    from llms_from_scratch.ch04 import GPTModel
+
+    for qkv_bias in (False, True):
+        with torch.device("meta"):
+            book = GPTModel({**BOOK_124M, "qkv_bias": qkv_bias})
+        assert meta_count(GPTConfig(**BOOK_124M | {"qkv_bias": qkv_bias})) == sum(
+            p.numel() for p in book.parameters()
+        )
+
+
+def test_parameter_count_on_a_real_model_and_without_embeddings():
+    model = GPT(GPTConfig.from_preset("test"))
+    cfg = model.cfg
+    c, v, t, layers = cfg.emb_dim, cfg.vocab_size, cfg.context_length, cfg.n_layers
+    per_block = (3 * c * c) + (c * c + c) + (4 * c * c + 4 * c) + (4 * c * c + c) + 4 * c
+    expected = v * c + t * c + layers * per_block + 2 * c + v * c
+    assert model.num_parameters() == expected
+    assert model.num_parameters(exclude_embeddings=True) == expected - v * c - t * c
+
+
+# --------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(emb_dim=30, n_heads=4), "emb_dim"),
+        (dict(pos_emb="xpos"), "pos_emb"),
+        (dict(drop_rate=1.0), "drop_rate"),
+        (dict(drop_rate=-0.1), "drop_rate"),
+        (dict(pos_emb="rope", emb_dim=36, n_heads=4), "pos_emb"),  # head dim 9 is odd
+        (dict(attn_backend="flash"), "attn_backend"),
+        (dict(n_layers=0), "n_layers"),
+        (dict(vocab_size=2.5), "vocab_size"),
+        (dict(context_length=True), "context_length"),
+        (dict(qkv_bias=1), "qkv_bias"),
+        (dict(bias="no"), "bias"),
+        (dict(tie_weights=None), "tie_weights"),
+        (dict(scale_attn=0), "scale_attn"),
+    ],
+)
+def test_config_rules_raise_config_error_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        GPTConfig.from_preset("test", **overrides)
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_from_dict_rejects_unknown_fields_and_round_trips():
+    cfg = GPTConfig.from_preset("cpu", pos_emb="rope")
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="n_embd"):
+        GPTConfig.from_dict({**cfg.to_dict(), "n_embd": 768})
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ConfigError, match="gpt2-124m"):
+        GPTConfig.from_preset("gpt5")
+
+
+def test_presets_are_small_deltas_from_the_base():
+    base = GPTConfig()
+    assert dataclasses.asdict(GPTConfig.from_preset("gpt2-124m")) == dataclasses.asdict(base)
+    assert (base.vocab_size, base.context_length, base.emb_dim, base.n_heads, base.n_layers,
+            base.drop_rate, base.qkv_bias) == tuple(BOOK_124M.values())
+    for name, (dim, layers, heads) in {"gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20),
+                                       "gpt2-xl": (1600, 48, 25)}.items():
+        assert PRESETS[name] == dict(emb_dim=dim, n_layers=layers, n_heads=heads)
+        cfg = GPTConfig.from_preset(name)
+        assert (cfg.emb_dim, cfg.n_layers, cfg.n_heads, cfg.vocab_size, cfg.context_length) == (
+            dim, layers, heads, 50257, 1024
+        )
+    assert GPTConfig.from_preset("gpt2-xl", n_layers=2).n_layers == 2  # overrides win
+
+
+# --------------------------------------------------------------------------- what the model computes
+
+
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_fused_equals_explicit(pos_emb):
+    fused = make_model(pos_emb, attn_backend="fused")
+    explicit = make_model(pos_emb, attn_backend="explicit")
+    explicit.load_state_dict(fused.state_dict())
+    idx = tokens(3, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(idx), explicit(idx), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_later_tokens_do_not_change_earlier_logits(pos_emb):
+    model = make_model(pos_emb)
+    idx = tokens(2, 16)
+    changed = idx.clone()
+    changed[:, 10:] = tokens(2, 6, seed=1)
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
+
+
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_rows_of_a_batch_are_independent(pos_emb):
+    model = make_model(pos_emb)
+    idx = tokens(4, 12)
+    with torch.no_grad():
+        batched = model(idx)
+        for row in range(4):
+            torch.testing.assert_close(batched[row], model(idx[row : row + 1])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_learned_positions_refuse_sequences_past_the_context():
+    model = make_model("learned")
+    with pytest.raises(ValueError, match="context length 32"):
+        model(tokens(1, 33))
+    with pytest.raises(ValueError, match="position 32"):
+        model(tokens(1, 4), positions=torch.tensor([29, 30, 31, 32]))
+
+
+@pytest.mark.parametrize("pos_emb", ["sinusoidal", "rope", "alibi", "none"])
+def test_other_positions_run_past_the_context(pos_emb):
+    model = make_model(pos_emb)
+    with torch.no_grad():
+        logits = model(tokens(1, 80))
+    assert logits.shape == (1, 80, 256)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_need_weights_returns_one_normalised_map_per_layer(pos_emb):
+    model = make_model(pos_emb)
+    with torch.no_grad():
+        logits, weights = model(tokens(2, 9), need_weights=True)
+    assert logits.shape == (2, 9, 256)
+    assert len(weights) == model.cfg.n_layers
+    for w in weights:
+        assert w.shape == (2, 4, 9, 9)  # (B, H, T, T)
+        torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 9))
+        assert torch.all(torch.triu(w, diagonal=1) == 0)  # nothing attends to the future
+
+
+def test_tied_weights_are_really_shared():
+    model = GPT(GPTConfig.from_preset("test", tie_weights=True))
+    assert model.out_head.weight is model.tok_emb.weight
+    with torch.no_grad():
+        model.tok_emb.weight[3, 0] = 42.0
+    assert model.out_head.weight[3, 0].item() == 42.0
+    untied = GPT(GPTConfig.from_preset("test", tie_weights=False))
+    assert untied.out_head.weight is not untied.tok_emb.weight
+    c, v = model.cfg.emb_dim, model.cfg.vocab_size
+    assert untied.num_parameters() - model.num_parameters() == v * c
+
+
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_gradient_reaches_every_parameter(pos_emb):
+    model = make_model(pos_emb, drop_rate=0.1, qkv_bias=True, tie_weights=True).train()
+    loss = model(tokens(2, 10), targets=tokens(2, 10, seed=1))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_loss_equals_cross_entropy_and_ignores_minus_100():
+    model = make_model("rope")
+    idx, targets = tokens(2, 10), tokens(2, 10, seed=1)
+    with torch.no_grad():
+        logits = model(idx)
+        loss = model(idx, targets=targets)
+        torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 256), targets.reshape(-1)))
+        masked = targets.clone()
+        masked[:, :4] = -100
+        expected = F.cross_entropy(logits[:, 4:].reshape(-1, 256), targets[:, 4:].reshape(-1))
+        torch.testing.assert_close(model(idx, targets=masked), expected)
+
+
+def test_dropout_only_in_training():
+    model = make_model("learned", drop_rate=0.5)
+    idx = tokens(1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), model(idx))
+        model.train()
+        assert not torch.allclose(model(idx), model(idx))
+
+
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_kv_cache_prefill_then_steps_equals_full_forward(pos_emb):
+    model = make_model(pos_emb)
+    idx = tokens(2, 12)
+    cache = KVCache.for_model(model.cfg, batch=2)
+    with torch.no_grad():
+        full = model(idx)
+        parts = [model(idx[:, :5], cache=cache)]
+        for t in range(5, 12):
+            parts.append(model(idx[:, t : t + 1], cache=cache))
+    assert cache.length == 12
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_overflow_is_a_clear_error():
+    model = make_model("rope")
+    cache = KVCache.for_model(model.cfg, batch=1, max_len=4)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        model(tokens(1, 5), cache=cache)
+
+
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_left_padding_with_mask_and_positions_equals_the_row_alone(pos_emb):
+    model = make_model(pos_emb)
+    row = tokens(1, 5)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], dim=1)  # (1, 8)
+    mask = torch.tensor([[False] * 3 + [True] * 5])  # (1, 8)
+    positions = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4]])  # (1, 8)
+    with torch.no_grad():
+        out = model(padded, positions=positions, key_padding_mask=mask)
+        torch.testing.assert_close(out[:, 3:], model(row), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(out).all()
