@@ -1,0 +1,1069 @@
+"""Checkpoints: the run directory, and weights exchanged with Hugging Face GPT-2 and the book.
+
+A **run directory** holds everything needed to pick a model up again::
+
+    run_dir/
+      config.json          GPTConfig.to_json(): the shape and arithmetic of the model
+      model.safetensors    the weights; a tied LM head is stored once (as tok_emb.weight)
+      <tokenizer files>    written by Tokenizer.save(run_dir)
+      training_state.pt    optimizer, step, RNG states... (read with weights_only=True)
+
+Every file is written atomically (temporary file in the same directory, fsync, rename), so a
+crash mid-write leaves the previous good file in place. Every read failure (missing file,
+bad JSON, weights that do not fit the config, a truncated or corrupted file) raises
+:class:`CheckpointError` naming the file and saying what to do.
+
+**Foreign formats.** Each has one explicit mapping table (:data:`HF_TABLE`, :data:`BOOK_TABLE`)
+with shape checks, used in both directions:
+
+* Hugging Face GPT-2 (``transformers.GPT2LMHeadModel``): Conv1D weights are stored
+  ``(in, out)``, transposed relative to ``nn.Linear``; ``c_attn`` is Q, K, V fused along the
+  output, exactly like our ``attn.qkv`` once transposed. Both the ``save_pretrained`` layout
+  (``transformer.h.0…``, ``lm_head.weight``) and the hub's published layout (no
+  ``transformer.`` prefix, ``attn.bias``/``attn.masked_bias`` buffers) are read.
+* The book's ``llms_from_scratch.ch04.GPTModel``: separate ``W_query``/``W_key``/``W_value``,
+  LayerNorm ``scale``/``shift``, a causal ``mask`` buffer per block. The head count is not in
+  the weights, so importing needs it from a preset or ``--heads``.
+
+:func:`import_checkpoint` and :func:`export_checkpoint` are what ``llmscratch import`` and
+``llmscratch export`` call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError, ConfigError, LLMScratchError
+from .model import GPT, GPTConfig
+
+PathLike = Union[str, os.PathLike]
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TRAINING_STATE_FILE = "training_state.pt"
+
+# Fields that change how a model runs but not what its weights are; load_model accepts them
+# as overrides (e.g. the explicit attention backend for inspection, no dropout for eval).
+RUNTIME_FIELDS = ("attn_backend", "drop_rate", "pad_vocab_multiple", "context_length")
+
+# A safetensors header is JSON describing the tensors: a few KB per tensor at most.
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+# =========================================================================== atomic writes
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Create ``path`` through ``write(temporary_name)``, then fsync and rename it into place.
+
+    The temporary file lives in the same directory (a rename across file systems is not
+    atomic); if anything fails, it is removed and ``path`` keeps its previous content.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write contiguous CPU copies of ``tensors`` (the format refuses views and shared storage)."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
+
+
+def _write_torch(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+# =========================================================================== safe reads
+
+
+def _require_dir(directory: Path, what: str = "run directory") -> None:
+    if not directory.exists():
+        raise CheckpointError(f"{what} {directory} does not exist; check the path")
+    if not directory.is_dir():
+        raise CheckpointError(f"{what} {directory} is a file, not a directory")
+
+
+def _require_file(path: Path, hint: str) -> None:
+    if not path.is_file():
+        where = "is a directory" if path.is_dir() else "is missing"
+        raise CheckpointError(f"{path} {where}; {hint}")
+
+
+def read_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read every tensor of a safetensors file onto the CPU, or raise a clear CheckpointError.
+
+    The 8-byte header length is checked against the file size first, so a truncated file
+    is reported as such; whatever else the library rejects (bad JSON, offsets past the
+    end, unknown dtypes) is wrapped with the file's name.
+    """
+    path = Path(path)
+    _require_file(path, "save the model again or point at the directory that holds it")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8:
+        raise CheckpointError(
+            f"{path} is {size} bytes long, too short to be a safetensors file: it is truncated "
+            "or empty; save it again or restore a good copy"
+        )
+    header_len = int.from_bytes(head, "little")
+    if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
+        raise CheckpointError(
+            f"{path} is truncated or corrupted: its header claims {header_len} bytes but the file "
+            f"has {size - 8} after the length field; save it again or restore a good copy"
+        )
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # the Rust library raises its own types; name the file instead
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it is "
+            "truncated or corrupted: save it again or restore a good copy"
+        ) from err
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError."""
+    try:
+        with warnings.catch_warnings():  # garbage bytes can look like an unusual pickle protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first_line = (str(err).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"{path} could not be read as {what} ({type(err).__name__}: {first_line}); "
+            "it is truncated, corrupted, or holds objects other than tensors and plain Python "
+            "values (only those load with weights_only=True)"
+        ) from err
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path} is not UTF-8 text ({err}); it is corrupted") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
+            "fix or restore the file"
+        ) from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+# =========================================================================== the run directory
+
+
+def _unwrap(model: nn.Module) -> GPT:
+    """The GPT inside a ``torch.compile`` or DistributedDataParallel wrapper."""
+    while not isinstance(model, GPT):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            raise TypeError(f"expected an llmscratch GPT, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def _state_dict_for_file(model: GPT) -> dict[str, torch.Tensor]:
+    """The model's state dict with a tied head stored once (as ``tok_emb.weight``)."""
+    sd = dict(model.state_dict())
+    if model.cfg.tie_weights:
+        sd.pop("out_head.weight", None)
+    return sd
+
+
+def save_model(run_dir: PathLike, model: nn.Module) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into ``run_dir`` (created if needed), atomically."""
+    run_dir = Path(run_dir)
+    gpt = _unwrap(model)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(run_dir / WEIGHTS_FILE, _state_dict_for_file(gpt))
+    _write_text(run_dir / CONFIG_FILE, gpt.cfg.to_json() + "\n")
+
+
+def load_config(run_dir: PathLike) -> GPTConfig:
+    """The GPTConfig in ``run_dir/config.json``; bad JSON or bad fields raise CheckpointError."""
+    run_dir = Path(run_dir)
+    _require_dir(run_dir)
+    path = run_dir / CONFIG_FILE
+    _require_file(path, "a run directory needs the config.json written by save_model; "
+                        "to use Hugging Face or book weights run `llmscratch import` first")
+    data = _read_json(path)
+    try:
+        return GPTConfig.from_dict(data)
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path} has a bad field: {err}") from err
+
+
+def _infer_ours(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, Any, str]]:
+    """What our weight names and shapes say about the config: ``(field, value, evidence)``.
+
+    The head count and the non-learned position kinds leave no trace in the weights.
+    """
+    facts: list[tuple[str, Any, str]] = []
+    if "tok_emb.weight" in tensors and tensors["tok_emb.weight"].dim() == 2:
+        vocab, dim = tensors["tok_emb.weight"].shape
+        facts += [("vocab_size", vocab, "tok_emb.weight has %d rows" % vocab),
+                  ("emb_dim", dim, "tok_emb.weight has %d columns" % dim)]
+    layers = {int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))}
+    n_layers = max(layers) + 1 if layers else 0
+    facts.append(("n_layers", n_layers, f"blocks 0..{n_layers - 1} are stored" if layers else "no blocks are stored"))
+    if "pos_emb.weight" in tensors:
+        facts.append(("pos_emb", "learned", "pos_emb.weight is present"))
+        facts.append(("context_length", tensors["pos_emb.weight"].shape[0],
+                      "pos_emb.weight has %d rows" % tensors["pos_emb.weight"].shape[0]))
+    else:
+        facts.append(("pos_emb", "not learned", "there is no pos_emb.weight"))
+    if layers:
+        has = "blocks.0.attn.qkv.bias" in tensors
+        facts.append(("qkv_bias", has, f"blocks.0.attn.qkv.bias is {'present' if has else 'absent'}"))
+    has = "final_norm.bias" in tensors
+    facts.append(("bias", has, f"final_norm.bias is {'present' if has else 'absent'}"))
+    has = "out_head.weight" in tensors
+    facts.append(("tie_weights", not has,
+                  "out_head.weight is stored separately" if has else "there is no separate out_head.weight"))
+    return facts
+
+
+def _config_disagreements(cfg: GPTConfig, tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    lines = []
+    for name, value, evidence in _infer_ours(tensors):
+        said = getattr(cfg, name)
+        if name == "pos_emb":
+            agrees = (said == "learned") == (value == "learned")
+        elif name == "context_length":
+            agrees = cfg.pos_emb != "learned" or said == value
+        else:
+            agrees = said == value
+        if not agrees:
+            lines.append(f"{name}: the config says {said!r} but the weights say {value!r} ({evidence})")
+    return lines
+
+
+def _short(names: list[str], limit: int = 8, sep: str = ", ") -> str:
+    """The first ``limit`` names, and how many more there are."""
+    more = f" … and {len(names) - limit} more" if len(names) > limit else ""
+    return sep.join(names[:limit]) + more
+
+
+def _key_disagreements(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> list[str]:
+    """Missing keys, unexpected keys and shape differences, each list shortened."""
+    lines = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k} (expected {tuple(expected[k].shape)}, found {tuple(found[k].shape)})"
+              for k in sorted(set(expected) & set(found)) if expected[k].shape != found[k].shape]
+    if missing:
+        lines.append(f"missing keys: {_short(missing)}")
+    if unexpected:
+        lines.append(f"unexpected keys: {_short(unexpected)}")
+    if shapes:
+        lines.append(f"shape mismatches: {_short(shapes)}")
+    return lines
+
+
+def load_model(run_dir: PathLike, device: Union[str, torch.device] = "cpu", **config_overrides: Any) -> GPT:
+    """Build the GPT described by ``run_dir/config.json`` and load ``model.safetensors`` into it.
+
+    ``config_overrides`` may change the runtime-only fields in :data:`RUNTIME_FIELDS`
+    (for example ``attn_backend="explicit"``, ``drop_rate=0.0``). Weights that do not fit
+    the config raise a CheckpointError naming each differing field and key. The model is
+    returned in eval mode (as ``from_pretrained`` does); call ``.train()`` to train it.
+    """
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    bad = sorted(set(config_overrides) - set(RUNTIME_FIELDS))
+    if bad:
+        raise CheckpointError(
+            f"cannot override {bad} when loading {run_dir}: they fix the shape of the saved weights; "
+            f"only {list(RUNTIME_FIELDS)} may be overridden"
+        )
+    if config_overrides:
+        try:
+            cfg = GPTConfig.from_dict({**cfg.to_dict(), **config_overrides})
+        except ConfigError as err:
+            raise CheckpointError(f"bad override for {run_dir}: {err}") from err
+
+    weights_path = run_dir / WEIGHTS_FILE
+    tensors = read_safetensors(weights_path)
+    model = GPT(cfg)
+    expected = _state_dict_for_file(model)
+    problems = _config_disagreements(cfg, tensors) + _key_disagreements(expected, tensors)
+    if problems:
+        raise CheckpointError(
+            f"{weights_path} does not match {run_dir / CONFIG_FILE}:\n  - " + "\n  - ".join(problems)
+            + "\nfix config.json to describe these weights, or put the matching weights beside it"
+        )
+    if cfg.tie_weights:
+        tensors["out_head.weight"] = tensors["tok_emb.weight"]  # same Parameter: loaded twice, same values
+    model.load_state_dict(tensors, strict=True)
+    return model.to(device).eval()
+
+
+# Leaf values that torch.load(weights_only=True) accepts back.
+_PLAIN_LEAVES = (torch.Tensor, int, float, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Raise if ``obj`` holds something torch.load(weights_only=True) would refuse (named by its path)."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise CheckpointError(f"{where} has a key of type {type(key).__name__}; use strings or numbers")
+            _check_plain(value, f"{where}[{key!r}]")
+    elif isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
+        for i, value in enumerate(obj):
+            _check_plain(value, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN_LEAVES):
+        raise CheckpointError(
+            f"{where} is a {type(obj).__module__}.{type(obj).__name__}, which torch.load(weights_only=True) "
+            "refuses; store tensors and plain Python values (for RNG states: torch.Generator.get_state() "
+            "or numpy's Generator.bit_generator.state dict)"
+        )
+
+
+def save_training_state(run_dir: PathLike, state: dict) -> None:
+    """Write ``training_state.pt`` atomically; ``state`` must hold only tensors and plain values."""
+    if not isinstance(state, dict):
+        raise TypeError(f"training state must be a dict, got {type(state).__name__}")
+    _check_plain(state, "training_state")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_torch(run_dir / TRAINING_STATE_FILE, state)
+
+
+def load_training_state(run_dir: PathLike) -> Optional[dict]:
+    """The dict in ``run_dir/training_state.pt``, or None when the run has none."""
+    run_dir = Path(run_dir)
+    _require_dir(run_dir)
+    path = run_dir / TRAINING_STATE_FILE
+    if not path.exists():
+        return None
+    state = _torch_load(path, "a training state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} must hold a dict, got {type(state).__name__}; it was not written by llmscratch")
+    return state
+
+
+def save_run(run_dir: PathLike, model: nn.Module, tokenizer: Any = None,
+             training_state: Optional[dict] = None) -> None:
+    """Save the model, and the tokenizer and training state when given, into ``run_dir``."""
+    save_model(run_dir, model)
+    if tokenizer is not None:
+        tokenizer.save(Path(run_dir))
+    if training_state is not None:
+        save_training_state(run_dir, training_state)
+
+
+def has_tokenizer_files(directory: PathLike) -> bool:
+    """Whether ``directory`` holds files a tokenizer was saved to (``tokenizer*``, GPT-2 BPE files)."""
+    directory = Path(directory)
+    names = ("vocab.json", "merges.txt", "encoder.json", "vocab.bpe")
+    return any(directory.glob("tokenizer*")) or any((directory / n).exists() for n in names)
+
+
+def load_run(run_dir: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[GPT, Any, Optional[dict]]:
+    """``(model, tokenizer or None, training state or None)`` from a run directory."""
+    model = load_model(run_dir, device=device)
+    tokenizer = None
+    if has_tokenizer_files(run_dir):
+        from .tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(run_dir))
+    return model, tokenizer, load_training_state(run_dir)
+
+
+def describe(model: GPT) -> str:
+    """One line for people: parameter count and the config's shape."""
+    c = model.cfg
+    extras = [c.pos_emb + " positions", "qkv bias" if c.qkv_bias else "no qkv bias",
+              "tied head" if c.tie_weights else "untied head"]
+    if not c.bias:
+        extras.append("no other biases")
+    if not c.scale_attn:
+        extras.append("unscaled attention")
+    return (f"{model.num_parameters():,} parameters; vocab {c.vocab_size}, context {c.context_length}, "
+            f"{c.emb_dim} dims, {c.n_heads} heads, {c.n_layers} layers; " + ", ".join(extras))
+
+
+# =========================================================================== mapping tables
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of a mapping table: our parameter ↔ the foreign one(s).
+
+    ``theirs`` with several names are concatenated along dim 0 into ours (the book's
+    W_query, W_key, W_value → our qkv). ``transpose``: stored as ``(in, out)`` over there.
+    ``present(cfg)``: whether we have the parameter; when we do not and ``zeros_if_absent``,
+    the other format still stores it, as zeros (GPT-2's qkv bias).
+    """
+
+    ours: str
+    theirs: tuple[str, ...]
+    shape: Callable[[GPTConfig], tuple[int, ...]]  # our shape
+    transpose: bool = False
+    present: Callable[[GPTConfig], bool] = lambda cfg: True
+    zeros_if_absent: bool = False
+
+    def their_shape(self, cfg: GPTConfig) -> tuple[int, ...]:
+        shape = self.shape(cfg)
+        if self.transpose:
+            return tuple(reversed(shape))
+        return (shape[0] // len(self.theirs),) + tuple(shape[1:])
+
+
+def _vec(cfg: GPTConfig) -> tuple[int, ...]:
+    return (cfg.emb_dim,)
+
+
+def _learned(cfg: GPTConfig) -> bool:
+    return cfg.pos_emb == "learned"
+
+
+def _untied(cfg: GPTConfig) -> bool:
+    return not cfg.tie_weights
+
+
+def _qkv_bias(cfg: GPTConfig) -> bool:
+    return cfg.qkv_bias
+
+
+# Hugging Face GPT-2, in transformers' save_pretrained layout. Per-layer rows use "{i}".
+HF_TABLE: tuple[Rule, ...] = (
+    Rule("tok_emb.weight", ("transformer.wte.weight",), lambda c: (c.vocab_size, c.emb_dim)),
+    Rule("pos_emb.weight", ("transformer.wpe.weight",), lambda c: (c.context_length, c.emb_dim), present=_learned),
+    Rule("blocks.{i}.norm1.weight", ("transformer.h.{i}.ln_1.weight",), _vec),
+    Rule("blocks.{i}.norm1.bias", ("transformer.h.{i}.ln_1.bias",), _vec),
+    Rule("blocks.{i}.attn.qkv.weight", ("transformer.h.{i}.attn.c_attn.weight",),
+         lambda c: (3 * c.emb_dim, c.emb_dim), transpose=True),
+    Rule("blocks.{i}.attn.qkv.bias", ("transformer.h.{i}.attn.c_attn.bias",),
+         lambda c: (3 * c.emb_dim,), present=_qkv_bias, zeros_if_absent=True),
+    Rule("blocks.{i}.attn.out_proj.weight", ("transformer.h.{i}.attn.c_proj.weight",),
+         lambda c: (c.emb_dim, c.emb_dim), transpose=True),
+    Rule("blocks.{i}.attn.out_proj.bias", ("transformer.h.{i}.attn.c_proj.bias",), _vec),
+    Rule("blocks.{i}.norm2.weight", ("transformer.h.{i}.ln_2.weight",), _vec),
+    Rule("blocks.{i}.norm2.bias", ("transformer.h.{i}.ln_2.bias",), _vec),
+    Rule("blocks.{i}.ff.fc_in.weight", ("transformer.h.{i}.mlp.c_fc.weight",),
+         lambda c: (4 * c.emb_dim, c.emb_dim), transpose=True),
+    Rule("blocks.{i}.ff.fc_in.bias", ("transformer.h.{i}.mlp.c_fc.bias",), lambda c: (4 * c.emb_dim,)),
+    Rule("blocks.{i}.ff.fc_out.weight", ("transformer.h.{i}.mlp.c_proj.weight",),
+         lambda c: (c.emb_dim, 4 * c.emb_dim), transpose=True),
+    Rule("blocks.{i}.ff.fc_out.bias", ("transformer.h.{i}.mlp.c_proj.bias",), _vec),
+    Rule("final_norm.weight", ("transformer.ln_f.weight",), _vec),
+    Rule("final_norm.bias", ("transformer.ln_f.bias",), _vec),
+    Rule("out_head.weight", ("lm_head.weight",), lambda c: (c.vocab_size, c.emb_dim), present=_untied),
+)
+
+# The book's GPTModel (llms_from_scratch.ch04). Its causal-mask buffers are handled apart.
+BOOK_TABLE: tuple[Rule, ...] = (
+    Rule("tok_emb.weight", ("tok_emb.weight",), lambda c: (c.vocab_size, c.emb_dim)),
+    Rule("pos_emb.weight", ("pos_emb.weight",), lambda c: (c.context_length, c.emb_dim)),
+    Rule("blocks.{i}.norm1.weight", ("trf_blocks.{i}.norm1.scale",), _vec),
+    Rule("blocks.{i}.norm1.bias", ("trf_blocks.{i}.norm1.shift",), _vec),
+    Rule("blocks.{i}.attn.qkv.weight",
+         ("trf_blocks.{i}.att.W_query.weight", "trf_blocks.{i}.att.W_key.weight", "trf_blocks.{i}.att.W_value.weight"),
+         lambda c: (3 * c.emb_dim, c.emb_dim)),
+    Rule("blocks.{i}.attn.qkv.bias",
+         ("trf_blocks.{i}.att.W_query.bias", "trf_blocks.{i}.att.W_key.bias", "trf_blocks.{i}.att.W_value.bias"),
+         lambda c: (3 * c.emb_dim,), present=_qkv_bias),
+    Rule("blocks.{i}.attn.out_proj.weight", ("trf_blocks.{i}.att.out_proj.weight",), lambda c: (c.emb_dim, c.emb_dim)),
+    Rule("blocks.{i}.attn.out_proj.bias", ("trf_blocks.{i}.att.out_proj.bias",), _vec),
+    Rule("blocks.{i}.norm2.weight", ("trf_blocks.{i}.norm2.scale",), _vec),
+    Rule("blocks.{i}.norm2.bias", ("trf_blocks.{i}.norm2.shift",), _vec),
+    Rule("blocks.{i}.ff.fc_in.weight", ("trf_blocks.{i}.ff.layers.0.weight",), lambda c: (4 * c.emb_dim, c.emb_dim)),
+    Rule("blocks.{i}.ff.fc_in.bias", ("trf_blocks.{i}.ff.layers.0.bias",), lambda c: (4 * c.emb_dim,)),
+    Rule("blocks.{i}.ff.fc_out.weight", ("trf_blocks.{i}.ff.layers.2.weight",), lambda c: (c.emb_dim, 4 * c.emb_dim)),
+    Rule("blocks.{i}.ff.fc_out.bias", ("trf_blocks.{i}.ff.layers.2.bias",), _vec),
+    Rule("final_norm.weight", ("final_norm.scale",), _vec),
+    Rule("final_norm.bias", ("final_norm.shift",), _vec),
+    Rule("out_head.weight", ("out_head.weight",), lambda c: (c.vocab_size, c.emb_dim)),
+)
+
+
+def _expand(table: tuple[Rule, ...], cfg: GPTConfig) -> Iterator[tuple[Rule, str, tuple[str, ...]]]:
+    """Every row of ``table`` with ``{i}`` filled in for each layer: ``(rule, ours, theirs)``."""
+    for rule in table:
+        layers = range(cfg.n_layers) if "{i}" in rule.ours else (None,)
+        for i in layers:
+            yield rule, rule.ours.format(i=i), tuple(t.format(i=i) for t in rule.theirs)
+
+
+def _convert_in(table: tuple[Rule, ...], theirs: Mapping[str, torch.Tensor], cfg: GPTConfig,
+                source: str) -> dict[str, torch.Tensor]:
+    """Foreign state dict → ours through ``table``; every missing, extra or misshapen key is reported."""
+    left = dict(theirs)
+    ours: dict[str, torch.Tensor] = {}
+    missing, shapes, nonzero = [], [], []
+    for rule, our_key, their_keys in _expand(table, cfg):
+        present = rule.present(cfg)
+        if not present and not rule.zeros_if_absent:
+            continue
+        parts = []
+        for key in their_keys:
+            if key not in left:
+                if present:
+                    missing.append(key)
+                continue
+            tensor = left.pop(key)
+            if tuple(tensor.shape) != rule.their_shape(cfg):
+                shapes.append(f"{key} (expected {rule.their_shape(cfg)}, found {tuple(tensor.shape)})")
+            parts.append(tensor)
+        if not present:  # stored over there, absent here: must be zeros to lose nothing
+            nonzero += [k for k, p in zip(their_keys, parts) if bool(p.any())]
+            continue
+        if len(parts) != len(their_keys) or any(tuple(p.shape) != rule.their_shape(cfg) for p in parts):
+            continue
+        tensor = parts[0].t() if rule.transpose else torch.cat(parts, dim=0)
+        ours[our_key] = tensor.contiguous()
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_short(missing)}")
+    if left:
+        problems.append(f"unexpected keys: {_short(sorted(left))}")
+    if shapes:
+        problems.append(f"shape mismatches: {_short(shapes, sep='; ')}")
+    if nonzero:
+        problems.append(f"non-zero values in {_short(nonzero, 4)}, for which this config has no parameter")
+    if problems:
+        raise CheckpointError(f"the weights in {source} do not fit the config "
+                              f"({_config_line(cfg)}):\n  - " + "\n  - ".join(problems))
+    return ours
+
+
+def _convert_out(table: tuple[Rule, ...], ours: Mapping[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our state dict → the foreign one through ``table`` (a tied head may be stored once or twice)."""
+    ours = dict(ours)
+    if cfg.tie_weights and "out_head.weight" not in ours and "tok_emb.weight" in ours:
+        ours["out_head.weight"] = ours["tok_emb.weight"]
+    theirs: dict[str, torch.Tensor] = {}
+    used = set()
+    dtype = ours["tok_emb.weight"].dtype if "tok_emb.weight" in ours else torch.float32
+    for rule, our_key, their_keys in _expand(table, cfg):
+        if not rule.present(cfg):
+            if rule.zeros_if_absent:
+                for key in their_keys:
+                    theirs[key] = torch.zeros(rule.their_shape(cfg), dtype=dtype)
+            continue
+        if our_key not in ours:
+            raise CheckpointError(f"our state dict lacks {our_key}, which the config ({_config_line(cfg)}) needs")
+        tensor = ours[our_key].detach().to("cpu")
+        used.add(our_key)
+        if tuple(tensor.shape) != rule.shape(cfg):
+            raise CheckpointError(f"{our_key} has shape {tuple(tensor.shape)}, the config needs {rule.shape(cfg)}")
+        pieces = [tensor.t()] if rule.transpose else torch.chunk(tensor, len(their_keys), dim=0)
+        for key, piece in zip(their_keys, pieces):
+            theirs[key] = piece.clone(memory_format=torch.contiguous_format)  # own storage, row-major
+    unused = sorted(set(ours) - used - {"out_head.weight"})
+    if unused:
+        raise CheckpointError(f"our state dict has keys the config does not explain: {', '.join(unused[:8])}")
+    return theirs
+
+
+def _config_line(cfg: GPTConfig) -> str:
+    return (f"vocab_size={cfg.vocab_size}, context_length={cfg.context_length}, emb_dim={cfg.emb_dim}, "
+            f"n_layers={cfg.n_layers}, qkv_bias={cfg.qkv_bias}, tie_weights={cfg.tie_weights}")
+
+
+def _state_dict_of(model_or_state: Union[nn.Module, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    if isinstance(model_or_state, nn.Module):
+        return dict(_unwrap(model_or_state).state_dict())
+    return dict(model_or_state)
+
+
+# =========================================================================== Hugging Face GPT-2
+
+# The activation GPT-2 uses: GELU with the tanh approximation, under either of its names.
+_HF_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def config_from_hf(hf: Mapping[str, Any], *, source: str = "the Hugging Face config") -> GPTConfig:
+    """A GPTConfig from a GPT-2 ``config.json`` dict; what our GPT cannot compute is refused by name.
+
+    ``reorder_and_upcast_attn`` is accepted: it changes only the order and precision of the
+    same arithmetic (the same function in float32).
+    """
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise CheckpointError(f"{source}: model_type is {hf['model_type']!r}; only 'gpt2' can be imported")
+    for name in ("vocab_size", "n_embd", "n_layer", "n_head"):
+        if name not in hf:
+            raise CheckpointError(f"{source} lacks the field {name!r}; is it a GPT-2 config?")
+    refusals = {
+        "scale_attn_by_inverse_layer_idx": (bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+                                            "per-layer attention scaling has no counterpart here"),
+        "add_cross_attention": (bool(hf.get("add_cross_attention", False)), "cross-attention is not part of our GPT"),
+        "activation_function": (hf.get("activation_function", "gelu_new") not in _HF_GELU_TANH,
+                                f"only the tanh GELU ({' or '.join(_HF_GELU_TANH)}) is implemented"),
+        "n_inner": (hf.get("n_inner") not in (None, 4 * hf["n_embd"]),
+                    f"the feed-forward width must be 4·n_embd = {4 * hf['n_embd']}"),
+    }
+    for name, (refused, why) in refusals.items():
+        if refused:
+            raise CheckpointError(f"{source}: {name}={hf.get(name)!r} cannot be imported: {why}")
+    try:
+        return GPTConfig(
+            vocab_size=hf["vocab_size"],
+            context_length=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            emb_dim=hf["n_embd"],
+            n_heads=hf["n_head"],
+            n_layers=hf["n_layer"],
+            drop_rate=float(hf.get("resid_pdrop", 0.1)),
+            qkv_bias=True,
+            bias=True,
+            tie_weights=bool(hf.get("tie_word_embeddings", True)),
+            pos_emb="learned",
+            scale_attn=bool(hf.get("scale_attn_weights", True)),
+            layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        )
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+
+
+def hf_config_from_ours(cfg: GPTConfig, eot_id: Optional[int] = None) -> dict[str, Any]:
+    """The GPT-2 ``config.json`` dict for ``cfg``; what GPT-2 cannot represent is refused by name.
+
+    ``eot_id`` (the tokenizer's end-of-text id) becomes ``bos_token_id``/``eos_token_id``;
+    by default GPT-2's 50256 where the vocabulary has it, else none.
+    """
+    if cfg.pos_emb != "learned":
+        raise CheckpointError(f"GPT-2 has only learned absolute positions; this model has pos_emb={cfg.pos_emb!r}")
+    if not cfg.bias:
+        raise CheckpointError("GPT-2 has biases in every linear layer and LayerNorm; this model has bias=False")
+    hf: dict[str, Any] = {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.context_length,
+        "n_ctx": cfg.context_length,
+        "n_embd": cfg.emb_dim,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": cfg.drop_rate,
+        "embd_pdrop": cfg.drop_rate,
+        "attn_pdrop": cfg.drop_rate,
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        "initializer_range": 0.02,
+        "scale_attn_weights": cfg.scale_attn,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": cfg.tie_weights,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+    if eot_id is None and cfg.vocab_size > 50256:
+        eot_id = 50256  # GPT-2's <|endoftext|>
+    hf["bos_token_id"] = hf["eos_token_id"] = eot_id if eot_id is not None and eot_id < cfg.vocab_size else None
+    return hf
+
+
+_HUB_BUFFER = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+
+
+def _normalize_hf_keys(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Either HF layout → the save_pretrained one: add ``transformer.``, drop the causal-mask buffers."""
+    out = {}
+    for key, tensor in sd.items():
+        if _HUB_BUFFER.match(key):
+            continue
+        if not key.startswith(("transformer.", "lm_head.")):
+            key = "transformer." + key
+        out[key] = tensor
+    return out
+
+
+def hf_to_ours(hf_state_dict: Mapping[str, torch.Tensor], cfg: GPTConfig, *,
+               source: str = "the Hugging Face state dict") -> dict[str, torch.Tensor]:
+    """A GPT-2 state dict (either layout) → ours, for the config ``cfg`` (see :func:`config_from_hf`)."""
+    sd = _normalize_hf_keys(hf_state_dict)
+    if cfg.tie_weights:
+        sd.pop("lm_head.weight", None)  # some files store the tied head anyway; the tie wins, as in transformers
+    return _convert_in(HF_TABLE, sd, cfg, source)
+
+
+def ours_to_hf(state_dict: Union[nn.Module, Mapping[str, torch.Tensor]], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our state dict (or model) → GPT-2's, in the save_pretrained layout; zero qkv biases if we have none."""
+    hf_config_from_ours(cfg)  # refuses what GPT-2 cannot represent
+    return _convert_out(HF_TABLE, _state_dict_of(state_dict), cfg)
+
+
+def read_hf_dir(directory: PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config dict, state dict)`` of a Hugging Face GPT-2 directory.
+
+    Weights come from ``model.safetensors``, a sharded ``model.safetensors.index.json``, or
+    ``pytorch_model.bin`` (read with ``weights_only=True``), in that order of preference.
+    """
+    directory = Path(directory)
+    _require_dir(directory, "Hugging Face model directory")
+    config_path = directory / "config.json"
+    _require_file(config_path, "a Hugging Face model directory needs its config.json (as save_pretrained writes it)")
+    hf_config = _read_json(config_path)
+    if (directory / "model.safetensors").is_file():
+        return hf_config, read_safetensors(directory / "model.safetensors")
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        sd: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            sd.update(read_safetensors(directory / shard))
+        return hf_config, sd
+    if (directory / "pytorch_model.bin").is_file():
+        sd = _torch_load(directory / "pytorch_model.bin", "a PyTorch state dict")
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{directory / 'pytorch_model.bin'} does not hold a state dict")
+        return hf_config, sd
+    raise CheckpointError(
+        f"{directory} has no weights: expected model.safetensors, model.safetensors.index.json "
+        "or pytorch_model.bin beside config.json"
+    )
+
+
+def load_hf_model(directory: PathLike) -> GPT:
+    """Our GPT with the weights of a Hugging Face GPT-2 directory."""
+    directory = Path(directory)
+    hf_config, hf_sd = read_hf_dir(directory)
+    cfg = config_from_hf(hf_config, source=str(directory / "config.json"))
+    model = GPT(cfg)
+    sd = hf_to_ours(hf_sd, cfg, source=str(directory))
+    model.load_state_dict(_with_tied_head(sd, cfg), strict=True)
+    return model.eval()
+
+
+def save_hf(model: nn.Module, out_dir: PathLike, eot_id: Optional[int] = None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` that ``GPT2LMHeadModel.from_pretrained`` loads."""
+    gpt = _unwrap(model)
+    hf_config = hf_config_from_ours(gpt.cfg, eot_id)
+    hf_sd = ours_to_hf(gpt, gpt.cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(out_dir / "model.safetensors", hf_sd)
+    _write_text(out_dir / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+
+
+def _with_tied_head(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    if cfg.tie_weights:
+        sd = {**sd, "out_head.weight": sd["tok_emb.weight"]}
+    return sd
+
+
+# =========================================================================== the book's GPTModel
+
+_BOOK_MASK = re.compile(r"^trf_blocks\.\d+\.att\.mask$")
+
+
+def book_config_dict(cfg: GPTConfig) -> dict[str, Any]:
+    """The book's config dict (``GPT_CONFIG_124M``'s keys) for ``cfg``; refuses what the book cannot compute."""
+    refusals = {
+        "pos_emb": (cfg.pos_emb != "learned", "the book's GPTModel has learned absolute positions only"),
+        "bias": (not cfg.bias, "the book's linear layers and LayerNorms always have biases"),
+        "scale_attn": (not cfg.scale_attn, "the book's attention always divides by √d_head"),
+        "layer_norm_eps": (cfg.layer_norm_eps != 1e-5, "the book's LayerNorm uses eps=1e-5"),
+    }
+    for name, (refused, why) in refusals.items():
+        if refused:
+            raise CheckpointError(f"cannot export to the book's format: {name}={getattr(cfg, name)!r} ({why})")
+    return {"vocab_size": cfg.vocab_size, "context_length": cfg.context_length, "emb_dim": cfg.emb_dim,
+            "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "drop_rate": cfg.drop_rate, "qkv_bias": cfg.qkv_bias}
+
+
+def book_to_ours(sd: Mapping[str, torch.Tensor], n_heads: int, drop_rate: float = 0.1, *,
+                 source: str = "the book's state dict") -> tuple[GPTConfig, dict[str, torch.Tensor]]:
+    """The book's ``GPTModel`` state dict → ``(GPTConfig, our state dict)``.
+
+    Sizes come from the tensors' shapes, ``qkv_bias`` from whether ``W_query.bias`` exists;
+    the head count is not in the weights and must be given.
+    """
+    for key in ("tok_emb.weight", "pos_emb.weight"):
+        if key not in sd or sd[key].dim() != 2:
+            raise CheckpointError(f"{source} has no 2-D {key}: it is not a state dict of the book's GPTModel")
+    vocab, dim = sd["tok_emb.weight"].shape
+    layers = {int(m.group(1)) for k in sd if (m := re.match(r"trf_blocks\.(\d+)\.", k))}
+    if not isinstance(n_heads, int) or n_heads < 1 or dim % n_heads:
+        raise CheckpointError(
+            f"n_heads={n_heads!r} does not divide the embedding size emb_dim={dim} of {source}; "
+            "give a head count that divides it (--heads N) or the preset the weights were trained with"
+        )
+    try:
+        cfg = GPTConfig(vocab_size=vocab, context_length=sd["pos_emb.weight"].shape[0], emb_dim=dim,
+                        n_heads=n_heads, n_layers=max(layers) + 1 if layers else 0, drop_rate=drop_rate,
+                        qkv_bias="trf_blocks.0.att.W_query.bias" in sd, bias=True, tie_weights=False,
+                        pos_emb="learned", scale_attn=True, layer_norm_eps=1e-5)
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: {err}") from err
+    weights = {k: v for k, v in sd.items() if not _BOOK_MASK.match(k)}
+    return cfg, _convert_in(BOOK_TABLE, weights, cfg, source)
+
+
+def ours_to_book(model_or_state: Union[nn.Module, Mapping[str, torch.Tensor]],
+                 cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """Our weights → a state dict the book's ``GPTModel(book_config_dict(cfg))`` loads strictly.
+
+    The causal-mask buffers are included; a tied head is written out as its own copy.
+    """
+    book_config_dict(cfg)  # refuses what the book cannot represent
+    sd = _convert_out(BOOK_TABLE, _state_dict_of(model_or_state), cfg)
+    mask = torch.triu(torch.ones(cfg.context_length, cfg.context_length), diagonal=1)
+    for i in range(cfg.n_layers):
+        sd[f"trf_blocks.{i}.att.mask"] = mask.clone()
+    return sd
+
+
+def read_book_file(path: PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in a book checkpoint: ``torch.save(model.state_dict())``, or a dict with
+    ``"model_state_dict"`` (the book's training checkpoints), or a ``.safetensors`` file."""
+    path = Path(path)
+    _require_file(path, "give the path of a torch.save(model.state_dict()) file of the book's GPTModel")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    obj = _torch_load(path, "the book's state dict")
+    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+        obj = obj["model_state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors)")
+    return obj
+
+
+# =========================================================================== import / export
+
+GPT2_HUB_MODELS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+_HUB_FILES = ["config.json", "model.safetensors", "vocab.json", "merges.txt"]
+_TRUE = ("1", "true", "yes", "on")
+
+
+def download_gpt2(name: str) -> Path:
+    """The local directory of OpenAI's GPT-2 ``name`` from the Hugging Face hub (or its cache)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
+    how = (f"download it where the network is reachable (huggingface-cli download {GPT2_HUB_MODELS[name]} "
+           f"{' '.join(_HUB_FILES)} --local-dir DIR), then run `llmscratch import DIR RUN_DIR`; "
+           "any directory with config.json and model.safetensors (or pytorch_model.bin) works")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(GPT2_HUB_MODELS[name], allow_patterns=_HUB_FILES, local_files_only=offline))
+    except ImportError as err:
+        raise CheckpointError(f"downloading {name} needs huggingface_hub (pip install huggingface_hub); "
+                              f"or {how}") from err
+    except Exception as err:  # offline, DNS, HTTP, missing cache: all end here
+        state = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"could not download {name} from the Hugging Face hub ({state}); {how}") from err
+
+
+def _gpt2_bpe_tokenizer(tokenizer_dir: Optional[PathLike]) -> Any:
+    """GPT-2's BPE for a model that came without a tokenizer (the book's format).
+
+    Read from ``tokenizer_dir`` when given (it must hold the files), else from
+    ``$LLMSCRATCH_GPT2_DIR`` or tiktoken's cache (see ``tokenizer.find_gpt2_files``).
+    """
+    from .tokenizer import GPT2Tokenizer, load_tokenizer
+
+    if tokenizer_dir is not None:
+        _require_dir(Path(tokenizer_dir), "tokenizer directory")
+        return load_tokenizer(tokenizer_dir)
+    return GPT2Tokenizer.find()
+
+
+def _check_tokenizer_fits(tokenizer: Any, cfg: GPTConfig, where: str) -> None:
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer from {where} has {tokenizer.vocab_size} tokens but the model only "
+            f"{cfg.vocab_size} (vocab_size): they do not belong together; give the model's own tokenizer"
+        )
+
+
+def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file; give a directory for the run")
+    taken = [n for n in (CONFIG_FILE, WEIGHTS_FILE, TRAINING_STATE_FILE) if (run_dir / n).exists()]
+    if taken and not overwrite:
+        raise CheckpointError(
+            f"{run_dir} already holds a run ({', '.join(taken)}); choose another directory, "
+            "delete it, or pass overwrite=True (--force)"
+        )
+
+
+def import_checkpoint(
+    source: PathLike,
+    run_dir: PathLike,
+    *,
+    heads: Optional[int] = None,
+    preset: Optional[str] = None,
+    tokenizer_dir: Optional[PathLike] = None,
+    no_tokenizer: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+) -> tuple[GPT, Any]:
+    """Turn ``source`` into a run directory and return ``(model, tokenizer or None)``.
+
+    ``source`` is a Hugging Face GPT-2 directory, a book state-dict file (``.pt``/``.pth``/
+    ``.bin``/``.safetensors``), or one of :data:`GPT2_HUB_MODELS` (downloaded). The run gets
+    a tokenizer: the directory's own (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``),
+    or for the book's format GPT-2's BPE (from ``tokenizer_dir``, ``$LLMSCRATCH_GPT2_DIR`` or
+    tiktoken's cache). A missing tokenizer is an error, found before anything is written,
+    unless ``no_tokenizer``: a run without one can be inspected but not prompted with text.
+    """
+    run_dir = Path(run_dir)
+    _prepare_run_dir(run_dir, overwrite)
+    path = Path(source)
+    if not path.exists() and str(source) in GPT2_HUB_MODELS:
+        log(f"downloading {GPT2_HUB_MODELS[str(source)]} from the Hugging Face hub (or its cache)")
+        path = download_gpt2(str(source))
+
+    tokenizer = None
+    if path.is_dir():
+        model = load_hf_model(path)
+        log(f"read the Hugging Face GPT-2 directory {path}")
+        if not no_tokenizer:
+            from .tokenizer import load_tokenizer
+
+            try:
+                tokenizer = load_tokenizer(path)
+            except LLMScratchError as err:
+                raise CheckpointError(
+                    f"{path} has no usable tokenizer ({err}); copy its vocab.json + merges.txt (or "
+                    "tokenizer.json) there, or import without a tokenizer (--no-tokenizer)"
+                ) from err
+            _check_tokenizer_fits(tokenizer, model.cfg, str(path))
+    elif path.is_file():
+        if heads is None and preset is None:
+            raise CheckpointError(
+                f"{path}: the book's format does not record the number of attention heads; give --heads N "
+                "or --preset NAME (the book's GPT-2 sizes: gpt2-124m = 12 heads, gpt2-medium = 16, "
+                "gpt2-large = 20, gpt2-xl = 25)"
+            )
+        sd = read_book_file(path)
+        drop_rate = 0.1
+        if preset is not None:
+            try:
+                base = GPTConfig.from_preset(preset)
+            except ConfigError as err:
+                raise CheckpointError(str(err)) from err
+            heads = heads if heads is not None else base.n_heads
+            drop_rate = base.drop_rate
+        cfg, ours = book_to_ours(sd, heads, drop_rate, source=str(path))
+        if preset is not None:
+            differ = [f"{f}: preset {preset} has {getattr(base, f)}, the weights have {getattr(cfg, f)}"
+                      for f in ("emb_dim", "n_layers") if getattr(base, f) != getattr(cfg, f)]
+            if differ:
+                raise CheckpointError(f"{path} was not trained with preset {preset}: " + "; ".join(differ))
+        model = GPT(cfg)
+        model.load_state_dict(ours, strict=True)
+        model.eval()
+        log(f"read the book's GPTModel state dict {path}")
+        if not no_tokenizer:
+            try:
+                tokenizer = _gpt2_bpe_tokenizer(tokenizer_dir)
+            except LLMScratchError as err:
+                raise CheckpointError(
+                    f"the book's format carries no tokenizer and GPT-2's BPE is not available here ({err}); "
+                    "put GPT-2's encoder.json + vocab.bpe (or vocab.json + merges.txt) in a directory and pass "
+                    "--tokenizer-dir DIR (or set LLMSCRATCH_GPT2_DIR), or import without one (--no-tokenizer)"
+                ) from err
+            _check_tokenizer_fits(tokenizer, model.cfg, str(tokenizer_dir or "GPT-2's files"))
+    else:
+        raise CheckpointError(
+            f"{source} is neither a Hugging Face directory, a book state-dict file, nor one of "
+            f"{', '.join(GPT2_HUB_MODELS)}; check the path"
+        )
+
+    save_run(run_dir, model, tokenizer)
+    log(f"wrote {run_dir}: " + describe(model) + ("" if tokenizer is not None else "; no tokenizer"))
+    return model, tokenizer
+
+
+# Tokenizer files a GPT-2 export carries, and their names on the Hugging Face side
+# (OpenAI's encoder.json / vocab.bpe are the same files as vocab.json / merges.txt).
+_HF_TOKENIZER_FILES = {"vocab.json": "vocab.json", "merges.txt": "merges.txt", "tokenizer.json": "tokenizer.json",
+                       "encoder.json": "vocab.json", "vocab.bpe": "merges.txt"}
+
+
+def _saved_eot_id(run_dir: Path) -> Optional[int]:
+    """The end-of-text id the run's tokenizer recorded in ``tokenizer_config.json``, if any."""
+    try:
+        value = json.loads((run_dir / "tokenizer_config.json").read_text(encoding="utf-8")).get("eot_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
+                      log: Callable[[str], None] = lambda message: None) -> Path:
+    """Write the run's model as ``fmt``: ``"hf"`` (a directory for ``GPT2LMHeadModel.from_pretrained``,
+    with the run's GPT-2 tokenizer files) or ``"book"`` (a ``torch.save`` state dict for the
+    book's ``GPTModel``). Returns the path written."""
+    if fmt not in ("hf", "book"):
+        raise CheckpointError(f"unknown export format {fmt!r}; choose 'hf' or 'book'")
+    run_dir, out = Path(run_dir), Path(out)
+    model = load_model(run_dir)
+    if fmt == "hf":
+        if out.exists() and not out.is_dir():
+            raise CheckpointError(f"{out} is a file; the Hugging Face format is a directory")
+        save_hf(model, out, eot_id=_saved_eot_id(run_dir))
+        copied = []
+        for name, hf_name in _HF_TOKENIZER_FILES.items():
+            if (run_dir / name).is_file() and not (out / hf_name).exists():
+                shutil.copyfile(run_dir / name, out / hf_name)
+                copied.append(hf_name)
+        log(f"wrote {out} for transformers.GPT2LMHeadModel.from_pretrained: {describe(model)}"
+            + (f"; tokenizer files {', '.join(copied)}" if copied else "; no GPT-2 tokenizer files in the run"))
+    else:
+        book_cfg = book_config_dict(model.cfg)
+        if out.is_dir():
+            raise CheckpointError(f"{out} is a directory; the book's format is one file (e.g. model.pth)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_torch(out, ours_to_book(model, model.cfg))
+        log(f"wrote {out}: {describe(model)}\nload it with: model = GPTModel({book_cfg}); "
+            f"model.load_state_dict(torch.load({str(out)!r}, weights_only=True))")
+    return out

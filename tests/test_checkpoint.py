@@ -1,0 +1,490 @@
+"""The run directory: exact round trips, atomic writes, clear errors on bad files; import/export
+tokenizers and the ``llmscratch import`` / ``export`` commands.
+
+Everything is built here: tiny random models, tiny GPT-2-style tokenizer files, broken
+files (truncated by half, bytes flipped in the header, garbage). No network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmscratch import checkpoint
+from llmscratch.checkpoint import (
+    CONFIG_FILE,
+    TRAINING_STATE_FILE,
+    WEIGHTS_FILE,
+    export_checkpoint,
+    import_checkpoint,
+    load_config,
+    load_model,
+    load_run,
+    load_training_state,
+    save_model,
+    save_run,
+    save_training_state,
+)
+from llmscratch.errors import CheckpointError
+from llmscratch.model import GPT, GPTConfig
+from llmscratch.positions import POSITION_KINDS
+
+
+def tiny(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    cfg = GPTConfig.from_preset("test", **{"vocab_size": 64, "emb_dim": 16, "n_heads": 2, **overrides})
+    return GPT(cfg).eval()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable spelling of the 256 bytes (as in OpenAI's encoder.py)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def write_tiny_gpt2_files(directory: Path, names=("vocab.json", "merges.txt")) -> int:
+    """A GPT-2-style byte-level BPE: 256 bytes, three merges, <|endoftext|>; returns its size."""
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (directory / names[0]).write_text(json.dumps(vocab), encoding="utf-8")
+    (directory / names[1]).write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    return len(vocab)
+
+
+def tiny_hf_dir(directory: Path, vocab: int = 300, tied: bool = True) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_positions=16, n_embd=12, n_head=3, n_layer=2, tie_word_embeddings=tied,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    return directory
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_save_load_round_trip_is_exact(tmp_path, pos_emb, tied):
+    model = tiny(pos_emb=pos_emb, tie_weights=tied, qkv_bias=pos_emb == "rope", bias=pos_emb != "alibi")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    save_model(tmp_path, model)
+    assert sorted(os.listdir(tmp_path)) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert json.loads((tmp_path / CONFIG_FILE).read_text()) == model.cfg.to_dict()
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tmp_path / WEIGHTS_FILE))
+    assert ("out_head.weight" in stored) == (not tied)  # a tied head is stored once
+
+    loaded = load_model(tmp_path)
+    assert loaded.cfg == model.cfg and load_config(tmp_path) == model.cfg
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    assert (loaded.out_head.weight is loaded.tok_emb.weight) == tied
+    idx = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_load_model_overrides_runtime_fields_only(tmp_path):
+    save_model(tmp_path, tiny(drop_rate=0.1))
+    model = load_model(tmp_path, attn_backend="explicit", drop_rate=0.0)
+    assert model.cfg.attn_backend == "explicit" and model.cfg.drop_rate == 0.0 and not model.training
+    with pytest.raises(CheckpointError, match=r"cannot override \['emb_dim'\]"):
+        load_model(tmp_path, emb_dim=32)
+
+
+def test_save_model_unwraps_compiled_and_wrapped_models(tmp_path):
+    model = tiny()
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # the shape of DistributedDataParallel
+    save_model(tmp_path, wrapper)
+    assert torch.equal(load_model(tmp_path).tok_emb.weight, model.tok_emb.weight)
+
+
+def test_training_state_round_trip(tmp_path):
+    model = tiny().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))).backward()
+    optimizer.step()
+    generator = torch.Generator().manual_seed(7)
+    state = {"step": 12, "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state(),
+             "data": generator.get_state()}, "best_val": 3.25, "note": None, "tokens_seen": [1, 2]}
+    assert load_training_state(tmp_path) is None
+    save_training_state(tmp_path, state)
+    back = load_training_state(tmp_path)
+    assert back["step"] == 12 and back["best_val"] == 3.25 and back["tokens_seen"] == [1, 2]
+    assert torch.equal(back["rng"]["data"], generator.get_state())
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(back["optimizer"])
+    for a, b in zip(fresh.state_dict()["state"].values(), optimizer.state_dict()["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"])
+
+
+def test_training_state_refuses_what_weights_only_cannot_load(tmp_path):
+    np = pytest.importorskip("numpy")
+    with pytest.raises(CheckpointError, match=r"training_state\['rng'\]\['numpy'\] is a numpy.ndarray"):
+        save_training_state(tmp_path, {"rng": {"numpy": np.zeros(3)}})
+    assert not (tmp_path / TRAINING_STATE_FILE).exists()
+
+
+def test_save_run_and_load_run(tmp_path):
+    from llmscratch.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text("hello world")
+    model = tiny(vocab_size=tokenizer.vocab_size)
+    save_run(tmp_path / "run", model, tokenizer, {"step": 3})
+    loaded, tok, state = load_run(tmp_path / "run")
+    assert torch.equal(loaded.tok_emb.weight, model.tok_emb.weight)
+    assert tok.encode("hello") == tokenizer.encode("hello") and state == {"step": 3}
+    save_model(tmp_path / "bare", model)
+    assert load_run(tmp_path / "bare")[1:] == (None, None)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize("where", ["os.replace", "the writer"])
+def test_a_crash_while_saving_keeps_the_previous_files(tmp_path, monkeypatch, where):
+    save_model(tmp_path, tiny(seed=1))
+    save_training_state(tmp_path, {"step": 1})
+    before = _snapshot(tmp_path)
+
+    if where == "os.replace":
+        def crash(*args, **kwargs):
+            raise OSError("simulated crash before the rename")
+        monkeypatch.setattr(checkpoint.os, "replace", crash)
+    else:
+        from safetensors import torch as st
+
+        real = st.save_file
+
+        def crash(tensors, filename, metadata=None):  # half a file, then the crash
+            real(tensors, filename, metadata=metadata)
+            with open(filename, "r+b") as f:
+                f.truncate(os.path.getsize(filename) // 2)
+            raise OSError("simulated crash mid-write")
+        monkeypatch.setattr(st, "save_file", crash)
+        monkeypatch.setattr(torch, "save", lambda *a, **k: crash({}, a[1]))
+
+    with pytest.raises(OSError, match="simulated crash"):
+        save_model(tmp_path, tiny(seed=2))
+    with pytest.raises(OSError, match="simulated crash"):
+        save_training_state(tmp_path, {"step": 2})
+    assert _snapshot(tmp_path) == before  # same files, same bytes, no temporary file left behind
+    monkeypatch.undo()
+    assert torch.equal(load_model(tmp_path).tok_emb.weight, tiny(seed=1).tok_emb.weight)
+    assert load_training_state(tmp_path) == {"step": 1}
+
+
+# --------------------------------------------------------------------------- bad run directories
+
+
+def test_missing_directory_and_files(tmp_path):
+    with pytest.raises(CheckpointError, match=f"run directory {tmp_path / 'nope'} does not exist"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=r"config.json is missing.*llmscratch import"):
+        load_model(tmp_path)
+    save_model(tmp_path, tiny())
+    (tmp_path / WEIGHTS_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"model.safetensors is missing"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", r"config.json is not valid JSON \(line 1, column 2"),
+    ("[1, 2]", r"config.json must hold a JSON object"),
+    ('{"emb_dim": -4}', r"config.json has a bad field: GPTConfig.emb_dim must be a positive integer"),
+    ('{"n_embd": 8}', r"config.json has a bad field: unknown GPTConfig field\(s\) \['n_embd'\]"),
+    ('{"emb_dim": 30, "n_heads": 4}', r"has a bad field: .*emb_dim \(30\) must be divisible by n_heads \(4\)"),
+])
+def test_bad_config_json(tmp_path, text, message):
+    save_model(tmp_path, tiny())
+    (tmp_path / CONFIG_FILE).write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(tmp_path)
+
+
+def test_weights_that_do_not_match_the_config_name_every_field(tmp_path):
+    save_model(tmp_path, tiny(qkv_bias=True, tie_weights=False))
+    wrong = {**tiny().cfg.to_dict(), "vocab_size": 80, "emb_dim": 32, "n_layers": 3, "qkv_bias": False,
+             "tie_weights": True, "pos_emb": "rope", "bias": False}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(wrong))
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path)
+    message = str(err.value)
+    assert f"{tmp_path / WEIGHTS_FILE} does not match {tmp_path / CONFIG_FILE}" in message
+    for line in [
+        "vocab_size: the config says 80 but the weights say 64 (tok_emb.weight has 64 rows)",
+        "emb_dim: the config says 32 but the weights say 16",
+        "n_layers: the config says 3 but the weights say 2",
+        "pos_emb: the config says 'rope' but the weights say 'learned' (pos_emb.weight is present)",
+        "qkv_bias: the config says False but the weights say True",
+        "bias: the config says False but the weights say True",
+        "tie_weights: the config says True but the weights say False (out_head.weight is stored separately)",
+        "missing keys: blocks.2.",
+        "unexpected keys: ",
+        "shape mismatches: ",
+    ]:
+        assert line in message, line
+
+
+def test_context_length_mismatch_of_learned_positions(tmp_path):
+    save_model(tmp_path, tiny())
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    config["context_length"] = 64
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="context_length: the config says 64 but the weights say 32"):
+        load_model(tmp_path)
+    # Positions that are not learned leave no trace of the context length: any is fine.
+    save_model(tmp_path, tiny(pos_emb="rope"))
+    assert load_model(tmp_path, context_length=128).cfg.context_length == 128
+
+
+def _flip_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(10, 40):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _huge_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:8] = (2**40).to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+
+
+def _header_pointing_past_the_end(path: Path) -> None:
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + header_len])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["data_offsets"][1] += 10_000
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + data[8 + header_len:])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncate_half, "truncated or corrupted"),
+    (_flip_header, "not a readable safetensors file"),
+    (_huge_header, "its header claims 1099511627776 bytes"),
+    (_header_pointing_past_the_end, "not a readable safetensors file"),
+    (lambda p: p.write_bytes(b"garbage" * 50), "truncated or corrupted"),
+    (lambda p: p.write_bytes(b"abc"), "too short to be a safetensors file"),
+    (lambda p: p.write_bytes(b""), "too short to be a safetensors file"),
+])
+def test_corrupted_weights_raise_a_clear_error(tmp_path, damage, message):
+    save_model(tmp_path, tiny())
+    damage(tmp_path / WEIGHTS_FILE)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_model(tmp_path)
+    assert str(tmp_path / WEIGHTS_FILE) in str(err.value)
+
+
+@pytest.mark.parametrize("damage", [_truncate_half, lambda p: p.write_bytes(b"\x80\x04garbage" * 20),
+                                    lambda p: p.write_bytes(b""), _flip_header])
+def test_corrupted_training_state_raises_a_clear_error(tmp_path, damage):
+    save_training_state(tmp_path, {"step": 5, "weights": torch.randn(1000)})
+    damage(tmp_path / TRAINING_STATE_FILE)
+    with pytest.raises(CheckpointError, match="training_state.pt could not be read as a training state"):
+        load_training_state(tmp_path)
+
+
+def test_training_state_that_is_not_a_dict(tmp_path):
+    torch.save([1, 2], tmp_path / TRAINING_STATE_FILE)
+    with pytest.raises(CheckpointError, match="must hold a dict, got list"):
+        load_training_state(tmp_path)
+
+
+def test_pickled_objects_are_refused_in_training_state(tmp_path):
+    torch.save({"step": 1, "path": Path("x")}, tmp_path / TRAINING_STATE_FILE)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_training_state(tmp_path)
+
+
+# --------------------------------------------------------------------------- import: tokenizers
+
+
+def test_hf_import_carries_the_directory_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    vocab = write_tiny_gpt2_files(tmp_path / "hf")
+    tiny_hf_dir(tmp_path / "hf", vocab=vocab)
+    model, tokenizer = import_checkpoint(tmp_path / "hf", tmp_path / "run")
+    assert tokenizer is not None and tokenizer.vocab_size == vocab
+    _, reloaded, _ = load_run(tmp_path / "run")
+    text = "the theory <|endoftext|> ok"
+    assert reloaded.encode(text) == tokenizer.encode(text) and reloaded.decode(tokenizer.encode(text)) == text
+    assert tokenizer.encode(" the") == [258] and tokenizer.eot_id == 259  # Ġt + he: the last merge
+
+
+def test_hf_import_without_tokenizer_files(tmp_path):
+    pytest.importorskip("transformers")
+    tiny_hf_dir(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=r"has no usable tokenizer.*--no-tokenizer"):
+        import_checkpoint(tmp_path / "hf", tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written before the tokenizer was found
+    model, tokenizer = import_checkpoint(tmp_path / "hf", tmp_path / "run", no_tokenizer=True)
+    assert tokenizer is None and not checkpoint.has_tokenizer_files(tmp_path / "run")
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    pytest.importorskip("transformers")
+    write_tiny_gpt2_files(tmp_path / "hf")
+    tiny_hf_dir(tmp_path / "hf", vocab=100)
+    with pytest.raises(CheckpointError, match="has 260 tokens but the model only 100"):
+        import_checkpoint(tmp_path / "hf", tmp_path / "run")
+
+
+@pytest.fixture
+def no_gpt2_files(tmp_path, monkeypatch):
+    """No GPT-2 tokenizer anywhere: empty tiktoken cache, no $LLMSCRATCH_GPT2_DIR."""
+    monkeypatch.delenv("LLMSCRATCH_GPT2_DIR", raising=False)
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+
+
+def _book_file(path: Path, vocab: int = 260) -> Path:
+    from llmscratch.checkpoint import ours_to_book
+
+    model = tiny(vocab_size=vocab)
+    torch.save(ours_to_book(model, model.cfg), path)
+    return path
+
+
+def test_book_import_gets_gpt2_bpe(tmp_path, no_gpt2_files, monkeypatch):
+    source = _book_file(tmp_path / "model.pth")
+    write_tiny_gpt2_files(tmp_path / "openai", names=("encoder.json", "vocab.bpe"))
+    _, tokenizer = import_checkpoint(source, tmp_path / "run1", heads=2, tokenizer_dir=tmp_path / "openai")
+    assert tokenizer.encode(" the") == [258]
+    assert load_run(tmp_path / "run1")[1].encode(" the the") == [258, 258]
+
+    monkeypatch.setenv("LLMSCRATCH_GPT2_DIR", str(tmp_path / "openai"))
+    _, tokenizer = import_checkpoint(source, tmp_path / "run2", heads=2)
+    assert tokenizer.vocab_size == 260
+
+
+def test_book_import_without_gpt2_files_says_where_to_put_them(tmp_path, no_gpt2_files):
+    source = _book_file(tmp_path / "model.pth")
+    with pytest.raises(CheckpointError) as err:
+        import_checkpoint(source, tmp_path / "run", heads=2)
+    for part in ("the book's format carries no tokenizer", "--tokenizer-dir DIR", "LLMSCRATCH_GPT2_DIR",
+                 "--no-tokenizer", "empty-cache"):
+        assert part in str(err.value), part
+    assert not (tmp_path / "run").exists()
+    model, tokenizer = import_checkpoint(source, tmp_path / "run", heads=2, no_tokenizer=True)
+    assert tokenizer is None and (tmp_path / "run" / WEIGHTS_FILE).exists()
+
+
+def test_import_does_not_overwrite_a_run(tmp_path):
+    source = _book_file(tmp_path / "model.pth")
+    save_model(tmp_path / "run", tiny(seed=9))
+    with pytest.raises(CheckpointError, match=r"already holds a run \(config.json, model.safetensors\)"):
+        import_checkpoint(source, tmp_path / "run", heads=2, no_tokenizer=True)
+    model, _ = import_checkpoint(source, tmp_path / "run", heads=2, no_tokenizer=True, overwrite=True)
+    assert torch.equal(load_model(tmp_path / "run").tok_emb.weight, model.tok_emb.weight)
+
+
+def test_unknown_source(tmp_path):
+    with pytest.raises(CheckpointError, match="neither a Hugging Face directory, a book state-dict file"):
+        import_checkpoint(tmp_path / "missing.pth", tmp_path / "run")
+
+
+def test_hf_export_carries_gpt2_tokenizer_files(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    write_tiny_gpt2_files(tmp_path / "openai", names=("encoder.json", "vocab.bpe"))
+    source = _book_file(tmp_path / "model.pth")
+    import_checkpoint(source, tmp_path / "run", heads=2, tokenizer_dir=tmp_path / "openai")
+    export_checkpoint(tmp_path / "run", tmp_path / "hf", "hf")
+    assert (tmp_path / "hf" / "vocab.json").read_bytes() == (tmp_path / "openai" / "encoder.json").read_bytes()
+    assert (tmp_path / "hf" / "merges.txt").read_bytes() == (tmp_path / "openai" / "vocab.bpe").read_bytes()
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode(" the the") == [258, 258]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == config["bos_token_id"] == 259  # the tokenizer's <|endoftext|>
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmscratch", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
+
+
+def test_cli_import_and_export(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import GPT2LMHeadModel
+
+    ch04 = pytest.importorskip("llms_from_scratch.ch04")
+    vocab = write_tiny_gpt2_files(tmp_path / "hf")
+    tiny_hf_dir(tmp_path / "hf", vocab=vocab, tied=False)
+
+    done = _cli("import", str(tmp_path / "hf"), str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    assert "parameters; vocab 260, context 16, 12 dims, 3 heads, 2 layers" in done.stdout
+    assert "tokenizer" not in done.stdout.splitlines()[-1]  # "no tokenizer" would be said there
+    assert (tmp_path / "run" / "tokenizer_config.json").exists()
+
+    done = _cli("export", str(tmp_path / "run"), str(tmp_path / "out"), "--format", "hf")
+    assert done.returncode == 0, done.stderr
+    ours, ref = load_model(tmp_path / "run"), GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    idx = torch.randint(0, vocab, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), ref(idx).logits, atol=1e-4, rtol=1e-4)
+
+    done = _cli("export", str(tmp_path / "run"), str(tmp_path / "book.pth"), "--format", "book")
+    assert done.returncode == 0, done.stderr
+    assert "GPTModel({'vocab_size': 260" in done.stdout
+    book = ch04.GPTModel(checkpoint.book_config_dict(ours.cfg)).eval()
+    book.load_state_dict(torch.load(tmp_path / "book.pth", weights_only=True), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(book(idx), ours(idx), atol=1e-5, rtol=1e-5)
+
+    done = _cli("import", str(tmp_path / "book.pth"), str(tmp_path / "run2"), "--no-tokenizer")
+    assert done.returncode == 2 and "--heads N" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_import_gpt2_offline_says_how_to_use_a_local_directory(tmp_path):
+    done = _cli("import", "gpt2", str(tmp_path / "run"), cwd=tmp_path,
+                env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")})
+    assert done.returncode == 2
+    assert "could not download gpt2 from the Hugging Face hub" in done.stderr
+    assert "llmscratch import DIR RUN_DIR" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_help():
+    for name in ("import", "export"):
+        done = _cli(name, "--help")
+        assert done.returncode == 0 and "usage: llmscratch " + name in done.stdout
