@@ -170,7 +170,9 @@ def attend(
     # The explicit path, written out line by line.
     scores = (q @ k.transpose(-2, -1)) * factor  # (B, H, Tq, Tk)
     if attn_bias is not None:
-        scores = scores + attn_bias
+        # In float32: a large bias (ALiBi over long distances) added in bf16 loses the scores.
+        wide = torch.promote_types(scores.dtype, torch.float32)
+        scores = scores.to(wide) + attn_bias.to(wide)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     if dead_rows is not None:
@@ -180,7 +182,7 @@ def attend(
         weights = weights.masked_fill(dead_rows, 0.0)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p, training=True)
-    context = weights @ v  # (B, H, Tq, d)
+    context = weights.to(v.dtype) @ v  # (B, H, Tq, d)
     return context, (weights if need_weights else None)
 
 
