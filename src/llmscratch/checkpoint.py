@@ -117,6 +117,18 @@ def _write_torch(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """Write a text file so that a crash leaves either the old file or the new one, never half."""
+    _write_text(Path(path), text)
+
+
+def read_text(path: PathLike) -> str:
+    """Read a UTF-8 text file of a run directory, with a clear error if it is missing."""
+    path = Path(path)
+    _require_file(path, "is this a run directory written by `llmscratch train`?")
+    return path.read_text(encoding="utf-8")
+
+
 # =========================================================================== safe reads
 
 
@@ -1067,3 +1079,13 @@ def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
         log(f"wrote {out}: {describe(model)}\nload it with: model = GPTModel({book_cfg}); "
             f"model.load_state_dict(torch.load({str(out)!r}, weights_only=True))")
     return out
+
+
+def load_pretrained(source: PathLike, device: Union[str, torch.device] = "cpu") -> GPT:
+    """Weights to start a new run from: one of our run directories or a Hugging Face GPT-2 directory."""
+    source = Path(source)
+    _require_dir(source, "--init-from directory")
+    config = _read_json(source / "config.json") if (source / "config.json").is_file() else {}
+    if config.get("model_type") == "gpt2":
+        return load_hf_model(source).to(device)
+    return load_model(source, device=device)

@@ -8,6 +8,7 @@ Imports of heavy modules happen inside ``_run_*`` so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -58,6 +59,248 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-scale", action="store_true", help="leave out the 1/sqrt(d_k) scaling of the scores")
     p.add_argument("--max-values", type=int, default=144, metavar="N",
                    help="print a tensor's values when it has at most N elements; 0 prints shapes only (default 144)")
+
+
+# --------------------------------------------------------------------------- train
+
+_MODEL_OPTIONS = {  # command-line option → GPTConfig field
+    "n_layers": "n_layers", "n_heads": "n_heads", "emb_dim": "emb_dim",
+    "context_length": "context_length", "pos_emb": "pos_emb", "dropout": "drop_rate",
+    "attn_backend": "attn_backend",
+}
+_TRAIN_OPTIONS = (
+    "data", "encoding", "val_fraction", "tokenizer", "vocab_size", "preset", "steps", "batch_size",
+    "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
+    "eval_windows", "log_interval", "checkpoint_interval", "sample_tokens", "sample_prompt", "device",
+    "precision", "compile", "seed", "time_budget", "stop_at", "out_dir", "name", "resume", "init_from",
+)
+
+
+def load_config_file(path: str) -> dict:
+    """Read training options from a YAML or JSON file (keys as in TrainConfig; ``model:`` for GPTConfig)."""
+    import json
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as err:
+        raise ConfigError(f"config file {path} could not be parsed: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """Merge defaults, the ``--config`` file and the command line (which wins)."""
+    from .train import TrainConfig
+
+    values: dict = load_config_file(args.config) if args.config else {}
+    model = dict(values.pop("model", {}) or {})
+    for name in _TRAIN_OPTIONS:
+        v = getattr(args, name, None)
+        if v is not None:
+            values[name] = v
+    for opt, fld in _MODEL_OPTIONS.items():
+        v = getattr(args, opt, None)
+        if v is not None:
+            model[fld] = v
+    if args.no_scale_attn:
+        model["scale_attn"] = False
+    if args.no_progress:
+        values["progress"] = False
+    if model:
+        values["model"] = model
+    return TrainConfig.from_dict(values)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from .distributed import launch_torchrun
+
+        return launch_torchrun(args.nproc, sys.argv[1:])
+    from .checkpoint import load_run
+    from .generate import SamplingConfig, generate
+    from .train import train
+
+    cfg = train_config_from_args(args)
+    run_dir = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0 and cfg.sample_tokens > 0:
+        model, tokenizer, _ = load_run(run_dir)
+        prompt = tokenizer.encode(cfg.sample_prompt)
+        new = generate(model, [prompt], SamplingConfig(max_new_tokens=120, temperature=0.8, top_k=50, seed=cfg.seed))[0]
+        print("\n--- generated text ---")
+        print(cfg.sample_prompt + tokenizer.decode(new))
+        print("----------------------")
+        print(f"saved in {run_dir}  (generate more: llmscratch generate {run_dir} --prompt \"...\")")
+    return 0
+
+
+@command("train")
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a GPT on a corpus (default: the built-in King James Bible)",
+        description="Train a GPT. With no arguments: the built-in corpus, a 4096-token BPE and the `cpu` "
+        "preset, sized to finish in about 4.5 minutes on a 2-core CPU. The run is saved in "
+        "runs/<name>, with runs/latest pointing at the newest.",
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="a text file, a folder of .txt files or a glob (default: built-in corpus)")
+    g.add_argument("--encoding", help="text encoding of the corpus files (default utf-8)")
+    g.add_argument("--val-fraction", type=float, help="fraction of the corpus tail held out for validation (default 0.1)")
+    g.add_argument("--tokenizer", choices=["char", "bpe", "gpt2"], help="tokenizer kind (default bpe)")
+    g.add_argument("--vocab-size", type=int, help="vocabulary size of a trained BPE tokenizer (default 4096)")
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", help="model preset: cpu (default), cpu-tiny, test, gpt2-124m, nanogpt-124m, gpt2-medium, …")
+    g.add_argument("--n-layers", type=int, help="number of transformer blocks")
+    g.add_argument("--n-heads", type=int, help="attention heads per block")
+    g.add_argument("--emb-dim", type=int, help="embedding width C")
+    g.add_argument("--context-length", type=int, help="tokens per training window")
+    g.add_argument("--pos-emb", choices=["learned", "sinusoidal", "rope", "alibi", "none"], help="position embedding kind")
+    g.add_argument("--dropout", type=float, help="dropout rate")
+    g.add_argument("--attn-backend", choices=["fused", "explicit"], help="attention implementation")
+    g.add_argument("--no-scale-attn", action="store_true", help="train without the 1/sqrt(d_head) score scaling")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help="optimizer steps (default 1200)")
+    g.add_argument("--batch-size", type=int, help="sequences per step, over all processes (default 16)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per step (default 1)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (default 1.0)")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-interval", type=int, help="evaluate every N steps")
+    g.add_argument("--eval-windows", type=int, help="validation windows per evaluation during training")
+    g.add_argument("--log-interval", type=int, help="log the training loss every N steps")
+    g.add_argument("--checkpoint-interval", type=int, help="save a checkpoint every N steps")
+    g.add_argument("--sample-tokens", type=int, help="tokens of sample text printed at each evaluation (0: none)")
+    g.add_argument("--sample-prompt", help="prompt of the printed samples")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    g.add_argument("--seed", type=int, help="random seed (default 1337)")
+    g.add_argument("--time-budget", type=float, help="stop (and save) after this many seconds")
+    g.add_argument("--stop-at", type=int, help="stop (and save) at this step as if interrupted; --resume continues")
+    g.add_argument("--nproc", type=int, help="launch this many processes with torchrun (DDP) on this machine")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("run directory")
+    g.add_argument("--out-dir", help="parent folder of run directories (default runs)")
+    g.add_argument("--name", help="run name (default: date and time)")
+    g.add_argument("--resume", help="continue the run in this directory exactly where it stopped")
+    g.add_argument("--init-from", help="start a new run from the weights of a run directory or Hugging Face GPT-2 directory")
+    g.add_argument("--config", help="a YAML or JSON file of options; command-line options override it")
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_run
+    from .errors import LLMScratchError
+    from .generate import SamplingConfig, stream
+    from .runtime import setup_runtime
+
+    runtime = setup_runtime(args.device, "fp32" if args.device in (None, "auto", "cpu") else "auto")
+    model, tokenizer, _ = load_run(args.run_dir, device=runtime.device)
+    if tokenizer is None:
+        raise LLMScratchError(f"{args.run_dir} has no tokenizer files; cannot turn the prompt into tokens")
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        prompt = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        eos_id=None if args.ignore_eos else tokenizer.eot_id,
+    )
+    for n in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {n + 1} ---")
+        sampling.seed = args.seed + n
+        sys.stdout.write(args.prompt)
+        new: list[int] = []
+        shown = ""
+        for token in stream(model, prompt, sampling, use_cache=not args.no_cache):
+            new.append(token)
+            text = tokenizer.decode(new)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+        sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
+    return 0
+
+
+@command("generate")
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text from a trained or imported run, streaming",
+                       description="Generate text from a run directory, printing tokens as they come.")
+    p.add_argument("run_dir", help="a run directory (from `llmscratch train` or `llmscratch import`)")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with this probability mass")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples to draw")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole window every step (no KV cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+
+
+# --------------------------------------------------------------------------- info
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .train import describe_run
+
+    print(describe_run(args.run_dir))
+    return 0
+
+
+@command("info")
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="print a run's config, size, training progress and best validation numbers",
+                       description="Describe a run directory: model config, parameter count, tokenizer, "
+                       "training progress and the best validation numbers.")
+    p.add_argument("run_dir", help="a run directory")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_text
+
+    result = evaluate_text(args.run_dir, args.data, encoding=args.encoding, device=args.device,
+                           batch_size=args.batch_size)
+    print(f"{result['tokens']:,} tokens, {result['bytes']:,} bytes: loss {result['loss']:.4f}, "
+          f"perplexity {result['ppl']:.2f}, {result['bpb']:.4f} bits per byte")
+    return 0
+
+
+@command("eval")
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on any text",
+                       description="Evaluate a run on a text file, folder or glob: every window of the "
+                       "text, cross-entropy loss, perplexity and bits per byte.")
+    p.add_argument("run_dir", help="a run directory")
+    p.add_argument("--data", required=True, help="a text file, a folder of .txt files or a glob")
+    p.add_argument("--encoding", default="utf-8", help="text encoding (default utf-8)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
 
 
 # --------------------------------------------------------------------------- import / export

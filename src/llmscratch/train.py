@@ -1,0 +1,669 @@
+"""The training loop: batches in, AdamW steps out, with evaluation and checkpoints.
+
+The loop knows the model only through ``model(x, targets) -> loss`` and
+``model(x) -> logits``. Everything else here is generic: the optimizer and schedule,
+precision, gradient accumulation and clipping, evaluation in bits per byte,
+checkpoints that resume bit-exactly, Ctrl-C and NaN handling.
+
+One step:
+
+```
+for micro in range(grad_accum):            # accumulate over micro-batches
+    x, y = next batch                       # (B, T) each, y = x shifted by one
+    loss = model(x, y) / grad_accum         # mean next-token cross-entropy
+    loss.backward()
+clip gradients to grad_clip; optimizer.step() with lr = schedule(step); zero grads
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from . import distributed as dist
+from .data import (
+    bits_per_byte,
+    check_split_sizes,
+    encode_text,
+    eval_windows,
+    gather_windows,
+    load_corpus,
+    prepare_tokens,
+    token_dtype,
+    window_starts,
+)
+from .errors import ConfigError, LLMScratchError
+from .model import GPT, GPTConfig, PRESETS
+from .runtime import Runtime, seed_everything, setup_runtime
+from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+
+
+class TrainingDiverged(LLMScratchError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; saved as ``train_config.json`` in the run directory.
+
+    The defaults are the run `llmscratch train` does with no arguments: the built-in
+    corpus (King James Bible), a 4096-token byte-level BPE and the ``cpu`` preset,
+    sized to finish in about 4.5 minutes on a 2-core CPU.
+    """
+
+    # data
+    data: Optional[str] = None  # a file, folder of .txt files or glob; None = built-in corpus
+    encoding: str = "utf-8"
+    val_fraction: float = 0.1
+    tokenizer: str = "bpe"  # "char", "bpe" or "gpt2"
+    vocab_size: int = 4096  # for "bpe"
+    # model
+    preset: str = "cpu"
+    model: dict[str, Any] = field(default_factory=dict)  # GPTConfig overrides
+    # optimisation
+    steps: int = 1200
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 60
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # evaluation, logging, checkpoints
+    eval_interval: int = 200
+    eval_windows: int = 64
+    log_interval: int = 20
+    checkpoint_interval: int = 400
+    sample_tokens: int = 48
+    sample_prompt: str = "And God said"
+    # runtime
+    device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    seed: int = 1337
+    time_budget: Optional[float] = None  # seconds; stop early (and save) when spent
+    stop_at: Optional[int] = None  # stop (and save) at this step, as if interrupted; --resume continues
+    # where
+    out_dir: str = "runs"
+    name: Optional[str] = None
+    resume: Optional[str] = None  # a run directory to continue exactly
+    init_from: Optional[str] = None  # a run directory or Hugging Face GPT-2 directory to start from
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "eval_interval", "eval_windows",
+                    "log_interval", "checkpoint_interval", "vocab_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ConfigError(f"TrainConfig needs lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.tokenizer not in ("char", "bpe", "gpt2"):
+            raise ConfigError(f"TrainConfig.tokenizer must be char, bpe or gpt2, got {self.tokenizer!r}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"TrainConfig.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        if self.resume and self.init_from:
+            raise ConfigError("--resume continues a run; --init-from starts a new one from weights: pick one")
+        if self.time_budget is not None and self.time_budget <= 0:
+            raise ConfigError(f"TrainConfig.time_budget must be positive seconds, got {self.time_budget}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases and LayerNorm gains)."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # shared (tied) parameters appear once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    byte_lengths: torch.Tensor,
+    runtime: Runtime,
+    group: Optional[dist.Group] = None,
+) -> dict[str, float]:
+    """Loss, perplexity and bits per byte over batches of ``(x, y)`` windows ``(B, T)``.
+
+    Bits per byte = summed cross-entropy in bits / UTF-8 bytes of the target tokens'
+    text, so tokenizers with different vocabularies can be compared. With a group of
+    several processes, each passes its own batches and the sums are added across ranks.
+    """
+    was_training = model.training
+    model.eval()
+    total_nats = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    total_tokens = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    total_bytes = torch.zeros((), dtype=torch.float64, device=runtime.device)
+    lengths = byte_lengths.to(runtime.device)
+    for x, y in batches:
+        x, y = x.to(runtime.device), y.to(runtime.device)  # (B, T) each
+        with runtime.autocast():
+            logits = model(x)  # (B, T, V)
+        nats = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+        )
+        total_nats += nats.double()
+        total_tokens += y.numel()
+        total_bytes += lengths[y].sum().double()
+    if group is not None:
+        for t in (total_nats, total_tokens, total_bytes):
+            group.all_reduce_sum(t)
+    model.train(was_training)
+    n_tokens = max(1.0, total_tokens.item())
+    loss = total_nats.item() / n_tokens
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "bpb": bits_per_byte(total_nats.item(), max(1, int(total_bytes.item()))),
+        "tokens": int(total_tokens.item()),
+    }
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def _new_run_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out_dir)
+    name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = out / name
+    suffix = 1
+    while run_dir.exists() and cfg.name is None:
+        suffix += 1
+        run_dir = out / f"{name}-{suffix}"
+    return run_dir
+
+
+def _point_latest(run_dir: Path) -> None:
+    """Make ``<out_dir>/latest`` a symlink to the newest run (best effort)."""
+    latest = run_dir.parent / "latest"
+    try:
+        tmp = run_dir.parent / f".latest.{os.getpid()}"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(tmp, latest)
+    except OSError:
+        pass
+
+
+def _tokenizer_cache_dir() -> Path:
+    return Path(os.environ.get("LLMSCRATCH_CACHE", Path.home() / ".cache" / "llmscratch"))
+
+
+def _prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: "dist.Group") -> Tokenizer:
+    """Train (or load the cached) tokenizer for this corpus and settings."""
+    import hashlib
+
+    key = hashlib.sha256(
+        f"{cfg.tokenizer}:{cfg.vocab_size}:{cfg.val_fraction}:".encode() + corpus_text.encode("utf-8")
+    ).hexdigest()[:16]
+    tok_dir = cache / "tokenizers" / key
+    if cfg.tokenizer == "gpt2":
+        return build_tokenizer("gpt2")
+    if (tok_dir / "tokenizer_config.json").exists():
+        return load_tokenizer(tok_dir)
+    if group.is_main:
+        # Trained on the training part only, so the validation text stays unseen.
+        train_text = corpus_text[: int(len(corpus_text) * (1.0 - cfg.val_fraction))]
+        tokenizer = build_tokenizer(cfg.tokenizer, train_text, vocab_size=cfg.vocab_size)
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(tok_dir)
+    group.barrier()
+    return load_tokenizer(tok_dir)
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C (SIGINT) into a request to save and stop at the next step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_StopFlag":
+        def handler(signum, frame):
+            if self.requested:  # a second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self.requested = True
+            print("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort)",
+                  file=sys.stderr, flush=True)
+
+        try:
+            self._previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _rng_state(batch_gen: torch.Generator, runtime: Runtime) -> dict[str, Any]:
+    state = {"batches": batch_gen.get_state(), "torch": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], batch_gen: torch.Generator, runtime: Runtime) -> None:
+    batch_gen.set_state(state["batches"])
+    torch.set_rng_state(state["torch"])
+    if runtime.device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], runtime.device)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
+    """Train a GPT as ``cfg`` says; return the run directory.
+
+    With ``cfg.resume``, continue that run exactly where its last checkpoint left off
+    (same batches, same schedule, same RNG): N steps in one go and N/2 + resume + N/2
+    give identical weights on the CPU.
+    """
+    group = dist.init()  # one process unless launched by torchrun
+    t_start = time.time()
+    if not group.is_main:
+        log = lambda *_a, **_k: None  # noqa: E731 - only rank 0 talks
+
+    # ---------------------------------------------------------------- where, resume
+    state: Optional[dict[str, Any]] = None
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        saved = json.loads(ckpt.read_text(run_dir / "train_config.json"))
+        keep = {k: v for k, v in cfg.to_dict().items() if k in ("steps", "time_budget", "stop_at", "progress", "device",
+                                                                "precision", "compile", "eval_interval",
+                                                                "checkpoint_interval", "log_interval")}
+        defaults = TrainConfig().to_dict()
+        # The saved settings win, except those the user changed on this command line.
+        merged = {**saved, **{k: v for k, v in keep.items() if v != defaults[k]}}
+        # Where to stop this time is a property of this command, never of the saved run.
+        merged.update(resume=str(run_dir), init_from=None, stop_at=cfg.stop_at, time_budget=cfg.time_budget,
+                      progress=cfg.progress)
+        cfg = TrainConfig.from_dict(merged)
+        state = ckpt.load_training_state(run_dir)
+        if state is None:
+            raise ckpt.CheckpointError(f"{run_dir}: no training_state.pt to resume from")
+    else:
+        run_dir = _new_run_dir(cfg)
+
+    runtime = setup_runtime(cfg.device, cfg.precision)
+    if group.active and runtime.device.type == "cuda":
+        runtime = Runtime(torch.device("cuda", group.local_rank), runtime.precision)  # one GPU per process
+    seed_everything(cfg.seed + group.rank)
+
+    # ---------------------------------------------------------------- data
+    corpus = load_corpus(cfg.data, encoding=cfg.encoding)
+    cache = _tokenizer_cache_dir()
+    if cfg.resume:
+        tokenizer = load_tokenizer(run_dir)
+    elif cfg.init_from:
+        tokenizer = load_tokenizer(cfg.init_from)
+    else:
+        tokenizer = _prepare_tokenizer(cfg, corpus.text, cache, group)
+    if group.is_main:
+        splits = prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction)
+    group.barrier()
+    splits = prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction)
+
+    # ---------------------------------------------------------------- model
+    if cfg.resume:
+        model = ckpt.load_model(run_dir)
+    elif cfg.init_from:
+        model = ckpt.load_pretrained(cfg.init_from)
+    else:
+        model_cfg = GPTConfig.from_preset(cfg.preset, **{"vocab_size": tokenizer.vocab_size, **cfg.model})
+        if model_cfg.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"model vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
+            )
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = GPT(model_cfg)
+    model_cfg = model.cfg
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the "
+                          f"tokenizer's ({tokenizer.vocab_size}); they do not belong together")
+    check_split_sizes(splits, model_cfg.context_length)
+    model.to(runtime.device)
+    context = model_cfg.context_length
+
+    optimizer = build_optimizer(model, cfg, runtime.device)
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.needs_grad_scaler else None
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    best_bpb = float("inf")
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        best_bpb = float(state.get("best_val_bpb", float("inf")))
+        _set_rng_state(state["rng"], batch_gen, runtime)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+
+    train_model = dist.wrap_model(model, group, runtime)
+    forward = torch.compile(train_model) if cfg.compile else train_model
+
+    # Fixed, seeded validation windows for evaluations during training.
+    val_windows = eval_windows(splits.val, context, n_windows=cfg.eval_windows,
+                               generator=torch.Generator().manual_seed(cfg.seed + 1))
+    val_windows = val_windows[group.rank :: group.world_size]
+    byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.int64)
+    byte_lengths = torch.nn.functional.pad(byte_lengths, (0, max(0, model_cfg.vocab_size - len(byte_lengths))))
+
+    if group.world_size > 1 and cfg.batch_size % group.world_size != 0:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} must be divisible by the number of processes ({group.world_size})"
+        )
+    local_batch = cfg.batch_size // group.world_size
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * context
+
+    if group.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+        tokenizer.save(run_dir)
+        if not cfg.resume:
+            _point_latest(run_dir)
+    log(f"run directory: {run_dir}")
+    log(f"device {runtime.device} ({runtime.precision}), {group.world_size} process(es); "
+        f"model {model.num_parameters():,} parameters ({model_cfg.n_layers} layers, {model_cfg.n_heads} heads, "
+        f"{model_cfg.emb_dim} dims, context {context}, {model_cfg.pos_emb} positions); "
+        f"tokenizer {tokenizer.kind} ({tokenizer.vocab_size} tokens); "
+        f"{len(splits.train):,} training / {len(splits.val):,} validation tokens")
+
+    metrics_path = run_dir / "metrics.jsonl"
+
+    def write_metrics(record: dict[str, Any]) -> None:
+        if group.is_main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(at_step: int) -> None:
+        if not group.is_main:
+            return
+        training_state = {
+            "step": at_step,
+            "optimizer": optimizer.state_dict(),
+            "rng": _rng_state(batch_gen, runtime),
+            "best_val_bpb": best_bpb,
+            "tokens_seen": at_step * tokens_per_step,
+        }
+        if scaler is not None:
+            training_state["scaler"] = scaler.state_dict()
+        ckpt.save_model(run_dir, model)
+        ckpt.save_training_state(run_dir, training_state)
+
+    def sample_text() -> str:
+        from .generate import SamplingConfig, generate
+
+        try:
+            prompt = tokenizer.encode(cfg.sample_prompt)
+        except LLMScratchError:
+            prompt = [0]
+        sampling = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+        new = generate(model, [prompt[-context // 2 :] or [0]], sampling)[0]
+        return cfg.sample_prompt + tokenizer.decode(new)
+
+    # ---------------------------------------------------------------- the loop
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and group.is_main),
+               dynamic_ncols=True, unit="step")
+    bad_step = torch.full((), -1, dtype=torch.int64, device=runtime.device)  # first step with a non-finite loss
+    loss_sum = torch.zeros((), device=runtime.device)
+    loss_count = 0
+    t_log, tokens_since_log = time.time(), 0
+    last_good = step if cfg.resume else None
+    model.train()
+    stopped_by = None
+    with _StopFlag() as stop:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            step_loss = torch.zeros((), device=runtime.device)
+            for micro in range(cfg.grad_accum):
+                starts = window_starts(len(splits.train), cfg.batch_size, context, batch_gen)
+                starts = starts[group.rank * local_batch : (group.rank + 1) * local_batch]  # this rank's part
+                x, y = gather_windows(splits.train, starts, context)  # (B_local, T) each
+                if runtime.device.type == "cuda":
+                    x = x.pin_memory().to(runtime.device, non_blocking=True)
+                    y = y.pin_memory().to(runtime.device, non_blocking=True)
+                else:
+                    x, y = x.to(runtime.device), y.to(runtime.device)
+                with dist.maybe_no_sync(train_model, group, last=micro == cfg.grad_accum - 1):
+                    with runtime.autocast():
+                        loss = forward(x, y) / cfg.grad_accum
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                step_loss += loss.detach()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            # Record the first non-finite loss on the device: no host sync every step.
+            bad_now = ~torch.isfinite(step_loss)
+            bad_step = torch.where(bad_now & (bad_step < 0), torch.full_like(bad_step, step), bad_step)
+            loss_sum += step_loss
+            loss_count += 1
+            step += 1
+            tokens_since_log += tokens_per_step
+            bar.update(1)
+
+            at_log = step % cfg.log_interval == 0 or step == cfg.steps
+            at_eval = step % cfg.eval_interval == 0 or step == cfg.steps
+            at_ckpt = step % cfg.checkpoint_interval == 0 or step == cfg.steps
+            out_of_time = cfg.time_budget is not None and time.time() - t_start >= cfg.time_budget
+            if cfg.stop_at is not None and step >= cfg.stop_at and step < cfg.steps:
+                out_of_time = True
+            if out_of_time or stop.requested:
+                at_log = at_ckpt = True
+            if at_log or at_eval or at_ckpt:
+                first_bad = int(bad_step.item())  # the one host sync, at log steps only
+                if first_bad >= 0:
+                    where = (f"the last good checkpoint (step {last_good}) is kept in {run_dir}"
+                             if last_good is not None else "no checkpoint was written")
+                    bar.close()
+                    raise TrainingDiverged(
+                        f"the training loss became NaN or infinite at step {first_bad + 1}; {where}. "
+                        "Try a lower --lr, a smaller --grad-clip, or fp32 precision."
+                    )
+            if at_log:
+                train_loss = (loss_sum / max(1, loss_count)).item()
+                elapsed = time.time() - t_log
+                tok_s = tokens_since_log / max(elapsed, 1e-9)
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                write_metrics({"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
+                               "elapsed_s": time.time() - t_start})
+                loss_sum.zero_()
+                loss_count, t_log, tokens_since_log = 0, time.time(), 0
+            if at_eval:
+                ev = evaluate(model, val_windows, byte_lengths, runtime, group=group if group.world_size > 1 else None)
+                record = {"step": step, "val_loss": ev["loss"], "val_ppl": ev["ppl"], "val_bpb": ev["bpb"],
+                          "elapsed_s": time.time() - t_start}
+                write_metrics(record)
+                improved = ev["bpb"] < best_bpb
+                best_bpb = min(best_bpb, ev["bpb"])
+                msg = f"step {step}: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}, {ev['bpb']:.4f} bits/byte"
+                if group.is_main and cfg.sample_tokens > 0:
+                    msg += f"\n  sample: {sample_text()!r}"
+                bar.write(msg) if group.is_main and cfg.progress else log(msg)
+                if improved:
+                    ckpt.save_model(run_dir / "best", model) if group.is_main else None
+            if at_ckpt:
+                save_checkpoint(step)
+                last_good = step
+            if stop.requested:
+                stopped_by = "Ctrl-C"
+                break
+            if out_of_time:
+                stopped_by = "--stop-at" if cfg.stop_at is not None and step >= cfg.stop_at else "time budget"
+                break
+    bar.close()
+    group.barrier()
+
+    if stopped_by:
+        log(f"stopped by {stopped_by} at step {step}; checkpoint saved in {run_dir} "
+            f"(continue with: llmscratch train --resume {run_dir})")
+    else:
+        # Final evaluation over the whole validation split.
+        windows = eval_windows(splits.val, context, n_windows=None)
+        windows = windows[group.rank :: group.world_size]
+        final = evaluate(model, windows, byte_lengths, runtime, group=group if group.world_size > 1 else None)
+        write_metrics({"step": step, "final": True, "val_loss": final["loss"], "val_ppl": final["ppl"],
+                       "val_bpb": final["bpb"], "val_tokens": final["tokens"], "elapsed_s": time.time() - t_start})
+        log(f"final (whole validation split, {final['tokens']:,} tokens): loss {final['loss']:.4f}, "
+            f"ppl {final['ppl']:.2f}, {final['bpb']:.4f} bits/byte; {time.time() - t_start:.0f} s in all")
+        if group.is_main:
+            try:
+                plot_metrics(metrics_path, run_dir / "loss.png")
+            except Exception as err:  # a plot must never lose a finished run
+                log(f"(could not draw loss.png: {err})")
+    dist.cleanup(group)
+    return run_dir
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> None:
+    """Draw training and validation loss against step from ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_pts, val_pts = [], []
+    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        if "train_loss" in r:
+            train_pts.append((r["step"], r["train_loss"]))
+        if "val_loss" in r and not r.get("final"):
+            val_pts.append((r["step"], r["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train loss")
+    if val_pts:
+        ax.plot(*zip(*val_pts), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+def evaluate_text(run_dir: str | Path, data: str, encoding: str = "utf-8", device: str = "auto",
+                  batch_size: int = 16) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of a saved run on any text (every window of it)."""
+    corpus = load_corpus(data, encoding=encoding)
+    runtime = setup_runtime(device, "auto")
+    model, tokenizer, _ = ckpt.load_run(run_dir, device=runtime.device)
+    if tokenizer is None:
+        raise ckpt.CheckpointError(f"{run_dir} has no tokenizer files; cannot tokenize {data}")
+    ids = encode_text(corpus.text, tokenizer, token_dtype(tokenizer.vocab_size)).astype(np.int64)
+    if len(ids) < 2:
+        raise ConfigError(f"{data} is too short to evaluate: it has {len(ids)} token(s), at least 2 are needed")
+    windows = eval_windows(ids, model.cfg.context_length, n_windows=None, batch_size=batch_size)
+    byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.int64)
+    byte_lengths = torch.nn.functional.pad(byte_lengths, (0, max(0, model.cfg.vocab_size - len(byte_lengths))))
+    result = evaluate(model, windows, byte_lengths, runtime)
+    result["bytes"] = int(byte_lengths[torch.as_tensor(ids[1:])].sum())
+    return result
+
+
+def describe_run(run_dir: str | Path) -> str:
+    """A human-readable summary of a run directory: config, size, tokenizer, progress, best numbers."""
+    run_dir = Path(run_dir)
+    cfg = ckpt.load_config(run_dir)
+    with torch.device("meta"):  # shapes only: counting needs no memory
+        model = GPT(cfg)
+    lines = [f"run directory: {run_dir}"]
+    lines.append(f"parameters: {model.num_parameters():,} "
+                 f"({model.num_parameters(exclude_embeddings=True):,} without embeddings)")
+    lines.append("model config:")
+    lines += [f"  {k}: {v}" for k, v in sorted(cfg.to_dict().items())]
+    try:
+        tok = load_tokenizer(run_dir)
+        lines.append(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens")
+    except LLMScratchError:
+        lines.append("tokenizer: none")
+    train_cfg_path = run_dir / "train_config.json"
+    state = ckpt.load_training_state(run_dir) if (run_dir / "training_state.pt").exists() else None
+    if state is not None:
+        total = None
+        if train_cfg_path.exists():
+            total = json.loads(train_cfg_path.read_text(encoding="utf-8")).get("steps")
+        lines.append(f"training: step {state['step']}" + (f" of {total}" if total else "")
+                     + f", {state.get('tokens_seen', 0):,} tokens seen")
+    else:
+        lines.append("training: none recorded (imported or exported weights)")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        records = [json.loads(l) for l in metrics.read_text(encoding="utf-8").splitlines() if l.strip()]
+        evals = [r for r in records if "val_bpb" in r and not r.get("final")]
+        finals = [r for r in records if r.get("final")]
+        if evals:
+            best = min(evals, key=lambda r: r["val_bpb"])
+            lines.append(f"best validation (during training): step {best['step']}, loss {best['val_loss']:.4f}, "
+                         f"ppl {best['val_ppl']:.2f}, {best['val_bpb']:.4f} bits/byte")
+        if finals:
+            f = finals[-1]
+            lines.append(f"final validation (whole split): loss {f['val_loss']:.4f}, ppl {f['val_ppl']:.2f}, "
+                         f"{f['val_bpb']:.4f} bits/byte")
+    return "\n".join(lines)

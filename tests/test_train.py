@@ -1,0 +1,189 @@
+"""The training loop: schedule, optimizer groups, resume bit-exactness, Ctrl-C, NaN, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmscratch import checkpoint as ckpt
+from llmscratch.cli import build_parser, train_config_from_args
+from llmscratch.errors import ConfigError
+from llmscratch.model import GPT, GPTConfig
+from llmscratch.train import TrainConfig, TrainingDiverged, build_optimizer, describe_run, lr_at, train
+
+TEXT = (
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+    "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. "
+    "And God said, Let there be light: and there was light. And God saw the light, that it was good: "
+    "and God divided the light from the darkness. "
+) * 12
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def tiny_config(corpus: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        data=str(corpus), tokenizer="char", preset="test", model={"context_length": 16},
+        steps=8, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=4, eval_windows=4,
+        log_interval=2, checkpoint_interval=4, sample_tokens=0, device="cpu", progress=False,
+        out_dir=str(out), seed=7,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_schedule_values_at_known_steps():
+    cfg = TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)  # warmup: (step + 1) / warmup
+    assert lr_at(4, cfg) == pytest.approx(0.5)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway: (lr + min_lr) / 2
+    assert lr_at(110, cfg) == pytest.approx(0.1)  # the end: min_lr
+    values = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(GPTConfig.from_preset("test", tie_weights=True))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n == model.num_parameters()  # the tied matrix appears once
+
+
+def test_train_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="min_lr"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(ConfigError, match="resume"):
+        TrainConfig(resume="a", init_from="b")
+    with pytest.raises(ConfigError, match="unknown training option"):
+        TrainConfig.from_dict({"stepz": 3})
+
+
+def test_training_lowers_loss_and_writes_the_run(corpus: Path, tmp_path: Path):
+    run = train(tiny_config(corpus, tmp_path / "runs", steps=40, eval_interval=20, name="r"))
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_bpb" in r and not r.get("final")]
+    final = [r for r in records if r.get("final")][0]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] or final["val_loss"] < math.log(256)
+    # Character tokens of ASCII text are one byte each: bits per byte = loss in bits.
+    assert final["val_bpb"] == pytest.approx(final["val_loss"] / math.log(2), rel=1e-9)
+    for name in ("config.json", "model.safetensors", "training_state.pt", "train_config.json", "loss.png",
+                 "tokenizer_config.json", "best/model.safetensors"):
+        assert (run / name).exists(), name
+    assert (run.parent / "latest").resolve() == run.resolve()
+    info = describe_run(run)
+    assert "step 40 of 40" in info and "bits/byte" in info
+
+
+def test_resume_is_bit_exact(corpus: Path, tmp_path: Path):
+    full = train(tiny_config(corpus, tmp_path / "a", steps=8, name="full"))
+    half = train(tiny_config(corpus, tmp_path / "b", steps=8, stop_at=4, name="half"))
+    assert ckpt.load_training_state(half)["step"] == 4
+    resumed = train(TrainConfig(resume=str(half), progress=False))
+    assert resumed == half
+    m_full, m_res = ckpt.load_model(full), ckpt.load_model(resumed)
+    for (name, a), (_, b) in zip(m_full.state_dict().items(), m_res.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert ckpt.load_training_state(resumed)["step"] == 8
+
+
+def test_nan_loss_stops_with_the_first_bad_step_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = GPT.loss
+
+    def poisoned(self, x, targets):
+        calls["n"] += 1
+        out = real_loss(self, x, targets)
+        return out * float("nan") if calls["n"] > 5 else out  # training steps 1..5 are fine
+
+    monkeypatch.setattr(GPT, "loss", poisoned)
+    cfg = tiny_config(corpus, tmp_path / "runs", steps=12, log_interval=4, eval_interval=100,
+                      checkpoint_interval=4, name="nan")
+    with pytest.raises(TrainingDiverged, match=r"at step 6;.*last good checkpoint \(step 4\)"):
+        train(cfg)
+    state = ckpt.load_training_state(tmp_path / "runs" / "nan")
+    assert state["step"] == 4
+    model = ckpt.load_model(tmp_path / "runs" / "nan")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_config_file_with_command_line_overrides(tmp_path: Path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("steps: 33\nlr: 0.01\nmodel:\n  n_layers: 3\n  pos_emb: rope\n")
+    args = build_parser().parse_args(["train", "--config", str(cfg_file), "--lr", "0.002", "--n-heads", "2"])
+    cfg = train_config_from_args(args)
+    assert cfg.steps == 33 and cfg.lr == 0.002
+    assert cfg.model == {"n_layers": 3, "pos_emb": "rope", "n_heads": 2}
+
+
+def _cli(*args: str, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmscratch", *args], capture_output=True, text=True,
+                          env=env, timeout=300, **kw)
+
+
+def test_end_to_end_train_then_generate_and_eval(corpus: Path, tmp_path: Path):
+    env = {**os.environ, "LLMSCRATCH_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "runs"
+    r = _cli("train", "--data", str(corpus), "--tokenizer", "char", "--preset", "test", "--steps", "6",
+             "--batch-size", "4", "--context-length", "16", "--eval-interval", "3", "--log-interval", "3",
+             "--device", "cpu", "--out-dir", str(out), "--no-progress", "--sample-tokens", "8",
+             "--sample-prompt", "And God", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "generated text" in r.stdout and "bits/byte" in r.stdout
+    run = out / "latest"
+    g = _cli("generate", str(run), "--prompt", "And God", "--max-new-tokens", "10", "--seed", "3", env=env)
+    assert g.returncode == 0, g.stderr
+    assert g.stdout.startswith("And God") and len(g.stdout.strip()) > len("And God")
+    g2 = _cli("generate", str(run), "--prompt", "And God", "--max-new-tokens", "10", "--seed", "3", env=env)
+    assert g.stdout == g2.stdout  # seeded
+    e = _cli("eval", str(run), "--data", str(corpus), env=env)
+    assert e.returncode == 0, e.stderr
+    assert "bits per byte" in e.stdout
+    i = _cli("info", str(run), env=env)
+    assert i.returncode == 0 and "parameters:" in i.stdout
+    bad = _cli("generate", str(run), "--prompt", "Zebra \u00e9", env=env)
+    assert bad.returncode == 2 and "not in the vocabulary" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(corpus: Path, tmp_path: Path):
+    env = {**os.environ, "LLMSCRATCH_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+    out = tmp_path / "runs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmscratch", "train", "--data", str(corpus), "--tokenizer", "char",
+         "--preset", "test", "--steps", "100000", "--batch-size", "4", "--context-length", "16",
+         "--log-interval", "1", "--eval-interval", "100000", "--checkpoint-interval", "100000",
+         "--device", "cpu", "--out-dir", str(out), "--name", "sig", "--no-progress", "--sample-tokens", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    metrics = out / "sig" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped by Ctrl-C" in stdout
+    state = ckpt.load_training_state(out / "sig")
+    assert state["step"] >= 3
+    ckpt.load_model(out / "sig")  # the checkpoint loads
