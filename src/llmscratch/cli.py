@@ -384,6 +384,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LLMScratchError as err:  # bad input: a clear message, no traceback
         print(f"llmscratch {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
