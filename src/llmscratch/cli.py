@@ -360,6 +360,96 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("hf", "book"), default="hf", help="output format (default hf)")
 
 
+# --------------------------------------------------------------------------- attention
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load_run
+    from .inspect import attention_maps, write_attention_outputs
+    from .runtime import setup_runtime
+
+    runtime = setup_runtime(args.device, "fp32")
+    model, tokenizer, _ = load_run(args.run_dir, device=runtime.device)
+    maps = attention_maps(model, tokenizer, args.prompt)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "attention"
+    written = write_attention_outputs(maps, out, layers=args.layer, heads=args.head, html_page=args.html,
+                                      json_file=args.json, title=f"Attention of {args.run_dir} on {args.prompt!r}")
+    print(f"{len(maps.tokens)} tokens, {maps.n_layers} layers × {maps.n_heads} heads; wrote:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+@command("attention")
+def _add_attention(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "attention", help="draw what a trained or imported model attends to, for one prompt",
+        description="Run a model on a prompt and write its attention weights: grid.png (layers × heads, "
+        "token labels on both axes), one PNG per chosen --layer/--head, and on request a self-contained "
+        "HTML page (--html) and bertviz head_view JSON (--json).",
+    )
+    p.add_argument("run_dir", help="a run directory (from `llmscratch train` or `llmscratch import`)")
+    p.add_argument("--prompt", required=True, help="the text whose attention to show (at most the model's context)")
+    p.add_argument("--out", default=None, help="folder for the outputs (default RUN_DIR/attention)")
+    p.add_argument("--layer", type=int, nargs="+", default=None,
+                   help="layer(s) to draw one large PNG per head for (with --head: only those heads)")
+    p.add_argument("--head", type=int, nargs="+", default=None,
+                   help="head(s) to draw one large PNG each for (with --layer: in those layers; else in every layer)")
+    p.add_argument("--html", action="store_true",
+                   help="also write attention.html: pick a layer and head, hover a token; works offline from disk")
+    p.add_argument("--json", action="store_true",
+                   help='also write attention.json: {"tokens", "attention": per layer (1, heads, T, T)}, bertviz\'s layout')
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .experiments import NAMES, run_experiment, summaries
+
+    if args.list:
+        width = max(map(len, NAMES))
+        for name, summary in summaries().items():
+            print(f"{name:<{width}}  {summary}")
+        return 0
+    if args.name is None:
+        raise ConfigError(f"name an experiment ({', '.join(NAMES)}) or pass --list")
+    if args.quick and args.tiny:
+        raise ConfigError("--quick and --tiny are two sizes: pick one")
+    mode = "quick" if args.quick else "tiny" if args.tiny else "full"
+    report = run_experiment(args.name, mode, args.out, device=args.device, seed=args.seed, data=args.data)
+    folder = f"{args.out}/{args.name}"
+    for table in report.tables:
+        print(table.markdown() + "\n")
+    print("findings:")
+    for finding in report.findings:
+        print(f"- {finding}")
+    print(f"\nreport: {folder}/report.md  (results.json and the plots beside it)")
+    return 0
+
+
+@command("experiment")
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "experiment", help="run one of the attention experiments (scaling, positions, heads, batching)",
+        description="Train a few small models that differ in one thing and write OUT/NAME/report.md, "
+        "results.json and PNG plots. The default size is meant for a GPU; --quick takes a few minutes on a "
+        "2-core CPU; --tiny takes seconds (for tests).",
+    )
+    p.add_argument("name", nargs="?", default=None, help="the experiment: scaling, positions, heads or batching")
+    p.add_argument("--list", action="store_true", help="list the experiments, one line each")
+    p.add_argument("--quick", action="store_true", help="small models and short training: a few minutes on a CPU")
+    p.add_argument("--tiny", action="store_true", help="a synthetic corpus and a few steps: seconds (smoke test)")
+    p.add_argument("--out", default="experiments", help="parent folder of the reports (default experiments)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
+    p.add_argument("--data", default=None, help="a text file, folder or glob to use instead of the built-in corpus")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmscratch",

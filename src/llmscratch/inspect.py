@@ -308,3 +308,433 @@ def _header(tokens: Sequence[Sequence[str]], module: MultiHeadAttention, seed: i
         lines.append("  values not shown (shapes only)")
     lines.append("")
     return lines
+
+
+# --------------------------------------------------------------------------- attention maps
+#
+# What a trained (or imported) GPT attends to: the weights of every layer and head for one
+# prompt, drawn as heatmaps, written as a self-contained HTML page or as bertviz's JSON
+# layout, and summarised by numbers the experiments use (score spread, entropy, how
+# different the heads are).
+
+
+from .errors import LLMScratchError  # noqa: E402  (kept with the part that uses it)
+
+
+class InspectError(LLMScratchError):
+    """A prompt, layer or head that cannot be inspected; the message says what to pass instead."""
+
+
+@dataclass
+class AttentionMaps:
+    """One prompt's tokens and the attention weights of every layer.
+
+    ``weights[layer]`` has shape ``(1, H, T, T)``: row ``i`` of head ``h`` is how query
+    token ``i`` spreads its attention over key tokens ``0..i`` (each row sums to 1).
+    """
+
+    tokens: list[str]
+    weights: list[torch.Tensor]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.weights)
+
+    @property
+    def n_heads(self) -> int:
+        return self.weights[0].shape[1]
+
+    def head(self, layer: int, head: int) -> torch.Tensor:
+        """The ``(T, T)`` weights of one head."""
+        return self.weights[layer][0, head]
+
+
+def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each token's own text (a byte-level token that is part of a character decodes to '�')."""
+    return [tokenizer.decode([i]) for i in ids]
+
+
+@torch.no_grad()
+def attention_maps(model, tokenizer, prompt: str) -> AttentionMaps:
+    """Run ``model`` on ``prompt`` and return its tokens and per-layer weights ``(1, H, T, T)``.
+
+    Works for every position kind and for imported models: it only asks the model for
+    its weights (``need_weights=True``, which runs the explicit attention path).
+
+    Raises:
+        InspectError: an empty prompt, or one longer than the model's context.
+    """
+    if tokenizer is None:
+        raise InspectError("this run has no tokenizer, so a text prompt cannot be turned into tokens; "
+                           "import it with its tokenizer files")
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise InspectError("the prompt is empty: pass some text with --prompt")
+    limit = model.cfg.context_length
+    if len(ids) > limit:
+        raise InspectError(f"the prompt is {len(ids)} tokens long, more than the model's context of {limit}; "
+                           "pass a shorter prompt")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    _, weights = model(idx, need_weights=True)  # [(1, H, T, T)] per layer
+    model.train(was_training)
+    return AttentionMaps(token_strings(tokenizer, ids), [w.float().cpu() for w in weights])
+
+
+def _check_layer_head(maps: AttentionMaps, layer: int, head: int) -> None:
+    if not 0 <= layer < maps.n_layers:
+        raise InspectError(f"layer {layer} does not exist: the model has layers 0..{maps.n_layers - 1}")
+    if not 0 <= head < maps.n_heads:
+        raise InspectError(f"head {head} does not exist: the model has heads 0..{maps.n_heads - 1}")
+
+
+# ----------------------------------------------------------------- numbers about attention
+
+
+@torch.no_grad()
+def attention_scores(model, idx: torch.Tensor) -> list[torch.Tensor]:
+    """The raw scores each layer feeds to softmax, ``[(B, H, T, T)]``, with −inf where masked.
+
+    Recomputed from each block's own ``qkv`` projection on the block's real input
+    (captured with a forward pre-hook), with the model's scale (1/√d or 1), RoPE
+    rotation and ALiBi bias applied exactly as the attention does; ``softmax`` of them
+    gives the weights ``model(idx, need_weights=True)`` returns.
+    """
+    from .attention import build_mask
+    from .positions import alibi_bias, apply_rope, rope_cos_sin
+
+    cfg = model.cfg
+    inputs: list[torch.Tensor] = []
+    hooks = [block.attn.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+             for block in model.blocks]
+    try:
+        was_training = model.training
+        model.eval()
+        model(idx)
+        model.train(was_training)
+    finally:
+        for h in hooks:
+            h.remove()
+    b, t = idx.shape
+    positions = torch.arange(t, device=idx.device)  # (T,)
+    mask = build_mask(t, t, causal=True, key_padding_mask=None, device=idx.device)  # (T, T), True = visible
+    factor = resolve_scale(cfg.scale_attn, cfg.head_dim)
+    out = []
+    for block, x in zip(model.blocks, inputs):
+        qkv = block.attn.qkv(x)  # (B, T, 3C)
+        qkv = qkv.view(b, t, 3, cfg.n_heads, cfg.head_dim)  # (B, T, 3, H, d)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, d)
+        if cfg.pos_emb == "rope":
+            cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_base)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        scores = (q.float() @ k.float().transpose(-2, -1)) * factor  # (B, H, T, T)
+        if cfg.pos_emb == "alibi":
+            scores = scores + alibi_bias(model.alibi_slopes, t, t, idx.device)  # (H, T, T) broadcasts
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        out.append(scores)
+    return out
+
+
+def score_std(scores: torch.Tensor) -> float:
+    """Standard deviation of the visible (finite) scores of one layer: how spread softmax's inputs are."""
+    return scores[torch.isfinite(scores)].std().item()
+
+
+def attention_entropy(weights: torch.Tensor) -> float:
+    """Mean entropy (nats) of the attention rows of ``weights (B, H, T, T)``, over rows 1..T-1.
+
+    0 means one-hot (each query looks at one key); ``log(i + 1)`` is uniform over the
+    ``i + 1`` visible keys. Row 0 is skipped: it sees one key and always has entropy 0.
+    """
+    p = weights[..., 1:, :].float()  # (B, H, T-1, T)
+    ent = -(p * torch.log(p.clamp_min(1e-12))).sum(-1)  # (B, H, T-1)
+    return ent.mean().item()
+
+
+def uniform_entropy(t: int) -> float:
+    """The entropy :func:`attention_entropy` gives for uniform attention over the visible keys."""
+    return sum(math.log(i + 1) for i in range(1, t)) / max(t - 1, 1)
+
+
+def head_diversity(weights: torch.Tensor) -> Optional[float]:
+    """Mean pairwise Jensen–Shannon divergence (bits, 0..1) between the heads of ``(B, H, T, T)``.
+
+    For every query row (1..T-1) and every pair of heads, JS(p, q) = ½KL(p‖m) + ½KL(q‖m)
+    with m = (p + q)/2; 0 means the two heads attend identically, 1 means to disjoint
+    keys. ``None`` for a single head (there is no pair).
+    """
+    n_heads = weights.shape[1]
+    if n_heads < 2:
+        return None
+    p = weights[..., 1:, :].float()  # (B, H, T-1, T)
+    total, pairs = 0.0, 0
+    for i in range(n_heads):
+        for j in range(i + 1, n_heads):
+            a, b = p[:, i], p[:, j]  # (B, T-1, T) each
+            m = 0.5 * (a + b)
+            kl_a = (a * (torch.log2(a.clamp_min(1e-12)) - torch.log2(m.clamp_min(1e-12)))).sum(-1)
+            kl_b = (b * (torch.log2(b.clamp_min(1e-12)) - torch.log2(m.clamp_min(1e-12)))).sum(-1)
+            total += (0.5 * (kl_a + kl_b)).mean().item()
+            pairs += 1
+    return total / pairs
+
+
+# ----------------------------------------------------------------- pictures
+
+
+def token_label(token: str) -> str:
+    """A token as an axis label: spaces as '␣', newlines and tabs escaped, long ones cut."""
+    text = token.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    text = text.replace("$", r"\$")  # matplotlib would read $…$ as mathtext
+    return text if len(text) <= 12 else text[:11] + "…"
+
+
+def _label_step(n_tokens: int, room: int) -> int:
+    """Show every k-th label so at most ``room`` labels sit on an axis."""
+    return max(1, math.ceil(n_tokens / room))
+
+
+def _draw_head(ax, matrix: torch.Tensor, tokens: Sequence[str], room: int, x_labels: bool, y_labels: bool,
+               fontsize: float) -> object:
+    t = len(tokens)
+    image = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    step = _label_step(t, room)
+    ticks = list(range(0, t, step))
+    labels = [token_label(tokens[i]) for i in ticks]
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xticklabels(labels if x_labels else [], rotation=90, fontsize=fontsize)
+    ax.set_yticklabels(labels if y_labels else [], fontsize=fontsize)
+    ax.tick_params(length=2 if (x_labels or y_labels) else 0)
+    return image
+
+
+def plot_attention_grid(maps: AttentionMaps, path, title: str = "") -> None:
+    """A PNG grid of heatmaps, one row per layer and one column per head.
+
+    Keys run along x, queries down y; token labels sit on the left column and bottom
+    row (every k-th one past about 24 tokens, so they stay readable).
+    """
+    from .experiments.common import pyplot, save_figure
+
+    plt = pyplot()
+    n_l, n_h, t = maps.n_layers, maps.n_heads, len(maps.tokens)
+    cell = 2.2 if t <= 24 else 2.8
+    fig, axes = plt.subplots(n_l, n_h, figsize=(1.2 + cell * n_h, 1.0 + cell * n_l), squeeze=False)
+    room = 24 if n_h <= 4 else 16
+    for layer in range(n_l):
+        for head in range(n_h):
+            ax = axes[layer][head]
+            _draw_head(ax, maps.head(layer, head), maps.tokens, room,
+                       x_labels=layer == n_l - 1, y_labels=head == 0, fontsize=6)
+            ax.set_title(f"layer {layer}, head {head}", fontsize=8)
+    fig.suptitle(title or f"attention weights: {n_l} layers × {n_h} heads, {t} tokens (rows: queries, columns: keys)",
+                 fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, _as_path(path))
+
+
+def plot_attention_head(maps: AttentionMaps, layer: int, head: int, path) -> None:
+    """A PNG of one head's weights with every token labelled (every k-th past 48 tokens) and a colour bar."""
+    from .experiments.common import pyplot, save_figure
+
+    _check_layer_head(maps, layer, head)
+    plt = pyplot()
+    t = len(maps.tokens)
+    side = min(14.0, 3.0 + 0.28 * min(t, 48))
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    image = _draw_head(ax, maps.head(layer, head), maps.tokens, 48, x_labels=True, y_labels=True, fontsize=8)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query (attending)")
+    ax.set_title(f"layer {layer}, head {head}")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="attention weight")
+    fig.tight_layout()
+    save_figure(fig, _as_path(path))
+
+
+def _as_path(path):
+    from pathlib import Path
+
+    return Path(path)
+
+
+# ----------------------------------------------------------------- JSON and HTML
+
+
+def _rounded(weights: torch.Tensor, digits: int) -> list:
+    """A ``(1, H, T, T)`` tensor as nested lists of floats rounded to ``digits`` decimals."""
+    return [[[[round(v, digits) for v in row] for row in head] for head in batch] for batch in weights.tolist()]
+
+
+def attention_json(maps: AttentionMaps, digits: int = 5) -> dict:
+    """bertviz's ``head_view`` layout: ``{"tokens": [...], "attention": [layer → (1, H, T, T) lists]}``.
+
+    Load it back with ``head_view([torch.tensor(a) for a in d["attention"]], d["tokens"])``.
+    """
+    return {
+        "tokens": list(maps.tokens),
+        "attention": [_rounded(w, digits) for w in maps.weights],  # per layer: (1, H, T, T)
+    }
+
+
+_HTML_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>__TITLE__</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.2em; }
+.controls { margin: 0.8em 0; }
+.controls label { margin-right: 1.2em; }
+.tokens { line-height: 2.2; font-family: ui-monospace, monospace; max-width: 60em; }
+.tok { padding: 0.15em 0.25em; margin: 0 1px; border-radius: 3px; cursor: default; white-space: pre;
+       border: 1px solid #ddd; }
+.tok.query { outline: 2px solid #d33; }
+table.map { border-collapse: collapse; margin-top: 1em; font-family: ui-monospace, monospace; font-size: 11px; }
+table.map td { width: 16px; height: 16px; padding: 0; }
+table.map th { font-weight: normal; white-space: pre; padding: 0 4px; }
+table.map th.col { writing-mode: vertical-rl; transform: rotate(180deg); text-align: left; }
+table.map tr.hl th { color: #d33; font-weight: bold; }
+#info { color: #555; margin-top: 0.5em; min-height: 1.2em; }
+</style>
+</head>
+<body>
+<h1>__TITLE__</h1>
+<div class="controls">
+<label>layer <select id="layer"></select></label>
+<label>head <select id="head"></select></label>
+</div>
+<p>Hover a token: the others are shaded by how much attention it gives them (its row of the map below).</p>
+<div class="tokens" id="tokens"></div>
+<div id="info"></div>
+<table class="map" id="map"></table>
+<script id="attention-data" type="application/json">__DATA__</script>
+<script>
+(function () {
+  var data = JSON.parse(document.getElementById("attention-data").textContent);
+  var tokens = data.tokens, attention = data.attention;
+  var layerSel = document.getElementById("layer"), headSel = document.getElementById("head");
+  var tokBox = document.getElementById("tokens"), info = document.getElementById("info");
+  var table = document.getElementById("map");
+  function shown(t) { return t.replace(/ /g, "\\u2423").replace(/\\n/g, "\\\\n").replace(/\\t/g, "\\\\t"); }
+  function colour(w) { var l = Math.round(100 - 55 * w); return "hsl(215, 80%, " + l + "%)"; }
+  function option(sel, n) {
+    for (var i = 0; i < n; i++) { var o = document.createElement("option"); o.value = i; o.textContent = i; sel.appendChild(o); }
+  }
+  option(layerSel, attention.length);
+  option(headSel, attention[0][0].length);
+  function weights() { return attention[+layerSel.value][0][+headSel.value]; }
+  var spans = tokens.map(function (t, i) {
+    var s = document.createElement("span");
+    s.className = "tok"; s.textContent = shown(t);
+    s.addEventListener("mouseenter", function () { focus(i); });
+    s.addEventListener("mouseleave", clear);
+    tokBox.appendChild(s);
+    return s;
+  });
+  function focus(q) {
+    var row = weights()[q];
+    spans.forEach(function (s, k) {
+      s.classList.toggle("query", k === q);
+      s.style.background = k <= q ? colour(row[k]) : "";
+      s.style.color = k <= q && row[k] > 0.6 ? "#fff" : "";
+    });
+    var best = 0;
+    for (var k = 1; k <= q; k++) { if (row[k] > row[best]) best = k; }
+    info.textContent = "token " + q + " \\u201c" + shown(tokens[q]) + "\\u201d attends most to token " + best +
+      " \\u201c" + shown(tokens[best]) + "\\u201d (" + row[best].toFixed(3) + ")";
+    Array.prototype.forEach.call(table.rows, function (r, i) { r.classList.toggle("hl", i === q + 1); });
+  }
+  function clear() {
+    spans.forEach(function (s) { s.classList.remove("query"); s.style.background = ""; s.style.color = ""; });
+    info.textContent = "";
+    Array.prototype.forEach.call(table.rows, function (r) { r.classList.remove("hl"); });
+  }
+  function drawTable() {
+    var w = weights();
+    table.innerHTML = "";
+    var head = table.insertRow(); head.appendChild(document.createElement("th"));
+    tokens.forEach(function (t) { var th = document.createElement("th"); th.className = "col"; th.textContent = shown(t); head.appendChild(th); });
+    w.forEach(function (row, q) {
+      var tr = table.insertRow();
+      var th = document.createElement("th"); th.textContent = shown(tokens[q]); tr.appendChild(th);
+      row.forEach(function (v, k) {
+        var td = tr.insertCell();
+        td.style.background = k <= q ? colour(v) : "#fafafa";
+        td.title = shown(tokens[q]) + " \\u2192 " + shown(tokens[k]) + ": " + v.toFixed(4);
+      });
+      tr.addEventListener("mouseenter", function () { focus(q); });
+      tr.addEventListener("mouseleave", clear);
+    });
+  }
+  layerSel.addEventListener("change", drawTable);
+  headSel.addEventListener("change", drawTable);
+  drawTable();
+})();
+</script>
+</body>
+</html>
+"""
+
+
+def attention_html(maps: AttentionMaps, title: str = "Attention weights") -> str:
+    """One self-contained HTML page (inline CSS and JavaScript, no network) to explore the maps.
+
+    Pick a layer and a head; hovering a token (or a row of the map) shades every earlier
+    token by the weight the hovered one gives it. The data sits in the page as bertviz's
+    JSON layout; ``<``, ``>``, ``&`` and ``/`` are escaped so no token can end the script.
+    """
+    import html
+    import json
+
+    data = json.dumps(attention_json(maps, digits=4), ensure_ascii=True, separators=(",", ":"))
+    data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("/", "\\/")
+    return _HTML_PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
+
+
+def write_attention_outputs(
+    maps: AttentionMaps,
+    out_dir,
+    *,
+    layers: Optional[Sequence[int]] = None,
+    heads: Optional[Sequence[int]] = None,
+    html_page: bool = False,
+    json_file: bool = False,
+    title: str = "",
+) -> list:
+    """Write ``grid.png``, ``layer{L}_head{H}.png`` for the chosen layers × heads (when any
+    is chosen; the other axis defaults to all), and ``attention.html`` / ``attention.json``
+    when asked. Returns the paths written."""
+    import json
+
+    out = _as_path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen_layers = list(layers) if layers else []
+    chosen_heads = list(heads) if heads else []
+    if chosen_layers or chosen_heads:
+        chosen_layers = chosen_layers or list(range(maps.n_layers))
+        chosen_heads = chosen_heads or list(range(maps.n_heads))
+        for layer in chosen_layers:
+            for head in chosen_heads:
+                _check_layer_head(maps, layer, head)
+    written = []
+    plot_attention_grid(maps, out / "grid.png", title=title)
+    written.append(out / "grid.png")
+    for layer in chosen_layers:
+        for head in chosen_heads:
+            path = out / f"layer{layer}_head{head}.png"
+            plot_attention_head(maps, layer, head, path)
+            written.append(path)
+    if html_page:
+        path = out / "attention.html"
+        path.write_text(attention_html(maps, title or "Attention weights"), encoding="utf-8")
+        written.append(path)
+    if json_file:
+        path = out / "attention.json"
+        path.write_text(json.dumps(attention_json(maps)), encoding="utf-8")
+        written.append(path)
+    return written

@@ -1,0 +1,41 @@
+"""Experiments that turn open questions about attention into runs anyone can repeat.
+
+Each module trains a few small models that differ in one thing and writes a report
+(``report.md``, ``results.json``, PNG plots) under ``out_dir/<name>/``:
+
+* ``scaling``   – with and without the 1/√d_k factor, at several head sizes;
+* ``positions`` – learned, sinusoidal, RoPE, ALiBi and no positions, also past the training context;
+* ``heads``     – 1, 2, 4, 8 heads at a fixed width, and how different the heads' patterns are;
+* ``batching``  – throughput and loss against batch size at a fixed token budget, and proof
+  that the sequences of a batch do not see each other.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ConfigError
+from .common import MODES, Report
+
+NAMES = ("scaling", "positions", "heads", "batching")
+
+
+def summaries() -> dict[str, str]:
+    """Each experiment's one-line description, by name."""
+    return {name: importlib.import_module(f"{__name__}.{name}").SUMMARY for name in NAMES}
+
+
+def run_experiment(name: str, mode: str = "full", out_dir: str | Path = "experiments", device: str = "auto",
+                   seed: int = 1337, data: Optional[str] = None) -> Report:
+    """Run one experiment and return its report (also written to ``out_dir/<name>/``)."""
+    from ..runtime import setup_runtime
+
+    if name not in NAMES:
+        raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(NAMES)} (see --list)")
+    if mode not in MODES:
+        raise ConfigError(f"experiment mode must be one of {MODES}, got {mode!r}")
+    runtime = setup_runtime(device, "auto")
+    module = importlib.import_module(f"{__name__}.{name}")
+    return module.run(mode, Path(out_dir), runtime, seed=seed, data_path=data)

@@ -1,0 +1,426 @@
+"""What every experiment shares: sizes per mode, data, a small training loop, the report.
+
+An experiment is a function ``run(mode, out_dir, runtime, seed) -> dict`` that trains a few
+small models which differ in one thing, measures them, and writes ``out_dir/<name>/``:
+
+* ``report.md``: what was run, the results tables, the plots and a few sentences of
+  findings written from the numbers (never canned);
+* ``results.json``: the same tables, findings and settings (every number the report
+  shows, stored already rounded so the two agree digit for digit), plus the series the
+  plots draw;
+* the PNG plots.
+
+Three sizes (``mode``): ``tiny`` (seconds, a synthetic corpus; the tests use it),
+``quick`` (a few minutes on a 2-core CPU, the built-in corpus with a character tokenizer)
+and ``full`` (meant for a GPU: bigger models, a BPE tokenizer, more steps).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..data import eval_windows, gather_windows, load_corpus, prepare_tokens, window_starts, Corpus, TokenSplits
+from ..errors import ConfigError
+from ..model import GPT, GPTConfig
+from ..runtime import Runtime, seed_everything
+from ..tokenizer import Tokenizer, build_tokenizer
+
+MODES = ("tiny", "quick", "full")
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class Size:
+    """The data, model and training sizes of one mode; experiments vary one thing on top."""
+
+    corpus: str  # "synthetic" or "builtin"
+    tokenizer: str  # "char" or "bpe"
+    vocab_size: int  # for "bpe"
+    context_length: int
+    emb_dim: int
+    n_layers: int
+    n_heads: int
+    steps: int
+    batch_size: int
+    lr: float
+    eval_every: int
+    eval_windows: int  # validation windows per evaluation
+
+    def model_config(self, vocab_size: int, **overrides: Any) -> GPTConfig:
+        """A GPTConfig of this size (no dropout, tied embeddings), with ``overrides`` applied."""
+        base = dict(
+            vocab_size=vocab_size, context_length=self.context_length, emb_dim=self.emb_dim,
+            n_layers=self.n_layers, n_heads=self.n_heads, drop_rate=0.0, tie_weights=True,
+        )
+        return GPTConfig.from_preset("test", **{**base, **overrides})
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.context_length
+
+
+SIZES: dict[str, Size] = {
+    "tiny": Size("synthetic", "char", 0, context_length=16, emb_dim=32, n_layers=2, n_heads=2,
+                 steps=20, batch_size=8, lr=3e-3, eval_every=10, eval_windows=16),
+    "quick": Size("builtin", "char", 0, context_length=64, emb_dim=64, n_layers=2, n_heads=4,
+                  steps=150, batch_size=16, lr=3e-3, eval_every=25, eval_windows=32),
+    "full": Size("builtin", "bpe", 4096, context_length=256, emb_dim=512, n_layers=6, n_heads=8,
+                 steps=3000, batch_size=32, lr=1e-3, eval_every=250, eval_windows=256),
+}
+
+
+def check_mode(mode: str) -> Size:
+    if mode not in SIZES:
+        raise ConfigError(f"experiment mode must be one of {MODES}, got {mode!r}")
+    return SIZES[mode]
+
+
+# --------------------------------------------------------------------------- data
+
+
+SYNTHETIC_WORDS = (
+    "the king said unto them and it came to pass that he went into the city of david "
+    "with his sons for the lord had spoken these words in the house of israel"
+).split()
+
+
+def synthetic_corpus(n_chars: int = 40_000, seed: int = 0) -> Corpus:
+    """A small deterministic text of short sentences from a 30-word vocabulary.
+
+    It has structure a tiny model can learn in seconds (spelling, word order, the period
+    and newline after each sentence), so the tiny mode exercises real learning without
+    reading the built-in corpus.
+    """
+    rng = random.Random(seed)
+    lines, size = [], 0
+    while size < n_chars:
+        words = [rng.choice(SYNTHETIC_WORDS) for _ in range(rng.randint(4, 10))]
+        line = " ".join(words).capitalize() + "."
+        lines.append(line)
+        size += len(line) + 1
+    return Corpus("\n".join(lines), [], "synthetic")
+
+
+@dataclass
+class ExperimentData:
+    """Token splits, the tokenizer, and each token's UTF-8 length (for bits per byte)."""
+
+    splits: TokenSplits
+    tokenizer: Tokenizer
+    byte_lengths: torch.Tensor  # (vocab_size,) int64
+    corpus_name: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+
+def load_data(size: Size, cache_dir: Path, data: Optional[str] = None) -> ExperimentData:
+    """The corpus of ``size`` (or ``data``), its tokenizer, and token files cached under ``cache_dir``."""
+    if data is not None:
+        corpus = load_corpus(data)
+    elif size.corpus == "synthetic":
+        corpus = synthetic_corpus()
+    else:
+        corpus = load_corpus(None)
+    tokenizer = build_tokenizer(size.tokenizer, corpus.text, vocab_size=size.vocab_size or 4096)
+    splits = prepare_tokens(corpus, tokenizer, cache_dir, val_fraction=0.1)
+    lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.int64)
+    return ExperimentData(splits, tokenizer, lengths, corpus.name)
+
+
+def validation_batches(data: ExperimentData, context_length: int, n_windows: int, seed: int,
+                       batch_size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Fixed, seeded validation windows of ``context_length`` tokens: the same for every model."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return eval_windows(data.splits.val, context_length, n_windows=n_windows, generator=gen, batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainLog:
+    """What one training run recorded."""
+
+    eval_steps: list[int] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)  # at eval_steps
+    train_losses: list[float] = field(default_factory=list)  # every step
+    grad_norms: list[float] = field(default_factory=list)  # every step, before clipping
+    qkv_grad_norms: list[float] = field(default_factory=list)  # every step: the Q, K, V projections
+    train_seconds: float = 0.0  # time in training steps only (evaluations excluded)
+    tokens: int = 0
+
+    @property
+    def final_val_loss(self) -> float:
+        return self.val_losses[-1]
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.train_seconds, 1e-9)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime) -> float:
+    """Mean next-token cross-entropy (nats per token) over ``batches``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(runtime.device), y.to(runtime.device)  # (B, T) each
+        with runtime.autocast():
+            logits = model(x)  # (B, T, V)
+        total += torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
+        ).item()
+        count += y.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def loss_by_position(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     runtime: Runtime) -> list[float]:
+    """Mean cross-entropy at each position of the windows: ``(T,)`` as a list."""
+    model.eval()
+    total, count = None, 0
+    for x, y in batches:
+        x, y = x.to(runtime.device), y.to(runtime.device)  # (B, T) each
+        with runtime.autocast():
+            logits = model(x)  # (B, T, V)
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), y, reduction="none"
+        )  # (B, T)
+        total = nll.sum(0) if total is None else total + nll.sum(0)
+        count += y.shape[0]
+    return (total / count).tolist()
+
+
+def _grad_norm(params: list[torch.Tensor]) -> float:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+def train_model(
+    model: GPT,
+    data: ExperimentData,
+    runtime: Runtime,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    eval_every: int,
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]],
+) -> TrainLog:
+    """Train ``model`` on random training windows with AdamW and the project's schedule.
+
+    The optimizer and learning-rate schedule are train.py's (``build_optimizer``,
+    ``lr_at``: warmup then cosine decay to lr/10), gradients are clipped to 1.0. The batch
+    order depends on ``seed`` only, so models trained with the same seed and batch size
+    see the same windows. Validation loss is measured every ``eval_every`` steps and at
+    the end; the gradient norm (before clipping) is logged every step.
+    """
+    from ..train import TrainConfig, build_optimizer, lr_at
+
+    context = model.cfg.context_length
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10,
+                      warmup_steps=max(1, steps // 20), grad_clip=1.0)
+    model.to(runtime.device).train()
+    optimizer = build_optimizer(model, cfg, runtime.device)
+    qkv_params = [block.attn.qkv.weight for block in model.blocks]
+    gen = torch.Generator().manual_seed(seed)
+    log = TrainLog()
+    n_train = len(data.splits.train)
+    for step in range(steps):
+        runtime.synchronize()
+        t0 = time.perf_counter()
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        starts = window_starts(n_train, batch_size, context, gen)
+        x, y = gather_windows(data.splits.train, starts, context)  # (B, T) each
+        x, y = x.to(runtime.device), y.to(runtime.device)
+        with runtime.autocast():
+            loss = model(x, y)
+        loss.backward()
+        log.qkv_grad_norms.append(_grad_norm(qkv_params))
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.train_losses.append(loss.item())  # the .item() syncs, so the timing is honest
+        log.grad_norms.append(float(norm))
+        log.train_seconds += time.perf_counter() - t0
+        log.tokens += batch_size * context
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            log.eval_steps.append(step + 1)
+            log.val_losses.append(mean_loss(model, val_batches, runtime))
+    model.eval()
+    return log
+
+
+def fresh_model(cfg: GPTConfig, seed: int, runtime: Runtime) -> GPT:
+    """A GPT built right after seeding, so equal configs start from equal weights."""
+    seed_everything(seed)
+    return GPT(cfg).to(runtime.device)
+
+
+def probe_batch(data: ExperimentData, context_length: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Fixed validation windows ``(B, T)`` for measuring attention (scores, entropy, diversity)."""
+    gen = torch.Generator().manual_seed(seed + 2)
+    starts = window_starts(len(data.splits.val), batch_size, context_length, gen)
+    x, _ = gather_windows(data.splits.val, starts, context_length)
+    return x  # (B, T)
+
+
+# --------------------------------------------------------------------------- numbers and findings
+
+
+def r4(x: float) -> float:
+    """Round to 4 decimals: the precision tables show losses and entropies with."""
+    return round(float(x), 4)
+
+
+def sig(x: float, digits: int = 3) -> float:
+    """Round to ``digits`` significant digits (for numbers of any magnitude, e.g. 3.2e-07)."""
+    x = float(x)
+    if x == 0.0 or not math.isfinite(x):
+        return x
+    return float(f"{x:.{digits}g}")
+
+
+def show(value: Any) -> str:
+    """How a table cell or a number in a finding is written: ``None`` is ``n/a``."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def pct(new: float, old: float) -> str:
+    """``new`` relative to ``old`` as a signed percentage, e.g. ``+3.1%``."""
+    if old == 0:
+        return "n/a"
+    return f"{100.0 * (new - old) / abs(old):+.1f}%"
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Table:
+    """A results table: a title, column names and rows of numbers, strings or ``None`` (n/a)."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+
+    def markdown(self) -> str:
+        lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
+                 "|" + "|".join("---" for _ in self.columns) + "|"]
+        lines += ["| " + " | ".join(show(v) for v in row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "columns": self.columns, "rows": self.rows}
+
+
+@dataclass
+class Report:
+    """Everything an experiment writes: text, tables, plots, findings and plotted series."""
+
+    name: str
+    title: str
+    question: str  # one paragraph: what the experiment asks and how
+    settings: dict[str, Any]
+    tables: list[Table] = field(default_factory=list)
+    plots: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    findings: list[str] = field(default_factory=list)
+    series: dict[str, Any] = field(default_factory=dict)  # the data behind the plots
+
+    def markdown(self) -> str:
+        parts = [f"# {self.title}", "", self.question, "", "## What was run", ""]
+        parts += [f"- {k}: {show(v)}" for k, v in self.settings.items()]
+        parts += ["", "## Results", ""]
+        for table in self.tables:
+            parts += [table.markdown(), ""]
+        for file, caption in self.plots:
+            parts += [f"![{caption}]({file})", "", f"*{caption}*", ""]
+        parts += ["## Findings", ""]
+        parts += [f"- {f}" for f in self.findings]
+        parts += ["", f"Rerun: `llmscratch experiment {self.name}"
+                  + {"quick": " --quick", "tiny": " --tiny", "full": ""}[self.settings.get("mode", "full")] + "`", ""]
+        return "\n".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "experiment": self.name, "title": self.title, "settings": self.settings,
+            "tables": [t.to_dict() for t in self.tables], "findings": self.findings,
+            "plots": [file for file, _ in self.plots], "series": self.series,
+        }
+
+    def write(self, folder: Path) -> Path:
+        """Write ``report.md`` and ``results.json`` into ``folder`` (atomically); return the report's path."""
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_text(folder / "results.json", json.dumps(self.to_dict(), indent=2) + "\n")
+        _write_text(folder / "report.md", self.markdown())
+        return folder / "report.md"
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def base_settings(mode: str, size: Size, data: ExperimentData, runtime: Runtime, seed: int) -> dict[str, Any]:
+    """The settings every report lists: mode, data, model size, training length, device."""
+    return {
+        "mode": mode,
+        "corpus": f"{data.corpus_name} ({len(data.splits.train):,} training / {len(data.splits.val):,} validation tokens)",
+        "tokenizer": f"{data.tokenizer.kind} ({data.vocab_size} tokens)",
+        "model": f"{size.n_layers} layers, {size.emb_dim} dims, context {size.context_length}, no dropout, tied embeddings",
+        "training": f"{size.steps} steps of {size.batch_size} windows, AdamW, peak lr {size.lr}, warmup then cosine decay, "
+                    "gradient clipping at 1.0",
+        "validation": f"{size.eval_windows} fixed windows of the held-out tail of the corpus, loss in nats per token",
+        "device": f"{runtime.device} ({runtime.precision})",
+        "seed": seed,
+    }
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a figure as PNG (atomically) and close it."""
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    pyplot().close(fig)
+    os.replace(tmp, path)
+
+
+ExperimentFn = Callable[..., Report]

@@ -1,0 +1,146 @@
+"""The experiments in their tiny mode: reports, results.json, plots, and the behaviour they demonstrate."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmscratch.cli import main
+from llmscratch.errors import ConfigError
+from llmscratch.experiments import NAMES, run_experiment
+from llmscratch.experiments.common import (
+    SIZES, fresh_model, load_data, show, synthetic_corpus, train_model, validation_batches,
+)
+from llmscratch.runtime import setup_runtime
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = Path(path).read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory) -> Path:
+    """Every experiment run once in tiny mode (batching through the CLI)."""
+    out = tmp_path_factory.mktemp("experiments")
+    for name in ("scaling", "positions", "heads"):
+        run_experiment(name, "tiny", out, device="cpu", seed=3)
+    assert main(["experiment", "batching", "--tiny", "--out", str(out), "--device", "cpu", "--seed", "3"]) == 0
+    return out
+
+
+def results(outputs: Path, name: str) -> dict:
+    return json.loads((outputs / name / "results.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_report_shows_exactly_the_numbers_of_results_json(outputs, name):
+    folder = outputs / name
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    data = results(outputs, name)
+    assert data["experiment"] == name and data["settings"]["mode"] == "tiny"
+    for table in data["tables"]:
+        header = "| " + " | ".join(table["columns"]) + " |"
+        assert header in report
+        for row in table["rows"]:
+            assert "| " + " | ".join(show(v) for v in row) + " |" in report  # the row, cell by cell
+    assert 2 <= len(data["findings"]) <= 4
+    for finding in data["findings"]:
+        assert f"- {finding}" in report
+    # Every plot is embedded, exists and is a PNG of the figure's size.
+    assert data["plots"]
+    for file in data["plots"]:
+        assert f"]({file})" in report
+        width, height = png_size(folder / file)
+        assert (width, height) in {(700, 420), (1000, 400), (800, 420)}
+
+
+def test_findings_are_written_from_the_numbers(outputs):
+    data = results(outputs, "heads")
+    losses = {row[0]: row[3] for row in data["tables"][0]["rows"]}
+    assert all(f"{n} → {loss}" in data["findings"][0] for n, loss in losses.items())
+
+
+def test_scaling_without_the_factor_spreads_the_scores_by_sqrt_dk(outputs):
+    rows = results(outputs, "scaling")["tables"][0]["rows"]
+    by = {(r[0], r[2]): r for r in rows}  # (head dim, scaled) → row
+    for d in {r[0] for r in rows}:
+        ratio = by[d, False][4] / by[d, True][4]  # score std at init, same initial weights
+        assert ratio == pytest.approx(math.sqrt(d), rel=0.15)
+        for r in (by[d, True], by[d, False]):
+            assert 0 < r[6] <= math.log(SIZES["tiny"].context_length)  # entropy within bounds
+            assert r[7] > 0 and r[8] > 0  # gradient norms were recorded
+    per_layer = results(outputs, "scaling")["tables"][1]["rows"]
+    assert len(per_layer) == len(rows) * SIZES["tiny"].n_layers
+
+
+def test_positions_learned_cannot_go_past_the_context(outputs):
+    data = results(outputs, "positions")
+    rows = {r[0]: r for r in data["tables"][0]["rows"]}
+    assert set(rows) == {"learned", "sinusoidal", "rope", "alibi", "none"}
+    assert rows["learned"][3:] == [None, None, None]
+    for kind in ("sinusoidal", "rope", "alibi", "none"):
+        assert all(isinstance(v, float) and 0 < v < 10 for v in rows[kind][2:])
+    assert rows["learned"][1] > rows["rope"][1] == rows["alibi"][1] == rows["none"][1]  # only learned adds weights
+    assert "n/a" in (outputs / "positions" / "report.md").read_text(encoding="utf-8")
+    by_pos = data["series"]["rope"]["loss_by_position"]
+    assert len(by_pos) == 4 * SIZES["tiny"].context_length
+
+
+def test_heads_diversity_is_a_divergence_and_na_for_one_head(outputs):
+    rows = results(outputs, "heads")["tables"][0]["rows"]
+    assert [r[0] for r in rows] == [1, 2, 4]
+    assert len({r[2] for r in rows}) == 1  # same parameter count at a fixed width
+    assert rows[0][4:] == [None] * (len(rows[0]) - 4)
+    for r in rows[1:]:
+        assert all(0.0 <= v <= 1.0 for v in r[4:])
+
+
+def test_batching_equal_budget_and_independent_sequences(outputs):
+    train, checks = results(outputs, "batching")["tables"]
+    assert len({r[2] for r in train["rows"]}) == 1  # every batch size saw the same number of tokens
+    assert [r[0] for r in train["rows"]] == [4, 8]
+    diffs = {name: diff for name, diff in checks["rows"]}
+    control = diffs.pop(next(n for n in diffs if n.startswith("control")))
+    assert len(diffs) == 4 and max(diffs.values()) < 1e-5
+    assert control > 1e-3
+
+
+def test_training_is_seeded():
+    size = SIZES["tiny"]
+    runtime = setup_runtime("cpu")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = load_data(size, Path(tmp))
+        val = validation_batches(data, size.context_length, 4, seed=0)
+        logs = []
+        for _ in range(2):
+            model = fresh_model(size.model_config(data.vocab_size), 0, runtime)
+            logs.append(train_model(model, data, runtime, steps=4, batch_size=4, lr=1e-3, seed=0, eval_every=2,
+                                    val_batches=val))
+    assert logs[0].train_losses == logs[1].train_losses
+    assert logs[0].val_losses == logs[1].val_losses
+    assert logs[0].val_losses[-1] < math.log(data.vocab_size)  # it learned something
+
+
+def test_synthetic_corpus_is_deterministic():
+    assert synthetic_corpus(2000, seed=1).text == synthetic_corpus(2000, seed=1).text
+    assert synthetic_corpus(2000, seed=1).text != synthetic_corpus(2000, seed=2).text
+
+
+def test_cli_list_and_errors(capsys):
+    assert main(["experiment", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(NAMES)
+    assert main(["experiment", "bogus", "--tiny"]) == 2
+    assert "unknown experiment 'bogus'" in capsys.readouterr().err
+    assert main(["experiment"]) == 2
+    with pytest.raises(ConfigError, match="mode"):
+        run_experiment("heads", "huge")
