@@ -302,3 +302,52 @@ def test_cli_help_lists_the_options():
     assert result.returncode == 0
     for option in ("--batch", "--heads", "--d-out", "--seed", "--no-scale", "--max-values"):
         assert option in result.stdout
+
+
+# --------------------------------------------------------------------------- explain --run
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "sinusoidal", "rope", "alibi", "none"])
+def test_trace_run_equals_the_models_own_first_attention_layer(tmp_path, pos_emb):
+    from llmscratch.checkpoint import save_run
+    from llmscratch.inspect import trace_run
+    from llmscratch.model import GPT, GPTConfig
+    from llmscratch.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("test", vocab_size=tok.vocab_size, pos_emb=pos_emb, qkv_bias=True)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # far from the init, so every step matters
+    save_run(tmp_path, model, tokenizer=tok)
+
+    captured = {}
+    model.blocks[0].attn.register_forward_hook(lambda m, i, o: captured.setdefault("out", o))
+    text = "bad cafe"
+    with torch.no_grad():
+        model(torch.tensor([tok.encode(text)]))
+    labels, steps = trace_run(tmp_path, text)
+    assert labels == [list(text)]
+    torch.testing.assert_close(steps[-1].tensor, captured["out"], rtol=1e-5, atol=1e-5)
+    names = [s.name for s in steps]
+    assert ("RoPE(Q)" in names) == (pos_emb == "rope")
+    assert ("+ ALiBi bias" in names) == (pos_emb == "alibi")
+    assert ("+ positions" in names) == (pos_emb in ("learned", "sinusoidal"))
+
+
+def test_explain_run_cli_prints_the_check(tmp_path):
+    from llmscratch.checkpoint import save_run
+    from llmscratch.model import GPT, GPTConfig
+    from llmscratch.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    torch.manual_seed(0)
+    save_run(tmp_path, GPT(GPTConfig.from_preset("test", vocab_size=tok.vocab_size)), tokenizer=tok)
+    r = subprocess.run([sys.executable, "-m", "llmscratch", "explain", "--run", str(tmp_path), "bad cafe"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "attention weights" in r.stdout and "check: the model's own block-0 attention" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "llmscratch", "explain", "--run", str(tmp_path), "xyz"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "not in the vocabulary" in bad.stderr

@@ -32,8 +32,11 @@ def command(name: str):
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from .inspect import explain
+    from .inspect import explain, explain_run
 
+    if args.run:
+        explain_run(args.run, args.sentence, max_values=args.max_values, out=sys.stdout)
+        return 0
     explain(
         args.sentence, batch=args.batch, heads=args.heads, d_out=args.d_out, seed=args.seed,
         scale=not args.no_scale, max_values=args.max_values, out=sys.stdout,
@@ -56,6 +59,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heads", type=int, default=2, help="number of attention heads (default 2)")
     p.add_argument("--d-out", type=int, default=4, help="total output width, split across heads (default 4)")
     p.add_argument("--seed", type=int, default=123, help="seed for the projection weights (default 123)")
+    p.add_argument("--run", metavar="RUN_DIR",
+                   help="trace a trained model's first attention layer on its real tokens and weights")
     p.add_argument("--no-scale", action="store_true", help="leave out the 1/sqrt(d_k) scaling of the scores")
     p.add_argument("--max-values", type=int, default=144, metavar="N",
                    help="print a tensor's values when it has at most N elements; 0 prints shapes only (default 144)")

@@ -248,6 +248,121 @@ def _number(v: float) -> str:
     return "0.0000" if text == "-0.0000" else text
 
 
+@torch.no_grad()
+def trace_run(run_dir, sentence: str) -> tuple[list[list[str]], list[TraceStep]]:
+    """Trace a trained model's first attention layer on the real tokens of ``sentence``.
+
+    Embeddings, the first LayerNorm, the Q/K/V projections (split from the fused ``qkv``
+    weight), heads, position handling (RoPE rotation or ALiBi bias), scores, mask, weights,
+    context and the output projection, all from the run's own weights. The last step
+    equals the first block's attention output inside the model's forward pass.
+    """
+    from .checkpoint import load_run
+    from .positions import alibi_bias, apply_rope, rope_cos_sin, sinusoidal_embedding
+
+    model, tokenizer, _ = load_run(run_dir)
+    if tokenizer is None:
+        raise ConfigError(f"{run_dir} has no tokenizer files, so the sentence cannot be turned into tokens")
+    cfg = model.cfg
+    ids = tokenizer.encode(sentence)
+    if not ids:
+        raise ConfigError("the sentence is empty: give some text to trace")
+    ids = ids[-cfg.context_length :]
+    labels = [[repr(tokenizer.decode([i]))[1:-1] or "·" for i in ids]]
+    idx = torch.tensor([ids])  # (B=1, T)
+    b, t = idx.shape
+    h, d, c = cfg.n_heads, cfg.head_dim, cfg.emb_dim
+    steps: list[TraceStep] = []
+
+    def add(name: str, dims: tuple[str, ...], meaning: str, tensor: torch.Tensor) -> torch.Tensor:
+        steps.append(TraceStep(name, tuple(tensor.shape), meaning, tensor.detach().clone(), dims))
+        return tensor
+
+    x = add("token embeddings", ("B", "T", "C"), "row idx of tok_emb for each token", model.tok_emb(idx))
+    positions = torch.arange(t)
+    if cfg.pos_emb == "learned":
+        x = add("+ positions", ("B", "T", "C"), "plus row t of the learned pos_emb (absolute, GPT-2)",
+                x + model.pos_emb(positions))
+    elif cfg.pos_emb == "sinusoidal":
+        x = add("+ positions", ("B", "T", "C"), "plus fixed sines and cosines of the position",
+                x + sinusoidal_embedding(positions, c))
+    block = model.blocks[0]
+    x = add("norm1(x)", ("B", "T", "C"), "block 0's LayerNorm: each token's vector to mean 0, variance 1", block.norm1(x))
+    w_q, w_k, w_v = block.attn.qkv.weight.split(c, dim=0)  # 3 × (C, C), nn.Linear's (out, in) layout
+    b_q = b_k = b_v = None
+    if block.attn.qkv.bias is not None:
+        b_q, b_k, b_v = block.attn.qkv.bias.split(c)
+    q = add("Q = x·W_q", ("B", "T", "C"), "queries (W_q is the first third of the fused qkv weight)", _linear(x, w_q.T, b_q))
+    k = add("K = x·W_k", ("B", "T", "C"), "keys (second third)", _linear(x, w_k.T, b_k))
+    v = add("V = x·W_v", ("B", "T", "C"), "values (last third)", _linear(x, w_v.T, b_v))
+
+    def split(t_: torch.Tensor) -> torch.Tensor:
+        return t_.view(b, t, h, d).transpose(1, 2)  # (B, T, C) → (B, T, H, d) → (B, H, T, d)
+
+    q = add("Q heads", ("B", "H", "T", "d"), f"C split into {h} heads of d = {d}", split(q))
+    k = add("K heads", ("B", "H", "T", "d"), "the same split for the keys", split(k))
+    v = add("V heads", ("B", "H", "T", "d"), "the same split for the values", split(v))
+    if cfg.pos_emb == "rope":
+        cos, sin = rope_cos_sin(positions, d, cfg.rope_base)
+        q = add("RoPE(Q)", ("B", "H", "T", "d"), "queries rotated by an angle proportional to the position", apply_rope(q, cos, sin))
+        k = add("RoPE(K)", ("B", "H", "T", "d"), "keys rotated the same way: q·k now depends on the distance", apply_rope(k, cos, sin))
+    scores = add("scores Q·Kᵀ", ("B", "H", "T", "T"), "how well query i matches key j", q @ k.transpose(-2, -1))
+    factor = resolve_scale(cfg.scale_attn, d)
+    scaled = add("scaled scores", ("B", "H", "T", "T"),
+                 f"× {factor:.4f} (1/√{d})" if cfg.scale_attn else "× 1: this model was trained without scaling",
+                 scores * factor)
+    if cfg.pos_emb == "alibi":
+        scaled = add("+ ALiBi bias", ("B", "H", "T", "T"), "minus slope_h × distance: far keys count less",
+                     scaled + alibi_bias(model.alibi_slopes, t, t, scaled.device))
+    hidden = torch.ones(t, t, dtype=torch.bool).triu(1)  # (T, T), True above the diagonal = future
+    masked = add("causal mask", ("B", "H", "T", "T"), "future keys set to -inf", scaled.masked_fill(hidden, float("-inf")))
+    weights = add("attention weights", ("B", "H", "T", "T"), "softmax of each row", torch.softmax(masked, dim=-1))
+    context = add("context", ("B", "H", "T", "d"), "weights · V", weights @ v)
+    merged = context.transpose(1, 2).reshape(b, t, c)  # (B, H, T, d) → (B, T, H, d) → (B, T, C)
+    merged = add("merged heads", ("B", "T", "C"), "heads side by side again", merged)
+    add("output", ("B", "T", "C"), "merged · W_o + b_o: block 0's attention output (added to the residual)",
+        block.attn.out_proj(merged))
+    return labels, steps
+
+
+def explain_run(run_dir, sentence: str, *, max_values: int = MAX_VALUES, out: Optional[TextIO] = sys.stdout) -> list[TraceStep]:
+    """Print :func:`trace_run` for a trained run, checked against the model's own forward pass."""
+    from .checkpoint import load_model
+    from .model import _Step
+    from .tokenizer import load_tokenizer
+
+    labels, steps = trace_run(run_dir, sentence)
+    if out is not None:
+        model = load_model(run_dir)
+        cfg = model.cfg
+        header = [
+            f"The first attention layer of the trained model in {run_dir}, step by step.",
+            f"  B = 1   T = tokens ({len(labels[0])})   C = embedding width ({cfg.emb_dim})   "
+            f"H = heads ({cfg.n_heads})   d = head width ({cfg.head_dim})   positions: {cfg.pos_emb}",
+            "  tokens: " + " | ".join(labels[0]),
+            "  ids:    " + " ".join(str(i) for i in load_tokenizer(run_dir).encode(sentence)[-cfg.context_length:]),
+            f"  values shown for tensors of at most {max_values} elements" if max_values > 0 else "  shapes only",
+            "",
+        ]
+        out.write(format_trace(steps, labels, header=header, max_values=max_values))
+        with torch.no_grad():
+            x = steps[0].tensor if cfg.pos_emb not in ("learned", "sinusoidal") else steps[1].tensor
+            step = _Step()
+            if cfg.pos_emb == "rope":
+                from .positions import rope_cos_sin
+
+                step.rope = rope_cos_sin(torch.arange(x.shape[1]), cfg.head_dim, cfg.rope_base)
+            elif cfg.pos_emb == "alibi":
+                from .positions import alibi_bias
+
+                step.alibi = alibi_bias(model.alibi_slopes, x.shape[1], x.shape[1], x.device)
+            block = model.blocks[0]
+            reference = block.attn(block.norm1(x.float()), step)
+        diff = (reference - steps[-1].tensor).abs().max().item()
+        out.write(f"\ncheck: the model's own block-0 attention gives the same output (max |difference| {diff:.1e})\n")
+    return steps
+
+
 def explain(
     sentence: str = BOOK_SENTENCE,
     *,
