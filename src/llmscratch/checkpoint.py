@@ -223,20 +223,24 @@ def _unwrap(model: nn.Module) -> GPT:
     return model
 
 
-def _state_dict_for_file(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's state dict with a tied head stored once (as ``tok_emb.weight``)."""
-    sd = dict(model.state_dict())
+def _state_dict_for_file(model: GPT, state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """The model's state dict (or ``state_dict``, gathered from shards) with a tied head stored once."""
+    sd = dict(model.state_dict() if state_dict is None else state_dict)
     if model.cfg.tie_weights:
         sd.pop("out_head.weight", None)
     return sd
 
 
-def save_model(run_dir: PathLike, model: nn.Module) -> None:
-    """Write ``config.json`` and ``model.safetensors`` into ``run_dir`` (created if needed), atomically."""
+def save_model(run_dir: PathLike, model: nn.Module,
+               state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Write ``config.json`` and ``model.safetensors`` into ``run_dir`` (created if needed), atomically.
+
+    ``state_dict``: the full weights when the model's own are FSDP shards (see distributed.py).
+    """
     run_dir = Path(run_dir)
     gpt = _unwrap(model)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(run_dir / WEIGHTS_FILE, _state_dict_for_file(gpt))
+    _write_safetensors(run_dir / WEIGHTS_FILE, _state_dict_for_file(gpt, state_dict))
     _write_text(run_dir / CONFIG_FILE, gpt.cfg.to_json() + "\n")
 
 
@@ -1053,12 +1057,17 @@ def _saved_eot_id(run_dir: Path) -> Optional[int]:
 def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
                       log: Callable[[str], None] = lambda message: None) -> Path:
     """Write the run's model as ``fmt``: ``"hf"`` (a directory for ``GPT2LMHeadModel.from_pretrained``,
-    with the run's GPT-2 tokenizer files) or ``"book"`` (a ``torch.save`` state dict for the
-    book's ``GPTModel``). Returns the path written."""
-    if fmt not in ("hf", "book"):
-        raise CheckpointError(f"unknown export format {fmt!r}; choose 'hf' or 'book'")
+    with the run's GPT-2 tokenizer files), ``"book"`` (a ``torch.save`` state dict for the
+    book's ``GPTModel``) or ``"run"`` (an ordinary run directory, consolidated from the sharded
+    checkpoint of an FSDP run). Returns the path written."""
+    from . import distributed  # sharded (FSDP) checkpoints; imported here: it imports this module
+
+    if fmt not in ("hf", "book", "run"):
+        raise CheckpointError(f"unknown export format {fmt!r}; choose 'hf', 'book' or 'run'")
     run_dir, out = Path(run_dir), Path(out)
-    model = load_model(run_dir)
+    if fmt == "run":
+        return distributed.consolidate(run_dir, out, log=log)
+    model = distributed.load_sharded(run_dir)[0] if distributed.latest_is_sharded(run_dir) else load_model(run_dir)
     if fmt == "hf":
         if out.exists() and not out.is_dir():
             raise CheckpointError(f"{out} is a file; the Hugging Face format is a directory")

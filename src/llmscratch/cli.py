@@ -78,6 +78,7 @@ _TRAIN_OPTIONS = (
     "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
     "eval_windows", "log_interval", "checkpoint_interval", "sample_tokens", "sample_prompt", "device",
     "precision", "compile", "seed", "time_budget", "stop_at", "out_dir", "name", "resume", "init_from",
+    "micro_batch", "fsdp",
 )
 
 
@@ -179,6 +180,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--steps", type=int, help="optimizer steps (default 1200)")
     g.add_argument("--batch-size", type=int, help="sequences per step, over all processes (default 16)")
     g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per step (default 1)")
+    g.add_argument("--micro-batch", type=int,
+                   help="windows per forward pass on each process (default --batch-size); the global batch "
+                   "stays batch-size × grad-accum and accumulation adapts to the number of processes")
     g.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
     g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
@@ -199,6 +203,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--time-budget", type=float, help="stop (and save) after this many seconds")
     g.add_argument("--stop-at", type=int, help="stop (and save) at this step as if interrupted; --resume continues")
     g.add_argument("--nproc", type=int, help="launch this many processes with torchrun (DDP) on this machine")
+    g.add_argument("--fsdp", action="store_const", const=True,
+                   help="under torchrun: shard weights, gradients and optimizer state with FSDP instead of DDP "
+                   "(see docs/distributed.md)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("run directory")
     g.add_argument("--out-dir", help="parent folder of run directories (default runs)")
@@ -362,7 +369,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir", help="the run directory to export")
     p.add_argument("out", help="output: a directory for --format hf, a file (e.g. model.pth) for --format book")
-    p.add_argument("--format", choices=("hf", "book"), default="hf", help="output format (default hf)")
+    p.add_argument("--format", choices=("hf", "book", "run"), default="hf",
+                   help="output format (default hf); run: an ordinary run directory, consolidated from the "
+                   "sharded checkpoint of an --fsdp run")
 
 
 # --------------------------------------------------------------------------- attention

@@ -1,10 +1,27 @@
-"""Multi-process training on PyTorch's own engine (torchrun + DistributedDataParallel).
+"""Multi-process training on PyTorch's own engine: torchrun, DistributedDataParallel and FSDP.
 
-Kept out of the model and out of the loop's logic: the training loop asks this module
-for a :class:`Group` (who am I, how many are we), wraps the model once, and uses
-:func:`maybe_no_sync` so gradient accumulation all-reduces only on the last micro-step.
+Kept out of the model and out of the loop's logic. The training loop asks this module for a
+:class:`Group` (who am I, how many are we), wraps the model once (:func:`wrap_model`: DDP, or
+FSDP's ``fully_shard`` with ``--fsdp``), takes this rank's share of every global batch
+(:func:`local_micro_batches`), syncs gradients only on the last micro-step
+(:func:`maybe_no_sync`), and saves and restores checkpoints through the functions here.
 
-Launched without torchrun, everything here is a no-op for a group of one process.
+The global batch of a step is ``batch_size × grad_accum`` windows, drawn from one seeded
+generator on every rank, so it is the same whatever the world size; each rank takes a
+disjoint, equal part and runs it in micro-batches of ``micro_batch`` windows (default
+``batch_size``): accumulation adapts to the number of processes, the arithmetic does not.
+
+Checkpoints:
+
+* one process or DDP: rank 0 writes the ordinary run directory (``model.safetensors``,
+  ``training_state.pt`` with the optimizer), the unwrapped model, readable by one process;
+* FSDP: every rank writes its shard through ``torch.distributed.checkpoint`` into
+  ``run_dir/sharded/`` (model, optimizer and a ``training_state.pt`` without the optimizer);
+  at the end of training rank 0 consolidates it into the ordinary files (:func:`consolidate`,
+  also what ``llmscratch export --format run`` does for a run that crashed).
+
+Resuming reads whichever checkpoint is newer, on any number of processes.
+Launched without torchrun, everything here acts for a group of one process.
 """
 
 from __future__ import annotations
@@ -12,12 +29,23 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import shutil
+import warnings
 from dataclasses import dataclass
-from typing import ContextManager
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Optional, Union
 
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
+
+from . import checkpoint as ckpt
+from .errors import CheckpointError, ConfigError
+from .model import GPT
+
+SHARDED_DIR = "sharded"  # the FSDP checkpoint inside a run directory
+_SHARDED_TMP = ".sharded.tmp"  # where the next one is written before it replaces the last
+_SHARDED_OLD = ".sharded.old"
 
 
 @dataclass
@@ -28,6 +56,7 @@ class Group:
     local_rank: int = 0
     world_size: int = 1
     backend: str = ""  # "nccl", "gloo", or "" when not distributed
+    device: str = "cpu"  # where collective tensors live: the rank's GPU for NCCL, the CPU for gloo
 
     @property
     def is_main(self) -> bool:
@@ -47,45 +76,43 @@ class Group:
             torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
         return tensor
 
+    def any(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag OR-ed over all processes, in one collective.
 
-def init() -> Group:
+        For rank-local reasons to stop (Ctrl-C, a time budget): every rank must stop at the
+        same step, or the others would wait forever in the next collective.
+        """
+        if not self.active:
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=self.device)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
+
+
+def init(device: str = "auto") -> Group:
     """Join the process group torchrun set up (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``…).
 
-    NCCL when CUDA GPUs are present (one GPU per process, chosen by ``LOCAL_RANK``),
-    gloo on the CPU. Without those variables: a group of one, nothing initialised.
+    NCCL when CUDA GPUs are present and ``device`` does not ask for the CPU (one GPU per
+    process, chosen by ``LOCAL_RANK``), gloo otherwise. Without those variables: a group of
+    one, nothing initialised. ``LLMSCRATCH_DIST_TIMEOUT`` (seconds, default 600) bounds how
+    long a collective waits for a rank that stopped answering.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Group()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch_dist.is_initialized():
-        return Group(rank, local_rank, world_size, torch_dist.get_backend())
-    use_cuda = torch.cuda.is_available() and os.environ.get("LLMSCRATCH_DEVICE", "") != "cpu"
-    backend = "nccl" if use_cuda else "gloo"
+    wants_cpu = device.startswith(("cpu", "mps")) or os.environ.get("LLMSCRATCH_DEVICE", "") == "cpu"
+    use_cuda = torch.cuda.is_available() and not wants_cpu
     if use_cuda:
         torch.cuda.set_device(local_rank)
+    collective_device = f"cuda:{local_rank}" if use_cuda else "cpu"
+    if torch_dist.is_initialized():
+        return Group(rank, local_rank, world_size, torch_dist.get_backend(), collective_device)
+    backend = "nccl" if use_cuda else "gloo"
     timeout = datetime.timedelta(seconds=int(os.environ.get("LLMSCRATCH_DIST_TIMEOUT", "600")))
     torch_dist.init_process_group(backend=backend, timeout=timeout)
-    return Group(rank, local_rank, world_size, backend)
-
-
-def wrap_model(model: nn.Module, group: Group, runtime) -> nn.Module:
-    """DistributedDataParallel around ``model`` in a multi-process job; the model itself otherwise."""
-    if not group.active:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    device_ids = [runtime.device.index if runtime.device.index is not None else group.local_rank] \
-        if runtime.device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids)
-
-
-def maybe_no_sync(model: nn.Module, group: Group, last: bool) -> ContextManager:
-    """Skip the gradient all-reduce on every micro-step but the last of an accumulation."""
-    if group.active and not last and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return contextlib.nullcontext()
+    return Group(rank, local_rank, world_size, backend, collective_device)
 
 
 def cleanup(group: Group) -> None:
@@ -93,11 +120,331 @@ def cleanup(group: Group) -> None:
         torch_dist.destroy_process_group()
 
 
+# =========================================================================== the global batch
+
+
+def micro_batch_size(batch_size: int, grad_accum: int, world_size: int, micro_batch: Optional[int] = None) -> int:
+    """Windows per forward pass on each process, checked to cut the global batch evenly.
+
+    The global batch is ``batch_size × grad_accum`` windows; each of ``world_size`` processes
+    takes an equal part and runs it in micro-batches of ``micro_batch`` windows (default
+    ``batch_size``, what one process would run; smaller when a part is smaller than that).
+    """
+    global_batch = batch_size * grad_accum
+    if global_batch % world_size != 0:
+        raise ConfigError(
+            f"the global batch of {global_batch} windows (batch_size {batch_size} × grad_accum {grad_accum}) "
+            f"does not split evenly over {world_size} processes; make it a multiple of {world_size}"
+        )
+    per_rank = global_batch // world_size
+    micro = min(micro_batch or batch_size, per_rank)
+    if per_rank % micro != 0:
+        raise ConfigError(
+            f"each of the {world_size} processes gets {per_rank} windows per step, which micro-batches of "
+            f"{micro} do not divide; choose a --micro-batch that divides {per_rank}"
+        )
+    return micro
+
+
+def local_micro_batches(global_starts: torch.Tensor, rank: int, world_size: int, micro: int) -> list[torch.Tensor]:
+    """This rank's disjoint part of a step's global batch of window starts, cut into micro-batches.
+
+    ``global_starts`` (G,) is the same on every rank; rank ``r`` takes the ``r``-th of
+    ``world_size`` equal consecutive parts and cuts it into ``part / micro`` micro-batches.
+    With one process this is the global batch in micro-batches, in order.
+    """
+    per_rank = len(global_starts) // world_size
+    mine = global_starts[rank * per_rank : (rank + 1) * per_rank]  # (G / world_size,)
+    return list(mine.split(micro))
+
+
+def shard_batches(batches: list[tuple[torch.Tensor, torch.Tensor]], group: Group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's evaluation batches: every ``world_size``-th one, padded to the same count on every rank.
+
+    Ranks of a sharded (FSDP) model must run the same number of forward passes; a rank short
+    of a batch gets a copy of the first with every target set to -100 (ignored, counted nowhere).
+    """
+    if not group.active:
+        return list(batches)
+    mine = list(batches[group.rank :: group.world_size])
+    needed = -(-len(batches) // group.world_size)
+    while len(mine) < needed:
+        x, y = batches[0]
+        mine.append((x, torch.full_like(y, -100)))
+    return mine
+
+
+# =========================================================================== wrapping
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded by FSDP's ``fully_shard`` (its forward is then a collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def wrap_model(model: nn.Module, group: Group, runtime, fsdp: bool = False) -> nn.Module:
+    """The model to train: DDP around it, or (``fsdp``) the model itself sharded in place.
+
+    Call before building the optimizer: ``fully_shard`` replaces the parameters by sharded
+    DTensors. With one process the model is returned as it is.
+    """
+    if not group.active:
+        return model
+    if fsdp:
+        return _fully_shard(model, group, runtime)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [runtime.device.index if runtime.device.index is not None else group.local_rank] \
+        if runtime.device.type == "cuda" else None
+    return DDP(model, device_ids=device_ids)
+
+
+def _fully_shard(model: nn.Module, group: Group, runtime) -> nn.Module:
+    """FSDP2: each transformer block is one unit (gathered for its forward, freed after), the rest the root.
+
+    Mixed precision follows the run's precision: bf16 gathers and computes in bfloat16 and
+    reduces gradients in float32; fp32 keeps everything in float32.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if runtime.precision == "fp16":
+        raise ConfigError("--fsdp trains in bf16 or fp32, not fp16 (no gradient scaler for sharded "
+                          "gradients here); use --precision bf16 or fp32")
+    mesh = init_device_mesh(runtime.device.type, (group.world_size,))
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if runtime.precision == "bf16" else None,
+        reduce_dtype=torch.float32,
+    )
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def maybe_no_sync(model: nn.Module, group: Group, last: bool) -> ContextManager:
+    """Skip the gradient all-reduce on every micro-step but the last of an accumulation.
+
+    DDP: its ``no_sync()`` context. FSDP: ``set_requires_gradient_sync(last)``, so gradients
+    stay unsharded and local until the last micro-step reduce-scatters them.
+    """
+    if not group.active:
+        return contextlib.nullcontext()
+    if is_sharded(model):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if not last and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+# =========================================================================== checkpoints
+
+
+def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank calls: the whole model's state dict on rank 0's CPU (empty on the others)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_weights(directory: Union[str, Path], model: nn.Module, group: Group) -> None:
+    """Every rank calls: rank 0 writes ``config.json`` and ``model.safetensors`` of the unwrapped model.
+
+    A sharded model is gathered first (a collective, to rank 0's CPU one tensor at a time).
+    """
+    state = _full_model_state(model) if is_sharded(model) else None
+    if group.is_main:
+        ckpt.save_model(directory, model, state_dict=state)
+
+
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    training_state: dict[str, Any], group: Group) -> None:
+    """Every rank calls. ``training_state`` holds everything but the weights and the optimizer.
+
+    Ordinary (one process, DDP): rank 0 writes the weights and ``training_state.pt`` with
+    ``optimizer.state_dict()`` in it. Sharded (FSDP): each rank writes its shards of the weights
+    and the optimizer through ``torch.distributed.checkpoint`` into a temporary folder, rank 0
+    adds ``training_state.pt`` and ``config.json`` and swaps it in for ``run_dir/sharded``.
+    """
+    if not is_sharded(model):
+        if group.is_main:
+            ckpt.save_model(run_dir, model)
+            ckpt.save_training_state(run_dir, {**training_state, "optimizer": optimizer.state_dict()})
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp, final, old = run_dir / _SHARDED_TMP, run_dir / SHARDED_DIR, run_dir / _SHARDED_OLD
+    if group.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that crashed half-way
+    group.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
+    if group.is_main:
+        ckpt.save_training_state(tmp, training_state)
+        ckpt.write_text_atomic(run_dir / ckpt.CONFIG_FILE, model.cfg.to_json() + "\n")
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    group.barrier()
+
+
+def _step_of(state: Optional[dict]) -> int:
+    return -1 if state is None else int(state.get("step", -1))
+
+
+def load_training_state(run_dir: Union[str, Path], prefer_sharded: bool = False) -> Optional[dict]:
+    """The newest checkpoint's training state: the ordinary one, or the sharded one when it is newer.
+
+    A sharded state has no ``"optimizer"`` entry: :func:`restore` then reads the weights and
+    the optimizer from ``run_dir/sharded``. On a tie the ordinary one wins, unless
+    ``prefer_sharded`` (an FSDP job: each rank reads only its shards).
+    """
+    run_dir = Path(run_dir)
+    ordinary = ckpt.load_training_state(run_dir)
+    sharded_dir = run_dir / SHARDED_DIR
+    sharded = ckpt.load_training_state(sharded_dir) if (sharded_dir / ckpt.TRAINING_STATE_FILE).is_file() else None
+    if sharded is not None and (_step_of(sharded) > _step_of(ordinary)
+                                or (prefer_sharded and _step_of(sharded) == _step_of(ordinary))):
+        sharded.pop("optimizer", None)
+        return sharded
+    return ordinary
+
+
+def latest_is_sharded(run_dir: Union[str, Path]) -> bool:
+    """Whether the run's newest checkpoint is the sharded one (not yet consolidated)."""
+    state = load_training_state(run_dir)
+    return state is not None and "optimizer" not in state
+
+
+def load_model(run_dir: Union[str, Path], state: dict) -> GPT:
+    """The model to resume: the saved weights, or (sharded checkpoint) a model of the saved shape
+    whose weights :func:`restore` loads once it is wrapped."""
+    if "optimizer" in state:
+        return ckpt.load_model(run_dir)
+    return GPT(ckpt.load_config(run_dir))
+
+
+def restore(run_dir: Union[str, Path], model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load the optimizer state (and, from a sharded checkpoint, the weights) into a wrapped model.
+
+    Every rank calls, after :func:`wrap_model` and building the optimizer; any world size
+    reads any checkpoint (``torch.distributed.checkpoint`` reshards).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if "optimizer" not in state:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        saved = {"model": model_state, "optimizer": optim_state}
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(saved, checkpoint_id=str(Path(run_dir) / SHARDED_DIR))
+        set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
+    elif is_sharded(model):
+        by_name = _names_for_ids(model, optimizer, state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+
+
+def _names_for_ids(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """``optimizer.state_dict()`` (parameters numbered in group order) → keyed by parameter name."""
+    name_of = {p: name for name, p in model.named_parameters()}
+    names = [name_of[p] for g in optimizer.param_groups for p in g["params"]]
+    return {
+        "state": {names[i]: s for i, s in saved["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
+
+
+def _ids_for_names(saved: dict) -> dict:
+    """An optimizer state keyed by parameter name → numbered in group order, as ``optimizer.state_dict()``."""
+    index: dict[str, int] = {}
+    groups = []
+    for g in saved["param_groups"]:
+        ids = [index.setdefault(name, len(index)) for name in g["params"]]
+        groups.append({**g, "params": ids})
+    return {"state": {index[name]: s for name, s in saved["state"].items()}, "param_groups": groups}
+
+
+def load_sharded(run_dir: Union[str, Path]) -> tuple[GPT, dict]:
+    """One process reads ``run_dir/sharded`` whole: ``(model, training state with the optimizer)``.
+
+    The training state is in the ordinary format, so the pair can be saved as an ordinary
+    run directory that a single-process ``--resume`` continues.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    run_dir = Path(run_dir)
+    sharded = run_dir / SHARDED_DIR
+    if not (sharded / ".metadata").is_file():
+        raise CheckpointError(f"{sharded} is not a sharded checkpoint (no .metadata file); "
+                              "it is written by `llmscratch train --fsdp` under torchrun")
+    state = ckpt.load_training_state(sharded)
+    if state is None:
+        raise CheckpointError(f"{sharded} has no training_state.pt; the save was interrupted: resume from "
+                              "the ordinary checkpoint in {run_dir}")
+    full: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        _load_state_dict(full, storage_reader=FileSystemReader(str(sharded)),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    model = GPT(ckpt.load_config(run_dir))
+    try:
+        model.load_state_dict(full["model"], strict=True)
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{sharded} does not fit {run_dir / ckpt.CONFIG_FILE}: {err}") from err
+    state["optimizer"] = _ids_for_names(full["optimizer"])
+    return model.eval(), state
+
+
+def consolidate(run_dir: Union[str, Path], out_dir: Optional[Union[str, Path]] = None,
+                log: Callable[[str], None] = lambda message: None) -> Path:
+    """Turn the sharded checkpoint of ``run_dir`` into the ordinary run-directory files.
+
+    In place (``out_dir`` None), as training does at its end on rank 0; or into a new
+    ``out_dir`` holding a copy of the run (tokenizer, configs, metrics) without the shards.
+    One process, no process group: this is what ``llmscratch export RUN OUT --format run``
+    runs for a run stopped before its end.
+    """
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir
+    if out != run_dir:
+        if out.exists() and any(out.iterdir()):
+            raise CheckpointError(f"{out} exists and is not empty; choose a new directory for the exported run")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(run_dir, out, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(SHARDED_DIR, _SHARDED_TMP, _SHARDED_OLD))
+    if latest_is_sharded(run_dir):
+        model, state = load_sharded(run_dir)
+        ckpt.save_model(out, model)
+        ckpt.save_training_state(out, state)
+        log(f"consolidated the sharded checkpoint of step {state['step']} into {out}")
+    else:
+        log(f"{run_dir} holds an ordinary checkpoint already; copied it to {out}" if out != run_dir
+            else f"{run_dir} holds an ordinary checkpoint already")
+    return out
+
+
+# =========================================================================== launching
+
+
 def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """Re-run this ``llmscratch`` command under ``torchrun --nproc_per_node nproc`` on this machine.
+    """Re-run this ``llmscratch`` command under ``torchrun --standalone --nproc_per_node nproc`` on this machine.
 
     ``--nproc N`` is dropped from the arguments; torchrun sets ``RANK``/``WORLD_SIZE`` for
-    each process. If any process fails, torchrun stops the others and reports its error.
+    each process. If any process fails, torchrun stops the others and the job exits non-zero;
+    the failing rank's error is printed above torchrun's summary.
     """
     import subprocess
     import sys

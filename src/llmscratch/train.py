@@ -77,7 +77,8 @@ class TrainConfig:
     # optimisation
     steps: int = 1200
     batch_size: int = 16
-    grad_accum: int = 1
+    grad_accum: int = 1  # global batch per step = batch_size × grad_accum windows, whatever the world size
+    micro_batch: Optional[int] = None  # windows per forward pass on each process; None = batch_size
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 60
@@ -96,6 +97,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP) instead of DDP
     seed: int = 1337
     time_budget: Optional[float] = None  # seconds; stop early (and save) when spent
     stop_at: Optional[int] = None  # stop (and save) at this step, as if interrupted; --resume continues
@@ -125,6 +127,8 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         if self.resume and self.init_from:
             raise ConfigError("--resume continues a run; --init-from starts a new one from weights: pick one")
+        if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
+            raise ConfigError(f"TrainConfig.micro_batch must be a positive integer or None, got {self.micro_batch!r}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ConfigError(f"TrainConfig.time_budget must be positive seconds, got {self.time_budget}")
 
@@ -194,8 +198,9 @@ def evaluate(
             logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
         )
         total_nats += nats.double()
-        total_tokens += y.numel()
-        total_bytes += lengths[y].sum().double()
+        kept = y[y != -100]  # targets of -100 (padding, see distributed.shard_batches) count nowhere
+        total_tokens += kept.numel()
+        total_bytes += lengths[kept].sum().double()
     if group is not None:
         for t in (total_nats, total_tokens, total_bytes):
             group.all_reduce_sum(t)
@@ -310,7 +315,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     (same batches, same schedule, same RNG): N steps in one go and N/2 + resume + N/2
     give identical weights on the CPU.
     """
-    group = dist.init()  # one process unless launched by torchrun
+    group = dist.init(cfg.device)  # one process unless launched by torchrun
     t_start = time.time()
     if not group.is_main:
         log = lambda *_a, **_k: None  # noqa: E731 - only rank 0 talks
@@ -322,7 +327,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         saved = json.loads(ckpt.read_text(run_dir / "train_config.json"))
         keep = {k: v for k, v in cfg.to_dict().items() if k in ("steps", "time_budget", "stop_at", "progress", "device",
                                                                 "precision", "compile", "eval_interval",
-                                                                "checkpoint_interval", "log_interval")}
+                                                                "checkpoint_interval", "log_interval",
+                                                                "micro_batch", "fsdp")}
         defaults = TrainConfig().to_dict()
         # The saved settings win, except those the user changed on this command line.
         merged = {**saved, **{k: v for k, v in keep.items() if v != defaults[k]}}
@@ -330,7 +336,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         merged.update(resume=str(run_dir), init_from=None, stop_at=cfg.stop_at, time_budget=cfg.time_budget,
                       progress=cfg.progress)
         cfg = TrainConfig.from_dict(merged)
-        state = ckpt.load_training_state(run_dir)
+        state = dist.load_training_state(run_dir, prefer_sharded=cfg.fsdp and group.active)  # the newest one
         if state is None:
             raise ckpt.CheckpointError(f"{run_dir}: no training_state.pt to resume from")
     else:
@@ -357,7 +363,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
 
     # ---------------------------------------------------------------- model
     if cfg.resume:
-        model = ckpt.load_model(run_dir)
+        model = dist.load_model(run_dir, state)
     elif cfg.init_from:
         model = ckpt.load_pretrained(cfg.init_from)
     else:
@@ -376,34 +382,30 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     model.to(runtime.device)
     context = model_cfg.context_length
 
+    train_model = dist.wrap_model(model, group, runtime, fsdp=cfg.fsdp)  # before the optimizer: FSDP swaps parameters
     optimizer = build_optimizer(model, cfg, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.needs_grad_scaler else None
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     best_bpb = float("inf")
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        dist.restore(run_dir, model, optimizer, state)  # the optimizer, and the weights of a sharded checkpoint
         step = int(state["step"])
         best_bpb = float(state.get("best_val_bpb", float("inf")))
         _set_rng_state(state["rng"], batch_gen, runtime)
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
 
-    train_model = dist.wrap_model(model, group, runtime)
     forward = torch.compile(train_model) if cfg.compile else train_model
 
     # Fixed, seeded validation windows for evaluations during training.
     val_windows = eval_windows(splits.val, context, n_windows=cfg.eval_windows,
                                generator=torch.Generator().manual_seed(cfg.seed + 1))
-    val_windows = val_windows[group.rank :: group.world_size]
+    val_windows = dist.shard_batches(val_windows, group)
     byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.int64)
     byte_lengths = torch.nn.functional.pad(byte_lengths, (0, max(0, model_cfg.vocab_size - len(byte_lengths))))
 
-    if group.world_size > 1 and cfg.batch_size % group.world_size != 0:
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} must be divisible by the number of processes ({group.world_size})"
-        )
-    local_batch = cfg.batch_size // group.world_size
+    micro_size = dist.micro_batch_size(cfg.batch_size, cfg.grad_accum, group.world_size, cfg.micro_batch)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * context
 
     if group.is_main:
@@ -417,7 +419,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         f"model {model.num_parameters():,} parameters ({model_cfg.n_layers} layers, {model_cfg.n_heads} heads, "
         f"{model_cfg.emb_dim} dims, context {context}, {model_cfg.pos_emb} positions); "
         f"tokenizer {tokenizer.kind} ({tokenizer.vocab_size} tokens); "
-        f"{len(splits.train):,} training / {len(splits.val):,} validation tokens")
+        f"{len(splits.train):,} training / {len(splits.val):,} validation tokens; "
+        f"{cfg.batch_size * cfg.grad_accum} windows per step, {micro_size} per forward pass on each process")
 
     metrics_path = run_dir / "metrics.jsonl"
 
@@ -427,19 +430,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
                 f.write(json.dumps(record) + "\n")
 
     def save_checkpoint(at_step: int) -> None:
-        if not group.is_main:
-            return
         training_state = {
             "step": at_step,
-            "optimizer": optimizer.state_dict(),
             "rng": _rng_state(batch_gen, runtime),
             "best_val_bpb": best_bpb,
             "tokens_seen": at_step * tokens_per_step,
         }
         if scaler is not None:
             training_state["scaler"] = scaler.state_dict()
-        ckpt.save_model(run_dir, model)
-        ckpt.save_training_state(run_dir, training_state)
+        dist.save_checkpoint(run_dir, model, optimizer, training_state, group)  # every rank: FSDP saves shards
 
     def sample_text() -> str:
         from .generate import SamplingConfig, generate
@@ -470,18 +469,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
             for g in optimizer.param_groups:
                 g["lr"] = lr
             step_loss = torch.zeros((), device=runtime.device)
-            for micro in range(cfg.grad_accum):
-                starts = window_starts(len(splits.train), cfg.batch_size, context, batch_gen)
-                starts = starts[group.rank * local_batch : (group.rank + 1) * local_batch]  # this rank's part
+            global_starts = torch.cat([window_starts(len(splits.train), cfg.batch_size, context, batch_gen)
+                                       for _ in range(cfg.grad_accum)])  # (batch_size * grad_accum,), same on every rank
+            micro_starts = dist.local_micro_batches(global_starts, group.rank, group.world_size, micro_size)
+            for micro, starts in enumerate(micro_starts):  # this rank's part of the global batch
                 x, y = gather_windows(splits.train, starts, context)  # (B_local, T) each
                 if runtime.device.type == "cuda":
                     x = x.pin_memory().to(runtime.device, non_blocking=True)
                     y = y.pin_memory().to(runtime.device, non_blocking=True)
                 else:
                     x, y = x.to(runtime.device), y.to(runtime.device)
-                with dist.maybe_no_sync(train_model, group, last=micro == cfg.grad_accum - 1):
+                with dist.maybe_no_sync(train_model, group, last=micro == len(micro_starts) - 1):
                     with runtime.autocast():
-                        loss = forward(x, y) / cfg.grad_accum
+                        loss = forward(x, y) / len(micro_starts)
                     if scaler is not None:
                         scaler.scale(loss).backward()
                     else:
@@ -511,6 +511,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
             out_of_time = cfg.time_budget is not None and time.time() - t_start >= cfg.time_budget
             if cfg.stop_at is not None and step >= cfg.stop_at and step < cfg.steps:
                 out_of_time = True
+            if group.active:  # Ctrl-C and the clock are per rank; all ranks must stop at the same step
+                out_of_time, stop.requested = group.any(out_of_time, stop.requested)
             if out_of_time or stop.requested:
                 at_log = at_ckpt = True
             if at_log or at_eval or at_ckpt:
@@ -524,7 +526,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
                         "Try a lower --lr, a smaller --grad-clip, or fp32 precision."
                     )
             if at_log:
-                train_loss = (loss_sum / max(1, loss_count)).item()
+                train_loss = (group.all_reduce_sum(loss_sum) / (max(1, loss_count) * group.world_size)).item()
                 elapsed = time.time() - t_log
                 tok_s = tokens_since_log / max(elapsed, 1e-9)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
@@ -540,11 +542,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
                 improved = ev["bpb"] < best_bpb
                 best_bpb = min(best_bpb, ev["bpb"])
                 msg = f"step {step}: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}, {ev['bpb']:.4f} bits/byte"
-                if group.is_main and cfg.sample_tokens > 0:
+                if cfg.sample_tokens > 0 and (group.is_main or dist.is_sharded(model)):  # FSDP: all ranks run it
                     msg += f"\n  sample: {sample_text()!r}"
                 bar.write(msg) if group.is_main and cfg.progress else log(msg)
                 if improved:
-                    ckpt.save_model(run_dir / "best", model) if group.is_main else None
+                    dist.save_weights(run_dir / "best", model, group)
             if at_ckpt:
                 save_checkpoint(step)
                 last_good = step
@@ -563,7 +565,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     else:
         # Final evaluation over the whole validation split.
         windows = eval_windows(splits.val, context, n_windows=None)
-        windows = windows[group.rank :: group.world_size]
+        windows = dist.shard_batches(windows, group)
         final = evaluate(model, windows, byte_lengths, runtime, group=group if group.world_size > 1 else None)
         write_metrics({"step": step, "final": True, "val_loss": final["loss"], "val_ppl": final["ppl"],
                        "val_bpb": final["bpb"], "val_tokens": final["tokens"], "elapsed_s": time.time() - t_start})
@@ -575,6 +577,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
             except Exception as err:  # a plot must never lose a finished run
                 log(f"(could not draw loss.png: {err})")
     dist.cleanup(group)
+    if group.is_main and dist.latest_is_sharded(run_dir):
+        dist.consolidate(run_dir)  # the FSDP shards → the ordinary run-directory files
+        log(f"consolidated the sharded checkpoint into {run_dir}")
     return run_dir
 
 

@@ -1,0 +1,334 @@
+"""Multi-process training on the CPU with gloo, over loopback: DDP, FSDP, two "nodes", failures.
+
+Every job is a real ``python -m torch.distributed.run`` (torchrun) launch of ``llmscratch train``
+through a small runner script that can record each rank's window starts (to check that the
+ranks read disjoint parts of the global batch) or make one rank fail. Each result is compared
+with a single-process run of the same global batch, trained in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmscratch import checkpoint as ckpt
+from llmscratch import distributed as dist
+from llmscratch.cli import main as cli_main
+from llmscratch.errors import ConfigError
+from llmscratch.generate import SamplingConfig, generate
+from llmscratch.train import TrainConfig, train
+
+TEXT = (
+    "In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+    "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. "
+    "And God said, Let there be light: and there was light. And God saw the light, that it was good: "
+    "and God divided the light from the darkness. "
+) * 12
+
+# Runs `llmscratch` as torchrun's entry point. LLMSCRATCH_TEST_STARTS: a folder where each rank
+# writes the window starts of every micro-batch; LLMSCRATCH_TEST_FAIL_RANK: that rank raises
+# on its third forward pass.
+RUNNER = '''
+import json, os, sys
+import llmscratch.model, llmscratch.train
+from llmscratch.cli import main
+
+rank = int(os.environ.get("RANK", "0"))
+folder = os.environ.get("LLMSCRATCH_TEST_STARTS")
+if folder:
+    real_gather = llmscratch.train.gather_windows
+    def recording_gather(tokens, starts, context_length):
+        with open(os.path.join(folder, f"rank{rank}.jsonl"), "a") as f:
+            f.write(json.dumps(starts.tolist()) + "\\n")
+        return real_gather(tokens, starts, context_length)
+    llmscratch.train.gather_windows = recording_gather
+if os.environ.get("LLMSCRATCH_TEST_FAIL_RANK") == str(rank):
+    real_loss, calls = llmscratch.model.GPT.loss, []
+    def failing_loss(self, x, targets):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError(f"rank {rank} failed on purpose")
+        return real_loss(self, x, targets)
+    llmscratch.model.GPT.loss = failing_loss
+sys.exit(main())
+'''
+
+TIMEOUT = 240  # seconds for one launch: a hang fails the test instead of stalling the suite
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory: pytest.TempPathFactory):
+    """A corpus, a tokenizer cache shared by every run, and the runner script."""
+    root = tmp_path_factory.mktemp("dist")
+    corpus = root / "tiny.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    runner = root / "runner.py"
+    runner.write_text(RUNNER, encoding="utf-8")
+    old = os.environ.get("LLMSCRATCH_CACHE")
+    os.environ["LLMSCRATCH_CACHE"] = str(root / "cache")
+    yield {"root": root, "corpus": corpus, "runner": runner}
+    if old is None:
+        os.environ.pop("LLMSCRATCH_CACHE", None)
+    else:
+        os.environ["LLMSCRATCH_CACHE"] = old
+
+
+SETTINGS = dict(
+    tokenizer="char", preset="test", steps=8, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2,
+    eval_interval=4, eval_windows=6, log_interval=2, checkpoint_interval=4, sample_tokens=0, device="cpu",
+    seed=7,
+)
+
+
+def single(space, name: str, **kw) -> Path:
+    """The reference: one process, in this one."""
+    settings = {**SETTINGS, "model": {"context_length": 16}, **kw}
+    return train(TrainConfig(data=str(space["corpus"]), out_dir=str(space["root"] / "runs"), name=name,
+                             progress=False, **settings), log=lambda *a: None)
+
+
+def cli_args(space, name: str, **kw) -> list[str]:
+    settings = {**SETTINGS, "context_length": 16, **kw}
+    args = ["train", "--data", str(space["corpus"]), "--out-dir", str(space["root"] / "runs"), "--name", name,
+            "--no-progress"]
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    return {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "LLMSCRATCH_DEVICE": "cpu", **extra}
+
+
+def torchrun_command(space, args: list[str], nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
+                     port: int | None = None) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+            f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port or free_port()}",
+            "--rdzv-id=llmscratch-test", "--local-addr=127.0.0.1", "--monitor-interval=0.2",
+            str(space["runner"]), *args]
+
+
+def torchrun(space, args: list[str], nproc: int = 2, **env: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(torchrun_command(space, args, nproc), capture_output=True, text=True,
+                       env=environment(**env), timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_model(run).state_dict()
+
+
+def assert_same_weights(a: Path, b: Path, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def records(run: Path, key: str) -> list[tuple[int, float]]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r[key]) for r in map(json.loads, lines) if key in r and not r.get("final")]
+
+
+def recorded_starts(folder: Path, rank: int) -> list[list[int]]:
+    return [json.loads(line) for line in (folder / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+def record_single_starts(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    import llmscratch.train as train_module
+
+    seen: list[list[int]] = []
+    real = train_module.gather_windows
+
+    def recording(tokens, starts, context_length):
+        seen.append(starts.tolist())
+        return real(tokens, starts, context_length)
+
+    monkeypatch.setattr(train_module, "gather_windows", recording)
+    return seen
+
+
+# =========================================================================== the pieces, in one process
+
+
+def test_micro_batches_split_the_global_batch_into_disjoint_equal_parts():
+    starts = torch.arange(24)  # a global batch of 24 window starts
+    parts = [dist.local_micro_batches(starts, r, 3, micro=4) for r in range(3)]
+    assert [len(p) for p in parts] == [2, 2, 2] and all(len(m) == 4 for p in parts for m in p)
+    assert torch.equal(torch.cat([m for p in parts for m in p]), starts)  # each start once, in order
+    assert [m.tolist() for m in dist.local_micro_batches(starts, 0, 1, micro=8)] == [
+        list(range(0, 8)), list(range(8, 16)), list(range(16, 24))]
+
+
+def test_accumulation_adapts_to_the_world_size():
+    # batch 16 × accumulation 4 = 64 windows a step, whatever the world size
+    assert dist.micro_batch_size(16, 4, 1) == 16  # 4 micro-steps of 16
+    assert dist.micro_batch_size(16, 4, 2) == 16  # 2 micro-steps of 16 on each rank
+    assert dist.micro_batch_size(16, 4, 8) == 8  # 1 micro-step of 8 on each rank
+    assert dist.micro_batch_size(16, 4, 2, micro_batch=4) == 4  # 8 micro-steps of 4
+    with pytest.raises(ConfigError, match="does not split evenly over 3 processes"):
+        dist.micro_batch_size(16, 4, 3)
+    with pytest.raises(ConfigError, match="micro-batch that divides 32"):
+        dist.micro_batch_size(16, 4, 2, micro_batch=5)
+
+
+def test_evaluation_batches_are_padded_to_the_same_count_on_every_rank():
+    batches = [(torch.full((2, 3), i), torch.full((2, 3), i)) for i in range(3)]
+    group0, group1 = dist.Group(0, 0, 2, "gloo"), dist.Group(1, 0, 2, "gloo")
+    mine0, mine1 = dist.shard_batches(batches, group0), dist.shard_batches(batches, group1)
+    assert len(mine0) == len(mine1) == 2
+    assert [int(x[0, 0]) for x, _ in mine0] == [0, 2] and int(mine1[0][0][0, 0]) == 1
+    assert (mine1[1][1] == -100).all()  # the padding batch's targets are ignored
+
+
+def test_optimizer_state_keys_convert_between_numbers_and_names():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW([{"params": [model[0].weight, model[1].weight]},
+                             {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0}])
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    by_name = dist._names_for_ids(model, opt, saved)
+    assert by_name["param_groups"][0]["params"] == ["0.weight", "1.weight"]
+    back = dist._ids_for_names(by_name)
+    assert back["param_groups"] == saved["param_groups"]
+    for i, s in saved["state"].items():
+        assert all(torch.equal(s[k], back["state"][i][k]) for k in s)
+
+
+# =========================================================================== DDP
+
+
+def test_two_processes_with_accumulation_match_one_then_resume_on_one(space, monkeypatch):
+    """DDP, 2 ranks, global batch 4 × 2 = 8 windows: one process runs 2 micro-batches of 4, each
+    rank 2 micro-batches of 2 (``--micro-batch 2``), gradients synced on the last. After 4 of 8
+    steps the weights are those of one process and the ranks read disjoint halves of every
+    global batch; the checkpoint loads and generates in one process, and resuming it there
+    reaches the one-process weights, step count and schedule."""
+    seen = record_single_starts(monkeypatch)
+    ref_half = single(space, "ref-half", grad_accum=2, stop_at=4)
+    monkeypatch.undo()
+    ref_full = single(space, "ref-full", grad_accum=2)
+    folder = space["root"] / "starts-ddp"
+    folder.mkdir()
+    r = torchrun(space, cli_args(space, "ddp", grad_accum=2, micro_batch=2, stop_at=4),
+                 LLMSCRATCH_TEST_STARTS=str(folder))
+    run = space["root"] / "runs" / "ddp"
+    assert "2 process(es)" in r.stdout and "stopped by --stop-at at step 4" in r.stdout
+    assert "8 windows per step, 2 per forward pass on each process" in r.stdout
+    assert_same_weights(run, ref_half)
+
+    rank0, rank1 = recorded_starts(folder, 0), recorded_starts(folder, 1)
+    assert len(seen) == len(rank0) == len(rank1) == 8  # 4 steps × 2 micro-batches
+    assert all(len(s) == 4 for s in seen) and all(len(s) == 2 for s in rank0 + rank1)
+    for step in range(4):  # rank 0 ran the first half of the step's global batch, rank 1 the second
+        global_batch = seen[2 * step] + seen[2 * step + 1]
+        assert rank0[2 * step] + rank0[2 * step + 1] == global_batch[:4]
+        assert rank1[2 * step] + rank1[2 * step + 1] == global_batch[4:]
+
+    model, tokenizer, state = ckpt.load_run(run)
+    assert state["step"] == 4 and not (run / dist.SHARDED_DIR).exists()
+    new = generate(model, [tokenizer.encode("And God")], SamplingConfig(max_new_tokens=8, seed=1))[0]
+    assert len(new) == 8 and isinstance(tokenizer.decode(new), str)
+
+    resumed = train(TrainConfig(resume=str(run), progress=False), log=lambda *a: None)  # one process now
+    assert ckpt.load_training_state(resumed)["step"] == 8
+    assert_same_weights(resumed, ref_full)
+    assert records(resumed, "lr") == pytest.approx(records(ref_full, "lr"))  # the schedule continued
+
+
+@pytest.mark.slow
+def test_two_nodes_over_a_c10d_rendezvous(space):
+    """Two torchrun launchers, one process each, meeting at 127.0.0.1:PORT as two "nodes"."""
+    ref = single(space, "ref-nodes", stop_at=3)
+    port = free_port()
+    args = cli_args(space, "nodes", stop_at=3)
+    procs = [subprocess.Popen(torchrun_command(space, args, nproc=1, nnodes=2, node_rank=n, port=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment())
+             for n in (0, 1)]
+    outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:] + err[-6000:]
+    assert any("2 process(es)" in out for out, _ in outputs)
+    assert_same_weights(space["root"] / "runs" / "nodes", ref)
+
+
+# =========================================================================== FSDP
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_consolidates_and_resumes_on_any_world_size(space, capsys):
+    """fully_shard with a float32 MixedPrecisionPolicy (tied head): the same weights as one process,
+    consolidated at the end. `llmscratch export --format run` consolidates shards that never
+    were; one process resumes from the shards alone; then two FSDP ranks in bf16 resume that
+    one-process checkpoint, and their consolidated run loads and generates."""
+    config = space["root"] / "tied.yaml"
+    config.write_text("model:\n  tie_weights: true\n")
+    tied = {"context_length": 16, "tie_weights": True}
+    ref_4 = single(space, "ref-fsdp-4", model=tied, stop_at=4)
+    ref_6 = single(space, "ref-fsdp-6", model=tied, stop_at=6)
+    ref_8 = single(space, "ref-fsdp-8", model=tied)
+    torchrun(space, cli_args(space, "fsdp", fsdp=True, stop_at=4, config=str(config)))
+    run = space["root"] / "runs" / "fsdp"
+    assert (run / dist.SHARDED_DIR / ".metadata").is_file()
+    assert not dist.latest_is_sharded(run)  # consolidated at the end
+    assert_same_weights(run, ref_4)
+    assert_same_weights(run / "best", ref_4)
+
+    # As if the job had crashed after its last sharded save: only the shards are current.
+    crashed = space["root"] / "runs" / "fsdp-crashed"
+    shutil.copytree(run, crashed)
+    (crashed / ckpt.WEIGHTS_FILE).unlink()
+    (crashed / ckpt.TRAINING_STATE_FILE).unlink()
+    assert dist.latest_is_sharded(crashed)
+    out = space["root"] / "runs" / "fsdp-exported"
+    assert cli_main(["export", str(crashed), str(out), "--format", "run"]) == 0
+    assert "consolidated the sharded checkpoint of step 4" in capsys.readouterr().out
+    assert_same_weights(out, run, atol=0, rtol=0)  # the same numbers as the end-of-run consolidation
+    assert ckpt.load_training_state(out)["optimizer"]["state"] and not (out / dist.SHARDED_DIR).exists()
+
+    train(TrainConfig(resume=str(crashed), stop_at=6, progress=False), log=lambda *a: None)  # 2 ranks → 1
+    assert ckpt.load_training_state(crashed)["step"] == 6
+    assert_same_weights(crashed, ref_6)
+
+    torchrun(space, ["train", "--resume", str(crashed), "--precision", "bf16", "--no-progress"])  # 1 → 2
+    state = ckpt.load_training_state(crashed)
+    assert state["step"] == 8 and state["optimizer"]["state"]  # consolidated, with the optimizer
+    assert_same_weights(crashed, ref_8, atol=2e-2, rtol=2e-2)  # bf16 arithmetic, float32 master weights
+    model, tokenizer, _ = ckpt.load_run(crashed)
+    assert model.cfg.tie_weights
+    new = generate(model, [tokenizer.encode("And")], SamplingConfig(max_new_tokens=5, seed=2))[0]
+    assert len(new) == 5
+
+
+# =========================================================================== failures
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(space):
+    start = time.time()
+    r = subprocess.run(torchrun_command(space, cli_args(space, "fails")), capture_output=True, text=True,
+                       env=environment(LLMSCRATCH_TEST_FAIL_RANK="1"), timeout=TIMEOUT)
+    assert r.returncode != 0
+    assert "rank 1 failed on purpose" in r.stdout + r.stderr
+    assert time.time() - start < TIMEOUT
