@@ -464,6 +464,93 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="a text file, folder or glob to use instead of the built-in corpus")
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import bench
+    from .model import GPTConfig
+    from .runtime import resolve_precision, setup_runtime
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runtime = setup_runtime(args.device, "fp32" if args.device == "cpu" else "auto")
+    device = runtime.device
+    precision = resolve_precision(args.precision, device)
+    cfg = GPTConfig.from_preset(args.preset, drop_rate=0.0)
+    context = args.context or cfg.context_length
+    peers = bench.available_peers() if args.peers else []
+    compile_ = device.type == "cuda" if args.compile is None else args.compile
+    record: dict = {"environment": bench.environment(device), "preset": args.preset, "batch": args.batch,
+                    "context": context, "precision": precision, "peers": peers}
+    print(f"llmscratch bench on {record['environment']['device']} (torch {torch.__version__}), preset "
+          f"{args.preset}, batch {args.batch}, context {context}, {precision}, peers: {', '.join(peers) or 'none'}")
+    what = args.what
+    if what in ("attention", "all"):
+        shape = (args.batch, cfg.n_heads, context, cfg.head_dim)
+        rows = bench.bench_attention(device, *shape, repeats=args.repeats)
+        record["attention"] = rows
+        if args.json:  # after every section, so a run cut short keeps what it measured
+            bench.write_json(args.json, record)
+        print(f"\nattention op, B {shape[0]}, {shape[1]} heads, T {shape[2]}, d {shape[3]}, causal, fwd+bwd:")
+        print(bench.format_attention(rows))
+    if what in ("train", "all"):
+        names = ["ours"] + [p for p in peers if p in bench.PEERS]
+        rows = bench.bench_train(cfg, device, args.batch, context, precision, names, compile=compile_,
+                                 steps=args.steps, repeats=args.repeats)
+        record["train"] = rows
+        if args.json:  # after every section, so a run cut short keeps what it measured
+            bench.write_json(args.json, record)
+        record["peak_tflops_measured"] = bench.measure_peak_tflops(device) if device.type == "cuda" else None
+        print(f"\ntraining, {args.preset}, batch {args.batch}, context {context}, {precision}, AdamW "
+              f"(median of {args.repeats} runs of {args.steps} steps):")
+        print(bench.format_train(rows))
+    if what in ("decode", "all"):
+        decode_peers = [p for p in ("book", "hf") if args.peers and
+                        (p == "hf" and "hf" in peers or p != "hf" and "book" in peers)]
+        rows = bench.bench_decode(cfg, device, batches=tuple(args.decode_batches), new_tokens=args.new_tokens,
+                                  repeats=args.repeats, peers=decode_peers)
+        record["decode"] = rows
+        if args.json:  # after every section, so a run cut short keeps what it measured
+            bench.write_json(args.json, record)
+        print(f"\ngreedy decoding, {args.preset}, prompt 8 tokens, {args.new_tokens} new tokens "
+              f"(median of {args.repeats}):")
+        print(bench.format_decode(rows))
+    if args.json:
+        bench.write_json(args.json, record)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+@command("bench")
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="measure training throughput and MFU, decode speed and the attention op",
+        description="Benchmark llmscratch on this device with random weights and tokens, and the peers "
+        "(the book's GPTModel/GPTModelFast, transformers' GPT-2) in the same run with --peers. "
+        "Prints tables; --json writes every number with the date, device and versions.",
+    )
+    p.add_argument("what", nargs="?", default="all", choices=["train", "decode", "attention", "all"],
+                   help="what to measure (default all)")
+    p.add_argument("--preset", default="cpu", help="model preset, e.g. cpu (default), nanogpt-124m, gpt2-124m")
+    p.add_argument("--batch", type=int, default=16, help="training (and attention) batch size (default 16)")
+    p.add_argument("--context", type=int, default=None, help="training context length (default: the preset's)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="training precision (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--peers", action="store_true", help="also measure the installed peers, reported as ratios")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train a torch.compile'd llmscratch model (default: on CUDA only)")
+    p.add_argument("--steps", type=int, default=5, help="training steps per timed run (default 5)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
+    p.add_argument("--new-tokens", type=int, default=200, help="tokens to decode (default 200)")
+    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes (default 1 8)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write all results as JSON to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmscratch",

@@ -40,7 +40,7 @@ from typing import Iterator, Optional
 import torch
 
 from .errors import ConfigError
-from .model import GPT, KVCache
+from .model import GPT, KVCache, StaticKVCache
 
 
 @dataclass
@@ -324,3 +324,80 @@ def stream(
         if token == sampling.eos_id:
             return
         yield token
+
+
+# --------------------------------------------------------------------------- the fast path
+
+
+class StaticDecoder:
+    """Fast decoding: a :class:`StaticKVCache` and a one-token step with fixed shapes.
+
+    The prompt is run once (prefill, eager); then every step runs the newest token of every
+    row at the position held in a device tensor, so no step asks the host for anything and
+    every step has the same shapes. With ``compile=True`` that step is compiled with
+    ``torch.compile(mode="reduce-overhead")``: on CUDA, one CUDA graph replays the whole
+    step, so a small model at batch 1 is limited by memory bandwidth rather than by Python
+    and kernel launches. Greedy output equals :func:`generate` with the KV cache token for
+    token (up to the rounding of the compiled kernels).
+
+    Limits of the fast path: prompts of equal length (no padding), no eos stop (every row
+    gets ``max_new_tokens``), and prompt + new tokens within ``max_len`` (no window cut).
+    """
+
+    def __init__(self, model: GPT, batch: int, max_len: Optional[int] = None, compile: bool = False):
+        param = next(model.parameters())
+        self.model = model
+        self.batch = batch
+        self.max_len = max_len or model.cfg.context_length
+        if self.max_len > model.cfg.context_length and model.cfg.pos_emb == "learned":
+            raise ValueError(f"max_len {self.max_len} is past the context length {model.cfg.context_length}")
+        self.device = param.device
+        self.cache = StaticKVCache.for_model(model.cfg, batch, self.max_len, device=self.device, dtype=param.dtype)
+        self.compiled = compile
+        self.step = torch.compile(self._step, mode="reduce-overhead", fullgraph=True) if compile else self._step
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """One decode step: ``token (B, 1)`` at ``position (1,)`` → logits of the next token ``(B, V)``."""
+        return self.model(token, positions=position, cache=self.cache)[:, -1]  # (B, V)
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Run the prompt ``(B, T0)`` into the cache; logits of its last position ``(B, V)``."""
+        positions = torch.arange(prompt.shape[1], device=self.device)  # (T0,)
+        return self.model(prompt, positions=positions, cache=self.cache)[:, -1]  # (B, V)
+
+    @torch.no_grad()
+    def generate(
+        self, prompt: torch.Tensor, sampling: SamplingConfig, on_first_token: Optional[callable] = None
+    ) -> torch.Tensor:
+        """New tokens ``(B, max_new_tokens)`` after ``prompt (B, T0)`` (token ids on any device).
+
+        ``on_first_token`` is called once the first new token exists (for time to first token).
+        """
+        prompt = prompt.to(self.device)
+        b, t0 = prompt.shape
+        n = sampling.max_new_tokens
+        if b != self.batch:
+            raise ValueError(f"this decoder was built for batch {self.batch}, got {b} prompts")
+        if t0 + n - 1 > self.max_len:
+            raise ValueError(f"prompt {t0} + {n} new tokens do not fit in a cache of {self.max_len}")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            generator = make_generator(sampling.seed, self.device)
+            out = torch.empty(b, n, dtype=torch.long, device=self.device)  # (B, N)
+            if n == 0:
+                return out
+            out[:, 0] = sample_next(self.prefill(prompt), sampling, generator)
+            if on_first_token is not None:
+                on_first_token(out[:, 0])
+            position = torch.full((1,), t0, dtype=torch.long, device=self.device)  # (1,) a device counter
+            for i in range(1, n):
+                if self.compiled:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
+                logits = self.step(out[:, i - 1 : i].clone(), position)  # (B, V)
+                out[:, i] = sample_next(logits, sampling, generator)
+                position += 1
+            return out
+        finally:
+            self.model.train(was_training)

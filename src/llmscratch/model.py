@@ -171,6 +171,52 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, H, T_total, d) each
 
 
+class StaticKVCache:
+    """A KV cache with fixed shapes, for a decode step that can be compiled and graph-captured.
+
+    :class:`KVCache` returns keys and values that grow by one column per step, so every
+    step has new shapes. Here every step has the same shapes: each layer's keys and values
+    are ``(B, H, T_max, d)`` tensors, the new ones are written with ``index_copy_`` at the
+    slots given by a position *tensor* (no Python int, so no host sync), and attention runs
+    over the whole preallocated cache with a mask ``key slot <= query position`` that hides
+    the slots not written yet. The caller keeps the positions (and keeps them below
+    ``max_len``): this cache holds no length.
+
+    On CUDA the tensors are marked as static addresses, so a CUDA graph of the decode step
+    (``torch.compile(mode="reduce-overhead")``) writes into them in place on every replay.
+    Every row shares the same positions: prompts of equal length, no padding.
+    """
+
+    def __init__(
+        self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int,
+        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    ):
+        shape = (batch, n_heads, max_len, head_dim)  # (B, H, T_max, d) per layer
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.slots = torch.arange(max_len, device=device)  # (T_max,) the key positions
+        if torch.device(device).type == "cuda":
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t)
+
+    @classmethod
+    def for_model(cls, cfg: GPTConfig, batch: int, max_len: Optional[int] = None,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "StaticKVCache":
+        return cls(cfg.n_layers, batch, cfg.n_heads, max_len or cfg.context_length, cfg.head_dim, device, dtype)
+
+    def visible(self, positions: torch.Tensor) -> torch.Tensor:
+        """Which cache slots each new token may attend to: ``(T_new, T_max)`` bool, ``True`` = visible."""
+        return self.slots.unsqueeze(0) <= positions.unsqueeze(1)  # (T_new, T_max)
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v (B, H, T_new, d)`` at slots ``positions (T_new,)``; return the whole cache of ``layer``."""
+        self.k[layer].index_copy_(2, positions, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, positions, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]  # (B, H, T_max, d) each
+
+
 @dataclass
 class _Step:
     """What every layer needs to know about the current call (built once per forward)."""
@@ -179,6 +225,9 @@ class _Step:
     alibi: Optional[torch.Tensor] = None
     key_padding_mask: Optional[torch.Tensor] = None
     cache: Optional[KVCache] = None
+    static_cache: Optional[StaticKVCache] = None
+    positions: Optional[torch.Tensor] = None  # (T,) slots of the new tokens in a static cache
+    visible: Optional[torch.Tensor] = None  # (T, T_max) bool mask over a static cache
     need_weights: bool = False
     weights: list = field(default_factory=list)
 
@@ -210,12 +259,14 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if step.cache is not None:
             k, v = step.cache.update(self.layer, k, v)  # (B, H, T_total, d)
+        elif step.static_cache is not None:
+            k, v = step.static_cache.write(self.layer, step.positions, k, v)  # (B, H, T_max, d)
         dropout_p = self.cfg.drop_rate if self.training else 0.0
         backend = "explicit" if step.need_weights else self.cfg.attn_backend
         y, weights = attend(
             q, k, v, causal=True, key_padding_mask=step.key_padding_mask, attn_bias=step.alibi,
             scale=self.cfg.scale_attn, dropout_p=dropout_p, backend=backend,
-            need_weights=step.need_weights,
+            need_weights=step.need_weights, causal_mask=step.visible,
         )  # (B, H, T, d)
         if step.need_weights:
             step.weights.append(weights)
@@ -300,7 +351,7 @@ class GPT(nn.Module):
         *,
         positions: Optional[torch.Tensor] = None,
         key_padding_mask: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
+        cache: Optional[KVCache | StaticKVCache] = None,
         need_weights: bool = False,
     ):
         """Run the model.
@@ -310,7 +361,9 @@ class GPT(nn.Module):
             targets: next-token ids ``(B, T)``; ``-100`` marks positions left out of the loss.
             positions: position ids ``(B, T)`` or ``(T,)``; default ``0..T-1`` after the cached tokens.
             key_padding_mask: ``(B, T_total)`` bool over every key (cached + new), ``False`` = padding.
-            cache: a :class:`KVCache`; the new keys and values are appended to it.
+            cache: a :class:`KVCache` (the new keys and values are appended to it) or a
+                :class:`StaticKVCache` (written at ``positions``, which it then requires as a
+                ``(T,)`` tensor; no range check, so no host sync: the caller keeps them in range).
             need_weights: also return the per-layer attention weights (explicit backend).
 
         Returns:
@@ -320,11 +373,21 @@ class GPT(nn.Module):
         if idx.dim() != 2:
             raise ValueError(f"GPT expects token ids of shape (batch, tokens), got {tuple(idx.shape)}")
         b, t = idx.shape
+        static = cache if isinstance(cache, StaticKVCache) else None
+        if static is not None:
+            if positions is None or positions.dim() != 1 or key_padding_mask is not None:
+                raise ValueError("a StaticKVCache needs positions as a (T,) tensor and no key_padding_mask")
+            if self.cfg.pos_emb == "alibi":
+                raise ValueError("a StaticKVCache does not support alibi positions; use KVCache")
+            cache = None
         start = cache.length if cache is not None else 0
+        given = positions is not None
         if positions is None:
             positions = torch.arange(start, start + t, device=idx.device)  # (T,)
-        if self.cfg.pos_emb == "learned":
-            top = int(positions.max()) if positions.numel() else 0
+        if self.cfg.pos_emb == "learned" and static is None:
+            # Default positions are checked on the host's ints: no device sync (and no graph
+            # break under torch.compile) in the training step.
+            top = (int(positions.max()) if positions.numel() else 0) if given else start + t - 1
             if top >= self.cfg.context_length:
                 raise ValueError(
                     f"position {top} is past the context length {self.cfg.context_length} of learned "
@@ -339,6 +402,8 @@ class GPT(nn.Module):
         x = self.drop(x)
 
         step = _Step(key_padding_mask=key_padding_mask, cache=cache, need_weights=need_weights)
+        if static is not None:
+            step.static_cache, step.positions, step.visible = static, positions, static.visible(positions)
         if self.cfg.pos_emb == "rope":
             step.rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base)
         elif self.cfg.pos_emb == "alibi":

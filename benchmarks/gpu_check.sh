@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU check of issue 6, in one call of at most 8 minutes:
+#   1. the fast path's correctness checks on the GPU (tests marked `gpu`),
+#   2. the benchmark table for llmscratch and the peers (attention op, training, decoding),
+#      written as JSON and logs under $OUT (default /tmp/gpu_check).
+# The GPU machine has PyTorch, transformers and no network: we run from the source tree with
+# PYTHONPATH=src, and install carried wheels (.whl/, e.g. llms-from-scratch) into /tmp/site.
+# Each stage has its own time limit, so a slow stage cannot lose the others' results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+echo "== GPU tests"
+timeout "${TEST_LIMIT:-150}" python3 -m pytest -m gpu tests/test_fast_path.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log"
+
+echo "== benchmarks"
+timeout "${BENCH_LIMIT:-290}" python3 -m llmscratch bench all --preset nanogpt-124m --batch 16 --context 1024 \
+  --peers --steps 5 --repeats 3 --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
+echo "== done"

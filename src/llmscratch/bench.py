@@ -1,0 +1,616 @@
+"""Benchmarks: training throughput and MFU, decode speed, the attention op, and the peers.
+
+Every number here is measured, not estimated, on whatever device runs it, and every claim
+against another implementation is a ratio measured in the same run:
+
+* **train**: tokens per second of full optimizer steps (forward, loss, backward, gradient
+  clipping, AdamW) on random tokens; model FLOPs utilisation (MFU) against the peak of a
+  large bf16 matrix product measured on the same device and against the datasheet; peak
+  device memory. Peers: the book's ``GPTModel`` and ``GPTModelFast`` (``llms_from_scratch``)
+  and Hugging Face ``GPT2LMHeadModel`` with SDPA attention, built with the same shape.
+* **decode**: tokens per second of greedy decoding at batch 1 and 8, without a cache, with
+  the KV cache, and with the static cache (compiled into a CUDA graph on CUDA); time to
+  first token. Peers: the book's ``generate_text_simple`` (no cache) and its KV-cache model,
+  and ``transformers``' ``generate``.
+* **attention**: the attention op alone, forward and backward: the explicit path, the
+  fused path, and each SDPA kernel (flash, efficient, cuDNN, math) where it runs.
+
+Timings are medians of several repeats after a warm-up; on CUDA they are taken with CUDA
+events around a run of steps, with no host synchronisation inside the run. On the CPU the
+models are timed interleaved (A, B, A, B, ...), so that a load that comes and goes on a
+shared machine hits all of them alike. MFU counts ``6·N + 12·L·T·C`` FLOPs per token
+(N: the parameters that do matrix products, the tied head included and the position
+table left out; the second term is attention's scores and weighted sum), as nanoGPT does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import GPT, GPTConfig
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0,
+                         "A10G": 70.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+PEERS = ("book", "book-fast", "hf")
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, iters: int = 1) -> float:
+    """Seconds per call of ``fn`` over ``iters`` back-to-back calls (CUDA events on CUDA)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000 / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, iters: int, repeats: int, warmup: int = 1) -> float:
+    """Median over ``repeats`` of the seconds per call, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    return statistics.median(time_call(fn, device, iters) for _ in range(repeats))
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: Optional[int] = None) -> float:
+    """TFLOP/s of a large square matrix product on random data: the ceiling MFU is measured against."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    dtype = dtype if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = median_time(lambda: a @ b, device, iters=10 if device.type == "cuda" else 2, repeats=5, warmup=3)
+    return 2 * n**3 / seconds / 1e12
+
+
+def datasheet_tflops(device: torch.device) -> Optional[float]:
+    """The datasheet's dense bf16 peak of this GPU, if we know its name."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(DATASHEET_BF16_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return DATASHEET_BF16_TFLOPS[key]
+    return None
+
+
+def flops_per_token(cfg: GPTConfig, matmul_params: int, context: int) -> float:
+    """Training FLOPs per token: 6·N for the matrix products, 12·L·T·C for attention (fwd + bwd)."""
+    return 6 * matmul_params + 12 * cfg.n_layers * context * cfg.emb_dim
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Date, device and versions, recorded with every result."""
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+    for name in ("transformers", "llms_from_scratch", "triton"):
+        try:
+            module = __import__(name)
+            env[name] = getattr(module, "__version__", "installed")
+        except ImportError:
+            env[name] = None
+    return env
+
+
+# ---------------------------------------------------------------------------- the models
+
+
+@dataclass
+class Contender:
+    """One model under test: the module, how to get the loss, and how to count it."""
+
+    name: str
+    model: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    matmul_params: int
+    sdpa_backend: Optional[str] = None  # run the step under this SDPA kernel (our fastest, by probe)
+    note: str = ""
+
+
+def book_config(cfg: GPTConfig) -> dict[str, Any]:
+    """The book's config dict with our shape (the book's layers always have biases)."""
+    return {"vocab_size": cfg.vocab_size, "context_length": cfg.context_length, "emb_dim": cfg.emb_dim,
+            "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "drop_rate": cfg.drop_rate,
+            "qkv_bias": cfg.qkv_bias}
+
+
+def _count(model: nn.Module, position_table: Optional[nn.Module]) -> int:
+    n = sum(p.numel() for p in model.parameters())
+    return n - (position_table.weight.numel() if position_table is not None else 0)
+
+
+def _logits_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The book's loss: cross-entropy of the model's logits, flattened."""
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    return loss
+
+
+def build_contender(name: str, cfg: GPTConfig, device: torch.device, compile: bool = False) -> Contender:
+    """``ours`` (llmscratch's GPT), ``book``, ``book-fast`` or ``hf``, with ``cfg``'s shape, on ``device``.
+
+    The peers get our weight tying by sharing the head with the token embedding, so the
+    parameter count and the work per token match.
+    """
+    if name == "ours":
+        model = GPT(cfg).to(device)
+        pos = model.pos_emb if cfg.pos_emb == "learned" else None
+        forward = torch.compile(model) if compile else model
+        return Contender("llmscratch" + (" (compiled)" if compile else ""), model,
+                         lambda x, y: forward(x, y), _count(model, pos))
+    if name in ("book", "book-fast"):
+        from llms_from_scratch.ch04 import GPTModel, GPTModelFast
+
+        model = (GPTModel if name == "book" else GPTModelFast)(book_config(cfg)).to(device)
+        if cfg.tie_weights:
+            model.out_head.weight = model.tok_emb.weight
+        label = "book GPTModel" if name == "book" else "book GPTModelFast"
+        return Contender(label, model, _logits_loss(model), _count(model, model.pos_emb),
+                         note="biases always on" if not cfg.bias else "")
+    if name == "hf":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hf_cfg = GPT2Config(
+            vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim, n_layer=cfg.n_layers,
+            n_head=cfg.n_heads, resid_pdrop=cfg.drop_rate, embd_pdrop=cfg.drop_rate, attn_pdrop=cfg.drop_rate,
+            activation_function="gelu_new", layer_norm_epsilon=cfg.layer_norm_eps,
+            tie_word_embeddings=cfg.tie_weights, bos_token_id=None, eos_token_id=None,
+        )
+        hf_cfg._attn_implementation = "sdpa"
+        model = GPT2LMHeadModel(hf_cfg).to(device)
+
+        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            logits = model(input_ids=x).logits  # (B, T, V)
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+        return Contender("transformers GPT2LMHeadModel (sdpa)", model, loss,
+                         _count(model, model.transformer.wpe), note="biases always on" if not cfg.bias else "")
+    raise ValueError(f"unknown model {name!r}; choose ours, book, book-fast or hf")
+
+
+def available_peers() -> list[str]:
+    """The peers whose packages are installed here."""
+    found = []
+    try:
+        import llms_from_scratch.ch04  # noqa: F401
+        found += ["book", "book-fast"]
+    except ImportError:
+        pass
+    try:
+        import transformers  # noqa: F401
+        found.append("hf")
+    except ImportError:
+        pass
+    return found
+
+
+# ---------------------------------------------------------------------------- attention kernels
+
+_SDPA_CHOICE: dict[tuple, str] = {}
+
+
+def _sdpa_backend_enum(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+def sdpa_context(backend: Optional[str]) -> contextlib.AbstractContextManager:
+    """A context that restricts SDPA to one kernel (no-op for ``None``)."""
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel([_sdpa_backend_enum(backend)])
+
+
+def _attention_fn(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward of causal attention by ``variant``."""
+    from .attention import attend
+
+    grad = torch.randn_like(q)
+
+    def run() -> None:
+        if variant == "explicit":
+            out, _ = attend(q, k, v, causal=True, backend="explicit")
+        elif variant == "fused":
+            out, _ = attend(q, k, v, causal=True, backend="fused")
+        else:
+            with sdpa_context(variant):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out.backward(grad)
+        q.grad = k.grad = v.grad = None
+
+    return run
+
+
+def bench_attention(device: torch.device, batch: int = 16, heads: int = 12, tokens: int = 1024, head_dim: int = 64,
+                    dtype: Optional[torch.dtype] = None, repeats: int = 5, iters: int = 10) -> list[dict[str, Any]]:
+    """Forward + backward time of causal attention: explicit, fused (default dispatch), each SDPA kernel."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    q, k, v = (torch.randn(batch, heads, tokens, head_dim, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))  # (B, H, T, d) each
+    rows = []
+    for variant in ("explicit", "fused", *SDPA_BACKENDS):
+        row: dict[str, Any] = {"variant": variant, "shape": [batch, heads, tokens, head_dim], "dtype": str(dtype)}
+        try:
+            row["ms"] = 1000 * median_time(_attention_fn(variant, q, k, v), device, iters, repeats, warmup=2)
+        except RuntimeError as err:  # this kernel does not run on this device, dtype or shape
+            row["ms"], row["error"] = None, str(err).splitlines()[0][:120]
+        rows.append(row)
+    best = min((r for r in rows if r["variant"] in SDPA_BACKENDS and r["ms"]), key=lambda r: r["ms"], default=None)
+    for r in rows:
+        r["vs_best_sdpa"] = (r["ms"] / best["ms"]) if (best and r["ms"]) else None
+    return rows
+
+
+def fastest_sdpa_backend(device: torch.device, batch: int, heads: int, tokens: int, head_dim: int,
+                         dtype: torch.dtype) -> Optional[str]:
+    """The SDPA kernel that runs causal forward + backward fastest at this shape, measured once and cached.
+
+    ``None`` on the CPU (PyTorch's own dispatch is used there).
+    """
+    if device.type != "cuda":
+        return None
+    key = (str(device), torch.cuda.get_device_name(device), batch, heads, tokens, head_dim, dtype)
+    if key not in _SDPA_CHOICE:
+        rows = bench_attention(device, batch, heads, tokens, head_dim, dtype, repeats=3, iters=5)
+        best = min((r for r in rows if r["variant"] in ("flash", "efficient", "cudnn") and r["ms"]),
+                   key=lambda r: r["ms"], default=None)
+        _SDPA_CHOICE[key] = best["variant"] if best else None
+    return _SDPA_CHOICE[key]
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _TrainStep:
+    """One optimizer step of a contender on a rotating set of random batches."""
+
+    def __init__(self, c: Contender, cfg: GPTConfig, batch: int, context: int, device: torch.device, precision: str):
+        self.c, self.device, self.precision = c, device, precision
+        fused = {"fused": True} if device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(c.model.parameters(), lr=1e-4, weight_decay=0.1, **fused)
+        gen = torch.Generator().manual_seed(0)
+        self.batches = [
+            tuple(torch.randint(0, cfg.vocab_size, (batch, context), generator=gen).to(device) for _ in range(2))
+            for _ in range(4)
+        ]  # 4 × (x (B, T), y (B, T))
+        self.i = 0
+        self.last_loss: Optional[torch.Tensor] = None
+
+    def __call__(self) -> None:
+        x, y = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        with sdpa_context(self.c.sdpa_backend), _autocast(self.device, self.precision):
+            loss = self.c.loss_fn(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.c.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach()  # read only after the timed run: no host sync per step
+
+
+def bench_train(
+    cfg: GPTConfig, device: torch.device, batch: int, context: int, precision: str, names: list[str],
+    compile: bool = False, steps: int = 5, repeats: int = 3, warmup: int = 2,
+    interleave: Optional[bool] = None, log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Tokens/s, MFU and peak memory of training steps for each model in ``names``.
+
+    ``ours`` is run eagerly, and compiled too when ``compile``. On CUDA the models are run one
+    after another (each freed before the next, so peak memory is its own); elsewhere they are
+    interleaved repeat by repeat.
+    """
+    cfg = GPTConfig.from_dict({**cfg.to_dict(), "context_length": max(context, cfg.context_length)})
+    interleave = device.type != "cuda" if interleave is None else interleave
+    peak = measure_peak_tflops(device) if device.type == "cuda" else None
+    sheet = datasheet_tflops(device)
+    backend = fastest_sdpa_backend(device, batch, cfg.n_heads, context, cfg.head_dim,
+                                   torch.bfloat16 if precision == "bf16" else torch.float32)
+    plan = []
+    for name in names:
+        plan.append((name, False))
+        if name == "ours" and compile:
+            plan.append((name, True))
+
+    def setup(name: str, compiled: bool) -> tuple[Contender, _TrainStep]:
+        torch.manual_seed(0)
+        c = build_contender(name, cfg, device, compile=compiled)
+        if name == "ours":
+            c.sdpa_backend = backend
+        return c, _TrainStep(c, cfg, batch, context, device, precision)
+
+    def result(c: Contender, step: _TrainStep, times: list[float], peak_bytes: Optional[int]) -> dict[str, Any]:
+        seconds = statistics.median(times)
+        tps = batch * context / seconds
+        fpt = flops_per_token(cfg, c.matmul_params, context)
+        loss = float(step.last_loss) if step.last_loss is not None else float("nan")
+        return {"model": c.name, "tokens_per_s": tps, "step_ms": 1000 * seconds, "loss": loss,
+                "params": sum(p.numel() for p in c.model.parameters()), "flops_per_token": fpt,
+                "mfu_measured_peak": tps * fpt / (peak * 1e12) if peak else None,
+                "mfu_datasheet": tps * fpt / (sheet * 1e12) if sheet else None,
+                "peak_memory_gb": peak_bytes / 1e9 if peak_bytes is not None else None,
+                "sdpa_backend": c.sdpa_backend, "note": c.note}
+
+    rows: list[dict[str, Any]] = []
+    if interleave:
+        runs = []
+        for name, compiled in plan:
+            c, step = setup(name, compiled)
+            for _ in range(warmup):
+                step()
+            runs.append((c, step, []))
+        for _ in range(repeats):
+            for c, step, times in runs:
+                times.append(time_call(step, device, steps))
+        rows = [result(c, step, times, None) for c, step, times in runs]
+    else:
+        for name, compiled in plan:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                c, step = setup(name, compiled)
+                t0 = time.perf_counter()
+                for _ in range(warmup):
+                    step()
+                synchronize(device)
+                log(f"  {c.name}: warm-up {time.perf_counter() - t0:.1f}s")
+                times = [time_call(step, device, steps) for _ in range(repeats)]
+                peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+                rows.append(result(c, step, times, peak_bytes))
+                del c, step
+            except Exception as err:  # a peer or the compiler failing must not lose the other rows
+                rows.append({"model": name + (" (compiled)" if compiled else ""), "error": repr(err)[:300]})
+    ours = [r for r in rows if r.get("model", "").startswith("llmscratch") and r.get("tokens_per_s")]
+    best = max(ours, key=lambda r: r["tokens_per_s"]) if ours else None
+    for r in rows:
+        if best and r.get("tokens_per_s"):
+            r["ours_over_this"] = best["tokens_per_s"] / r["tokens_per_s"]
+    return rows
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+def _decode_runner(mode: str, model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+                   compile: bool) -> Callable[[Optional[Callable[[], None]]], None]:
+    """A function that decodes ``new_tokens`` greedily after ``prompt (B, T0)`` by ``mode``."""
+    from .generate import SamplingConfig, StaticDecoder, decode_steps
+
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
+    prompts = prompt.tolist()
+    if mode in ("cache", "no cache"):
+        def run(first: Optional[Callable[[], None]] = None) -> None:
+            for i, _ in enumerate(decode_steps(model, prompts, sampling, use_cache=mode == "cache")):
+                if i == 0 and first:
+                    first()
+        return run
+    if mode.startswith("static"):
+        decoder = StaticDecoder(model, prompt.shape[0], prompt.shape[1] + new_tokens, compile=compile)
+        return lambda first=None: decoder.generate(prompt, sampling, on_first_token=(lambda _: first()) if first else None)
+    raise ValueError(mode)
+
+
+def _peer_decode_runner(name: str, cfg: GPTConfig, device: torch.device, dtype: torch.dtype, prompt: torch.Tensor,
+                        new_tokens: int) -> tuple[str, Callable]:
+    """Decode runners of the peers, with the same shape and greedy decoding."""
+    torch.manual_seed(0)
+    if name == "book":
+        from llms_from_scratch.ch04 import GPTModel, generate_text_simple
+
+        model = GPTModel(book_config(cfg)).to(device, dtype).eval()
+
+        def run(first=None) -> None:
+            with torch.no_grad():
+                generate_text_simple(model, prompt, new_tokens, cfg.context_length)
+        return "book GPTModel, no cache", run
+    if name == "book-cache":
+        from llms_from_scratch.kv_cache.gpt2 import GPTModel
+        from llms_from_scratch.kv_cache.utils import KVCache as BookKVCache
+
+        model = GPTModel(book_config(cfg)).to(device, dtype).eval()
+
+        def run(first=None) -> None:  # the book's cached greedy loop (its chapter 4 bonus code)
+            with torch.no_grad():
+                model.current_pos = 0
+                cache = BookKVCache(cfg.n_layers)
+                logits = model(prompt, use_cache=True, cache=cache)  # (B, T0, V)
+                for _ in range(new_tokens):
+                    next_idx = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+                    logits = model(next_idx, use_cache=True, cache=cache)  # (B, 1, V)
+        return "book GPTModel, KV cache", run
+    if name == "hf":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+                            n_layer=cfg.n_layers, n_head=cfg.n_heads, tie_word_embeddings=cfg.tie_weights,
+                            bos_token_id=None, eos_token_id=None, pad_token_id=0)
+        hf_cfg._attn_implementation = "sdpa"
+        model = GPT2LMHeadModel(hf_cfg).to(device, dtype).eval()
+
+        def run(first=None) -> None:
+            with torch.no_grad():
+                model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return "transformers generate (cache)", run
+    raise ValueError(name)
+
+
+def bench_decode(
+    cfg: GPTConfig, device: torch.device, batches: tuple[int, ...] = (1, 8), new_tokens: int = 200,
+    prompt_len: int = 8, repeats: int = 3, modes: Optional[list[str]] = None, peers: list[str] = (),
+    dtype: Optional[torch.dtype] = None, log: Callable[[str], None] = print, warmup_tokens: Optional[int] = None,
+) -> list[dict[str, Any]]:
+    """Greedy decode speed (tokens/s over all rows) and time to first token, per mode and batch.
+
+    Modes: ``no cache``, ``cache`` (eager KV cache), ``static`` (static cache, eager) and
+    ``static compiled`` (the one-token step compiled; CUDA graphs on CUDA). On CUDA the
+    weights are bf16 (decoding is memory-bound); on the CPU float32. The warm-up run decodes
+    ``warmup_tokens`` (default: all of them on CUDA, where it compiles the step for these
+    shapes; 2 on the CPU, where there is nothing to compile and a run is slow).
+    """
+    if warmup_tokens is None:
+        warmup_tokens = new_tokens if device.type == "cuda" else 2
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    cfg = GPTConfig.from_dict({**cfg.to_dict(), "drop_rate": 0.0})
+    if modes is None:
+        modes = ["no cache", "cache", "static"] + (["static compiled"] if device.type == "cuda" else [])
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device, dtype).eval()
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+        prompt = prompt.to(device)
+        runners: list[tuple[str, Callable]] = []
+        warmers: dict[str, Callable] = {}
+        for mode in modes:
+            label = f"llmscratch {mode}"
+            runners.append((label, _decode_runner(mode, model, prompt, new_tokens, "compiled" in mode)))
+            if warmup_tokens != new_tokens:
+                warmers[label] = _decode_runner(mode, model, prompt, warmup_tokens, "compiled" in mode)
+        for peer in peers:
+            try:
+                runners.append(_peer_decode_runner(peer, cfg, device, dtype, prompt, new_tokens))
+            except Exception as err:
+                rows.append({"mode": peer, "batch": batch, "error": repr(err)[:300]})
+        live: list[tuple[str, Callable, list[float], list[float]]] = []
+        for label, run in runners:
+            try:
+                t0 = time.perf_counter()
+                warmers.get(label, run)(None)  # warm-up (and compilation)
+                synchronize(device)
+                log(f"  decode {label} batch {batch}: warm-up {time.perf_counter() - t0:.1f}s")
+                live.append((label, run, [], []))
+            except Exception as err:
+                rows.append({"mode": label, "batch": batch, "error": repr(err)[:300]})
+        for _ in range(repeats):  # interleaved: a passing load on a shared machine hits every mode alike
+            for label, run, totals, firsts in live:
+                synchronize(device)
+                start = time.perf_counter()
+                first_at: list[float] = []
+
+                def first() -> None:
+                    synchronize(device)
+                    first_at.append(time.perf_counter() - start)
+
+                run(first)
+                synchronize(device)
+                totals.append(time.perf_counter() - start)
+                firsts.extend(first_at)
+        for label, run, totals, firsts in live:
+            seconds = statistics.median(totals)
+            rows.append({"mode": label, "batch": batch, "new_tokens": new_tokens, "prompt": prompt_len,
+                         "tokens_per_s": batch * new_tokens / seconds, "seconds": seconds,
+                         "first_token_ms": 1000 * statistics.median(firsts) if firsts else None,
+                         "dtype": str(dtype), "runs_s": totals})
+    for batch in batches:
+        base = next((r for r in rows if r["mode"] == "llmscratch no cache" and r["batch"] == batch
+                     and r.get("tokens_per_s")), None)
+        for r in rows:
+            if base and r["batch"] == batch and r.get("tokens_per_s"):
+                r["over_no_cache"] = r["tokens_per_s"] / base["tokens_per_s"]
+    return rows
+
+
+def decode_matches_eager(model: GPT, prompt: torch.Tensor, new_tokens: int, compile: bool) -> bool:
+    """Whether the static (optionally compiled) decoder's greedy tokens equal the eager KV-cache path's."""
+    from .generate import SamplingConfig, StaticDecoder, generate
+
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
+    eager = generate(model, prompt.tolist(), sampling, use_cache=True)
+    fast = StaticDecoder(model, prompt.shape[0], prompt.shape[1] + new_tokens, compile=compile)
+    return fast.generate(prompt, sampling).tolist() == eager
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, spec)
+
+
+def format_train(rows: list[dict[str, Any]]) -> str:
+    lines = [f"| {'model':<38} | {'tokens/s':>10} | {'step ms':>8} | {'MFU meas.':>9} | {'MFU sheet':>9} | "
+             f"{'peak GB':>7} | {'ours ×':>6} |", "| " + " | ".join(["---"] * 7) + " |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']:<38} | error: {r['error'][:80]} |")
+            continue
+        lines.append(
+            f"| {r['model']:<38} | {r['tokens_per_s']:>10,.0f} | {r['step_ms']:>8.1f} | "
+            f"{_fmt(r['mfu_measured_peak'] and 100 * r['mfu_measured_peak'], '>8.1f')}% | "
+            f"{_fmt(r['mfu_datasheet'] and 100 * r['mfu_datasheet'], '>8.1f')}% | "
+            f"{_fmt(r['peak_memory_gb'], '>7.2f')} | {_fmt(r.get('ours_over_this'), '>6.2f')} |")
+    return "\n".join(lines)
+
+
+def format_decode(rows: list[dict[str, Any]]) -> str:
+    lines = [f"| {'mode':<34} | {'batch':>5} | {'tokens/s':>9} | {'first token ms':>14} | {'× no cache':>10} |",
+             "| " + " | ".join(["---"] * 5) + " |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['mode']:<34} | {r['batch']:>5} | error: {r['error'][:80]} |")
+            continue
+        lines.append(f"| {r['mode']:<34} | {r['batch']:>5} | {r['tokens_per_s']:>9.1f} | "
+                     f"{_fmt(r['first_token_ms'], '>14.1f')} | {_fmt(r.get('over_no_cache'), '>10.2f')} |")
+    return "\n".join(lines)
+
+
+def format_attention(rows: list[dict[str, Any]]) -> str:
+    lines = [f"| {'variant':<10} | {'fwd+bwd ms':>10} | {'× best SDPA':>11} |", "| --- | --- | --- |"]
+    for r in rows:
+        note = f" ({r['error'][:60]})" if r.get("error") else ""
+        lines.append(f"| {r['variant']:<10} | {_fmt(r['ms'], '>10.3f')} | {_fmt(r['vs_best_sdpa'], '>11.2f')} |{note}")
+    return "\n".join(lines)
+
+
+def write_json(path: str, record: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, default=str)

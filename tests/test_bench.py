@@ -1,0 +1,88 @@
+"""Tests of bench.py and `llmscratch bench`: the arithmetic, the rows and the JSON (never the timings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmscratch import bench
+from llmscratch.cli import main
+from llmscratch.model import GPT, GPTConfig
+
+CPU = torch.device("cpu")
+
+
+def test_flops_per_token_is_nanogpts_formula():
+    cfg = GPTConfig.from_preset("nanogpt-124m")
+    n = 124_000_000
+    assert bench.flops_per_token(cfg, n, 1024) == 6 * n + 12 * 12 * 1024 * 768
+
+
+def test_matmul_params_leave_out_the_position_table_only():
+    cfg = GPTConfig.from_preset("test", tie_weights=True)
+    c = bench.build_contender("ours", cfg, CPU)
+    model = c.model
+    assert c.matmul_params == model.num_parameters() - model.pos_emb.weight.numel()
+
+
+def test_book_peer_shares_the_head_when_tied():
+    pytest.importorskip("llms_from_scratch")
+    cfg = GPTConfig.from_preset("test", tie_weights=True)
+    c = bench.build_contender("book", cfg, CPU)
+    assert c.model.out_head.weight is c.model.tok_emb.weight
+
+
+def test_train_rows_have_the_numbers_and_the_ratio():
+    cfg = GPTConfig.from_preset("test")
+    rows = bench.bench_train(cfg, CPU, batch=2, context=16, precision="fp32", names=["ours"],
+                             steps=1, repeats=1, warmup=1, log=lambda _: None)
+    (row,) = rows
+    assert row["model"] == "llmscratch"
+    assert row["tokens_per_s"] > 0 and row["ours_over_this"] == 1.0
+    assert row["mfu_measured_peak"] is None  # no GPU peak measured on the CPU
+    assert torch.isfinite(torch.tensor(row["loss"]))
+    assert "tokens/s" in bench.format_train(rows)
+
+
+def test_decode_rows_cover_every_mode_and_batch():
+    cfg = GPTConfig.from_preset("test")
+    rows = bench.bench_decode(cfg, CPU, batches=(1, 2), new_tokens=3, repeats=1, log=lambda _: None)
+    modes = {(r["mode"], r["batch"]) for r in rows if "error" not in r}
+    assert modes == {(f"llmscratch {m}", b) for m in ("no cache", "cache", "static") for b in (1, 2)}
+    assert all(r["first_token_ms"] is not None for r in rows)
+    assert "first token" in bench.format_decode(rows)
+
+
+def test_decode_matches_eager_on_the_uncompiled_static_path():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("test"))
+    prompt = torch.randint(0, 256, (2, 4))
+    assert bench.decode_matches_eager(model, prompt, 8, compile=False)
+
+
+def test_attention_rows_name_every_variant():
+    rows = bench.bench_attention(CPU, batch=1, heads=2, tokens=16, head_dim=8, repeats=1, iters=1)
+    assert [r["variant"] for r in rows] == ["explicit", "fused", *bench.SDPA_BACKENDS]
+    assert rows[0]["ms"] is not None and rows[1]["ms"] is not None
+    assert bench.fastest_sdpa_backend(CPU, 1, 2, 16, 8, torch.float32) is None  # PyTorch's choice on CPU
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "attention", "--preset", "test", "--batch", "1", "--device", "cpu",
+                 "--repeats", "1", "--json", str(out)])
+    assert code == 0
+    record = json.loads(out.read_text())
+    assert record["environment"]["torch"] == torch.__version__
+    assert record["attention"][0]["variant"] == "explicit"
+    assert "fwd+bwd" in capsys.readouterr().out
+
+
+def test_cli_bench_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--preset", "--batch", "--context", "--precision", "--peers", "--json", "--compile"):
+        assert option in text

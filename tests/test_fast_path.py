@@ -1,0 +1,142 @@
+"""The fast paths compute what the readable paths compute.
+
+* The static KV cache (fixed shapes, positions as a tensor) decodes the same greedy tokens
+  as the growing :class:`KVCache` (CPU, uncompiled; GPU, compiled with CUDA graphs).
+* On the GPU: the compiled bf16 training forward (loss inside the compiled region, SDPA,
+  padded vocabulary) gives the loss and gradients of the explicit float32 path within bf16
+  tolerance on the same batch, and padded vocabulary ids are never produced.
+
+GPU tests are marked ``gpu`` and skip cleanly where there is no CUDA device.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from llmscratch.generate import SamplingConfig, StaticDecoder, generate
+from llmscratch.model import GPT, GPTConfig, StaticKVCache
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+GREEDY = SamplingConfig(max_new_tokens=24, temperature=0.0)
+
+
+def sharp_model(cfg: GPTConfig, device: str = "cpu", seed: int = 0) -> GPT:
+    """A random model with larger weights, so greedy choices are not near-ties that rounding flips."""
+    torch.manual_seed(seed)
+    model = GPT(cfg).to(device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(5.0)
+    return model
+
+
+# --------------------------------------------------------------------------- CPU
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope", "sinusoidal", "none"])
+def test_static_cache_decodes_like_the_kv_cache(pos_emb):
+    cfg = GPTConfig.from_preset("test", pos_emb=pos_emb)
+    model = sharp_model(cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
+    eager = generate(model, prompt.tolist(), GREEDY, use_cache=True)
+    static = StaticDecoder(model, batch=3, max_len=cfg.context_length).generate(prompt, GREEDY)
+    assert static.tolist() == eager
+
+
+def test_static_cache_step_logits_equal_full_forward():
+    cfg = GPTConfig.from_preset("test")
+    model = sharp_model(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
+    cache = StaticKVCache.for_model(cfg, batch=2)
+    with torch.no_grad():
+        full = model(idx)  # (B, T, V)
+        parts = [model(idx[:, :4], positions=torch.arange(4), cache=cache)]
+        for t in range(4, 10):
+            parts.append(model(idx[:, t : t + 1], positions=torch.tensor([t]), cache=cache))
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_static_cache_refuses_what_it_cannot_do():
+    model = GPT(GPTConfig.from_preset("test", pos_emb="alibi"))
+    cache = StaticKVCache.for_model(model.cfg, batch=1)
+    with pytest.raises(ValueError, match="alibi"):
+        model(torch.zeros(1, 2, dtype=torch.long), positions=torch.arange(2), cache=cache)
+    with pytest.raises(ValueError, match="positions"):
+        model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+    decoder = StaticDecoder(GPT(GPTConfig.from_preset("test")), batch=1, max_len=8)
+    with pytest.raises(ValueError, match="do not fit"):
+        decoder.generate(torch.zeros(1, 4, dtype=torch.long), SamplingConfig(max_new_tokens=10, temperature=0))
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def _tiny_nanogpt_shape() -> GPTConfig:
+    # A vocabulary that is not a multiple of 64, so the padded head is exercised.
+    return GPTConfig.from_preset("nanogpt-124m", vocab_size=1000, context_length=128, emb_dim=128,
+                                 n_heads=4, n_layers=2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_fast_training_path_matches_explicit_fp32_on_the_same_batch():
+    cfg = _tiny_nanogpt_shape()
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig.from_dict({**cfg.to_dict(), "attn_backend": "explicit"})).cuda()
+    fast = copy.deepcopy(ref)
+    fast.cfg.attn_backend = "fused"  # the blocks share this config object
+    x = torch.randint(0, cfg.vocab_size, (8, cfg.context_length), device="cuda")
+    y = torch.randint(0, cfg.vocab_size, (8, cfg.context_length), device="cuda")
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref_loss = ref(x, y)  # float32, explicit attention, no autocast
+        ref_loss.backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    compiled = torch.compile(fast)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast_loss = compiled(x, y)
+    fast_loss.backward()
+
+    assert torch.isfinite(fast_loss)
+    assert abs(fast_loss.item() - ref_loss.item()) / ref_loss.item() < 1e-2
+    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
+        rel = (p_fast.grad - p_ref.grad).norm() / p_ref.grad.norm().clamp_min(1e-12)
+        assert rel < 5e-2, f"gradient of {name} differs by {rel:.3g} (relative)"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_padded_vocabulary_never_leaves_the_model():
+    cfg = _tiny_nanogpt_shape()
+    model = sharp_model(cfg, "cuda")
+    idx = torch.randint(0, cfg.vocab_size, (2, 16), device="cuda")
+    with torch.no_grad():
+        assert model(idx).shape == (2, 16, cfg.vocab_size)
+    sampled = generate(model, idx.tolist(), SamplingConfig(max_new_tokens=32, temperature=2.0, seed=0))
+    assert all(0 <= t < cfg.vocab_size for row in sampled for t in row)
+    assert model.out_head.weight.shape[0] == cfg.vocab_size
+    assert all(v.shape[0] == cfg.vocab_size for k, v in model.state_dict().items() if "tok_emb" in k)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_static_decode_equals_eager_cache_on_cuda():
+    cfg = _tiny_nanogpt_shape()
+    model = sharp_model(cfg, "cuda")
+    prompt = torch.randint(0, cfg.vocab_size, (2, 8), device="cuda")
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        eager = generate(model, prompt.tolist(), GREEDY, use_cache=True)
+        decoder = StaticDecoder(model, batch=2, max_len=64, compile=True)
+        for _ in range(2):  # the first call records the CUDA graph, the second replays it
+            assert decoder.generate(prompt, GREEDY).tolist() == eager
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
