@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from llmscratch.generate import SamplingConfig, StaticDecoder, generate
-from llmscratch.model import GPT, GPTConfig, StaticKVCache
+from llmscratch.model import GPT, GPTConfig, StaticKVCache, linear_cross_entropy
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GREEDY = SamplingConfig(max_new_tokens=24, temperature=0.0)
@@ -70,6 +70,47 @@ def test_static_cache_refuses_what_it_cannot_do():
     decoder = StaticDecoder(GPT(GPTConfig.from_preset("test")), batch=1, max_len=8)
     with pytest.raises(ValueError, match="do not fit"):
         decoder.generate(torch.zeros(1, 4, dtype=torch.long), SamplingConfig(max_new_tokens=10, temperature=0))
+
+
+def test_linear_cross_entropy_equals_logits_then_cross_entropy():
+    torch.manual_seed(0)
+    vocab, pad = 37, 27  # the head padded to 64 rows, as on CUDA; padded rows must not count
+    x = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(vocab, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, vocab, (50,))
+    y[[3, 17, 49]] = -100
+    ref = torch.nn.functional.cross_entropy(x @ w.t(), y, ignore_index=-100)
+    ref.backward(torch.tensor(0.7, dtype=torch.float64))
+    ref_grads = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    padded = torch.nn.functional.pad(w, (0, 0, 0, pad))
+    fused = linear_cross_entropy(x, padded, y, vocab, chunk=16)  # chunks of 16, 16, 16, 2
+    fused.backward(torch.tensor(0.7, dtype=torch.float64))
+    torch.testing.assert_close(fused, ref)
+    torch.testing.assert_close((x.grad, w.grad), ref_grads)
+
+
+def test_fused_loss_gives_the_plain_loss_and_gradients_in_the_model():
+    cfg = GPTConfig.from_preset("test", tie_weights=True)
+    torch.manual_seed(0)
+    plain = GPT(cfg)
+    fused = copy.deepcopy(plain)
+    fused.loss_chunk = 24
+    x = torch.randint(0, cfg.vocab_size, (3, 20))
+    y = torch.randint(0, cfg.vocab_size, (3, 20))
+    y[0, :5] = -100
+    plain(x, y).backward()
+    loss = fused(x, y)
+    loss.backward()
+    torch.testing.assert_close(loss, plain(x, y), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+    with torch.no_grad():  # outside training the plain path runs (no gradients to fuse)
+        torch.testing.assert_close(fused(x, y), plain(x, y), rtol=1e-5, atol=1e-6)
+    # One graph and no break under torch.compile, with bf16 autocast as in training.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(fused)(x, y)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 # --------------------------------------------------------------------------- GPU

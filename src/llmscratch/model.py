@@ -320,6 +320,10 @@ class GPT(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
+        # Tokens per chunk of the fused head + loss in training (linear_cross_entropy); None: the
+        # plain path (logits, then F.cross_entropy). Not part of the config: it changes no number.
+        # Off by default: compiled on an H200 it was 1.4 % slower (docs/performance.md).
+        self.loss_chunk: Optional[int] = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -435,7 +439,58 @@ class GPT(nn.Module):
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy from final hidden states, in float32."""
+        if self.loss_chunk and torch.is_grad_enabled() and x.requires_grad:
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self._head_weight(x), targets.reshape(-1),
+                                        self.cfg.vocab_size, self.loss_chunk, dtype)
         logits = self.logits(x)  # (B, T, V)
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
         )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``x @ wᵀ`` whose forward pass also computes both gradients.
+
+    The logits are made ``chunk`` rows at a time and turned at once into their gradient
+    ``softmax − onehot`` (llm.c's "fused classifier"), so they are never kept for the backward
+    pass, and each chunk's logits are read back while they may still sit in the L2 cache.
+    Backward only scales the saved gradients by the incoming one.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, targets, vocab: int, chunk: int, dtype: torch.dtype):
+        # x (N, C), w (V_pad, C) (rows from `vocab` on are padding), targets (N,) with -100 = ignored
+        xl, wl = x.to(dtype), w.to(dtype)
+        cols = torch.arange(w.shape[0], device=x.device)  # (V_pad,)
+        wide = torch.promote_types(dtype, torch.float32)  # the softmax's precision
+        losses, grads = [], []
+        for x_c, t_c in zip(xl.split(chunk), targets.split(chunk)):
+            logits = (x_c @ wl.t()).to(wide).masked_fill(cols >= vocab, float("-inf"))  # (n, V_pad)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+            valid = (t_c != -100)[:, None]  # (n, 1)
+            hit = cols == t_c[:, None]  # (n, V_pad): the one-hot targets
+            picked = logits.gather(1, t_c.clamp_min(0)[:, None])  # (n, 1)
+            losses.append(torch.where(valid, lse - picked, 0.0))
+            grads.append(torch.where(valid, torch.exp(logits - lse) - hit.to(wide), 0.0).to(dtype))
+        g = torch.cat(grads)  # (N, V_pad): d(sum of losses)/d(logits)
+        count = (targets != -100).sum()
+        ctx.save_for_backward((g @ wl).to(x.dtype), (g.t() @ xl).to(w.dtype), count)
+        return torch.cat(losses).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, count = ctx.saved_tensors
+        scale = grad_loss / count
+        return grad_x * scale.to(grad_x.dtype), grad_w * scale.to(grad_w.dtype), None, None, None, None
+
+
+def linear_cross_entropy(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, vocab: int, chunk: int,
+                         dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``F.cross_entropy(x @ w[:vocab]ᵀ, targets, ignore_index=-100)`` without keeping the logits.
+
+    ``x (N, C)``, ``w (V_pad, C)`` (rows past ``vocab`` are ignored), ``targets (N,)``; the
+    matrix products run in ``dtype`` (default ``x.dtype``), the softmax in float32. Meant for
+    training: the forward pass already computes the gradients (its cost is the backward's).
+    """
+    return _LinearCrossEntropy.apply(x, w, targets, vocab, chunk, dtype or x.dtype)
