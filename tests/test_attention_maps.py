@@ -28,6 +28,7 @@ from llmscratch.inspect import (
 from llmscratch.model import GPT, GPTConfig
 from llmscratch.positions import POSITION_KINDS
 from llmscratch.tokenizer import build_tokenizer
+from tiny_files import write_tiny_gpt2_files
 
 TEXT = "In the beginning God created the heaven and the earth. And the earth was without form, and void. </script> & <b>p</b>"
 PROMPT = "And God created the heaven, and the earth"
@@ -171,32 +172,6 @@ def test_prompt_errors_say_what_to_do(tmp_path):
 
 
 # --------------------------------------------------------------------------- imported models
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of the 256 bytes (as in OpenAI's encoder.py)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, map(chr, chars)))
-
-
-def write_tiny_gpt2_files(directory: Path, names=("vocab.json", "merges.txt")) -> int:
-    """A GPT-2-style byte-level BPE: 256 bytes, three merges, <|endoftext|>; returns its size."""
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (directory / names[0]).write_text(json.dumps(vocab), encoding="utf-8")
-    (directory / names[1]).write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    return len(vocab)
 
 
 def test_cli_on_a_model_imported_from_hugging_face(tmp_path, capsys):

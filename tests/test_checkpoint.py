@@ -34,38 +34,13 @@ from llmscratch.checkpoint import (
 from llmscratch.errors import CheckpointError
 from llmscratch.model import GPT, GPTConfig
 from llmscratch.positions import POSITION_KINDS
+from tiny_files import write_tiny_gpt2_files
 
 
 def tiny(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
     cfg = GPTConfig.from_preset("test", **{"vocab_size": 64, "emb_dim": 16, "n_heads": 2, **overrides})
     return GPT(cfg).eval()
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of the 256 bytes (as in OpenAI's encoder.py)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = keep[:]
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, map(chr, chars)))
-
-
-def write_tiny_gpt2_files(directory: Path, names=("vocab.json", "merges.txt")) -> int:
-    """A GPT-2-style byte-level BPE: 256 bytes, three merges, <|endoftext|>; returns its size."""
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    (directory / names[0]).write_text(json.dumps(vocab), encoding="utf-8")
-    (directory / names[1]).write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    return len(vocab)
 
 
 def tiny_hf_dir(directory: Path, vocab: int = 300, tied: bool = True) -> Path:

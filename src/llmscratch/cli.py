@@ -177,13 +177,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--attn-backend", choices=["fused", "explicit"], help="attention implementation")
     g.add_argument("--no-scale-attn", action="store_true", help="train without the 1/sqrt(d_head) score scaling")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimizer steps (default 1200)")
+    g.add_argument("--steps", type=int, help="optimizer steps (default 760)")
     g.add_argument("--batch-size", type=int, help="sequences per step, over all processes (default 16)")
     g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per step (default 1)")
     g.add_argument("--micro-batch", type=int,
                    help="windows per forward pass on each process (default --batch-size); the global batch "
                    "stays batch-size × grad-accum and accumulation adapts to the number of processes")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
