@@ -266,3 +266,21 @@ def test_left_padding_with_mask_and_positions_equals_the_row_alone(pos_emb):
         out = model(padded, positions=positions, key_padding_mask=mask)
         torch.testing.assert_close(out[:, 3:], model(row), atol=1e-5, rtol=1e-5)
     assert torch.isfinite(out).all()
+
+
+def test_sinusoidal_positions_are_scaled_to_the_token_embeddings():
+    from llmscratch.model import INIT_STD
+    from llmscratch.positions import sinusoidal_embedding
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("test", pos_emb="sinusoidal")).eval()
+    idx = torch.randint(0, 256, (1, 10))
+    captured = {}
+    model.blocks[0].norm1.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
+    with torch.no_grad():
+        model(idx)
+    expected = model.tok_emb(idx) + INIT_STD * sinusoidal_embedding(torch.arange(10), model.cfg.emb_dim)
+    torch.testing.assert_close(captured["x"], expected)
+    # Neither signal swamps the other at initialisation: their sizes are within a factor of two.
+    ratio = (INIT_STD * sinusoidal_embedding(torch.arange(10), 32)).std() / model.tok_emb.weight.std()
+    assert 0.5 < ratio.item() < 2.0

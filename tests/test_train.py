@@ -187,3 +187,11 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(corpus: Path, tmp_path: Pat
     state = ckpt.load_training_state(out / "sig")
     assert state["step"] >= 3
     ckpt.load_model(out / "sig")  # the checkpoint loads
+
+
+def test_char_tokenizer_covers_characters_seen_only_in_the_validation_tail(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(TEXT + "[Zq]" * 30, encoding="utf-8")  # '[', ']', 'Z', 'q' only in the tail
+    run = train(tiny_config(corpus, tmp_path / "runs", steps=2, eval_interval=2, name="c", val_fraction=0.1))
+    assert (run / "model.safetensors").exists()

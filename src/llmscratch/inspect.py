@@ -258,6 +258,7 @@ def trace_run(run_dir, sentence: str) -> tuple[list[list[str]], list[TraceStep]]
     equals the first block's attention output inside the model's forward pass.
     """
     from .checkpoint import load_run
+    from .model import INIT_STD
     from .positions import alibi_bias, apply_rope, rope_cos_sin, sinusoidal_embedding
 
     model, tokenizer, _ = load_run(run_dir)
@@ -284,8 +285,8 @@ def trace_run(run_dir, sentence: str) -> tuple[list[list[str]], list[TraceStep]]
         x = add("+ positions", ("B", "T", "C"), "plus row t of the learned pos_emb (absolute, GPT-2)",
                 x + model.pos_emb(positions))
     elif cfg.pos_emb == "sinusoidal":
-        x = add("+ positions", ("B", "T", "C"), "plus fixed sines and cosines of the position",
-                x + sinusoidal_embedding(positions, c))
+        x = add("+ positions", ("B", "T", "C"), f"plus fixed sines and cosines of the position (× {INIT_STD})",
+                x + INIT_STD * sinusoidal_embedding(positions, c))
     block = model.blocks[0]
     x = add("norm1(x)", ("B", "T", "C"), "block 0's LayerNorm: each token's vector to mean 0, variance 1", block.norm1(x))
     w_q, w_k, w_v = block.attn.qkv.weight.split(c, dim=0)  # 3 × (C, C), nn.Linear's (out, in) layout

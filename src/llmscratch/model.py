@@ -132,6 +132,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+INIT_STD = 0.02  # GPT-2's initial standard deviation of embeddings and weights
+
+
 class KVCache:
     """Keys and values of earlier tokens, preallocated for ``max_len`` tokens per layer.
 
@@ -335,9 +338,9 @@ class GPT(nn.Module):
             elif "norm" in name:
                 nn.init.ones_(p)
             elif name.endswith(("attn.out_proj.weight", "ff.fc_out.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+                nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * self.cfg.n_layers))
             else:
-                nn.init.normal_(p, mean=0.0, std=0.02)
+                nn.init.normal_(p, mean=0.0, std=INIT_STD)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters counted once each (a tied head is not counted twice)."""
@@ -402,7 +405,9 @@ class GPT(nn.Module):
         if self.cfg.pos_emb == "learned":
             x = x + self.pos_emb(positions)  # (B, T, C); (T, C) broadcasts over the batch
         elif self.cfg.pos_emb == "sinusoidal":
-            x = x + sinusoidal_embedding(positions, self.cfg.emb_dim).to(x.dtype)
+            # Scaled to the token embeddings' initial size: unscaled, the ±1 sines swamp the
+            # 0.02-sized token vectors and the model learns far slower (docs/experiments.md).
+            x = x + (INIT_STD * sinusoidal_embedding(positions, self.cfg.emb_dim)).to(x.dtype)
         x = self.drop(x)
 
         step = _Step(key_padding_mask=key_padding_mask, cache=cache, need_weights=need_weights)

@@ -252,7 +252,7 @@ def _prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: "
     import hashlib
 
     key = hashlib.sha256(
-        f"{cfg.tokenizer}:{cfg.vocab_size}:{cfg.val_fraction}:".encode() + corpus_text.encode("utf-8")
+        f"tokenizer-v2:{cfg.tokenizer}:{cfg.vocab_size}:{cfg.val_fraction}:".encode() + corpus_text.encode("utf-8")
     ).hexdigest()[:16]
     tok_dir = cache / "tokenizers" / key
     if cfg.tokenizer == "gpt2":
@@ -260,9 +260,13 @@ def _prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: "
     if (tok_dir / "tokenizer_config.json").exists():
         return load_tokenizer(tok_dir)
     if group.is_main:
-        # Trained on the training part only, so the validation text stays unseen.
-        train_text = corpus_text[: int(len(corpus_text) * (1.0 - cfg.val_fraction))]
-        tokenizer = build_tokenizer(cfg.tokenizer, train_text, vocab_size=cfg.vocab_size)
+        # BPE merges are learned from the training part only, so the validation text stays
+        # unseen (byte-level BPE still encodes any text). A character vocabulary must cover
+        # every character of the corpus, or validation text could not be encoded at all.
+        text = corpus_text
+        if cfg.tokenizer == "bpe":
+            text = corpus_text[: int(len(corpus_text) * (1.0 - cfg.val_fraction))]
+        tokenizer = build_tokenizer(cfg.tokenizer, text, vocab_size=cfg.vocab_size)
         tok_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(tok_dir)
     group.barrier()
