@@ -167,7 +167,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tokenizer", choices=["char", "bpe", "gpt2"], help="tokenizer kind (default bpe)")
     g.add_argument("--vocab-size", type=int, help="vocabulary size of a trained BPE tokenizer (default 4096)")
     g = p.add_argument_group("model")
-    g.add_argument("--preset", help="model preset: cpu (default), cpu-tiny, test, gpt2-124m, nanogpt-124m, gpt2-medium, …")
+    g.add_argument("--preset", help="model preset: cpu (default), cpu-wide, test, gpt2-124m, nanogpt-124m, gpt2-medium, …")
     g.add_argument("--n-layers", type=int, help="number of transformer blocks")
     g.add_argument("--n-heads", type=int, help="attention heads per block")
     g.add_argument("--emb-dim", type=int, help="embedding width C")
@@ -177,8 +177,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--attn-backend", choices=["fused", "explicit"], help="attention implementation")
     g.add_argument("--no-scale-attn", action="store_true", help="train without the 1/sqrt(d_head) score scaling")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimizer steps (default 760)")
-    g.add_argument("--batch-size", type=int, help="sequences per step, over all processes (default 16)")
+    g.add_argument("--steps", type=int, help="optimizer steps (default 800)")
+    g.add_argument("--batch-size", type=int, help="sequences per step, over all processes (default 32)")
     g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per step (default 1)")
     g.add_argument("--micro-batch", type=int,
                    help="windows per forward pass on each process (default --batch-size); the global batch "
