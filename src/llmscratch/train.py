@@ -516,9 +516,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
             out_of_time = cfg.time_budget is not None and time.time() - t_start >= cfg.time_budget
             if cfg.stop_at is not None and step >= cfg.stop_at and step < cfg.steps:
                 out_of_time = True
+            # Read the Ctrl-C flag once per step: a signal that lands later in this step (during
+            # logging, say) is acted on at the next one, never after the checkpoint was skipped.
+            stop_now = stop.requested
             if group.active:  # Ctrl-C and the clock are per rank; all ranks must stop at the same step
-                out_of_time, stop.requested = group.any(out_of_time, stop.requested)
-            if out_of_time or stop.requested:
+                out_of_time, stop_now = group.any(out_of_time, stop_now)
+            if out_of_time or stop_now:
                 at_log = at_ckpt = True
             if at_log or at_eval or at_ckpt:
                 first_bad = int(bad_step.item())  # the one host sync, at log steps only
@@ -555,7 +558,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
             if at_ckpt:
                 save_checkpoint(step)
                 last_good = step
-            if stop.requested:
+            if stop_now:
                 stopped_by = "Ctrl-C"
                 break
             if out_of_time:
