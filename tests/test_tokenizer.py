@@ -26,6 +26,7 @@ from llmscratch.tokenizer import (
     load_tokenizer,
     split_for_encoding,
 )
+from tiny_files import bytes_to_unicode
 
 TRAIN_TEXT = (
     "In the beginning God created the heaven and the earth. And the earth was without form, and void; "
@@ -46,25 +47,12 @@ TRICKY = [
 # --------------------------------------------------------------------------- a tiny GPT-2-format BPE
 
 
-def gpt2_bytes_to_unicode() -> dict:
-    """GPT-2's encoder.py byte ↔ character table, written independently of the package."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 GPT2_SPLIT = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
 
 
 def learn_tiny_bpe(text: str, n_merges: int):
     """Textbook BPE: repeatedly merge the most frequent adjacent pair (ties: smallest pair)."""
-    b2u = gpt2_bytes_to_unicode()
+    b2u = bytes_to_unicode()
     words = collections.Counter(
         tuple(b2u[b] for b in piece.encode("utf-8")) for piece in GPT2_SPLIT.findall(text)
     )

@@ -415,6 +415,22 @@ def pyplot():
     return plt
 
 
+def plot_loss_curves(runs: list[dict], label_of, folder: Path, report: "Report", caption: str) -> None:
+    """``loss_curves.png``: each run's validation loss against step, labelled by ``label_of(run)``."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in runs:
+        ax.plot(*r["curve"], marker="o", markersize=3, label=label_of(r))
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("validation loss during training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, folder / "loss_curves.png")
+    report.plots.append(("loss_curves.png", caption))
+
+
 def save_figure(fig, path: Path) -> None:
     """Save a figure as PNG (atomically) and close it."""
     tmp = path.with_name(f".{path.stem}.tmp.png")

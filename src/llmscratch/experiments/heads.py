@@ -19,7 +19,8 @@ import torch
 from ..inspect import head_diversity
 from ..runtime import Runtime
 from .common import (
-    Report, Table, base_settings, check_mode, fresh_model, load_data, probe_batch, pyplot, r4, save_figure,
+    Report, Table, base_settings, check_mode, fresh_model, load_data, plot_loss_curves, probe_batch, pyplot, r4,
+    save_figure,
     train_model, validation_batches,
 )
 
@@ -117,17 +118,8 @@ def _findings(runs: list[dict[str, Any]]) -> list[str]:
 
 def _plot(runs: list[dict[str, Any]], folder: Path, report: Report) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in runs:
-        ax.plot(*r["curve"], marker="o", markersize=3, label=f"{r['n_heads']} head(s) of {r['head_dim']} dims")
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("validation loss during training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, folder / "loss_curves.png")
-    report.plots.append(("loss_curves.png", "Validation loss during training, by number of heads"))
+    plot_loss_curves(runs, lambda r: f"{r['n_heads']} head(s) of {r['head_dim']} dims", folder, report,
+                     "Validation loss during training, by number of heads")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     counts = [r["n_heads"] for r in runs]

@@ -17,7 +17,7 @@ from ..positions import POSITION_KINDS
 from ..runtime import Runtime
 from .common import (
     Report, Table, base_settings, check_mode, fresh_model, load_data, loss_by_position, mean_loss, pyplot, r4,
-    save_figure, train_model, validation_batches,
+    plot_loss_curves, save_figure, train_model, validation_batches,
 )
 
 NAME = "positions"
@@ -106,17 +106,8 @@ def _findings(runs: list[dict[str, Any]], t: int, k_max: int) -> list[str]:
 
 def _plot(runs: list[dict[str, Any]], folder: Path, report: Report, t: int, k_max: int) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in runs:
-        ax.plot(*r["curve"], marker="o", markersize=3, label=r["kind"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("validation loss during training")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, folder / "loss_curves.png")
-    report.plots.append(("loss_curves.png", "Validation loss during training, by position method"))
+    plot_loss_curves(runs, lambda r: r["kind"], folder, report,
+                     "Validation loss during training, by position method")
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for r in runs:
