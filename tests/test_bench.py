@@ -46,6 +46,22 @@ def test_train_rows_have_the_numbers_and_the_ratio():
     assert "tokens/s" in bench.format_train(rows)
 
 
+def test_peers_are_compared_with_our_model_in_their_configuration():
+    """With relu2 and RoPE, which the peers lack, our model also runs as the peers do, and the
+    peers' ratios use that row, so a ratio always compares identical configurations."""
+    pytest.importorskip("llms_from_scratch")
+    cfg = GPTConfig.from_preset("test", activation="relu2", pos_emb="rope")
+    rows = bench.bench_train(cfg, CPU, batch=2, context=16, precision="fp32", names=["ours", "book"],
+                             steps=1, repeats=1, warmup=1, log=lambda _: None)
+    ours, same, book = rows
+    assert (ours["model"], ours["same_as_peers"]) == ("llmscratch", False)
+    assert same["model"].startswith("llmscratch (as the peers") and same["same_as_peers"]
+    assert book["model"] == "book GPTModel"
+    assert book["ours_over_this"] == pytest.approx(same["tokens_per_s"] / book["tokens_per_s"])
+    assert ours["ours_over_this"] == pytest.approx(max(ours["tokens_per_s"], same["tokens_per_s"]) / ours["tokens_per_s"])
+    assert bench.peer_config(cfg) == GPTConfig.from_preset("test")
+
+
 def test_decode_rows_cover_every_mode_and_batch():
     cfg = GPTConfig.from_preset("test")
     rows = bench.bench_decode(cfg, CPU, batches=(1, 2), new_tokens=3, repeats=1, log=lambda _: None)

@@ -168,7 +168,7 @@ def test_not_a_state_dict(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("pos_emb", "rope"), ("bias", False), ("scale_attn", False),
-                                          ("layer_norm_eps", 1e-6)])
+                                          ("layer_norm_eps", 1e-6), ("activation", "relu2")])
 def test_export_refuses_what_the_book_cannot_represent(tmp_path, field, value):
     save_model(tmp_path / "run", GPT(GPTConfig.from_preset("test", **{field: value})))
     with pytest.raises(CheckpointError, match=field):

@@ -205,7 +205,7 @@ def test_config_mapping_fields():
 
 
 @pytest.mark.parametrize("field, value", [("pos_emb", "rope"), ("pos_emb", "alibi"), ("pos_emb", "sinusoidal"),
-                                          ("pos_emb", "none"), ("bias", False)])
+                                          ("pos_emb", "none"), ("bias", False), ("activation", "relu2")])
 def test_export_refuses_what_gpt2_cannot_represent(tmp_path, field, value):
     cfg = GPTConfig.from_preset("test", **{field: value})
     save_model(tmp_path / "run", GPT(cfg))

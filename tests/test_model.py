@@ -86,6 +86,7 @@ def test_parameter_count_on_a_real_model_and_without_embeddings():
         (dict(bias="no"), "bias"),
         (dict(tie_weights=None), "tie_weights"),
         (dict(scale_attn=0), "scale_attn"),
+        (dict(activation="swish"), "activation"),
     ],
 )
 def test_config_rules_raise_config_error_naming_the_field(overrides, field):
@@ -187,6 +188,31 @@ def test_need_weights_returns_one_normalised_map_per_layer(pos_emb):
         assert w.shape == (2, 4, 9, 9)  # (B, H, T, T)
         torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 9))
         assert torch.all(torch.triu(w, diagonal=1) == 0)  # nothing attends to the future
+
+
+def test_relu2_feed_forward_is_the_squared_relu():
+    """The relu2 MLP is fc_out(relu(fc_in(x))²), written out by hand; gelu stays GPT-2's tanh GELU."""
+    relu2 = make_model(activation="relu2").blocks[0].ff
+    gelu = make_model().blocks[0].ff
+    gelu.load_state_dict(relu2.state_dict())
+    x = torch.randn(2, 5, relu2.fc_in.in_features)
+    h = x @ relu2.fc_in.weight.T + relu2.fc_in.bias
+    expected = (h.clamp_min(0) ** 2) @ relu2.fc_out.weight.T + relu2.fc_out.bias
+    torch.testing.assert_close(relu2(x), expected)
+    gelu_expected = F.gelu(h, approximate="tanh") @ relu2.fc_out.weight.T + relu2.fc_out.bias
+    torch.testing.assert_close(gelu(x), gelu_expected)
+    assert not torch.allclose(relu2(x), gelu(x))
+
+
+def test_relu2_model_is_causal_and_trains():
+    model = make_model("rope", activation="relu2")
+    idx = tokens(2, 16)
+    full = model(idx)  # (B, T, V)
+    torch.testing.assert_close(model(idx[:, :9]), full[:, :9])
+    model.train()
+    loss = model(idx, tokens(2, 16, seed=1))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 def test_tied_weights_are_really_shared():

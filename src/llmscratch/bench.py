@@ -26,6 +26,7 @@ table left out; the second term is attention's scores and weighted sum), as nano
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
@@ -138,6 +139,12 @@ class Contender:
     matmul_params: int
     sdpa_backend: Optional[str] = None  # run the step under this SDPA kernel (our fastest, by probe)
     note: str = ""
+    same_as_peers: bool = True  # built with the configuration the peers run
+
+
+def peer_config(cfg: GPTConfig) -> GPTConfig:
+    """``cfg`` as the peers can compute it: GPT-2's GELU MLP and learned absolute positions."""
+    return dataclasses.replace(cfg, activation="gelu", pos_emb="learned")
 
 
 def book_config(cfg: GPTConfig) -> dict[str, Any]:
@@ -342,33 +349,41 @@ def bench_train(
 
     ``ours`` is run eagerly, and compiled too when ``compile``. On CUDA the models are run one
     after another (each freed before the next, so peak memory is its own); elsewhere they are
-    interleaved repeat by repeat.
+    interleaved repeat by repeat. Where ``cfg`` uses what the peers lack (relu2, RoPE), ours is
+    also run with :func:`peer_config`, and the peers' ratios compare that identical configuration.
     """
     cfg = GPTConfig.from_dict({**cfg.to_dict(), "context_length": max(context, cfg.context_length)})
+    same = peer_config(cfg)
+    with_peers = any(name != "ours" for name in names)
     interleave = device.type != "cuda" if interleave is None else interleave
     peak = measure_peak_tflops(device) if device.type == "cuda" else None
     sheet = datasheet_tflops(device)
     backend = fastest_sdpa_backend(device, batch, cfg.n_heads, context, cfg.head_dim,
                                    torch.bfloat16 if precision == "bf16" else torch.float32)
-    plan = []
+    plan = []  # (name, compiled, config)
     for name in names:
-        plan.append((name, False))
+        plan.append((name, False, cfg if name == "ours" else same))
         if name == "ours" and compile:
-            plan.append((name, True))
+            plan.append((name, True, cfg))
+        if name == "ours" and with_peers and same != cfg:
+            plan.append((name, False, same))
 
-    def setup(name: str, compiled: bool) -> tuple[Contender, _TrainStep]:
+    def setup(name: str, compiled: bool, config: GPTConfig) -> tuple[Contender, _TrainStep]:
         torch.manual_seed(0)
-        c = build_contender(name, cfg, device, compile=compiled)
+        c = build_contender(name, config, device, compile=compiled)
         if name == "ours":
             c.sdpa_backend = backend
-        return c, _TrainStep(c, cfg, batch, context, device, precision)
+            if config != cfg:
+                c.name += " (as the peers: gelu, learned pos.)"
+        c.same_as_peers = config == same
+        return c, _TrainStep(c, config, batch, context, device, precision)
 
     def result(c: Contender, step: _TrainStep, times: list[float], peak_bytes: Optional[int]) -> dict[str, Any]:
         seconds = statistics.median(times)
         tps = batch * context / seconds
-        fpt = flops_per_token(cfg, c.matmul_params, context)
+        fpt = flops_per_token(cfg, c.matmul_params, context)  # positions and activation change no matmul
         loss = float(step.last_loss) if step.last_loss is not None else float("nan")
-        return {"model": c.name, "tokens_per_s": tps, "step_ms": 1000 * seconds, "loss": loss,
+        return {"model": c.name, "same_as_peers": c.same_as_peers, "tokens_per_s": tps, "step_ms": 1000 * seconds, "loss": loss,
                 "params": sum(p.numel() for p in c.model.parameters()), "flops_per_token": fpt,
                 "mfu_measured_peak": tps * fpt / (peak * 1e12) if peak else None,
                 "mfu_datasheet": tps * fpt / (sheet * 1e12) if sheet else None,
@@ -378,8 +393,8 @@ def bench_train(
     rows: list[dict[str, Any]] = []
     if interleave:
         runs = []
-        for name, compiled in plan:
-            c, step = setup(name, compiled)
+        for name, compiled, config in plan:
+            c, step = setup(name, compiled, config)
             for _ in range(warmup):
                 step()
             runs.append((c, step, []))
@@ -388,13 +403,13 @@ def bench_train(
                 times.append(time_call(step, device, steps))
         rows = [result(c, step, times, None) for c, step, times in runs]
     else:
-        for name, compiled in plan:
+        for name, compiled, config in plan:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                c, step = setup(name, compiled)
+                c, step = setup(name, compiled, config)
                 t0 = time.perf_counter()
                 for _ in range(warmup):
                     step()
@@ -408,9 +423,13 @@ def bench_train(
                 rows.append({"model": name + (" (compiled)" if compiled else ""), "error": repr(err)[:300]})
     ours = [r for r in rows if r.get("model", "").startswith("llmscratch") and r.get("tokens_per_s")]
     best = max(ours, key=lambda r: r["tokens_per_s"]) if ours else None
+    peers_ours = [r for r in ours if r["same_as_peers"]]  # a peer is compared with the identical config
+    best_same = max(peers_ours, key=lambda r: r["tokens_per_s"]) if peers_ours else None
     for r in rows:
-        if best and r.get("tokens_per_s"):
-            r["ours_over_this"] = best["tokens_per_s"] / r["tokens_per_s"]
+        mine = r.get("model", "").startswith("llmscratch")
+        ref = best if mine else best_same
+        if ref and r.get("tokens_per_s"):
+            r["ours_over_this"] = ref["tokens_per_s"] / r["tokens_per_s"]
     return rows
 
 
@@ -577,14 +596,14 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def format_train(rows: list[dict[str, Any]]) -> str:
-    lines = [f"| {'model':<38} | {'tokens/s':>10} | {'step ms':>8} | {'MFU meas.':>9} | {'MFU sheet':>9} | "
+    lines = [f"| {'model':<46} | {'tokens/s':>10} | {'step ms':>8} | {'MFU meas.':>9} | {'MFU sheet':>9} | "
              f"{'peak GB':>7} | {'ours ×':>6} |", "| " + " | ".join(["---"] * 7) + " |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']:<38} | error: {r['error'][:80]} |")
+            lines.append(f"| {r['model']:<46} | error: {r['error'][:80]} |")
             continue
         lines.append(
-            f"| {r['model']:<38} | {r['tokens_per_s']:>10,.0f} | {r['step_ms']:>8.1f} | "
+            f"| {r['model']:<46} | {r['tokens_per_s']:>10,.0f} | {r['step_ms']:>8.1f} | "
             f"{_fmt(r['mfu_measured_peak'] and 100 * r['mfu_measured_peak'], '>8.1f')}% | "
             f"{_fmt(r['mfu_datasheet'] and 100 * r['mfu_datasheet'], '>8.1f')}% | "
             f"{_fmt(r['peak_memory_gb'], '>7.2f')} | {_fmt(r.get('ours_over_this'), '>6.2f')} |")

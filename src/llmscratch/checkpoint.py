@@ -445,6 +445,8 @@ def describe(model: GPT) -> str:
         extras.append("no other biases")
     if not c.scale_attn:
         extras.append("unscaled attention")
+    if c.activation != "gelu":
+        extras.append(f"{c.activation} MLP")
     return (f"{model.num_parameters():,} parameters; vocab {c.vocab_size}, context {c.context_length}, "
             f"{c.emb_dim} dims, {c.n_heads} heads, {c.n_layers} layers; " + ", ".join(extras))
 
@@ -692,6 +694,8 @@ def hf_config_from_ours(cfg: GPTConfig, eot_id: Optional[int] = None) -> dict[st
         raise CheckpointError(f"GPT-2 has only learned absolute positions; this model has pos_emb={cfg.pos_emb!r}")
     if not cfg.bias:
         raise CheckpointError("GPT-2 has biases in every linear layer and LayerNorm; this model has bias=False")
+    if cfg.activation != "gelu":
+        raise CheckpointError(f"GPT-2's MLP uses GELU; this model has activation={cfg.activation!r}")
     hf: dict[str, Any] = {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -822,6 +826,7 @@ def book_config_dict(cfg: GPTConfig) -> dict[str, Any]:
         "bias": (not cfg.bias, "the book's linear layers and LayerNorms always have biases"),
         "scale_attn": (not cfg.scale_attn, "the book's attention always divides by √d_head"),
         "layer_norm_eps": (cfg.layer_norm_eps != 1e-5, "the book's LayerNorm uses eps=1e-5"),
+        "activation": (cfg.activation != "gelu", "the book's FeedForward uses GELU"),
     }
     for name, (refused, why) in refusals.items():
         if refused:
