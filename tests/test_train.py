@@ -78,6 +78,10 @@ def test_train_config_errors_name_the_field():
         TrainConfig(resume="a", init_from="b")
     with pytest.raises(ConfigError, match="unknown training option"):
         TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ConfigError, match="beta2"):
+        TrainConfig(beta2=1.0)
+    with pytest.raises(ConfigError, match="weight_decay"):
+        TrainConfig(weight_decay=-0.1)
 
 
 def test_training_lowers_loss_and_writes_the_run(corpus: Path, tmp_path: Path):

@@ -71,11 +71,11 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 _MODEL_OPTIONS = {  # command-line option → GPTConfig field
     "n_layers": "n_layers", "n_heads": "n_heads", "emb_dim": "emb_dim",
     "context_length": "context_length", "pos_emb": "pos_emb", "dropout": "drop_rate",
-    "attn_backend": "attn_backend",
+    "attn_backend": "attn_backend", "activation": "activation",
 }
 _TRAIN_OPTIONS = (
     "data", "encoding", "val_fraction", "tokenizer", "vocab_size", "preset", "steps", "batch_size",
-    "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_interval",
+    "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval",
     "eval_windows", "log_interval", "checkpoint_interval", "sample_tokens", "sample_prompt", "device",
     "precision", "compile", "seed", "time_budget", "stop_at", "out_dir", "name", "resume", "init_from",
     "micro_batch", "fsdp",
@@ -173,12 +173,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--emb-dim", type=int, help="embedding width C")
     g.add_argument("--context-length", type=int, help="tokens per training window")
     g.add_argument("--pos-emb", choices=["learned", "sinusoidal", "rope", "alibi", "none"], help="position embedding kind")
+    g.add_argument("--activation", choices=["gelu", "relu2"], help="feed-forward nonlinearity (GPT-2: gelu)")
     g.add_argument("--dropout", type=float, help="dropout rate")
     g.add_argument("--attn-backend", choices=["fused", "explicit"], help="attention implementation")
     g.add_argument("--no-scale-attn", action="store_true", help="train without the 1/sqrt(d_head) score scaling")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimizer steps (default 800)")
-    g.add_argument("--batch-size", type=int, help="sequences per step, over all processes (default 32)")
+    g.add_argument("--steps", type=int, help="optimizer steps (default 1600)")
+    g.add_argument("--batch-size", type=int, help="sequences per step, over all processes (default 16)")
     g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per step (default 1)")
     g.add_argument("--micro-batch", type=int,
                    help="windows per forward pass on each process (default --batch-size); the global batch "
@@ -186,7 +187,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.6)")
+    g.add_argument("--beta1", type=float, help="AdamW's first-moment decay (default 0.8)")
+    g.add_argument("--beta2", type=float, help="AdamW's second-moment decay (default 0.999)")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (default 1.0)")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-interval", type=int, help="evaluate every N steps")
