@@ -21,8 +21,8 @@ import torch
 
 from ..runtime import Runtime
 from .common import (
-    Report, Table, base_settings, check_mode, fresh_model, load_data, probe_batch, pyplot, r4, save_figure, sig,
-    train_model, validation_batches,
+    Report, Table, base_settings, check_mode, fresh_model, load_data, plot_loss_curves, probe_batch, pyplot, r4,
+    save_figure, sig, train_model, validation_batches,
 )
 
 NAME = "batching"
@@ -165,13 +165,5 @@ def _plot(runs: list[dict[str, Any]], folder: Path, report: Report) -> None:
     save_figure(fig, folder / "throughput_loss.png")
     report.plots.append(("throughput_loss.png", "Throughput and final validation loss against batch size"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for r in runs:
-        ax.plot(*r["curve"], marker="o", markersize=3, label=f"batch {r['batch']}")
-    ax.set_xlabel("training tokens seen")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, folder / "loss_curves.png")
-    report.plots.append(("loss_curves.png", "Validation loss against training tokens seen, by batch size"))
+    plot_loss_curves(runs, lambda r: f"batch {r['batch']}", folder, report,
+                     "Validation loss against training tokens seen, by batch size", xlabel="training tokens seen")

@@ -415,13 +415,14 @@ def pyplot():
     return plt
 
 
-def plot_loss_curves(runs: list[dict], label_of, folder: Path, report: "Report", caption: str) -> None:
-    """``loss_curves.png``: each run's validation loss against step, labelled by ``label_of(run)``."""
+def plot_loss_curves(runs: list[dict], label_of, folder: Path, report: "Report", caption: str,
+                     xlabel: str = "step") -> None:
+    """``loss_curves.png``: each run's validation loss curve (x as ``xlabel`` says), labelled by ``label_of(run)``."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in runs:
         ax.plot(*r["curve"], marker="o", markersize=3, label=label_of(r))
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("validation loss during training")
     ax.grid(alpha=0.3)
