@@ -61,7 +61,7 @@ def test_schedule_values_at_known_steps():
 
 def test_weight_decay_only_on_matrices():
     model = GPT(GPTConfig.from_preset("test", tie_weights=True))
-    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1, optimizer="adamw"), torch.device("cpu"))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -97,7 +97,7 @@ def test_training_lowers_loss_and_writes_the_run(corpus: Path, tmp_path: Path):
         assert (run / name).exists(), name
     assert (run.parent / "latest").resolve() == run.resolve()
     info = describe_run(run)
-    assert "step 40 of 40" in info and "bits/byte" in info
+    assert "step 40 of 40" in info and "muon" in info and "bits/byte" in info
 
 
 def test_resume_is_bit_exact(corpus: Path, tmp_path: Path):
@@ -110,6 +110,17 @@ def test_resume_is_bit_exact(corpus: Path, tmp_path: Path):
     for (name, a), (_, b) in zip(m_full.state_dict().items(), m_res.state_dict().items()):
         assert torch.equal(a, b), name
     assert ckpt.load_training_state(resumed)["step"] == 8
+
+
+def test_resume_of_a_run_saved_before_the_optimizer_option_continues_with_adamw(corpus: Path, tmp_path: Path):
+    full = train(tiny_config(corpus, tmp_path / "a", name="full", optimizer="adamw"))
+    half = train(tiny_config(corpus, tmp_path / "b", stop_at=4, name="half", optimizer="adamw"))
+    config = json.loads((half / "train_config.json").read_text())
+    del config["optimizer"]  # as written by llmscratch before Muon
+    (half / "train_config.json").write_text(json.dumps(config))
+    train(TrainConfig(resume=str(half), progress=False))
+    for (name, a), (_, b) in zip(ckpt.load_model(full).state_dict().items(), ckpt.load_model(half).state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_nan_loss_stops_with_the_first_bad_step_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):

@@ -75,7 +75,8 @@ _MODEL_OPTIONS = {  # command-line option → GPTConfig field
 }
 _TRAIN_OPTIONS = (
     "data", "encoding", "val_fraction", "tokenizer", "vocab_size", "preset", "steps", "batch_size",
-    "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "eval_interval",
+    "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "optimizer",
+    "muon_momentum", "eval_interval",
     "eval_windows", "log_interval", "checkpoint_interval", "sample_tokens", "sample_prompt", "device",
     "precision", "compile", "seed", "time_budget", "stop_at", "out_dir", "name", "resume", "init_from",
     "micro_batch", "fsdp",
@@ -157,7 +158,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a GPT on a corpus (default: the built-in King James Bible)",
         description="Train a GPT. With no arguments: the built-in corpus, a 4096-token BPE and the `cpu` "
-        "preset, sized to finish in about 4.5 minutes on a 2-core CPU. The run is saved in "
+        "preset, sized to finish in about 4 minutes on a 2-core CPU. The run is saved in "
         "runs/<name>, with runs/latest pointing at the newest.",
     )
     g = p.add_argument_group("data")
@@ -178,7 +179,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--attn-backend", choices=["fused", "explicit"], help="attention implementation")
     g.add_argument("--no-scale-attn", action="store_true", help="train without the 1/sqrt(d_head) score scaling")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimizer steps (default 1600)")
+    g.add_argument("--steps", type=int, help="optimizer steps (default 1400)")
     g.add_argument("--batch-size", type=int, help="sequences per step, over all processes (default 16)")
     g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per step (default 1)")
     g.add_argument("--micro-batch", type=int,
@@ -187,10 +188,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
     g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.6)")
-    g.add_argument("--beta1", type=float, help="AdamW's first-moment decay (default 0.8)")
+    g.add_argument("--weight-decay", type=float, help="decoupled weight decay on matrices (default 0.6)")
+    g.add_argument("--beta1", type=float, help="AdamW's first-moment decay, for the parameters AdamW updates (default 0.8)")
     g.add_argument("--beta2", type=float, help="AdamW's second-moment decay (default 0.999)")
     g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (default 1.0)")
+    g.add_argument("--optimizer", choices=["muon", "adamw"],
+                   help="muon (default): Muon on the blocks' weight matrices, AdamW on embeddings, head, gains "
+                   "and biases; adamw: AdamW on everything (needed with --fsdp)")
+    g.add_argument("--muon-momentum", type=float, help="Muon's momentum (default 0.9)")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-interval", type=int, help="evaluate every N steps")
     g.add_argument("--eval-windows", type=int, help="validation windows per evaluation during training")
