@@ -6,12 +6,17 @@
   GradScaler on GPUs without bf16). Weights and optimizer state stay float32; autocast
   runs the matrix products in the low precision.
 * On CUDA, TF32 matrix products are enabled for whatever still runs in float32.
+* On the CPU (Linux), the C library's malloc is asked to keep freed memory for reuse
+  (``keep_freed_memory``): PyTorch's CPU tensors come from malloc, and by default each
+  training step would page-fault its large tensors in afresh.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import random
+import sys
 from dataclasses import dataclass
 from typing import ContextManager
 
@@ -83,10 +88,35 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed blocks for reuse instead of handing them back to the OS.
+
+    glibc serves a large block (the default run's 16 MB logits, their gradient, the softmax)
+    with its own mmap and unmaps it on free, so the next step touches brand-new pages: about
+    10,000 page faults and 20-40 ms of kernel time per step of the default run on a 2-core VM.
+    With the mmap threshold at glibc's maximum (32 MB) and a 1 GB trim threshold, such blocks
+    come from the heap and stay there to be reused (PyTorch's CPU tuning guide suggests
+    jemalloc or tcmalloc for the same reason). The cost: the process keeps its peak heap
+    instead of shrinking after a step. Process-wide; Linux with glibc only, a no-op elsewhere.
+    Returns whether both settings took.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, …)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's <malloc.h>
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def setup_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """Resolve the device and precision and set the global switches that go with them."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
+    if dev.type == "cpu":
+        keep_freed_memory()
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
