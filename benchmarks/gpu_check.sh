@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
 echo "== GPU tests"
-timeout "${TEST_LIMIT:-150}" python3 -m pytest -m gpu tests/test_fast_path.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log"
+timeout "${TEST_LIMIT:-150}" python3 -m pytest -m gpu tests/test_fast_path.py tests/test_optim.py -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log"
 
 echo "== benchmarks"
 timeout "${BENCH_LIMIT:-290}" python3 -m llmscratch bench all --preset nanogpt-124m --batch 16 --context 1024 \

@@ -158,3 +158,23 @@ def test_state_dict_resumes_exactly():
     run(second, opt2, 2)
     for a, b in zip(straight.parameters(), second.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_muon_on_cuda_matches_the_cpu():
+    """The same steps on the GPU (TF32 products allowed, as the runtime sets) as on the CPU."""
+    torch.manual_seed(6)
+    model = GPT(GPTConfig.from_preset("test"))
+    x = torch.randint(0, 256, (2, 16))
+    results = []
+    for device in ("cpu", "cuda"):
+        m = copy.deepcopy(model).to(device)
+        opt = MuonAdamW(muon_param_groups(m, 0.1), lr=1e-2)
+        for _ in range(3):
+            m(x.to(device), x.to(device)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        results.append({n: p.detach().cpu() for n, p in m.named_parameters()})
+    for name, p in results[0].items():
+        torch.testing.assert_close(results[1][name], p, atol=2e-3, rtol=2e-3, msg=name)
