@@ -18,6 +18,7 @@ import torch
 
 from llmscratch.generate import SamplingConfig, StaticDecoder, generate
 from llmscratch.model import GPT, GPTConfig, StaticKVCache, linear_cross_entropy
+import llmscratch.model as model_module
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GREEDY = SamplingConfig(max_new_tokens=24, temperature=0.0)
@@ -90,10 +91,40 @@ def test_linear_cross_entropy_equals_logits_then_cross_entropy():
     torch.testing.assert_close((x.grad, w.grad), ref_grads)
 
 
+def test_linear_cross_entropy_is_exact_where_the_target_probability_underflows():
+    # A target logit 200 below the best one: p(target) = e^-200 underflows float32 to 0, so
+    # -log p(target) would be inf; the loss must still be the true 200-odd (as F.cross_entropy).
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    w = torch.tensor([[100.0, 0.0], [-100.0, 0.0], [0.0, 3.0]], requires_grad=True)
+    y = torch.tensor([1, 2])
+    ref = torch.nn.functional.cross_entropy(x @ w.t(), y)
+    ref_grads = torch.autograd.grad(ref, (x, w))
+    fused = linear_cross_entropy(x, w, y, vocab=3, chunk=1)
+    assert torch.isfinite(fused) and fused.item() > 100
+    torch.testing.assert_close(fused, ref)
+    torch.testing.assert_close(torch.autograd.grad(fused, (x, w)), ref_grads)
+
+
+def test_the_fused_loss_is_the_default_in_training_on_the_cpu(monkeypatch):
+    model = GPT(GPTConfig.from_preset("test"))
+    x = torch.randint(0, 256, (2, 8))
+    calls = []
+    real = model_module.linear_cross_entropy
+    monkeypatch.setattr(model_module, "linear_cross_entropy", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    model(x, x).backward()
+    assert calls == [model_module.CPU_LOSS_CHUNK]
+    with torch.no_grad():
+        model(x, x)  # evaluation: the plain path
+    model.loss_chunk = 0
+    model(x, x).backward()
+    assert calls == [model_module.CPU_LOSS_CHUNK]
+
+
 def test_fused_loss_gives_the_plain_loss_and_gradients_in_the_model():
     cfg = GPTConfig.from_preset("test", tie_weights=True)
     torch.manual_seed(0)
     plain = GPT(cfg)
+    plain.loss_chunk = 0  # the plain path: logits, then F.cross_entropy
     fused = copy.deepcopy(plain)
     fused.loss_chunk = 24
     x = torch.randint(0, cfg.vocab_size, (3, 20))

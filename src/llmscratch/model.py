@@ -128,9 +128,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "nanogpt-124m": dict(tie_weights=True, bias=False, drop_rate=0.0),
     # Sized for a 2-core CPU: the default of `llmscratch train` (chosen by timed runs, see README):
     # nanoGPT's CPU recipe shape (4 layers, 4 heads, 128 dims, context 64) with a 4096-token BPE,
-    # RoPE and a squared-ReLU MLP (each lowered the held-out loss at the same steps).
+    # RoPE and a squared-ReLU MLP (each lowered the held-out loss at the same steps). At 64
+    # tokens the written-out attention is faster on a CPU than SDPA's kernel (docs/performance.md).
     "cpu": dict(vocab_size=4096, context_length=64, emb_dim=128, n_layers=4, n_heads=4,
-                drop_rate=0.0, tie_weights=True, pos_emb="rope", activation="relu2"),
+                drop_rate=0.0, tie_weights=True, pos_emb="rope", activation="relu2", attn_backend="explicit"),
     # Twice as wide with four times the context: the first default, kept for comparisons.
     "cpu-wide": dict(vocab_size=4096, context_length=256, emb_dim=256, n_layers=4, n_heads=4,
                      drop_rate=0.0, tie_weights=True),
@@ -142,6 +143,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 ACTIVATIONS = ("gelu", "relu2")
 
 INIT_STD = 0.02  # GPT-2's initial standard deviation of embeddings and weights
+# Tokens per chunk of the fused head + loss on the CPU: the (chunk, V) logits of the cpu
+# preset's whole batch (1024 × 4096 floats, 16 MB) in one piece was the fastest measured.
+CPU_LOSS_CHUNK = 1024
 
 
 class KVCache:
@@ -342,9 +346,11 @@ class GPT(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
-        # Tokens per chunk of the fused head + loss in training (linear_cross_entropy); None: the
-        # plain path (logits, then F.cross_entropy). Not part of the config: it changes no number.
-        # Off by default: compiled on an H200 it was 1.4 % slower (docs/performance.md).
+        # Tokens per chunk of the fused head + loss in training (linear_cross_entropy); 0: the
+        # plain path (logits, then F.cross_entropy); None: fused on the CPU, where it saves
+        # a tenth of the loss's time, plain on GPUs, where torch.compile fuses the plain path
+        # better (fused was 1.4 % slower on an H200, docs/performance.md). Not part of the
+        # config: it changes no number beyond rounding.
         self.loss_chunk: Optional[int] = None
         self.reset_parameters()
 
@@ -463,10 +469,13 @@ class GPT(nn.Module):
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy from final hidden states, in float32."""
-        if self.loss_chunk and torch.is_grad_enabled() and x.requires_grad:
+        chunk = self.loss_chunk
+        if chunk is None:
+            chunk = CPU_LOSS_CHUNK if x.device.type == "cpu" else 0
+        if chunk and torch.is_grad_enabled() and x.requires_grad:
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self._head_weight(x), targets.reshape(-1),
-                                        self.cfg.vocab_size, self.loss_chunk, dtype)
+                                        self.cfg.vocab_size, chunk, dtype)
         logits = self.logits(x)  # (B, T, V)
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
@@ -476,31 +485,41 @@ class GPT(nn.Module):
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``x @ wᵀ`` whose forward pass also computes both gradients.
 
-    The logits are made ``chunk`` rows at a time and turned at once into their gradient
-    ``softmax − onehot`` (llm.c's "fused classifier"), so they are never kept for the backward
-    pass, and each chunk's logits are read back while they may still sit in the L2 cache.
-    Backward only scales the saved gradients by the incoming one.
+    The logits are made ``chunk`` rows at a time and turned at once, while they may still
+    sit in the cache, into their gradient ``softmax − onehot`` (llm.c's "fused classifier"):
+    one softmax and one exp per logit, no log-softmax kept for a backward pass, no zeroed
+    (N, V) gradient to scatter into, no one-hot matrix. Backward only scales the saved
+    gradients by the incoming one.
     """
 
     @staticmethod
     def forward(ctx, x, w, targets, vocab: int, chunk: int, dtype: torch.dtype):
         # x (N, C), w (V_pad, C) (rows from `vocab` on are padding), targets (N,) with -100 = ignored
         xl, wl = x.to(dtype), w.to(dtype)
-        cols = torch.arange(w.shape[0], device=x.device)  # (V_pad,)
         wide = torch.promote_types(dtype, torch.float32)  # the softmax's precision
-        losses, grads = [], []
-        for x_c, t_c in zip(xl.split(chunk), targets.split(chunk)):
-            logits = (x_c @ wl.t()).to(wide).masked_fill(cols >= vocab, float("-inf"))  # (n, V_pad)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-            valid = (t_c != -100)[:, None]  # (n, 1)
-            hit = cols == t_c[:, None]  # (n, V_pad): the one-hot targets
-            picked = logits.gather(1, t_c.clamp_min(0)[:, None])  # (n, 1)
-            losses.append(torch.where(valid, lse - picked, 0.0))
-            grads.append(torch.where(valid, torch.exp(logits - lse) - hit.to(wide), 0.0).to(dtype))
-        g = torch.cat(grads)  # (N, V_pad): d(sum of losses)/d(logits)
-        count = (targets != -100).sum()
-        ctx.save_for_backward((g @ wl).to(x.dtype), (g.t() @ xl).to(w.dtype), count)
-        return torch.cat(losses).sum() / count
+        valid = (targets != -100)[:, None]  # (N, 1)
+        target = torch.where(valid, targets[:, None], 0)  # (N, 1); an ignored row's gradient is dropped below
+        x_kept = xl * valid.to(dtype)  # (N, C): ignored rows add nothing to the weight's gradient
+        losses, grad_x, grad_w = [], [], None
+        for start in range(0, x.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            t = target[rows]  # (n, 1)
+            logits = (xl[rows] @ wl.t()).to(wide)  # (n, V_pad)
+            logits[:, vocab:] = float("-inf")  # padded columns: probability 0
+            top = logits.amax(dim=1, keepdim=True)  # (n, 1)
+            picked = logits.gather(1, t)  # (n, 1)
+            probs = torch.softmax(logits, dim=1)  # (n, V_pad)
+            # loss = logsumexp − picked, with logsumexp = top − log p(top): p(top) ≥ 1/V never
+            # underflows (unlike p(target)), and the softmax's exp is the only one per logit.
+            losses.append(top - probs.amax(dim=1, keepdim=True).log() - picked)
+            grad = probs.scatter_add_(1, t, torch.full_like(picked, -1.0)).to(dtype)  # softmax − onehot
+            grad_x.append(grad @ wl)  # (n, C)
+            part = grad.t() @ x_kept[rows]  # (V_pad, C)
+            grad_w = part.to(wide) if grad_w is None else grad_w.add_(part)
+        count = valid.sum()
+        grad_x = torch.cat(grad_x) * valid  # (N, C)
+        ctx.save_for_backward(grad_x.to(x.dtype), grad_w.to(w.dtype), count)
+        return torch.where(valid, torch.cat(losses), 0.0).sum() / count
 
     @staticmethod
     def backward(ctx, grad_loss):

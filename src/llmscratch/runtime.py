@@ -91,9 +91,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed blocks for reuse instead of handing them back to the OS.
 
-    glibc serves a large block (the default run's 16 MB logits, their gradient, the softmax)
-    with its own mmap and unmaps it on free, so the next step touches brand-new pages: about
-    10,000 page faults and 20-40 ms of kernel time per step of the default run on a 2-core VM.
+    glibc serves a large block (the default run's 16 MB logits, their softmax) with its own
+    mmap and unmaps it on free, so the next step touches brand-new pages: about 4,000 page
+    faults a step of the default run on a 2-core VM (11,000-15,000 and 20-40 ms of kernel time
+    before the head and loss were fused).
     With the mmap threshold at glibc's maximum (32 MB) and a 1 GB trim threshold, such blocks
     come from the heap and stay there to be reused (PyTorch's CPU tuning guide suggests
     jemalloc or tcmalloc for the same reason). The cost: the process keeps its peak heap
