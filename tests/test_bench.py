@@ -58,6 +58,8 @@ def test_peers_are_compared_with_our_model_in_their_configuration():
     assert same["model"].startswith("llmscratch (as the peers") and same["same_as_peers"]
     assert book["model"] == "book GPTModel"
     assert book["ours_over_this"] == pytest.approx(same["tokens_per_s"] / book["tokens_per_s"])
+    assert book["eager_over_this"] == book["ours_over_this"]  # nothing compiled in this run
+    assert "eager_over_this" not in ours and not ours["compiled"]
     assert ours["ours_over_this"] == pytest.approx(max(ours["tokens_per_s"], same["tokens_per_s"]) / ours["tokens_per_s"])
     assert bench.peer_config(cfg) == GPTConfig.from_preset("test")
 
