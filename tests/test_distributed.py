@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -202,6 +204,27 @@ def test_evaluation_batches_are_padded_to_the_same_count_on_every_rank():
     assert (mine1[1][1] == -100).all()  # the padding batch's targets are ignored
 
 
+def test_every_rank_passes_the_tokenizer_barrier_even_when_the_cache_is_already_there(tmp_path):
+    """The race behind a hang on a fresh cache: rank 0 trains and saves the tokenizer, then waits
+    in a barrier; a rank that only then looked at the cache used to find the tokenizer there and
+    skip that barrier, so every later collective paired up wrongly."""
+    import llmscratch.train as train_module
+
+    class CountingGroup(dist.Group):
+        barriers = 0
+
+        def barrier(self) -> None:
+            self.barriers += 1
+
+    cfg = TrainConfig(tokenizer="char")
+    main, other = CountingGroup(rank=0, world_size=2), CountingGroup(rank=1, world_size=2)
+    made = train_module._prepare_tokenizer(cfg, TEXT, tmp_path, main)  # rank 0 first: builds and saves
+    found = train_module._prepare_tokenizer(cfg, TEXT, tmp_path, other)  # rank 1 late: the cache is there
+    again = train_module._prepare_tokenizer(cfg, TEXT, tmp_path, main)  # a later run: rank 0 finds it too
+    assert (main.barriers, other.barriers) == (2, 1)
+    assert made.encode(TEXT[:40]) == found.encode(TEXT[:40]) == again.encode(TEXT[:40])
+
+
 def test_optimizer_state_keys_convert_between_numbers_and_names():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     opt = torch.optim.AdamW([{"params": [model[0].weight, model[1].weight]},
@@ -325,6 +348,44 @@ def test_fsdp_matches_one_process_consolidates_and_resumes_on_any_world_size(spa
 
 
 # =========================================================================== failures
+
+
+def test_ctrl_c_in_the_terminal_saves_one_checkpoint_for_all_ranks_and_it_resumes(space):
+    """`llmscratch train --nproc 2`, then Ctrl-C as a terminal sends it: SIGINT to the launcher's
+    whole process group (llmscratch and torchrun; torchrun starts the ranks in sessions of their
+    own and passes the signal on). Every rank stops at the same step, one checkpoint of that step
+    is saved, the launcher waits for it, and one process resumes it."""
+    name = "ctrl-c"
+    run = space["root"] / "runs" / name
+    args = cli_args(space, name, steps=100_000, log_interval=1, eval_interval=100_000,
+                    checkpoint_interval=100_000) + ["--nproc", "2"]
+    log = space["root"] / "ctrl-c.log"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen([sys.executable, "-m", "llmscratch", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    env=environment(), start_new_session=True)
+        try:
+            metrics = run / "metrics.jsonl"
+            deadline = time.time() + TIMEOUT
+            while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
+                assert launcher.poll() is None and time.time() < deadline, log.read_text()[-5000:]
+                time.sleep(0.1)
+            os.killpg(launcher.pid, signal.SIGINT)
+            rc = launcher.wait(timeout=TIMEOUT)
+        finally:
+            if launcher.poll() is None:  # a failed test must not leave a job running: torchrun stops its ranks on SIGTERM
+                os.killpg(launcher.pid, signal.SIGTERM)
+                launcher.wait(timeout=60)
+    text = log.read_text()
+    assert rc == 130, text[-5000:]
+    assert text.count("Ctrl-C: saving a checkpoint") == 2  # once per rank: no rank saw it twice
+    assert "waiting for the processes to save a checkpoint" in text
+    step = int(re.search(r"stopped by Ctrl-C at step (\d+); checkpoint saved", text).group(1))
+    state = ckpt.load_training_state(run)
+    assert state["step"] == step >= 5
+    model, _, _ = ckpt.load_run(run)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    train(TrainConfig(resume=str(run), stop_at=step + 2, progress=False), log=lambda *a: None)
+    assert ckpt.load_training_state(run)["step"] == step + 2
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(space):

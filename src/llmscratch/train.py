@@ -279,9 +279,10 @@ def _prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: "
     tok_dir = cache / "tokenizers" / key
     if cfg.tokenizer == "gpt2":
         return build_tokenizer("gpt2")
-    if (tok_dir / "tokenizer_config.json").exists():
-        return load_tokenizer(tok_dir)
-    if group.is_main:
+    # Only the main rank looks for the cached tokenizer: had every rank looked on its own, a
+    # rank arriving after the main one had saved it would skip the barrier below that the main
+    # one waits in, and the ranks' later collectives would pair up wrongly and hang.
+    if group.is_main and not (tok_dir / "tokenizer_config.json").exists():
         # BPE merges are learned from the training part only, so the validation text stays
         # unseen (byte-level BPE still encodes any text). A character vocabulary must cover
         # every character of the corpus, or validation text could not be encoded at all.
