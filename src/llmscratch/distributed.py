@@ -445,6 +445,10 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     ``--nproc N`` is dropped from the arguments; torchrun sets ``RANK``/``WORLD_SIZE`` for
     each process. If any process fails, torchrun stops the others and the job exits non-zero;
     the failing rank's error is printed above torchrun's summary.
+
+    Ctrl-C reaches torchrun too (the same process group), which passes it on to every rank:
+    they agree on a step, save a checkpoint and stop. So the first Ctrl-C here only waits for
+    that (torchrun kills ranks that take over 30 s); a second one stops waiting.
     """
     import subprocess
     import sys
@@ -463,4 +467,15 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "llmscratch", *args]
     print("launching:", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        print("waiting for the processes to save a checkpoint (Ctrl-C again to stop waiting)",
+              file=sys.stderr, flush=True)
+    try:
+        proc.wait()
+        return 130
+    except KeyboardInterrupt:
+        proc.terminate()
+        raise
