@@ -105,6 +105,17 @@ def test_linear_cross_entropy_is_exact_where_the_target_probability_underflows()
     torch.testing.assert_close(torch.autograd.grad(fused, (x, w)), ref_grads)
 
 
+def test_linear_cross_entropy_with_every_target_ignored_matches_f_cross_entropy():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    y = torch.full((4,), -100)
+    ref = torch.nn.functional.cross_entropy(x @ w.t(), y)
+    ref_grads = torch.autograd.grad(ref, (x, w))
+    fused = linear_cross_entropy(x, w, y, vocab=10, chunk=3)
+    assert torch.isnan(fused) and torch.isnan(ref)  # a mean over no targets
+    torch.testing.assert_close(torch.autograd.grad(fused, (x, w)), ref_grads)  # zeros, not NaN
+
+
 def test_the_fused_loss_is_the_default_in_training_on_the_cpu(monkeypatch):
     model = GPT(GPTConfig.from_preset("test"))
     x = torch.randint(0, 256, (2, 8))

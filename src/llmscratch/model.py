@@ -524,7 +524,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w, count = ctx.saved_tensors
-        scale = grad_loss / count
+        scale = grad_loss / count.clamp_min(1)  # no target at all: a NaN loss (as F.cross_entropy), zero gradients
         return grad_x * scale.to(grad_x.dtype), grad_w * scale.to(grad_w.dtype), None, None, None, None
 
 
