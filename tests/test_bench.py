@@ -73,6 +73,17 @@ def test_decode_rows_cover_every_mode_and_batch():
     assert "first token" in bench.format_decode(rows)
 
 
+def test_cached_peers_decode_past_their_context_length():
+    """200 new tokens on the cpu preset run past its 64 positions: the cached peers get a position
+    table long enough (transformers used to fail with an IndexError there)."""
+    pytest.importorskip("transformers")
+    cfg = GPTConfig.from_preset("test", context_length=16)
+    rows = bench.bench_decode(cfg, CPU, batches=(1,), new_tokens=12, prompt_len=8, repeats=1, modes=["cache"],
+                              peers=["hf"], log=lambda _: None)
+    hf = [r for r in rows if r["mode"].startswith("transformers")]
+    assert len(hf) == 1 and "error" not in hf[0], hf
+
+
 def test_decode_matches_eager_on_the_uncompiled_static_path():
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("test"))

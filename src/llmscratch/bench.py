@@ -466,8 +466,13 @@ def _decode_runner(mode: str, model: nn.Module, prompt: torch.Tensor, new_tokens
 
 def _peer_decode_runner(name: str, cfg: GPTConfig, device: torch.device, dtype: torch.dtype, prompt: torch.Tensor,
                         new_tokens: int) -> tuple[str, Callable]:
-    """Decode runners of the peers, with the same shape and greedy decoding."""
+    """Decode runners of the peers, with the same shape and greedy decoding.
+
+    The cached peers get a position table long enough for the whole generation (a cached decode
+    never crops its window; past its table a learned-position model cannot go on at all).
+    """
     torch.manual_seed(0)
+    positions = max(cfg.context_length, prompt.shape[1] + new_tokens)
     if name == "book":
         from llms_from_scratch.ch04 import GPTModel, generate_text_simple
 
@@ -481,7 +486,7 @@ def _peer_decode_runner(name: str, cfg: GPTConfig, device: torch.device, dtype: 
         from llms_from_scratch.kv_cache.gpt2 import GPTModel
         from llms_from_scratch.kv_cache.utils import KVCache as BookKVCache
 
-        model = GPTModel(book_config(cfg)).to(device, dtype).eval()
+        model = GPTModel({**book_config(cfg), "context_length": positions}).to(device, dtype).eval()
 
         def run(first=None) -> None:  # the book's cached greedy loop (its chapter 4 bonus code)
             with torch.no_grad():
@@ -495,7 +500,7 @@ def _peer_decode_runner(name: str, cfg: GPTConfig, device: torch.device, dtype: 
     if name == "hf":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.emb_dim,
+        hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=positions, n_embd=cfg.emb_dim,
                             n_layer=cfg.n_layers, n_head=cfg.n_heads, tie_word_embeddings=cfg.tie_weights,
                             bos_token_id=None, eos_token_id=None, pad_token_id=0)
         hf_cfg._attn_implementation = "sdpa"
