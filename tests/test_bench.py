@@ -64,6 +64,25 @@ def test_peers_are_compared_with_our_model_in_their_configuration():
     assert bench.peer_config(cfg) == GPTConfig.from_preset("test")
 
 
+def test_a_failing_contender_becomes_an_error_row_on_the_cpu(monkeypatch):
+    """The CPU interleaves the models; one that fails to build or to run (a compiler missing,
+    say) is reported in its row, and the others are still measured."""
+    real = bench.build_contender
+
+    def failing(name, cfg, device, compile=False):
+        if compile:
+            raise RuntimeError("no C++ compiler")
+        return real(name, cfg, device, compile=compile)
+
+    monkeypatch.setattr(bench, "build_contender", failing)
+    rows = bench.bench_train(GPTConfig.from_preset("test"), CPU, batch=2, context=16, precision="fp32",
+                             names=["ours"], compile=True, steps=1, repeats=1, warmup=1, log=lambda _: None)
+    errors = [r for r in rows if "error" in r]
+    assert [r["model"] for r in errors] == ["ours (compiled)"] and "no C++ compiler" in errors[0]["error"]
+    assert [r["model"] for r in rows if "error" not in r] == ["llmscratch"]
+    assert "error: RuntimeError" in bench.format_train(rows)
+
+
 def test_decode_rows_cover_every_mode_and_batch():
     cfg = GPTConfig.from_preset("test")
     rows = bench.bench_decode(cfg, CPU, batches=(1, 2), new_tokens=3, repeats=1, log=lambda _: None)

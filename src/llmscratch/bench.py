@@ -399,14 +399,18 @@ def bench_train(
     if interleave:
         runs = []
         for name, compiled, config in plan:
-            c, step = setup(name, compiled, config)
-            for _ in range(warmup):
-                step()
+            try:
+                c, step = setup(name, compiled, config)
+                for _ in range(warmup):
+                    step()
+            except Exception as err:  # a peer or the compiler (no C++ compiler, say) failing must not lose the rest
+                rows.append({"model": name + (" (compiled)" if compiled else ""), "error": repr(err)[:300]})
+                continue
             runs.append((c, step, []))
         for _ in range(repeats):
             for c, step, times in runs:
                 times.append(time_call(step, device, steps))
-        rows = [result(c, step, times, None) for c, step, times in runs]
+        rows += [result(c, step, times, None) for c, step, times in runs]
     else:
         for name, compiled, config in plan:
             gc.collect()
