@@ -5,19 +5,15 @@ AdamW, gradient clipping: the step of ``llmscratch bench train`` (``bench._Train
 the same way (warm-up steps that include compilation, then the median of ``--repeats`` runs of
 ``--steps`` back-to-back steps between CUDA events). Variants, in order of priority:
 
-1. baseline: ``torch.compile(model)``, default mode, SDPA kernel by bench's probe (what bench does);
-   then the loss on the padded logits: the padded columns set to −inf instead of sliced off,
-   so the loss kernels read whole 50,304-column rows (the first step's loss must not change);
-2. SDPA restricted to [cuDNN, flash] (in that priority) around forward and backward;
-   peers: the book's GPTModelFast and transformers' GPT2LMHeadModel (sdpa), eager, as in bench;
-   a kernel profile of the baseline step (top kernels, time by kind, GPU busy fraction);
-3. the fused head + loss (``GPT.loss_chunk``: the logits made 256 tokens at a time and turned at
-   once into their gradient, never kept for the backward pass); ``mode="reduce-overhead"``
-   (CUDA graphs), only if the profile finds the GPU idle over 3 % of the step; Inductor's
-   ``coordinate_descent_tuning``; the fused loss with it, if both win by over 1 %;
-4. SDPA by PyTorch's default dispatch (what ``llmscratch train`` does);
-5. the best of the above at batch 32; the baseline again (run-to-run spread);
-6. ``mode="max-autotune-no-cudagraphs"``, only if at least 150 s (and its estimate) remain.
+1. the default: ``torch.compile(model)``, SDPA kernel by bench's probe, the loss by
+   ``kernels.head_cross_entropy`` (the Triton cross-entropy kernel), with a kernel profile;
+2. the plain loss as before (logits sliced to the real vocabulary, ``F.cross_entropy``);
+3. peers: the book's GPTModelFast and transformers' GPT2LMHeadModel (sdpa), eager, as in bench;
+4. the plain loss on the padded logits (padded columns set to −inf instead of sliced off);
+5. the best of the above at batch 32;
+6. Inductor's ``coordinate_descent_tuning`` with the kernel loss;
+7. the chunked head + loss (``GPT.loss_impl = "chunked"``, the CPU's default);
+8. the default again (run-to-run spread).
 
 Each variant prints one line when it finishes and every result is rewritten to ``OUT/variants.json``
 at once, so a timeout keeps what was measured. No variant is started after ``--budget`` seconds,
@@ -109,7 +105,8 @@ class Step(bench._TrainStep):
         self.last_loss = loss.detach()
 
 
-KINDS = [("Triton (Inductor fusions)", r"^triton_"),
+KINDS = [("loss (our Triton kernel)", r"cross_entropy_rows"),
+         ("Triton (Inductor fusions)", r"^triton_"),
          ("matmul (cuBLAS/CUTLASS)", r"gemm|nvjet|xmma|cutlass|cublas|splitK|Kernel2"),
          ("attention (SDPA)", r"cudnn|flash|fmha|sdpa|attention"),
          ("optimizer (fused AdamW)", r"adam|Adam"),
@@ -157,7 +154,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--chunk", type=int, default=256, help="tokens per chunk of the fused head + loss")
+    ap.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the chunked head + loss")
     ap.add_argument("--budget", type=float, default=290, help="start no variant after this many seconds")
     ap.add_argument("--hard", type=float, default=325, help="start none whose estimate ends past this")
     ap.add_argument("--no-peers", action="store_true")
@@ -262,14 +259,16 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
 
     def ours(name: str, batch: int = 16, sdpa: str = "probe", compile_kw: Optional[dict] = None,
-             loss_chunk: Optional[int] = None, profile: bool = False,
+             loss_impl: str = "auto", profile: bool = False,
              padded_loss: bool = False) -> Optional[dict[str, Any]]:
         fresh_memory()
         compile_kw = compile_kw if compile_kw is not None else {}
         try:
             torch.manual_seed(0)
             model = GPT(cfg).to(device)
-            model.loss_chunk = loss_chunk
+            model.loss_impl, model.loss_chunk = loss_impl, args.chunk
+            if args.smoke and loss_impl == "auto":
+                model.loss_impl = "kernel"  # what "auto" is on CUDA with Triton (on the CPU: its reference)
             if padded_loss:
                 model.loss = loss_on_padded_logits.__get__(model)  # this instance only
             compiled = torch.compile(model, backend="eager") if args.smoke else torch.compile(model, **compile_kw)
@@ -282,7 +281,7 @@ def main() -> None:
                 ctx, around = sdpa_list(*sdpa.split("+")), True
             step = Step(c, cfg, batch, args.context, device, ctx, around)
             extra = {"sdpa": probe if sdpa == "probe" else sdpa, "sdpa_spec": sdpa, "compile": compile_kw,
-                     "loss_chunk": loss_chunk, "padded_loss": padded_loss}
+                     "loss_impl": model.loss_implementation(device), "padded_loss": padded_loss}
             row = measure(name, c, step, batch, extra, profile=profile)
             del c, step, model, compiled
             return row
@@ -307,45 +306,31 @@ def main() -> None:
 
     b = args.batch
     t = time.perf_counter()
-    base = ours("baseline: compile default, SDPA by probe", b, profile=True)
+    base = ours("default: compile, Triton loss kernel (loss_impl auto)", b, profile=True)
     compile_s.append(base["warmup_s"] if base else 60.0)
-    log(f"baseline warm-up (compile) {compile_s[0]:.1f}s; estimates: cached {estimate('cached'):.0f}s, "
+    log(f"first warm-up (compile) {compile_s[0]:.1f}s; estimates: cached {estimate('cached'):.0f}s, "
         f"fresh {estimate('fresh'):.0f}s, cdt {estimate('cdt'):.0f}s, autotune {estimate('autotune'):.0f}s "
-        f"(baseline took {time.perf_counter() - t:.0f}s)")
-    if may_start("padded loss", "fresh"):
-        ours("loss on the padded logits (padded columns -inf, no slice)", b, padded_loss=True)
-    if may_start("sdpa cudnn+flash", "cached"):
-        ours("SDPA [cuDNN, flash] around fwd+bwd", b, sdpa="cudnn+flash")
+        f"(it took {time.perf_counter() - t:.0f}s)")
+    if may_start("plain loss", "fresh"):
+        ours("plain loss: logits sliced, F.cross_entropy (before)", b, loss_impl="plain")
     if not args.no_peers:
         for key in ("book-fast", "hf"):
             if may_start(key, "peer"):
                 peer(key)
-    fused = cdt = None
-    if may_start("fused head+loss", "fresh"):
-        fused = ours(f"fused head+loss (chunks of {args.chunk} tokens)", b, loss_chunk=args.chunk)
-    busy = record.get("profile", {}).get("busy", 1.0)
-    if busy < 0.97 and may_start("cudagraphs", "cached"):  # launch gaps to close: one CUDA graph per graph
-        ours(f"CUDA graphs (mode reduce-overhead; GPU busy {100 * busy:.0f}%)", b, compile_kw={"mode": "reduce-overhead"})
-    if may_start("coordinate descent", "cdt"):
-        cdt = ours("coordinate_descent_tuning", b, compile_kw={"options": {"coordinate_descent_tuning": True}})
-
-    def wins(row: Optional[dict]) -> bool:
-        return bool(row and base and row.get("tokens_per_s") and row["tokens_per_s"] > 1.01 * base["tokens_per_s"])
-
-    if wins(fused) and wins(cdt) and may_start("fused+cdt", "fresh"):
-        ours("fused head+loss + coordinate_descent_tuning", b, loss_chunk=args.chunk,
-             compile_kw={"options": {"coordinate_descent_tuning": True}})
-    if may_start("sdpa default", "cached"):
-        ours("SDPA default dispatch (as llmscratch train)", b, sdpa="default")
+    if may_start("padded loss", "fresh"):
+        ours("plain loss on the padded logits (padded columns -inf)", b, loss_impl="plain", padded_loss=True)
     done = [r for r in record["rows"] if r.get("tokens_per_s") and not r.get("peer") and r["batch"] == b]
     if done and may_start("batch 32", "fresh"):
         best = max(done, key=lambda r: r["tokens_per_s"])
         ours(f"B{2 * b} of best: {best['variant']}", 2 * b, sdpa=best["sdpa_spec"], compile_kw=best["compile"],
-             loss_chunk=best["loss_chunk"], padded_loss=best["padded_loss"])
-    if may_start("baseline again", "cached"):
-        ours("baseline again (spread)", b)
-    if may_start("max-autotune-no-cudagraphs", "autotune"):
-        ours("max-autotune-no-cudagraphs", b, compile_kw={"mode": "max-autotune-no-cudagraphs"})
+             loss_impl=best["loss_impl"], padded_loss=best["padded_loss"])
+    if may_start("coordinate descent", "cdt"):
+        ours("Triton loss kernel + coordinate_descent_tuning", b,
+             compile_kw={"options": {"coordinate_descent_tuning": True}})
+    if may_start("chunked", "fresh"):
+        ours(f"chunked head+loss ({args.chunk} tokens a chunk)", b, loss_impl="chunked")
+    if may_start("default again", "cached"):
+        ours("default again (spread)", b)
     record["total_s"] = elapsed()
     save()
     log("done")

@@ -126,7 +126,7 @@ def test_the_fused_loss_is_the_default_in_training_on_the_cpu(monkeypatch):
     assert calls == [model_module.CPU_LOSS_CHUNK]
     with torch.no_grad():
         model(x, x)  # evaluation: the plain path
-    model.loss_chunk = 0
+    model.loss_impl = "plain"
     model(x, x).backward()
     assert calls == [model_module.CPU_LOSS_CHUNK]
 
@@ -135,9 +135,9 @@ def test_fused_loss_gives_the_plain_loss_and_gradients_in_the_model():
     cfg = GPTConfig.from_preset("test", tie_weights=True)
     torch.manual_seed(0)
     plain = GPT(cfg)
-    plain.loss_chunk = 0  # the plain path: logits, then F.cross_entropy
+    plain.loss_impl = "plain"  # logits, then F.cross_entropy
     fused = copy.deepcopy(plain)
-    fused.loss_chunk = 24
+    fused.loss_impl, fused.loss_chunk = "chunked", 24
     x = torch.randint(0, cfg.vocab_size, (3, 20))
     y = torch.randint(0, cfg.vocab_size, (3, 20))
     y[0, :5] = -100
@@ -166,11 +166,14 @@ def _tiny_nanogpt_shape() -> GPTConfig:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_fast_training_path_matches_explicit_fp32_on_the_same_batch():
+@pytest.mark.parametrize("loss_impl", ["plain", "auto"])  # auto: the Triton kernel where Triton is installed
+def test_fast_training_path_matches_explicit_fp32_on_the_same_batch(loss_impl):
     cfg = _tiny_nanogpt_shape()
     torch.manual_seed(0)
     ref = GPT(GPTConfig.from_dict({**cfg.to_dict(), "attn_backend": "explicit"})).cuda()
+    ref.loss_impl = "plain"
     fast = copy.deepcopy(ref)
+    fast.loss_impl = loss_impl
     fast.cfg.attn_backend = "fused"  # the blocks share this config object
     x = torch.randint(0, cfg.vocab_size, (8, cfg.context_length), device="cuda")
     y = torch.randint(0, cfg.vocab_size, (8, cfg.context_length), device="cuda")
@@ -202,9 +205,9 @@ def test_fused_loss_on_cuda_in_bf16_matches_the_plain_loss():
     cfg = _tiny_nanogpt_shape()
     torch.manual_seed(0)
     plain = GPT(cfg).cuda()
-    plain.loss_chunk = 0
+    plain.loss_impl = "plain"
     fused = copy.deepcopy(plain)
-    fused.loss_chunk = 100  # 8 × 128 = 1024 rows: chunks of 100, …, 24
+    fused.loss_impl, fused.loss_chunk = "chunked", 100  # 8 × 128 = 1024 rows: chunks of 100, …, 24
     x = torch.randint(0, cfg.vocab_size, (8, cfg.context_length), device="cuda")
     y = torch.randint(0, cfg.vocab_size, (8, cfg.context_length), device="cuda")
     y[0, :50] = -100

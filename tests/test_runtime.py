@@ -38,7 +38,7 @@ if sys.argv[1] == "tuned":
     assert keep_freed_memory()
 torch.manual_seed(0)
 model = GPT(GPTConfig.from_preset("cpu"))
-model.loss_chunk = 0  # the plain loss: 16 MB logits, log-softmax and gradient, each a fresh block
+model.loss_impl = "plain"  # the plain loss: 16 MB logits, log-softmax and gradient, each a fresh block
 x = torch.randint(0, 4096, (16, 64))  # the default run's batch: 16 MB of logits
 def step():
     model(x, x).backward()

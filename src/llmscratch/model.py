@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .attention import BACKENDS, attend
 from .errors import ConfigError
 from .positions import (
@@ -146,6 +147,7 @@ INIT_STD = 0.02  # GPT-2's initial standard deviation of embeddings and weights
 # Tokens per chunk of the fused head + loss on the CPU: the (chunk, V) logits of the cpu
 # preset's whole batch (1024 × 4096 floats, 16 MB) in one piece was the fastest measured.
 CPU_LOSS_CHUNK = 1024
+LOSS_IMPLS = ("auto", "plain", "chunked", "kernel")  # GPT.loss_impl
 
 
 class KVCache:
@@ -346,12 +348,15 @@ class GPT(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
-        # Tokens per chunk of the fused head + loss in training (linear_cross_entropy); 0: the
-        # plain path (logits, then F.cross_entropy); None: fused on the CPU, where it saves
-        # a tenth of the loss's time, plain on GPUs, where torch.compile fuses the plain path
-        # better (fused was 1.4 % slower on an H200, docs/performance.md). Not part of the
-        # config: it changes no number beyond rounding.
-        self.loss_chunk: Optional[int] = None
+        # How training computes the head and the loss (not part of the config: every way gives
+        # the same numbers up to rounding), one of LOSS_IMPLS:
+        #   "plain": logits, then F.cross_entropy (the readable path; what inference uses);
+        #   "chunked": linear_cross_entropy, `loss_chunk` tokens at a time (faster on the CPU);
+        #   "kernel": kernels.head_cross_entropy, the Triton kernel on CUDA (on the CPU, the
+        #             kernel's PyTorch reference, for tests);
+        #   "auto": "chunked" on the CPU, "kernel" on CUDA where Triton is installed, else "plain".
+        self.loss_impl: str = "auto"
+        self.loss_chunk: int = CPU_LOSS_CHUNK
         self.reset_parameters()
 
     @torch.no_grad()
@@ -469,17 +474,32 @@ class GPT(nn.Module):
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy from final hidden states, in float32."""
-        chunk = self.loss_chunk
-        if chunk is None:
-            chunk = CPU_LOSS_CHUNK if x.device.type == "cpu" else 0
-        if chunk and torch.is_grad_enabled() and x.requires_grad:
+        impl = self.loss_implementation(x.device)
+        if impl != "plain" and torch.is_grad_enabled() and x.requires_grad:
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self._head_weight(x), targets.reshape(-1),
-                                        self.cfg.vocab_size, chunk, dtype)
+            flat_x, flat_targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)  # (B·T, C), (B·T,)
+            if impl == "kernel":
+                return kernels.head_cross_entropy(flat_x, self._head_weight(x), flat_targets, self.cfg.vocab_size, dtype)
+            return linear_cross_entropy(flat_x, self._head_weight(x), flat_targets, self.cfg.vocab_size,
+                                        self.loss_chunk, dtype)
         logits = self.logits(x)  # (B, T, V)
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
         )
+
+    def loss_implementation(self, device: torch.device) -> str:
+        """Which way :meth:`loss` computes a training loss on ``device`` (``loss_impl`` resolved)."""
+        impl = self.loss_impl
+        if impl not in LOSS_IMPLS:
+            raise ValueError(f"GPT.loss_impl must be one of {LOSS_IMPLS}, not {impl!r}")
+        if impl == "auto":
+            if device.type == "cpu":
+                return "chunked"
+            return "kernel" if kernels.triton_available(device) else "plain"
+        if impl == "kernel" and not kernels.triton_available(device) and device.type != "cpu":
+            raise ValueError(f"GPT.loss_impl='kernel' needs a CUDA device with Triton installed, not {device}; "
+                             "use 'plain' or 'chunked'")
+        return impl
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

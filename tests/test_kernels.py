@@ -1,0 +1,156 @@
+"""The cross-entropy kernel computes what ``F.cross_entropy`` computes.
+
+* Its PyTorch reference (the CPU implementation of the custom operator) gives
+  ``F.cross_entropy``'s per-row losses and, as its gradient, autograd's gradient of their sum.
+* ``head_cross_entropy`` gives the plain path's loss and gradients, in the model too, and
+  ``torch.compile`` traces it as one graph with no break.
+* The Triton kernel gives the reference's numbers: in Triton's interpreter on the CPU (where
+  Triton is installed) and on a CUDA GPU (marked ``gpu``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmscratch import kernels
+from llmscratch.model import GPT, GPTConfig
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed")
+
+
+def _batch(n: int, vocab: int, padded: int, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, padded, generator=g) * 4).to(dtype)  # (N, V_pad)
+    targets = torch.randint(0, vocab, (n,), generator=g)  # (N,)
+    targets[1] = targets[-1] = kernels.IGNORE_INDEX
+    return logits, targets
+
+
+def test_reference_rows_are_f_cross_entropy_and_the_gradient_of_their_sum():
+    logits, targets = _batch(9, vocab=50, padded=64)
+    leaf = logits[:, :50].clone().requires_grad_(True)  # (N, V): the real columns
+    expected = F.cross_entropy(leaf, targets, reduction="none")  # (N,); 0 where ignored
+    expected.sum().backward()
+    losses, grad = kernels.cross_entropy_rows(logits, targets, 50)
+    torch.testing.assert_close(losses, expected.detach())
+    torch.testing.assert_close(grad[:, :50], leaf.grad)
+    assert grad[:, 50:].abs().max() == 0  # padding: no gradient
+    assert grad.dtype == logits.dtype and losses.dtype == torch.float32
+
+
+def test_the_operator_passes_pytorchs_custom_op_checks():
+    logits, targets = _batch(6, vocab=30, padded=32, dtype=torch.bfloat16)
+    torch.library.opcheck(kernels.cross_entropy_rows, (logits, targets, 30))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_cross_entropy_gives_the_plain_loss_and_gradients(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(64, 16, requires_grad=True)  # 50 real rows, 14 of padding
+    targets = torch.randint(0, 50, (40,))
+    targets[:7] = kernels.IGNORE_INDEX
+    logits = (x.to(dtype) @ w.to(dtype)[:50].t()).float()  # (N, V)
+    ref = F.cross_entropy(logits, targets)
+    ref_grads = torch.autograd.grad(ref * 3.0, (x, w))  # an incoming gradient other than 1
+    loss = kernels.head_cross_entropy(x, w, targets, 50, dtype)
+    grads = torch.autograd.grad(loss * 3.0, (x, w))
+    tol = {} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(loss, ref, **tol)
+    torch.testing.assert_close(grads[0], ref_grads[0], **tol)
+    torch.testing.assert_close(grads[1], ref_grads[1], **tol)
+    assert grads[1][50:].abs().max() == 0
+
+
+def test_head_cross_entropy_with_every_target_ignored_matches_f_cross_entropy():
+    x = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    targets = torch.full((5,), kernels.IGNORE_INDEX)
+    ref = F.cross_entropy(x @ w.t(), targets)
+    loss = kernels.head_cross_entropy(x, w, targets, 10)
+    assert torch.isnan(loss) and torch.isnan(ref)  # a mean over no targets
+    grads = torch.autograd.grad(loss, (x, w))
+    assert all(g.abs().max() == 0 for g in grads)  # zeros, not NaN
+
+
+def test_the_kernel_loss_in_the_model_matches_the_plain_loss_and_compiles_to_one_graph():
+    cfg = GPTConfig.from_preset("test", tie_weights=True)
+    torch.manual_seed(0)
+    plain = GPT(cfg)
+    plain.loss_impl = "plain"
+    kernel = copy.deepcopy(plain)
+    kernel.loss_impl = "kernel"  # on the CPU: the kernel's PyTorch reference
+    x = torch.randint(0, cfg.vocab_size, (3, 20))
+    y = torch.randint(0, cfg.vocab_size, (3, 20))
+    y[0, :5] = -100
+    plain(x, y).backward()
+    loss = kernel(x, y)
+    loss.backward()
+    torch.testing.assert_close(loss, plain(x, y), rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(plain.named_parameters(), kernel.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(kernel)(x, y)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_which_loss_runs_where():
+    model = GPT(GPTConfig.from_preset("test"))
+    assert model.loss_implementation(torch.device("cpu")) == "chunked"
+    expected_cuda = "kernel" if importlib.util.find_spec("triton") else "plain"
+    assert model.loss_implementation(torch.device("cuda")) == expected_cuda
+    assert model.loss_implementation(torch.device("mps")) == "plain"
+    model.loss_impl = "kernel"
+    with pytest.raises(ValueError, match="needs a CUDA device with Triton"):
+        model.loss_implementation(torch.device("mps"))
+    model.loss_impl = "fast"
+    with pytest.raises(ValueError, match="loss_impl must be one of"):
+        model.loss_implementation(torch.device("cpu"))
+
+
+INTERPRETED = textwrap.dedent("""
+    import torch
+    from llmscratch import kernels
+    for n, vocab, padded, block in [(7, 1000, 1024, 256), (5, 300, 320, 128), (3, 64, 64, 64)]:
+        g = torch.Generator().manual_seed(n)
+        logits = (torch.randn(n, padded, generator=g) * 4).to(torch.bfloat16)
+        targets = torch.randint(0, vocab, (n,), generator=g)
+        targets[1] = -100
+        losses, grad = kernels._triton_rows(logits, targets, vocab, kernels.build_kernel([(block, 4)]))
+        ref_losses, ref_grad = kernels._reference_rows(logits, targets, vocab)
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=1e-2, atol=4e-3)  # 1 bf16 ulp
+        assert grad[1].abs().sum() == 0 and grad[:, vocab:].abs().sum() == 0
+    print("ok")
+""")
+
+
+@needs_triton
+def test_the_triton_kernel_in_triton_s_interpreter_matches_the_reference():
+    """Runs the kernel's own code on the CPU (blocks that do and do not divide the row)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_the_triton_kernel_on_cuda_matches_the_reference_at_gpt2_s_vocabulary():
+    logits, targets = _batch(2048, vocab=50257, padded=50304, dtype=torch.bfloat16)
+    logits, targets = logits.cuda(), targets.cuda()
+    losses, grad = kernels.cross_entropy_rows(logits, targets, 50257)  # the Triton kernel
+    ref_losses, ref_grad = kernels._reference_rows(logits, targets, 50257)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=1e-2, atol=1e-5)
+    assert grad[1].abs().max() == 0 and grad[:, 50257:].abs().max() == 0
