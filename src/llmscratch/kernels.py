@@ -62,7 +62,8 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, vocab: int) 
 
 @cross_entropy_rows.register_fake
 def _(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return logits.new_empty(logits.shape[0], dtype=torch.float32), torch.empty_like(logits)
+    return (logits.new_empty(logits.shape[0], dtype=torch.float32),
+            torch.empty_like(logits, memory_format=torch.contiguous_format))
 
 
 @cross_entropy_rows.register_kernel("cuda")
