@@ -9,11 +9,14 @@ the same way (warm-up steps that include compilation, then the median of ``--rep
    ``kernels.head_cross_entropy`` (the Triton cross-entropy kernel), with a kernel profile;
 2. the plain loss as before (logits sliced to the real vocabulary, ``F.cross_entropy``);
 3. peers: the book's GPTModelFast and transformers' GPT2LMHeadModel (sdpa), eager, as in bench;
-4. the plain loss on the padded logits (padded columns set to −inf instead of sliced off);
-5. the best of the above at batch 32;
-6. Inductor's ``coordinate_descent_tuning`` with the kernel loss;
-7. the chunked head + loss (``GPT.loss_impl = "chunked"``, the CPU's default);
-8. the default again (run-to-run spread).
+4. CUDA graphs (``mode="reduce-overhead"``);
+5. the plain loss on the padded logits (padded columns set to −inf instead of sliced off);
+6. the best of the above at batch 32;
+7. Inductor's ``coordinate_descent_tuning`` with the kernel loss;
+8. the chunked head + loss (``GPT.loss_impl = "chunked"``, the CPU's default);
+9. the default again (run-to-run spread).
+
+``--only`` picks some of 2–9 (the default always runs first).
 
 Each variant prints one line when it finishes and every result is rewritten to ``OUT/variants.json``
 at once, so a timeout keeps what was measured. No variant is started after ``--budget`` seconds,
@@ -158,6 +161,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=290, help="start no variant after this many seconds")
     ap.add_argument("--hard", type=float, default=325, help="start none whose estimate ends past this")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated variants after the default: plain, peers, "
+                    "cudagraphs, padded, batch32, cdt, chunked, again (default: all, in that order)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the control flow: test preset, eager backend")
     args = ap.parse_args()
     if args.smoke:
@@ -311,25 +316,38 @@ def main() -> None:
     log(f"first warm-up (compile) {compile_s[0]:.1f}s; estimates: cached {estimate('cached'):.0f}s, "
         f"fresh {estimate('fresh'):.0f}s, cdt {estimate('cdt'):.0f}s, autotune {estimate('autotune'):.0f}s "
         f"(it took {time.perf_counter() - t:.0f}s)")
-    if may_start("plain loss", "fresh"):
+    try:  # which block size and warps the loss kernel's autotuner chose
+        from llmscratch import kernels
+        record["loss_kernel_config"] = str(kernels._KERNEL.best_config) if kernels._KERNEL else None
+        log(f"loss kernel config: {record['loss_kernel_config']}")
+    except AttributeError:
+        pass
+    wanted = set(args.only.split(",")) if args.only else None
+
+    def want(key: str) -> bool:
+        return wanted is None or key in wanted
+
+    if want("plain") and may_start("plain loss", "fresh"):
         ours("plain loss: logits sliced, F.cross_entropy (before)", b, loss_impl="plain")
-    if not args.no_peers:
+    if want("peers") and not args.no_peers:
         for key in ("book-fast", "hf"):
             if may_start(key, "peer"):
                 peer(key)
-    if may_start("padded loss", "fresh"):
+    if want("cudagraphs") and may_start("cudagraphs", "fresh"):
+        ours("CUDA graphs: compile mode reduce-overhead", b, compile_kw={"mode": "reduce-overhead"})
+    if want("padded") and may_start("padded loss", "fresh"):
         ours("plain loss on the padded logits (padded columns -inf)", b, loss_impl="plain", padded_loss=True)
     done = [r for r in record["rows"] if r.get("tokens_per_s") and not r.get("peer") and r["batch"] == b]
-    if done and may_start("batch 32", "fresh"):
+    if want("batch32") and done and may_start("batch 32", "fresh"):
         best = max(done, key=lambda r: r["tokens_per_s"])
         ours(f"B{2 * b} of best: {best['variant']}", 2 * b, sdpa=best["sdpa_spec"], compile_kw=best["compile"],
              loss_impl=best["loss_impl"], padded_loss=best["padded_loss"])
-    if may_start("coordinate descent", "cdt"):
+    if want("cdt") and may_start("coordinate descent", "cdt"):
         ours("Triton loss kernel + coordinate_descent_tuning", b,
              compile_kw={"options": {"coordinate_descent_tuning": True}})
-    if may_start("chunked", "fresh"):
+    if want("chunked") and may_start("chunked", "fresh"):
         ours(f"chunked head+loss ({args.chunk} tokens a chunk)", b, loss_impl="chunked")
-    if may_start("default again", "cached"):
+    if want("again") and may_start("default again", "cached"):
         ours("default again (spread)", b)
     record["total_s"] = elapsed()
     save()
