@@ -127,13 +127,13 @@ def build_kernel(configs: list[tuple[int, int, bool]]):
         cols = tl.arange(0, BLOCK)
         picked = tl.load(logits_ptr + tl.where(ignored, 0, target)).to(tl.float32)
 
-        if WHOLE_ROW:  # the row in one block: read it once
-            x = tl.load(logits_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-            top = tl.max(x, axis=0)
-            e = tl.exp(x - top)
-            total = tl.sum(e, axis=0)
-            tl.store(losses_ptr + row, tl.where(ignored, 0.0, top + tl.log(total) - picked))
-            g = e / total - tl.where(cols == target, 1.0, 0.0)  # softmax − onehot
+        if WHOLE_ROW:  # the row in one block: read once, held in registers in its own dtype
+            x = tl.load(logits_ptr + cols, mask=cols < vocab, other=float("-inf"))
+            top = tl.max(x, axis=0).to(tl.float32)
+            total = tl.sum(tl.exp(x.to(tl.float32) - top), axis=0)
+            lse = top + tl.log(total)
+            tl.store(losses_ptr + row, tl.where(ignored, 0.0, lse - picked))
+            g = tl.exp(x.to(tl.float32) - lse) - tl.where(cols == target, 1.0, 0.0)  # softmax − onehot
             g = tl.where(ignored, 0.0, g)
             tl.store(grad_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
         else:
