@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6, in one call of at most 9 minutes:
+# The GPU check of issue 6, in one call of at most 10 minutes:
 #   1. the fast path's correctness checks on the GPU (tests marked `gpu`),
-#   2. the training-step variants side by side (benchmarks/gpu_train_variants.py: the default
+#   2. the loss alone: our Triton kernel against F.cross_entropy (benchmarks/loss_kernel.py),
+#   3. the training-step variants side by side (benchmarks/gpu_train_variants.py: the default
 #      against the plain loss and the peers, with a kernel profile),
-#   3. the benchmark table for llmscratch and the peers (`bench train` by default; BENCH=all
+#   4. the benchmark table for llmscratch and the peers (`bench train` by default; BENCH=all
 #      adds the attention op and decoding), written as JSON and logs under $OUT
 #      (default /tmp/gpu_check).
 # The GPU machine has PyTorch, transformers and no network: we run from the source tree with
@@ -23,6 +24,9 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda'
 echo "== GPU tests"
 timeout "${TEST_LIMIT:-120}" python3 -m pytest -m gpu tests/test_fast_path.py tests/test_optim.py tests/test_kernels.py \
   -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/gpu_tests.log"
+
+echo "== the loss alone"
+timeout "${LOSS_LIMIT:-60}" python3 benchmarks/loss_kernel.py --json "$OUT/loss_kernel.json" 2>&1  # its table is in the JSON too
 
 echo "== training-step variants"
 timeout "${VARIANTS_LIMIT:-230}" python3 benchmarks/gpu_train_variants.py --out "$OUT" --budget 170 --hard 215 \

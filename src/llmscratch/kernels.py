@@ -87,11 +87,11 @@ def _triton_rows(logits: torch.Tensor, targets: torch.Tensor, vocab: int,
 
 
 _KERNEL = None
-# (columns per block, warps per row, whole row): the fastest of these is measured once per row
-# length (Triton's autotuner) on the first call. A whole-row configuration holds the row in
-# registers and reads it once instead of twice; it is tried only where the row fits its block.
-CONFIGS = [(block, warps, False) for block in (2048, 4096, 8192) for warps in (4, 8, 16)]
-CONFIGS += [(65536, warps, True) for warps in (16, 32)]
+# (columns per block, warps per row): the fastest of these is measured once per row length
+# (Triton's autotuner) on the first call. At GPT-2's rows on an H200: 2048 and 4 warps, 1.47 ms
+# for 16,384 rows; the other configurations 1.54-2.00 ms (benchmarks/loss_kernel.py). Holding
+# a whole row in registers to read it once was slower (2.3 ms and more: register spills).
+CONFIGS = [(block, warps) for block in (2048, 4096, 8192) for warps in (4, 8, 16)]
 
 
 def _triton_kernel():
@@ -102,59 +102,41 @@ def _triton_kernel():
     return _KERNEL
 
 
-def _fitting(configs, named_args, **kwargs):
-    """The configurations that can run on rows of this length."""
-    return [c for c in configs if not c.kwargs["WHOLE_ROW"] or c.kwargs["BLOCK"] >= named_args["n_cols"]]
-
-
-def build_kernel(configs: list[tuple[int, int, bool]]):
-    """The Triton kernel, autotuned over ``configs`` of (columns per block, warps, whole row)."""
+def build_kernel(configs: list[tuple[int, int]]):
+    """The Triton kernel, autotuned over ``configs`` of (columns per block, warps)."""
     import triton
     import triton.language as tl
 
-    @triton.autotune(
-        configs=[triton.Config({"BLOCK": b, "WHOLE_ROW": whole}, num_warps=w) for b, w, whole in configs],
-        key=["n_cols"], prune_configs_by={"early_config_prune": _fitting},
-    )
+    @triton.autotune(configs=[triton.Config({"BLOCK": b}, num_warps=w) for b, w in configs], key=["n_cols"])
     @triton.jit
     def cross_entropy_rows_kernel(logits_ptr, grad_ptr, targets_ptr, losses_ptr, logits_stride, grad_stride,
-                                  vocab, n_cols, ignore_index, BLOCK: tl.constexpr, WHOLE_ROW: tl.constexpr):
+                                  vocab, n_cols, ignore_index, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         logits_ptr += row * logits_stride
         grad_ptr += row * grad_stride
         target = tl.load(targets_ptr + row)
         ignored = target == ignore_index
         cols = tl.arange(0, BLOCK)
+
+        # pass 1: the row's max and its sum of exponentials, block by block (online softmax)
+        top = tl.full((), float("-inf"), tl.float32)
+        total = tl.full((), 0.0, tl.float32)
+        for start in range(0, vocab, BLOCK):
+            x = tl.load(logits_ptr + start + cols, mask=start + cols < vocab, other=float("-inf")).to(tl.float32)
+            new_top = tl.maximum(top, tl.max(x, axis=0))
+            total = total * tl.exp(top - new_top) + tl.sum(tl.exp(x - new_top), axis=0)
+            top = new_top
+        lse = top + tl.log(total)  # log Σ exp(logits)
         picked = tl.load(logits_ptr + tl.where(ignored, 0, target)).to(tl.float32)
+        tl.store(losses_ptr + row, tl.where(ignored, 0.0, lse - picked))
 
-        if WHOLE_ROW:  # the row in one block: read once, held in registers in its own dtype
-            x = tl.load(logits_ptr + cols, mask=cols < vocab, other=float("-inf"))
-            top = tl.max(x, axis=0).to(tl.float32)
-            total = tl.sum(tl.exp(x.to(tl.float32) - top), axis=0)
-            lse = top + tl.log(total)
-            tl.store(losses_ptr + row, tl.where(ignored, 0.0, lse - picked))
-            g = tl.exp(x.to(tl.float32) - lse) - tl.where(cols == target, 1.0, 0.0)  # softmax − onehot
+        # pass 2: softmax − onehot over the padded row (0 on padding and on ignored rows)
+        for start in range(0, n_cols, BLOCK):
+            c = start + cols
+            x = tl.load(logits_ptr + c, mask=c < vocab, other=float("-inf")).to(tl.float32)
+            g = tl.exp(x - lse) - tl.where(c == target, 1.0, 0.0)
             g = tl.where(ignored, 0.0, g)
-            tl.store(grad_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
-        else:
-            # pass 1: the row's max and its sum of exponentials, block by block (online softmax)
-            top = tl.full((), float("-inf"), tl.float32)
-            total = tl.full((), 0.0, tl.float32)
-            for start in range(0, vocab, BLOCK):
-                x = tl.load(logits_ptr + start + cols, mask=start + cols < vocab, other=float("-inf")).to(tl.float32)
-                new_top = tl.maximum(top, tl.max(x, axis=0))
-                total = total * tl.exp(top - new_top) + tl.sum(tl.exp(x - new_top), axis=0)
-                top = new_top
-            lse = top + tl.log(total)  # log Σ exp(logits)
-            tl.store(losses_ptr + row, tl.where(ignored, 0.0, lse - picked))
-
-            # pass 2: softmax − onehot over the padded row (0 on padding and on ignored rows)
-            for start in range(0, n_cols, BLOCK):
-                c = start + cols
-                x = tl.load(logits_ptr + c, mask=c < vocab, other=float("-inf")).to(tl.float32)
-                g = tl.exp(x - lse) - tl.where(c == target, 1.0, 0.0)
-                g = tl.where(ignored, 0.0, g)
-                tl.store(grad_ptr + c, g.to(grad_ptr.dtype.element_ty), mask=c < n_cols)
+            tl.store(grad_ptr + c, g.to(grad_ptr.dtype.element_ty), mask=c < n_cols)
 
     return cross_entropy_rows_kernel
 
