@@ -302,6 +302,54 @@ def test_two_nodes_over_a_c10d_rendezvous(space):
 # =========================================================================== FSDP
 
 
+SHARDED_BUILD = '''
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from llmscratch import distributed as dist
+from llmscratch.model import GPT, GPTConfig
+from llmscratch.runtime import Runtime
+
+group = dist.init("cpu")
+cfg = GPTConfig.from_preset("test", pos_emb="alibi", tie_weights=True)
+built = []
+
+def whole():
+    built.append(group.rank)
+    torch.manual_seed(3)
+    return GPT(cfg)
+
+model = dist.sharded_model(group, Runtime(torch.device("cpu"), "fp32"), full=whole)
+torch.manual_seed(3)
+ref = GPT(cfg)  # the reference, built here after the fact
+assert dist.is_sharded(model) and model.cfg == cfg
+shares = [(p.to_local().numel(), p.numel()) for p in model.parameters()]
+assert sum(local for local, _ in shares) < sum(whole for _, whole in shares), shares
+state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if group.is_main:
+    for name, value in ref.state_dict().items():
+        assert torch.equal(state[name], value), name
+assert torch.equal(model.alibi_slopes, ref.alibi_slopes)  # a buffer, recomputed after to_empty
+x = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    torch.testing.assert_close(model(x), ref(x))
+print(f"rank {group.rank}: whole model built by {built}", flush=True)
+dist.cleanup(group)
+'''
+
+
+@pytest.mark.slow
+def test_a_sharded_model_is_whole_on_rank_0_alone_and_holds_the_same_weights(tmp_path):
+    """FSDP: rank 0 builds the model whole (as one process would) and sends each rank its shards;
+    the other ranks build it on the meta device only, so no rank but 0 ever holds it whole."""
+    script = tmp_path / "sharded_build.py"
+    script.write_text(SHARDED_BUILD, encoding="utf-8")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--local-addr=127.0.0.1", str(script)]
+    r = subprocess.run(command, capture_output=True, text=True, env=environment(), timeout=TIMEOUT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    assert "rank 0: whole model built by [0]" in r.stdout and "rank 1: whole model built by []" in r.stdout
+
+
 @pytest.mark.slow
 def test_fsdp_matches_one_process_consolidates_and_resumes_on_any_world_size(space, capsys):
     """fully_shard with a float32 MixedPrecisionPolicy (tied head): the same weights as one process,

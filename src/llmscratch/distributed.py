@@ -1,8 +1,8 @@
 """Multi-process training on PyTorch's own engine: torchrun, DistributedDataParallel and FSDP.
 
 Kept out of the model and out of the loop's logic. The training loop asks this module for a
-:class:`Group` (who am I, how many are we), wraps the model once (:func:`wrap_model`: DDP, or
-FSDP's ``fully_shard`` with ``--fsdp``), takes this rank's share of every global batch
+:class:`Group` (who am I, how many are we), wraps the model once (:func:`wrap_model`: DDP; with
+``--fsdp``, :func:`sharded_model` builds it sharded, whole on rank 0 alone), takes this rank's share of every global batch
 (:func:`local_micro_batches`), syncs gradients only on the last micro-step
 (:func:`maybe_no_sync`), and saves and restores checkpoints through the functions here.
 
@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .errors import CheckpointError, ConfigError
-from .model import GPT
+from .model import GPT, GPTConfig
 
 SHARDED_DIR = "sharded"  # the FSDP checkpoint inside a run directory
 _SHARDED_TMP = ".sharded.tmp"  # where the next one is written before it replaces the last
@@ -185,7 +185,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def wrap_model(model: nn.Module, group: Group, runtime, fsdp: bool = False) -> nn.Module:
-    """The model to train: DDP around it, or (``fsdp``) the model itself sharded in place.
+    """The model to train: DDP around it, or (``fsdp``) the model itself sharded in place
+    (as it is if :func:`sharded_model` built it sharded).
 
     Call before building the optimizer: ``fully_shard`` replaces the parameters by sharded
     DTensors. With one process the model is returned as it is.
@@ -193,12 +194,41 @@ def wrap_model(model: nn.Module, group: Group, runtime, fsdp: bool = False) -> n
     if not group.active:
         return model
     if fsdp:
-        return _fully_shard(model, group, runtime)
+        return model if is_sharded(model) else _fully_shard(model, group, runtime)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [runtime.device.index if runtime.device.index is not None else group.local_rank] \
         if runtime.device.type == "cuda" else None
     return DDP(model, device_ids=device_ids)
+
+
+def sharded_model(group: Group, runtime, full: Optional[Callable[[], GPT]] = None,
+                  cfg: Optional[GPTConfig] = None) -> GPT:
+    """An FSDP-sharded model that no rank but rank 0 ever holds whole.
+
+    Every rank builds the model on the meta device (shapes, no memory), shards it and
+    allocates only its own shards on its device. With ``full`` (how to get the whole model: a
+    fresh initialisation, pretrained weights, a full checkpoint), rank 0 alone calls it, on the
+    CPU as one process would, and sends each rank its shards; its config reaches the other
+    ranks with them. With ``cfg`` instead, the shards are left uninitialised for the caller
+    to load (a sharded checkpoint, :func:`restore`).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    whole = full() if full is not None and group.is_main else None
+    if full is not None:
+        shared = [whole.cfg.to_dict() if whole is not None else None]
+        torch_dist.broadcast_object_list(shared, src=0)
+        cfg = GPTConfig.from_dict(shared[0])
+    with torch.device("meta"):
+        model = GPT(cfg)
+    _fully_shard(model, group, runtime)
+    model.to_empty(device=runtime.device)
+    model.reset_buffers()
+    if full is not None:
+        set_model_state_dict(model, whole.state_dict() if whole is not None else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
 
 
 def _fully_shard(model: nn.Module, group: Group, runtime) -> nn.Module:
@@ -320,14 +350,6 @@ def latest_is_sharded(run_dir: Union[str, Path]) -> bool:
     """Whether the run's newest checkpoint is the sharded one (not yet consolidated)."""
     state = load_training_state(run_dir)
     return state is not None and "optimizer" not in state
-
-
-def load_model(run_dir: Union[str, Path], state: dict) -> GPT:
-    """The model to resume: the saved weights, or (sharded checkpoint) a model of the saved shape
-    whose weights :func:`restore` loads once it is wrapped."""
-    if "optimizer" in state:
-        return ckpt.load_model(run_dir)
-    return GPT(ckpt.load_config(run_dir))
 
 
 def restore(run_dir: Union[str, Path], model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -341,7 +341,7 @@ class GPT(nn.Module):
         if cfg.pos_emb == "learned":
             self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         if cfg.pos_emb == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+            self.register_buffer("alibi_slopes", torch.empty(cfg.n_heads), persistent=False)
         self.drop = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, bias=cfg.bias)
@@ -357,7 +357,14 @@ class GPT(nn.Module):
         #   "auto": "chunked" on the CPU, "kernel" on CUDA where Triton is installed, else "plain".
         self.loss_impl: str = "auto"
         self.loss_chunk: int = CPU_LOSS_CHUNK
+        self.reset_buffers()
         self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Compute the buffers that are not saved (ALiBi's slopes); again after ``to_empty``."""
+        if self.cfg.pos_emb == "alibi":
+            self.alibi_slopes.copy_(alibi_slopes(self.cfg.n_heads))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

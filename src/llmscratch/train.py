@@ -391,18 +391,29 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     splits = prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction)
 
     # ---------------------------------------------------------------- model
-    if cfg.resume:
-        model = dist.load_model(run_dir, state)
-    elif cfg.init_from:
-        model = ckpt.load_pretrained(cfg.init_from)
-    else:
-        model_cfg = GPTConfig.from_preset(cfg.preset, **{"vocab_size": tokenizer.vocab_size, **cfg.model})
-        if model_cfg.vocab_size < tokenizer.vocab_size:
+    fresh_cfg = None
+    if not cfg.resume and not cfg.init_from:
+        fresh_cfg = GPTConfig.from_preset(cfg.preset, **{"vocab_size": tokenizer.vocab_size, **cfg.model})
+        if fresh_cfg.vocab_size < tokenizer.vocab_size:
             raise ConfigError(
-                f"model vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
+                f"model vocab_size {fresh_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
             )
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        model = GPT(model_cfg)
+
+    def whole_model() -> GPT:
+        """The model to start from, whole (under FSDP built by rank 0 alone: dist.sharded_model)."""
+        if cfg.resume:
+            return ckpt.load_model(run_dir)
+        if cfg.init_from:
+            return ckpt.load_pretrained(cfg.init_from)
+        torch.manual_seed(cfg.seed)  # the same initial weights as one process
+        return GPT(fresh_cfg)
+
+    from_shards = cfg.resume and "optimizer" not in state  # a sharded checkpoint: dist.restore loads the weights
+    if cfg.fsdp and group.active:
+        model = (dist.sharded_model(group, runtime, cfg=ckpt.load_config(run_dir)) if from_shards
+                 else dist.sharded_model(group, runtime, full=whole_model))
+    else:
+        model = GPT(ckpt.load_config(run_dir)) if from_shards else whole_model()
     model_cfg = model.cfg
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the "
@@ -411,7 +422,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     model.to(runtime.device)
     context = model_cfg.context_length
 
-    train_model = dist.wrap_model(model, group, runtime, fsdp=cfg.fsdp)  # before the optimizer: FSDP swaps parameters
+    train_model = dist.wrap_model(model, group, runtime, fsdp=cfg.fsdp)  # DDP; FSDP sharded it above
     optimizer = build_optimizer(model, cfg, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.needs_grad_scaler else None
     batch_gen = torch.Generator().manual_seed(cfg.seed)
