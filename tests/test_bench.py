@@ -46,6 +46,16 @@ def test_train_rows_have_the_numbers_and_the_ratio():
     assert "tokens/s" in bench.format_train(rows)
 
 
+def test_the_loss_implementation_is_named_in_the_row():
+    cfg = GPTConfig.from_preset("test")
+    rows = bench.bench_train(cfg, CPU, batch=2, context=16, precision="fp32", names=["ours"],
+                             steps=1, repeats=1, warmup=1, log=lambda _: None, loss_impl="plain")
+    assert rows[0]["model"] == "llmscratch, plain loss" and rows[0]["loss_impl"] == "plain"
+    default = bench.bench_train(cfg, CPU, batch=2, context=16, precision="fp32", names=["ours"],
+                                steps=1, repeats=1, warmup=1, log=lambda _: None)
+    assert default[0]["model"] == "llmscratch" and default[0]["loss_impl"] == "chunked"
+
+
 def test_peers_are_compared_with_our_model_in_their_configuration():
     """With relu2 and RoPE, which the peers lack, our model also runs as the peers do, and the
     peers' ratios use that row, so a ratio always compares identical configurations."""
@@ -69,10 +79,10 @@ def test_a_failing_contender_becomes_an_error_row_on_the_cpu(monkeypatch):
     say) is reported in its row, and the others are still measured."""
     real = bench.build_contender
 
-    def failing(name, cfg, device, compile=False):
+    def failing(name, cfg, device, compile=False, **kw):
         if compile:
             raise RuntimeError("no C++ compiler")
-        return real(name, cfg, device, compile=compile)
+        return real(name, cfg, device, compile=compile, **kw)
 
     monkeypatch.setattr(bench, "build_contender", failing)
     rows = bench.bench_train(GPTConfig.from_preset("test"), CPU, batch=2, context=16, precision="fp32",
@@ -132,5 +142,5 @@ def test_cli_bench_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     text = capsys.readouterr().out
-    for option in ("--preset", "--batch", "--context", "--precision", "--peers", "--json", "--compile"):
+    for option in ("--preset", "--batch", "--context", "--precision", "--peers", "--json", "--compile", "--loss"):
         assert option in text

@@ -82,6 +82,23 @@ def test_train_config_errors_name_the_field():
         TrainConfig(beta2=1.0)
     with pytest.raises(ConfigError, match="weight_decay"):
         TrainConfig(weight_decay=-0.1)
+    with pytest.raises(ConfigError, match="TrainConfig.loss must be one of auto, plain, chunked, kernel"):
+        TrainConfig(loss="fused")
+
+
+def test_every_loss_implementation_trains_to_the_same_weights(corpus: Path, tmp_path: Path):
+    """--loss plain (the readable path), chunked (the CPU's default) and kernel (on the CPU, the
+    Triton kernel's PyTorch reference): the same run to rounding, float32 on the CPU."""
+    runs, logs = {}, []
+    for loss in ("plain", "chunked", "kernel"):
+        runs[loss] = train(tiny_config(corpus, tmp_path / loss, steps=4, name=loss, loss=loss, optimizer="adamw"),
+                           log=logs.append)
+    plain = ckpt.load_model(runs["plain"]).state_dict()
+    for loss in ("chunked", "kernel"):
+        for name, value in ckpt.load_model(runs[loss]).state_dict().items():
+            torch.testing.assert_close(value, plain[name], rtol=1e-4, atol=1e-5, msg=f"{loss}: {name}")
+    assert [loss for loss in ("plain", "chunked", "kernel") if any(f"positions, {loss} loss)" in m for m in logs)] \
+        == ["plain", "chunked", "kernel"]  # the startup line names it
 
 
 def test_training_lowers_loss_and_writes_the_run(corpus: Path, tmp_path: Path):
@@ -145,10 +162,11 @@ def test_nan_loss_stops_with_the_first_bad_step_and_keeps_the_checkpoint(corpus,
 
 def test_config_file_with_command_line_overrides(tmp_path: Path):
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text("steps: 33\nlr: 0.01\nmodel:\n  n_layers: 3\n  pos_emb: rope\n")
-    args = build_parser().parse_args(["train", "--config", str(cfg_file), "--lr", "0.002", "--n-heads", "2"])
+    cfg_file.write_text("steps: 33\nlr: 0.01\nloss: chunked\nmodel:\n  n_layers: 3\n  pos_emb: rope\n")
+    args = build_parser().parse_args(["train", "--config", str(cfg_file), "--lr", "0.002", "--n-heads", "2",
+                                      "--loss", "plain"])
     cfg = train_config_from_args(args)
-    assert cfg.steps == 33 and cfg.lr == 0.002
+    assert cfg.steps == 33 and cfg.lr == 0.002 and cfg.loss == "plain"
     assert cfg.model == {"n_layers": 3, "pos_emb": "rope", "n_heads": 2}
 
 

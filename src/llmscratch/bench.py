@@ -168,14 +168,16 @@ def _logits_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tor
     return loss
 
 
-def build_contender(name: str, cfg: GPTConfig, device: torch.device, compile: bool = False) -> Contender:
+def build_contender(name: str, cfg: GPTConfig, device: torch.device, compile: bool = False,
+                    loss_impl: str = "auto") -> Contender:
     """``ours`` (llmscratch's GPT), ``book``, ``book-fast`` or ``hf``, with ``cfg``'s shape, on ``device``.
 
     The peers get our weight tying by sharing the head with the token embedding, so the
-    parameter count and the work per token match.
+    parameter count and the work per token match. ``loss_impl``: ours's ``GPT.loss_impl``.
     """
     if name == "ours":
         model = GPT(cfg).to(device)
+        model.loss_impl = loss_impl
         pos = model.pos_emb if cfg.pos_emb == "learned" else None
         forward = torch.compile(model) if compile else model
         return Contender("llmscratch" + (" (compiled)" if compile else ""), model,
@@ -344,7 +346,7 @@ class _TrainStep:
 def bench_train(
     cfg: GPTConfig, device: torch.device, batch: int, context: int, precision: str, names: list[str],
     compile: bool = False, steps: int = 5, repeats: int = 3, warmup: int = 2,
-    interleave: Optional[bool] = None, log: Callable[[str], None] = print,
+    interleave: Optional[bool] = None, log: Callable[[str], None] = print, loss_impl: str = "auto",
 ) -> list[dict[str, Any]]:
     """Tokens/s, MFU and peak memory of training steps for each model in ``names``.
 
@@ -353,7 +355,8 @@ def bench_train(
     interleaved repeat by repeat. Where ``cfg`` uses what the peers lack (relu2, RoPE), ours is
     also run with :func:`peer_config` (compiled too when ``compile``), and the peers' ratios
     compare that identical configuration: ``ours_over_this`` with our fastest such row,
-    ``eager_over_this`` with our fastest uncompiled one (the peers run eagerly).
+    ``eager_over_this`` with our fastest uncompiled one (the peers run eagerly). ``loss_impl``
+    sets how our model computes its loss (``GPT.loss_impl``; other than ``auto``, named in the rows).
     """
     cfg = GPTConfig.from_dict({**cfg.to_dict(), "context_length": max(context, cfg.context_length)})
     same = peer_config(cfg)
@@ -375,11 +378,13 @@ def bench_train(
 
     def setup(name: str, compiled: bool, config: GPTConfig) -> tuple[Contender, _TrainStep]:
         torch.manual_seed(0)
-        c = build_contender(name, config, device, compile=compiled)
+        c = build_contender(name, config, device, compile=compiled, loss_impl=loss_impl)
         if name == "ours":
             c.sdpa_backend = backend
             if config != cfg:
                 c.name = f"llmscratch ({'compiled, ' if compiled else ''}as the peers: gelu, learned pos.)"
+            if loss_impl != "auto":
+                c.name += f", {loss_impl} loss"
         c.same_as_peers = config == same
         return c, _TrainStep(c, config, batch, context, device, precision)
 
@@ -393,7 +398,8 @@ def bench_train(
                 "mfu_measured_peak": tps * fpt / (peak * 1e12) if peak else None,
                 "mfu_datasheet": tps * fpt / (sheet * 1e12) if sheet else None,
                 "peak_memory_gb": peak_bytes / 1e9 if peak_bytes is not None else None,
-                "sdpa_backend": c.sdpa_backend, "note": c.note}
+                "sdpa_backend": c.sdpa_backend, "note": c.note,
+                "loss_impl": c.model.loss_implementation(device) if isinstance(c.model, GPT) else None}
 
     rows: list[dict[str, Any]] = []
     if interleave:

@@ -79,7 +79,7 @@ _TRAIN_OPTIONS = (
     "muon_momentum", "eval_interval",
     "eval_windows", "log_interval", "checkpoint_interval", "sample_tokens", "sample_prompt", "device",
     "precision", "compile", "seed", "time_budget", "stop_at", "out_dir", "name", "resume", "init_from",
-    "micro_batch", "fsdp",
+    "micro_batch", "fsdp", "loss",
 )
 
 
@@ -207,6 +207,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    g.add_argument("--loss", choices=["auto", "plain", "chunked", "kernel"],
+                   help="how the head and loss are computed: plain (logits, then F.cross_entropy: the readable "
+                        "path), chunked (fused, a chunk of tokens at a time), kernel (our Triton kernel, CUDA); "
+                        "auto (default): chunked on the CPU, kernel on CUDA with Triton, else plain")
     g.add_argument("--seed", type=int, help="random seed (default 1337)")
     g.add_argument("--time-budget", type=float, help="stop (and save) after this many seconds")
     g.add_argument("--stop-at", type=int, help="stop (and save) at this step as if interrupted; --resume continues")
@@ -507,7 +511,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if what in ("train", "all"):
         names = ["ours"] + [p for p in peers if p in bench.PEERS]
         rows = bench.bench_train(cfg, device, args.batch, context, precision, names, compile=compile_,
-                                 steps=args.steps, repeats=args.repeats)
+                                 steps=args.steps, repeats=args.repeats, loss_impl=args.loss)
         record["train"] = rows
         if args.json:  # after every section, so a run cut short keeps what it measured
             bench.write_json(args.json, record)
@@ -552,6 +556,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="also train a torch.compile'd llmscratch model (default: on CUDA only)")
     p.add_argument("--steps", type=int, default=5, help="training steps per timed run (default 5)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the median is reported (default 3)")
+    p.add_argument("--loss", default="auto", choices=["auto", "plain", "chunked", "kernel"],
+                   help="how our model computes the head and loss in training (as in `llmscratch train --loss`)")
     p.add_argument("--new-tokens", type=int, default=200, help="tokens to decode (default 200)")
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes (default 1 8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")

@@ -47,7 +47,7 @@ from .data import (
     window_starts,
 )
 from .errors import ConfigError, LLMScratchError
-from .model import GPT, GPTConfig, PRESETS
+from .model import GPT, LOSS_IMPLS, GPTConfig, PRESETS
 from .optim import MuonAdamW, muon_param_groups
 from .runtime import Runtime, seed_everything, setup_runtime
 from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer
@@ -104,6 +104,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
+    loss: str = "auto"  # how the head and loss are computed (GPT.loss_impl): auto, plain, chunked, kernel
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP) instead of DDP
     seed: int = 1337
     time_budget: Optional[float] = None  # seconds; stop early (and save) when spent
@@ -138,6 +139,8 @@ class TrainConfig:
         if self.optimizer == "muon" and self.fsdp:
             raise ConfigError("--fsdp shards each weight matrix over the GPUs, and Muon needs whole matrices: "
                               "add --optimizer adamw")
+        if self.loss not in LOSS_IMPLS:
+            raise ConfigError(f"TrainConfig.loss must be one of {', '.join(LOSS_IMPLS)}, got {self.loss!r}")
         if self.tokenizer not in ("char", "bpe", "gpt2"):
             raise ConfigError(f"TrainConfig.tokenizer must be char, bpe or gpt2, got {self.tokenizer!r}")
         if self.preset not in PRESETS:
@@ -355,7 +358,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         saved = json.loads(ckpt.read_text(run_dir / "train_config.json"))
         saved.setdefault("optimizer", "adamw")  # runs saved before the option existed trained with AdamW
         keep = {k: v for k, v in cfg.to_dict().items() if k in ("steps", "time_budget", "stop_at", "progress", "device",
-                                                                "precision", "compile", "eval_interval",
+                                                                "precision", "compile", "loss", "eval_interval",
                                                                 "checkpoint_interval", "log_interval",
                                                                 "micro_batch", "fsdp")}
         defaults = TrainConfig().to_dict()
@@ -415,6 +418,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     else:
         model = GPT(ckpt.load_config(run_dir)) if from_shards else whole_model()
     model_cfg = model.cfg
+    model.loss_impl = cfg.loss
+    try:
+        loss_impl = model.loss_implementation(runtime.device)
+    except ValueError as err:
+        raise ConfigError(f"--loss {cfg.loss}: {err}") from err
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the "
                           f"tokenizer's ({tokenizer.vocab_size}); they do not belong together")
@@ -457,7 +465,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     log(f"run directory: {run_dir}")
     log(f"device {runtime.device} ({runtime.precision}), {group.world_size} process(es); "
         f"model {model.num_parameters():,} parameters ({model_cfg.n_layers} layers, {model_cfg.n_heads} heads, "
-        f"{model_cfg.emb_dim} dims, context {context}, {model_cfg.pos_emb} positions); "
+        f"{model_cfg.emb_dim} dims, context {context}, {model_cfg.pos_emb} positions, {loss_impl} loss); "
         f"tokenizer {tokenizer.kind} ({tokenizer.vocab_size} tokens); "
         f"{len(splits.train):,} training / {len(splits.val):,} validation tokens; "
         f"{cfg.batch_size * cfg.grad_accum} windows per step, {micro_size} per forward pass on each process")
