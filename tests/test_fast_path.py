@@ -131,13 +131,14 @@ def test_the_fused_loss_is_the_default_in_training_on_the_cpu(monkeypatch):
     assert calls == [model_module.CPU_LOSS_CHUNK]
 
 
-def test_fused_loss_gives_the_plain_loss_and_gradients_in_the_model():
+@pytest.mark.parametrize("impl", ["chunked", "kernel"])  # kernel: on the CPU, the Triton kernel's PyTorch reference
+def test_fused_loss_gives_the_plain_loss_and_gradients_in_the_model(impl):
     cfg = GPTConfig.from_preset("test", tie_weights=True)
     torch.manual_seed(0)
     plain = GPT(cfg)
     plain.loss_impl = "plain"  # logits, then F.cross_entropy
     fused = copy.deepcopy(plain)
-    fused.loss_impl, fused.loss_chunk = "chunked", 24
+    fused.loss_impl, fused.loss_chunk = impl, 24  # chunks of 24 tokens where chunked
     x = torch.randint(0, cfg.vocab_size, (3, 20))
     y = torch.randint(0, cfg.vocab_size, (3, 20))
     y[0, :5] = -100

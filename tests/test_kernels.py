@@ -2,15 +2,14 @@
 
 * Its PyTorch reference (the CPU implementation of the custom operator) gives
   ``F.cross_entropy``'s per-row losses and, as its gradient, autograd's gradient of their sum.
-* ``head_cross_entropy`` gives the plain path's loss and gradients, in the model too, and
-  ``torch.compile`` traces it as one graph with no break.
+* ``head_cross_entropy`` gives the plain path's loss and gradients (in the model:
+  tests/test_fast_path.py, with one compiled graph).
 * The Triton kernel gives the reference's numbers: in Triton's interpreter on the CPU (where
   Triton is installed) and on a CUDA GPU (marked ``gpu``).
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import os
 import subprocess
@@ -81,27 +80,6 @@ def test_head_cross_entropy_with_every_target_ignored_matches_f_cross_entropy():
     assert torch.isnan(loss) and torch.isnan(ref)  # a mean over no targets
     grads = torch.autograd.grad(loss, (x, w))
     assert all(g.abs().max() == 0 for g in grads)  # zeros, not NaN
-
-
-def test_the_kernel_loss_in_the_model_matches_the_plain_loss_and_compiles_to_one_graph():
-    cfg = GPTConfig.from_preset("test", tie_weights=True)
-    torch.manual_seed(0)
-    plain = GPT(cfg)
-    plain.loss_impl = "plain"
-    kernel = copy.deepcopy(plain)
-    kernel.loss_impl = "kernel"  # on the CPU: the kernel's PyTorch reference
-    x = torch.randint(0, cfg.vocab_size, (3, 20))
-    y = torch.randint(0, cfg.vocab_size, (3, 20))
-    y[0, :5] = -100
-    plain(x, y).backward()
-    loss = kernel(x, y)
-    loss.backward()
-    torch.testing.assert_close(loss, plain(x, y), rtol=1e-5, atol=1e-6)
-    for (name, a), b in zip(plain.named_parameters(), kernel.parameters()):
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        explained = torch._dynamo.explain(kernel)(x, y)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
 def test_which_loss_runs_where():
