@@ -82,10 +82,23 @@ def test_head_cross_entropy_with_every_target_ignored_matches_f_cross_entropy():
     assert all(g.abs().max() == 0 for g in grads)  # zeros, not NaN
 
 
+def test_the_kernel_needs_triton_and_a_c_compiler_for_its_launcher(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: object())  # Triton "installed"
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    assert not kernels.triton_available(cuda)  # no compiler: the plain path, not a crash at the first step
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
+    assert kernels.triton_available(cuda)
+    assert not kernels.triton_available(torch.device("cpu"))
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+    assert not kernels.triton_available(cuda)
+
+
 def test_which_loss_runs_where():
     model = GPT(GPTConfig.from_preset("test"))
     assert model.loss_implementation(torch.device("cpu")) == "chunked"
-    expected_cuda = "kernel" if importlib.util.find_spec("triton") else "plain"
+    expected_cuda = "kernel" if kernels.triton_available(torch.device("cuda")) else "plain"
     assert model.loss_implementation(torch.device("cuda")) == expected_cuda
     assert model.loss_implementation(torch.device("mps")) == "plain"
     model.loss_impl = "kernel"

@@ -23,6 +23,8 @@ The readable path (logits, then ``F.cross_entropy``) stays one setting away:
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 
 import torch
 
@@ -30,8 +32,12 @@ IGNORE_INDEX = -100  # targets with this value add nothing to the loss, as in F.
 
 
 def triton_available(device: torch.device) -> bool:
-    """Whether the Triton kernel can run on ``device`` (a CUDA device with Triton installed)."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    """Whether the Triton kernel can run on ``device``: a CUDA device, Triton installed, and a C
+    compiler for the small launcher Triton builds on first use (``$CC``, gcc or clang, where
+    Triton looks), so that a machine without one trains on the plain path instead of failing."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return False
+    return bool(os.environ.get("CC")) or any(shutil.which(cc) for cc in ("gcc", "clang"))
 
 
 def _reference_rows(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -504,7 +504,7 @@ class GPT(nn.Module):
                 return "chunked"
             return "kernel" if kernels.triton_available(device) else "plain"
         if impl == "kernel" and not kernels.triton_available(device) and device.type != "cpu":
-            raise ValueError(f"GPT.loss_impl='kernel' needs a CUDA device with Triton installed, not {device}; "
+            raise ValueError(f"GPT.loss_impl='kernel' needs a CUDA device with Triton and a C compiler, not {device}; "
                              "use 'plain' or 'chunked'")
         return impl
 
