@@ -1,4 +1,4 @@
-"""The one hand-written GPU kernel: cross-entropy and its gradient in one pass per row (Triton).
+"""The one hand-written GPU kernel: cross-entropy and its gradient in one Triton kernel.
 
 Why a kernel of our own: at GPT-2's shape the logits are 16,384 rows × 50,304 bf16 columns
 (1.65 GB per step). ``F.cross_entropy`` reads them for the loss, then its backward reads them
@@ -6,8 +6,9 @@ again and writes their gradient, and the kernels ``torch.compile`` makes for thi
 quarter to a third of the card's memory bandwidth (3.8 ms of a 33.8 ms step on an H200,
 docs/performance.md). Since the loss is a mean over rows, its gradient ``softmax − onehot``
 (times the incoming gradient over the count of targets) is known in the forward pass already:
-one program per row reads the row once for its max and sum of exponentials, then again
-(from the L2 cache, mostly) to write the gradient, and the logits need not be kept.
+one program per row reads the row once for its max and sum of exponentials, then again to
+write the gradient, and the logits need not be kept. On an H200 it takes 1.48 ms where the
+compiled ``F.cross_entropy`` took 4.1 (benchmarks/loss_kernel.py).
 
 * :func:`cross_entropy_rows` is a PyTorch custom operator: ``torch.compile`` sees it as one
   opaque call with known output shapes. On CUDA it runs the Triton kernel; elsewhere it runs
@@ -16,8 +17,8 @@ one program per row reads the row once for its max and sum of exponentials, then
   incoming gradient is folded into the two matrix products of the backward pass, so the
   (N, V) gradient is never rescaled in a pass of its own.
 
-The readable path (logits, then ``F.cross_entropy``) stays one setting away:
-``GPT.loss_impl = "plain"``.
+The readable path (logits, then ``F.cross_entropy``) stays one flag away:
+``llmscratch train --loss plain`` (``GPT.loss_impl = "plain"``).
 """
 
 from __future__ import annotations
