@@ -34,6 +34,6 @@ timeout "${VARIANTS_LIMIT:-230}" python3 benchmarks/gpu_train_variants.py --out 
 
 echo "== benchmarks"
 BENCH_ARGS=(--peers --steps 5 --repeats 3)  # compiled rows too: the default on CUDA
-timeout "${BENCH_LIMIT:-200}" python3 -m llmscratch bench "${BENCH:-train}" --preset nanogpt-124m --batch 16 --context 1024 \
+timeout "${BENCH_LIMIT:-170}" python3 -m llmscratch bench "${BENCH:-train}" --preset nanogpt-124m --batch 16 --context 1024 \
   "${BENCH_ARGS[@]}" --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.log"
 echo "== done"
