@@ -14,9 +14,11 @@ the same way (warm-up steps that include compilation, then the median of ``--rep
 6. the best of the above at batch 32;
 7. Inductor's ``coordinate_descent_tuning`` with the kernel loss;
 8. the chunked head + loss (``GPT.loss_impl = "chunked"``, the CPU's default);
-9. the default again (run-to-run spread).
+9. the default again (run-to-run spread);
+10. ``mode="max-autotune-no-cudagraphs"`` (Triton matrix-product templates, which can fuse the
+    GELU and residual adds into their epilogues; minutes of compilation), only with 150 s left.
 
-``--only`` picks some of 2–9 (the default always runs first).
+``--only`` picks some of 2–10 (the default always runs first).
 
 Each variant prints one line when it finishes and every result is rewritten to ``OUT/variants.json``
 at once, so a timeout keeps what was measured. No variant is started after ``--budget`` seconds,
@@ -162,7 +164,7 @@ def main() -> None:
     ap.add_argument("--hard", type=float, default=325, help="start none whose estimate ends past this")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated variants after the default: plain, peers, "
-                    "cudagraphs, padded, batch32, cdt, chunked, again (default: all, in that order)")
+                    "cudagraphs, padded, batch32, cdt, chunked, again, autotune (default: all, in that order)")
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the control flow: test preset, eager backend")
     args = ap.parse_args()
     if args.smoke:
@@ -349,6 +351,9 @@ def main() -> None:
         ours(f"chunked head+loss ({args.chunk} tokens a chunk)", b, loss_impl="chunked")
     if want("again") and may_start("default again", "cached"):
         ours("default again (spread)", b)
+    # Triton matrix-product templates, which can take the GELU and residual adds into their epilogues.
+    if want("autotune") and may_start("max-autotune-no-cudagraphs", "autotune"):
+        ours("max-autotune-no-cudagraphs", b, compile_kw={"mode": "max-autotune-no-cudagraphs"})
     record["total_s"] = elapsed()
     save()
     log("done")
