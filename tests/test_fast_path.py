@@ -48,6 +48,17 @@ def test_static_cache_decodes_like_the_kv_cache(pos_emb):
     assert static.tolist() == eager
 
 
+def test_static_decoder_samples_each_row_as_alone_with_seed_plus_row():
+    cfg = GPTConfig.from_preset("test")
+    model = sharp_model(cfg)
+    prompt = torch.randint(0, cfg.vocab_size, (3, 5), generator=torch.Generator().manual_seed(3))
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=21)
+    batched = StaticDecoder(model, batch=3, max_len=cfg.context_length).generate(prompt, sampling)
+    for row in range(3):
+        alone = SamplingConfig(max_new_tokens=12, temperature=1.0, seed=21 + row)
+        assert generate(model, [prompt[row].tolist()], alone)[0] == batched[row].tolist(), row
+
+
 def test_static_cache_step_logits_equal_full_forward():
     cfg = GPTConfig.from_preset("test")
     model = sharp_model(cfg)

@@ -11,6 +11,7 @@ from llmscratch.generate import (
     crop_window,
     decode_steps,
     generate,
+    make_generators,
     sample_next,
     stream,
     top_k_filter,
@@ -47,7 +48,7 @@ def model() -> GPT:
     [
         ("max_new_tokens", -1), ("max_new_tokens", 2.5), ("temperature", -0.1),
         ("temperature", float("nan")), ("top_k", 0), ("top_k", True), ("top_p", 0.0),
-        ("top_p", 1.5), ("eos_id", -3), ("seed", "abc"),
+        ("top_p", 1.5), ("eos_id", -3), ("seed", "abc"), ("seed", 2**63),
     ],
 )
 def test_sampling_config_rejects_bad_values_naming_the_field(field, value):
@@ -114,6 +115,26 @@ def test_fixed_seed_gives_fixed_tokens(model):
     other = generate(model, PROMPTS[:2], SamplingConfig(max_new_tokens=30, temperature=1.5, top_k=50, seed=7))
     assert first == again
     assert first != other
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_batched_row_samples_what_its_prompt_samples_alone_with_seed_plus_row(model, use_cache):
+    """Each row draws from its own generator (seed + row): batching changes no row's tokens,
+    whatever the other prompts are and however the rows are padded."""
+    cfg = SamplingConfig(max_new_tokens=25, temperature=1.3, top_k=40, seed=11)
+    batched = generate(model, PROMPTS, cfg, use_cache=use_cache)
+    for row, prompt in enumerate(PROMPTS):
+        alone = SamplingConfig(max_new_tokens=25, temperature=1.3, top_k=40, seed=11 + row)
+        assert generate(model, [prompt], alone, use_cache=use_cache)[0] == batched[row], row
+    assert len({tuple(r) for r in generate(model, [PROMPTS[0]] * 3, cfg)}) == 3  # same prompt, 3 streams
+
+
+def test_per_row_generators_must_match_the_rows():
+    logits = torch.zeros(3, 10)
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        sample_next(logits, SamplingConfig(), make_generators(0, 2, "cpu"))
+    one = sample_next(logits[:1], SamplingConfig(), make_generators(4, 1, "cpu"))
+    assert torch.equal(one, sample_next(logits[:1], SamplingConfig(), torch.Generator().manual_seed(4)))
 
 
 def test_sampling_leaves_the_global_rng_alone(model):
@@ -285,3 +306,10 @@ def copy_book_weights(book: torch.nn.Module, ours: GPT) -> None:
         ours.final_norm.weight.copy_(b["final_norm.scale"])
         ours.final_norm.bias.copy_(b["final_norm.shift"])
         ours.out_head.weight.copy_(b["out_head.weight"])
+
+
+def test_cli_refuses_zero_samples_before_loading_anything(tmp_path, capsys):
+    from llmscratch.cli import main
+
+    assert main(["generate", str(tmp_path / "no-such-run"), "--num-samples", "0"]) == 2
+    assert "--num-samples must be at least 1, got 0" in capsys.readouterr().err

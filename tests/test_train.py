@@ -190,6 +190,11 @@ def test_end_to_end_train_then_generate_and_eval(corpus: Path, tmp_path: Path):
     assert g.stdout.startswith("And God") and len(g.stdout.strip()) > len("And God")
     g2 = _cli("generate", str(run), "--prompt", "And God", "--max-new-tokens", "10", "--seed", "3", env=env)
     assert g.stdout == g2.stdout  # seeded
+    g4 = _cli("generate", str(run), "--prompt", "And God", "--max-new-tokens", "10", "--seed", "4", env=env)
+    many = _cli("generate", str(run), "--prompt", "And God", "--max-new-tokens", "10", "--seed", "3",
+                "--num-samples", "2", env=env)
+    assert many.returncode == 0, many.stderr
+    assert many.stdout == f"--- sample 1 ---\n{g.stdout}--- sample 2 ---\n{g4.stdout}"  # one batch, seeds 3 and 4
     e = _cli("eval", str(run), "--data", str(corpus), env=env)
     assert e.returncode == 0, e.stderr
     assert "bits per byte" in e.stdout

@@ -232,10 +232,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_run
-    from .errors import LLMScratchError
-    from .generate import SamplingConfig, stream
+    from .errors import ConfigError, LLMScratchError
+    from .generate import SamplingConfig, generate, stream
     from .runtime import setup_runtime
 
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
     runtime = setup_runtime(args.device, "fp32" if args.device in (None, "auto", "cpu") else "auto")
     model, tokenizer, _ = load_run(args.run_dir, device=runtime.device)
     if tokenizer is None:
@@ -248,21 +250,25 @@ def _run_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         eos_id=None if args.ignore_eos else tokenizer.eot_id,
     )
-    for n in range(args.num_samples):
-        if args.num_samples > 1:
+    if args.num_samples > 1:
+        # One batch of identical prompts: row n samples with seed + n, exactly what a single
+        # run with --seed (seed + n) prints, at the cost of one decode instead of n.
+        rows = generate(model, [prompt] * args.num_samples, sampling, use_cache=not args.no_cache)
+        for n, tokens in enumerate(rows):
             print(f"--- sample {n + 1} ---")
-        sampling.seed = args.seed + n
-        sys.stdout.write(args.prompt)
-        new: list[int] = []
-        shown = ""
-        for token in stream(model, prompt, sampling, use_cache=not args.no_cache):
-            new.append(token)
-            text = tokenizer.decode(new)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
-        sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
+            print(args.prompt + tokenizer.decode(tokens))
+        return 0
+    sys.stdout.write(args.prompt)
+    new: list[int] = []
+    shown = ""
+    for token in stream(model, prompt, sampling, use_cache=not args.no_cache):
+        new.append(token)
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
     return 0
 
 
@@ -278,7 +284,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with this probability mass")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
-    p.add_argument("--num-samples", type=int, default=1, help="how many samples to draw")
+    p.add_argument("--num-samples", type=int, default=1,
+                   help="how many samples to draw, in one batch; sample n uses seed + n - 1 (printed when all are done)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window every step (no KV cache)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")

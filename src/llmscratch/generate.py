@@ -6,7 +6,10 @@ pick the next token, append it. Two parts, kept apart:
 * **Sampling** (:func:`sample_next`): logits ``(B, V)`` → token ids ``(B,)``. Greedy
   (temperature 0) takes the argmax; otherwise the logits are divided by the temperature,
   filtered (top-k, then top-p) and one token is drawn from the softmax with a seeded
-  ``torch.Generator`` (never the global RNG), so a seed fixes the tokens.
+  ``torch.Generator`` (never the global RNG), so a seed fixes the tokens. Every row of a
+  batch draws from its own generator, row ``i`` seeded with ``seed + i``: a row samples the
+  same tokens in a batch as alone with that seed (as ``llmscratch generate --num-samples``
+  numbers its samples), not tokens that depend on which other prompts share the batch.
 * **Decoding** (:func:`decode_steps`): the loop. With a KV cache the prompt is run once
   (prefill) and each step then runs only the newest token against the stored keys and
   values; without one, each step runs the whole window again. Both give the same tokens.
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -55,7 +58,8 @@ class SamplingConfig:
         top_p: nucleus sampling, keep the smallest set of most likely tokens whose
             probability mass reaches ``top_p`` (always at least one); ``None``: all.
         eos_id: the end-of-text token id; a row stops when it samples it.
-        seed: seeds the sampling generator; the same seed gives the same tokens.
+        seed: seeds the sampling; the same seed gives the same tokens. Row ``i`` of a batch
+            draws with ``seed + i``, so it samples what its prompt samples alone with that seed.
     """
 
     max_new_tokens: int = 50
@@ -89,8 +93,10 @@ class SamplingConfig:
             raise ConfigError(f"SamplingConfig.top_p must be None or in (0, 1], got {self.top_p!r}")
         if self.eos_id is not None and (not _is_int(self.eos_id) or self.eos_id < 0):
             raise ConfigError(f"SamplingConfig.eos_id must be None or a token id >= 0, got {self.eos_id!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise ConfigError(f"SamplingConfig.seed must be None or an integer, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
+            raise ConfigError(
+                f"SamplingConfig.seed must be None or a 64-bit signed integer (row i uses seed + i), got {self.seed!r}"
+            )
 
 
 def _is_int(value: object) -> bool:
@@ -127,9 +133,15 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def sample_next(
-    logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: Optional[torch.Generator | Sequence[torch.Generator]] = None,
 ) -> torch.Tensor:
-    """Pick the next token of each row from the last position's logits ``(B, V)`` → ``(B,)``."""
+    """Pick the next token of each row from the last position's logits ``(B, V)`` → ``(B,)``.
+
+    ``generator``: one generator for the whole batch, or one per row (see
+    :func:`make_generators`), so that each row's draws do not depend on the other rows.
+    """
     logits = logits.float()
     if cfg.temperature == 0:
         return torch.argmax(logits, dim=-1)  # (B,)
@@ -139,7 +151,12 @@ def sample_next(
     if cfg.top_p is not None:
         logits = top_p_filter(logits, cfg.top_p)
     probs = torch.softmax(logits, dim=-1)  # (B, V)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+    if len(generator) != probs.shape[0]:
+        raise ValueError(f"sample_next got {len(generator)} generators for {probs.shape[0]} rows; pass one per row")
+    rows = [torch.multinomial(probs[i : i + 1], num_samples=1, generator=g) for i, g in enumerate(generator)]
+    return torch.cat(rows).squeeze(-1)  # B × (1, 1) → (B,)
 
 
 def make_generator(seed: Optional[int], device: torch.device | str) -> torch.Generator:
@@ -150,6 +167,18 @@ def make_generator(seed: Optional[int], device: torch.device | str) -> torch.Gen
     else:
         generator.manual_seed(seed)
     return generator
+
+
+def make_generators(seed: Optional[int], rows: int, device: torch.device | str) -> list[torch.Generator]:
+    """One generator per row, row ``i`` seeded with ``seed + i`` (``seed`` drawn fresh when ``None``).
+
+    With one generator for the batch, a row's draws would depend on how many rows come
+    before it; with its own, row ``i`` samples exactly what its prompt samples alone with
+    ``seed + i`` (up to the rounding of batched matrix products).
+    """
+    if seed is None:
+        seed = torch.Generator().seed() % 2**63  # non-deterministic; the global RNG is left untouched
+    return [make_generator(seed + i, device) for i in range(rows)]
 
 
 # --------------------------------------------------------------------------- windows and batches
@@ -276,12 +305,12 @@ def decode_steps(
             return
         with torch.inference_mode():
             decoder = _Decoder(model, prompts, use_cache)
-            generator = make_generator(sampling.seed, decoder.device)
+            generators = make_generators(sampling.seed, len(prompts), decoder.device)
             logits = decoder.run_windows()  # (B, V)
         finished = [False] * len(prompts)
         for i in range(sampling.max_new_tokens):
             with torch.inference_mode():
-                tokens = sample_next(logits, sampling, generator)  # (B,)
+                tokens = sample_next(logits, sampling, generators)  # (B,)
             yield Step(tokens=tokens, logits=logits, finished=list(finished))
             if sampling.eos_id is not None:
                 finished = [f or t == sampling.eos_id for f, t in zip(finished, tokens.tolist())]
@@ -301,8 +330,8 @@ def generate(
 ) -> list[list[int]]:
     """Generate a continuation of every prompt; returns only the new tokens of each row.
 
-    Rows stop independently at ``eos_id`` (which is not returned); a row equals what the
-    same prompt generates alone (exactly so for greedy decoding).
+    Rows stop independently at ``eos_id`` (which is not returned); row ``i`` equals what its
+    prompt generates alone with ``seed + i`` (``SamplingConfig.seed``; greedy rows need no seed).
     """
     sampling = sampling or SamplingConfig()
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -384,11 +413,11 @@ class StaticDecoder:
         was_training = self.model.training
         self.model.eval()
         try:
-            generator = make_generator(sampling.seed, self.device)
+            generators = make_generators(sampling.seed, b, self.device)
             out = torch.empty(b, n, dtype=torch.long, device=self.device)  # (B, N)
             if n == 0:
                 return out
-            out[:, 0] = sample_next(self.prefill(prompt), sampling, generator)
+            out[:, 0] = sample_next(self.prefill(prompt), sampling, generators)
             if on_first_token is not None:
                 on_first_token(out[:, 0])
             position = torch.full((1,), t0, dtype=torch.long, device=self.device)  # (1,) a device counter
@@ -396,7 +425,7 @@ class StaticDecoder:
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
                 logits = self.step(out[:, i - 1 : i].clone(), position)  # (B, V)
-                out[:, i] = sample_next(logits, sampling, generator)
+                out[:, i] = sample_next(logits, sampling, generators)
                 position += 1
             return out
         finally:
