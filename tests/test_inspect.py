@@ -1,11 +1,16 @@
-"""Tests for the shape trace (llmscratch.inspect.explain and `llmscratch explain`)."""
+"""Tests for the shape trace (llmscratch.inspect.explain and `llmscratch explain`) and the attention page's script."""
 
 from __future__ import annotations
 
+import html
 import io
+import json
 import math
+import shutil
 import subprocess
 import sys
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +20,9 @@ from llmscratch.errors import ConfigError, LLMScratchError
 from llmscratch.inspect import (
     BOOK_SENTENCE,
     BOOK_VECTORS,
+    AttentionMaps,
     TraceStep,
+    attention_html,
     build_traced_attention,
     explain,
     trace_attention,
@@ -351,3 +358,244 @@ def test_explain_run_cli_prints_the_check(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "llmscratch", "explain", "--run", str(tmp_path), "xyz"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not in the vocabulary" in bad.stderr
+
+
+# --------------------------------------------------------------------------- the HTML page's script, run by Node
+#
+# attention_html writes a page whose inline JavaScript draws the map and reacts to the mouse.
+# tests/js/dom_shim.js runs that script with Node against a small hand-written DOM, performs
+# events (choose a layer/head, hover a token or a row) and reports what the page shows; the
+# tests compare that with the same numbers computed here from maps.weights.
+
+NODE = shutil.which("node")
+DOM_SHIM = Path(__file__).parent / "js" / "dom_shim.js"
+needs_node = pytest.mark.skipif(NODE is None, reason="Node.js (`node`) is not on PATH: the HTML page's script "
+                                                     "is run with node against tests/js/dom_shim.js")
+BLANK = "#fafafa"  # the page's background for cells above the diagonal (future keys)
+
+
+def run_page(tmp_path: Path, page: str, actions: list[dict]) -> dict:
+    """Write ``page``, run its script with the DOM shim performing ``actions``; the shim's report."""
+    page_path, actions_path = tmp_path / "attention.html", tmp_path / "actions.json"
+    page_path.write_text(page, encoding="utf-8")
+    actions_path.write_text(json.dumps(actions), encoding="utf-8")
+    result = subprocess.run([NODE, str(DOM_SHIM), str(page_path), str(actions_path)],
+                            capture_output=True, text=True, encoding="utf-8", timeout=30)
+    assert result.returncode == 0, f"the page's script failed under node:\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def shown(token: str) -> str:
+    """A token as the page shows it: spaces as '␣', newlines, carriage returns and tabs as backslash escapes."""
+    return token.replace(" ", "\u2423").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def page_weights(maps: AttentionMaps, layer: int, head: int) -> list[list[float]]:
+    """One head's ``(T, T)`` weights as the page holds them: rounded to 4 decimals (its JSON)."""
+    return [[round(v, 4) for v in row] for row in maps.head(layer, head).tolist()]
+
+
+def js_round(x: float) -> int:
+    """JavaScript's ``Math.round`` (halves go up) for the non-negative numbers the page rounds."""
+    return int(Decimal(x).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def js_fixed(x: float, digits: int) -> str:
+    """JavaScript's ``x.toFixed(digits)`` for ``x >= 0``: exact value, halves go up (0.3125 → '0.313')."""
+    return str(Decimal(x).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
+
+
+def colour(w: float) -> str:
+    """The page's shade for weight ``w``."""
+    return f"hsl(215, 80%, {js_round(100 - 55 * w)}%)"
+
+
+def first_max(row: list[float], q: int) -> int:
+    """The key ``0..q`` with the largest weight; the first one on ties, as the page's loop picks."""
+    best = 0
+    for k in range(1, q + 1):
+        if row[k] > row[best]:
+            best = k
+    return best
+
+
+def info_text(tokens: list[str], row: list[float], q: int) -> str:
+    """The line the page writes under the tokens while token ``q`` is hovered."""
+    b = first_max(row, q)
+    return (f"token {q} \u201c{shown(tokens[q])}\u201d attends most to token {b} "
+            f"\u201c{shown(tokens[b])}\u201d ({js_fixed(row[b], 3)})")
+
+
+def check_table(state: dict, maps: AttentionMaps, layer: int, head: int) -> None:
+    """The map shows head ``head`` of layer ``layer``: a header row and one row of T cells per query."""
+    tokens, w, t = maps.tokens, page_weights(maps, layer, head), len(maps.tokens)
+    rows = state["rows"]
+    assert len(rows) == t + 1
+    header = rows[0]["cells"]
+    assert [c["tag"] for c in header] == ["th"] * (t + 1)
+    assert [c["text"] for c in header] == [""] + [shown(x) for x in tokens]
+    assert all(c["className"] == "col" for c in header[1:])
+    for q, row in enumerate(rows[1:]):
+        label, cells = row["cells"][0], row["cells"][1:]
+        assert label["tag"] == "th" and label["text"] == shown(tokens[q])
+        assert [c["tag"] for c in cells] == ["td"] * t
+        assert [c["background"] for c in cells] == [colour(v) if k <= q else BLANK for k, v in enumerate(w[q])]
+        assert [c["title"] for c in cells] == [f"{shown(tokens[q])} \u2192 {shown(x)}: {js_fixed(v, 4)}"
+                                               for x, v in zip(tokens, w[q])]
+
+
+def check_focused(state: dict, maps: AttentionMaps, layer: int, head: int, q: int) -> None:
+    """Token ``q`` is hovered: it alone is the query, keys ``0..q`` are shaded by its row, its row is lit."""
+    w = page_weights(maps, layer, head)[q]
+    spans = state["tokens"]
+    assert [s["className"] for s in spans] == ["tok query" if k == q else "tok" for k in range(len(spans))]
+    assert [s["background"] for s in spans] == [colour(w[k]) if k <= q else "" for k in range(len(spans))]
+    assert [s["color"] for s in spans] == ["#fff" if k <= q and w[k] > 0.6 else "" for k in range(len(spans))]
+    assert state["info"] == info_text(maps.tokens, w, q)
+    assert [r["className"] for r in state["rows"]] == ["hl" if i == q + 1 else "" for i in range(len(state["rows"]))]
+
+
+def check_cleared(state: dict) -> None:
+    """Nothing is hovered: no query, no shading, no info line, no lit row."""
+    assert all(s["className"] == "tok" and s["background"] == "" and s["color"] == "" for s in state["tokens"])
+    assert state["info"] == ""
+    assert all(r["className"] == "" for r in state["rows"])
+
+
+def tiny_gpt_maps(prompt: str) -> AttentionMaps:
+    """Maps of a random 2-layer, 4-head character GPT whose weights are spread wide (so heads differ)."""
+    from llmscratch.inspect import attention_maps
+    from llmscratch.model import GPT, GPTConfig
+    from llmscratch.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh \n\t")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("test", vocab_size=tok.vocab_size)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.6)
+    return attention_maps(model, tok, prompt)
+
+
+def causal_softmax(*shape: int) -> torch.Tensor:
+    """Random causal attention weights of shape ``(..., T, T)``: rows sum to 1 over keys ``0..i``."""
+    t = shape[-1]
+    future = torch.ones(t, t, dtype=torch.bool).triu(1)
+    return torch.softmax(torch.randn(*shape).masked_fill(future, float("-inf")), -1)
+
+
+@needs_node
+def test_html_page_script_draws_and_follows_the_mouse(tmp_path):
+    maps = tiny_gpt_maps("bad\tcafe\nage fed")
+    n_l, n_h, t = maps.n_layers, maps.n_heads, len(maps.tokens)
+    assert n_l >= 2 and n_h >= 2
+    layer, head = 1, 1
+    actions = [{"event": "change", "target": "layer", "value": layer},
+               {"event": "change", "target": "head", "value": head}]
+    for q in range(t):  # hover every token in turn, then leave it
+        actions += [{"event": "mouseenter", "target": "token", "index": q},
+                    {"event": "mouseleave", "target": "token", "index": q}]
+    actions += [{"event": "mouseenter", "target": "row", "index": 5}]  # a map row focuses its query (4)
+    report = run_page(tmp_path, attention_html(maps, "tiny"), actions)
+    assert [(s["id"], s["type"]) for s in report["scripts"]] == [("attention-data", "application/json"), (None, None)]
+    states = report["states"]
+    assert len(states) == len(actions) + 1
+
+    loaded = states[0]  # as opened: layer 0, head 0, nothing hovered
+    assert loaded["layer"] == {"value": "0", "options": [{"value": str(i), "text": str(i)} for i in range(n_l)]}
+    assert loaded["head"] == {"value": "0", "options": [{"value": str(i), "text": str(i)} for i in range(n_h)]}
+    assert [s["text"] for s in loaded["tokens"]] == [shown(x) for x in maps.tokens]
+    texts = [s["text"] for s in loaded["tokens"]]
+    assert (texts[3], texts[8], texts[12]) == ("\\t", "\\n", "\u2423")  # tab, newline, space
+    check_cleared(loaded)
+    check_table(loaded, maps, 0, 0)
+
+    assert states[1]["layer"]["value"] == "1" and states[1]["head"]["value"] == "0"
+    check_table(states[1], maps, 1, 0)  # a change redraws the map
+    assert states[2]["head"]["value"] == "1"
+    check_table(states[2], maps, layer, head)
+    assert states[2]["rows"][2]["cells"][3]["background"] == BLANK  # query 1, key 2: the future
+
+    bests = set()
+    for q in range(t):
+        hovered, left = states[3 + 2 * q], states[4 + 2 * q]
+        check_focused(hovered, maps, layer, head, q)
+        check_table(hovered, maps, layer, head)  # hovering only lights a row
+        check_cleared(left)
+        bests.add(first_max(page_weights(maps, layer, head)[q], q))
+    assert len(bests) > 2  # the hovered tokens attend most to different keys, so the argmax is really tested
+    check_focused(states[-1], maps, layer, head, 4)
+
+
+@needs_node
+def test_html_page_script_picks_the_first_of_tied_weights(tmp_path):
+    """Ties in the page's rounded JSON go to the earliest key, even where the unrounded weights differ."""
+    torch.manual_seed(1)
+    weights = [causal_softmax(1, 2, 4, 4) for _ in range(2)]
+    weights[1][0, 1] = torch.tensor([
+        [1.0, 0.0, 0.0, 0.0],
+        [0.5, 0.5, 0.0, 0.0],  # an exact tie: token 0
+        [0.2, 0.39996, 0.40004, 0.0],  # both round to 0.4: token 1, not the unrounded argmax 2
+        [0.3125, 0.3125, 0.3125, 0.0625],  # 0.3125 shows as "0.313" (toFixed rounds halves up)
+    ])
+    maps = AttentionMaps(list("abcd"), weights)
+    actions = [{"event": "change", "target": "layer", "value": 1}, {"event": "change", "target": "head", "value": 1}]
+    actions += [{"event": "mouseenter", "target": "token", "index": q} for q in range(4)]
+    actions.append({"event": "change", "target": "head", "value": 0})  # from the keyboard, token 3 still hovered
+    states = run_page(tmp_path, attention_html(maps), actions)
+    states, switched = states["states"][:-1], states["states"][-1]
+    check_cleared(switched)  # nothing stays lit from the old head
+    check_table(switched, maps, 1, 0)
+    infos = [s["info"] for s in states[3:]]
+    assert infos == ["token 0 \u201ca\u201d attends most to token 0 \u201ca\u201d (1.000)",
+                     "token 1 \u201cb\u201d attends most to token 0 \u201ca\u201d (0.500)",
+                     "token 2 \u201cc\u201d attends most to token 1 \u201cb\u201d (0.400)",
+                     "token 3 \u201cd\u201d attends most to token 0 \u201ca\u201d (0.313)"]
+    assert infos == [info_text(maps.tokens, page_weights(maps, 1, 1)[q], q) for q in range(4)]
+    assert maps.head(1, 1)[2].argmax().item() == 2  # so rounding, not the raw weights, decides
+    for q, state in enumerate(states[3:]):
+        check_focused(state, maps, 1, 1, q)
+
+
+@needs_node
+def test_html_page_script_shows_tokens_that_look_like_html_exactly(tmp_path):
+    """Tokens holding </script>, <!--, quotes and entities reach the script intact and are shown as text."""
+    tokens = ["</script>", "<!--", 'say "hi"', "it's", "</SCRIPT >", "-->", "&amp;", "a\\b", "\u2028", " x\n",
+              "<script>", "__DATA__", "\r\n"]
+    torch.manual_seed(2)
+    maps = AttentionMaps(tokens, [causal_softmax(1, 2, len(tokens), len(tokens)) for _ in range(2)])
+    title = '</script><!-- "quoted" & more __DATA__ __TITLE__'
+    page = attention_html(maps, title=title)
+    assert page.count(f"<title>{html.escape(title)}</title>") == 1  # placeholders in the title stay text
+    q = 9
+    actions = [{"event": "change", "target": "head", "value": 1},
+               {"event": "mouseenter", "target": "token", "index": q}]
+    report = run_page(tmp_path, page, actions)
+    assert [s["id"] for s in report["scripts"]] == ["attention-data", None]  # no token ended a script early
+    hovered = report["states"][-1]
+    assert [s["text"] for s in hovered["tokens"]] == [shown(x) for x in tokens]
+    assert hovered["tokens"][0]["text"] == "</script>" and hovered["tokens"][2]["text"] == 'say\u2423"hi"'
+    check_table(hovered, maps, 0, 1)
+    check_focused(hovered, maps, 0, 1, q)
+
+
+@needs_node
+@pytest.mark.parametrize("breakage", ["syntax error", "unescaped data", "misspelt property"])
+def test_dom_shim_fails_on_a_broken_page(tmp_path, breakage):
+    """The harness is not a rubber stamp: a broken script or page makes node fail."""
+    torch.manual_seed(3)
+    maps = AttentionMaps(["</script>", "<!--", "b"], [causal_softmax(1, 2, 3, 3) for _ in range(2)])
+    page = attention_html(maps)
+    broken = {
+        "syntax error": page.replace("function focus(q) {", "function focus(q) {{", 1),
+        "unescaped data": page.replace("\\u003c", "<"),
+        # Only runs on hover: a listener's error must fail the run too.
+        "misspelt property": page.replace("info.textContent = \"token", "info.textContnt = \"token", 1),
+    }[breakage]
+    assert broken != page
+    (tmp_path / "page.html").write_text(broken, encoding="utf-8")
+    (tmp_path / "actions.json").write_text(json.dumps([{"event": "mouseenter", "target": "token", "index": 1}]))
+    result = subprocess.run([NODE, str(DOM_SHIM), str(tmp_path / "page.html"), str(tmp_path / "actions.json")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, TextIO
@@ -736,7 +737,9 @@ table.map tr.hl th { color: #d33; font-weight: bold; }
   var layerSel = document.getElementById("layer"), headSel = document.getElementById("head");
   var tokBox = document.getElementById("tokens"), info = document.getElementById("info");
   var table = document.getElementById("map");
-  function shown(t) { return t.replace(/ /g, "\\u2423").replace(/\\n/g, "\\\\n").replace(/\\t/g, "\\\\t"); }
+  function shown(t) {
+    return t.replace(/ /g, "\\u2423").replace(/\\n/g, "\\\\n").replace(/\\r/g, "\\\\r").replace(/\\t/g, "\\\\t");
+  }
   function colour(w) { var l = Math.round(100 - 55 * w); return "hsl(215, 80%, " + l + "%)"; }
   function option(sel, n) {
     for (var i = 0; i < n; i++) { var o = document.createElement("option"); o.value = i; o.textContent = i; sel.appendChild(o); }
@@ -787,8 +790,9 @@ table.map tr.hl th { color: #d33; font-weight: bold; }
       tr.addEventListener("mouseleave", clear);
     });
   }
-  layerSel.addEventListener("change", drawTable);
-  headSel.addEventListener("change", drawTable);
+  function redraw() { clear(); drawTable(); }  // a new head: nothing stays lit from the old one
+  layerSel.addEventListener("change", redraw);
+  headSel.addEventListener("change", redraw);
   drawTable();
 })();
 </script>
@@ -809,7 +813,8 @@ def attention_html(maps: AttentionMaps, title: str = "Attention weights") -> str
 
     data = json.dumps(attention_json(maps, digits=4), ensure_ascii=True, separators=(",", ":"))
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("/", "\\/")
-    return _HTML_PAGE.replace("__TITLE__", html.escape(title)).replace("__DATA__", data)
+    fill = {"__TITLE__": html.escape(title), "__DATA__": data}
+    return re.sub("__TITLE__|__DATA__", lambda m: fill[m.group(0)], _HTML_PAGE)  # one pass: no text is filled twice
 
 
 def write_attention_outputs(
