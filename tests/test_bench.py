@@ -97,8 +97,12 @@ def test_decode_rows_cover_every_mode_and_batch():
     cfg = GPTConfig.from_preset("test")
     rows = bench.bench_decode(cfg, CPU, batches=(1, 2), new_tokens=3, repeats=1, log=lambda _: None)
     modes = {(r["mode"], r["batch"]) for r in rows if "error" not in r}
-    assert modes == {(f"llmscratch {m}", b) for m in ("no cache", "cache", "static") for b in (1, 2)}
+    assert modes == {(f"llmscratch {m}", b) for m in ("no cache", "cache", "cache, weights laid out", "static")
+                     for b in (1, 2)}
     assert all(r["first_token_ms"] is not None for r in rows)
+    laid_out = [r for r in rows if r["mode"] == "llmscratch cache, weights laid out"]
+    assert all(set(r["weight_layout"]) == {"96x32", "32x32", "128x32", "32x128", "256x32"} for r in laid_out)
+    assert all(set(r["weight_layout"].values()) <= {"row", "column"} for r in laid_out)
     assert "first token" in bench.format_decode(rows)
 
 

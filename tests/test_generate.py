@@ -313,3 +313,62 @@ def test_cli_refuses_zero_samples_before_loading_anything(tmp_path, capsys):
 
     assert main(["generate", str(tmp_path / "no-such-run"), "--num-samples", "0"]) == 2
     assert "--num-samples must be at least 1, got 0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- weight layout for decoding
+
+
+def _fake_clock(monkeypatch, column_over_row: float) -> list[tuple[int, str]]:
+    """Replace the timer: a pass over row-major weights takes 1 s, over column-major ``column_over_row`` s."""
+    import llmscratch.generate as gen
+    from llmscratch.model import weight_layout
+
+    calls: list[tuple[int, str]] = []
+
+    def seconds(run, repeats):
+        probe = {}
+        real = gen.F.linear
+
+        def spy(x, w, *rest):  # which layout is the pass multiplying by?
+            probe.setdefault("layout", weight_layout(w))
+            return real(x, w, *rest)
+
+        monkeypatch.setattr(gen.F, "linear", spy)
+        try:
+            run()
+        finally:
+            monkeypatch.setattr(gen.F, "linear", real)
+        calls.append((repeats, probe["layout"]))
+        return column_over_row if probe["layout"] == "column" else 1.0
+
+    monkeypatch.setattr(gen, "_seconds", seconds)
+    return calls
+
+
+@pytest.mark.parametrize("column_over_row, expected", [(0.7, "column"), (0.97, "row"), (1.3, "row")])
+def test_choose_weight_layout_keeps_the_faster_way_per_shape_and_the_same_tokens(monkeypatch, column_over_row,
+                                                                                expected):
+    from llmscratch.generate import choose_weight_layout
+    from llmscratch.model import weight_layout
+
+    model = make_model()
+    before = generate(model, PROMPTS, GREEDY)
+    calls = _fake_clock(monkeypatch, column_over_row)
+    chosen = choose_weight_layout(model, rows=4)
+    shapes = set(model.linear_weights())
+    assert chosen == {shape: expected for shape in shapes}  # column-major only when 5 % faster or more
+    assert sorted(layout for _, layout in calls) == sorted(["row", "column"] * len(shapes))  # each timed both ways
+    assert all(weight_layout(w) == expected for ws in model.linear_weights().values() for w in ws)
+    assert generate(model, PROMPTS, GREEDY) == before
+
+
+def test_choose_weight_layout_on_the_real_clock_changes_no_token():
+    from llmscratch.generate import choose_weight_layout
+
+    model = make_model(tie_weights=True)
+    before = generate(model, PROMPTS, GREEDY)
+    chosen = choose_weight_layout(model, rows=1, repeats=1)
+    assert set(chosen) == set(model.linear_weights()) and set(chosen.values()) <= {"row", "column"}
+    assert generate(model, PROMPTS, GREEDY) == before
+    with torch.device("meta"):
+        assert choose_weight_layout(GPT(GPTConfig.from_preset("test"))) == {}  # not a CPU: left alone

@@ -310,3 +310,48 @@ def test_sinusoidal_positions_are_scaled_to_the_token_embeddings():
     # Neither signal swamps the other at initialisation: their sizes are within a factor of two.
     ratio = (INIT_STD * sinusoidal_embedding(torch.arange(10), 32)).std() / model.tok_emb.weight.std()
     assert 0.5 < ratio.item() < 2.0
+
+
+# --------------------------------------------------------------------------- weight layout
+
+
+def test_a_weight_stored_column_major_keeps_its_values_shape_and_parameter(tmp_path):
+    from llmscratch.checkpoint import load_model, save_model
+    from llmscratch.model import store_weight, weight_layout
+
+    model = make_model(tie_weights=True)
+    x = tokens(2, 12)
+    with torch.no_grad():
+        before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = model.linear_weights()
+    head = model.out_head.weight
+    assert sum(w is head for ws in groups.values() for w in ws) == 1  # the tied head once
+    assert {shape for shape in groups} == {(96, 32), (32, 32), (128, 32), (32, 128), (256, 32)}
+    for weights in groups.values():
+        for w in weights:
+            store_weight(w, "column")
+    assert all(weight_layout(w) == "column" and not w.is_contiguous() for ws in groups.values() for w in ws)
+    assert model.out_head.weight is head and model.tok_emb.weight is head  # still one tied parameter
+    assert head.stride() == (1, 256)  # the memory holds the (32, 256) transpose row by row
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    save_model(tmp_path / "run", model)  # safetensors takes contiguous copies
+    again = load_model(tmp_path / "run")
+    assert all(weight_layout(w) == "row" for ws in again.linear_weights().values() for w in ws)
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    store_weight(head, "row")
+    assert weight_layout(head) == "row" and head.is_contiguous() and torch.equal(head, state["tok_emb.weight"])
+
+
+def test_store_weight_refuses_what_has_no_layout():
+    from llmscratch.model import store_weight
+
+    model = make_model()
+    with pytest.raises(ValueError, match="one of"):
+        store_weight(model.out_head.weight, "diagonal")
+    with pytest.raises(ValueError, match="only a matrix"):
+        store_weight(model.final_norm.weight, "column")

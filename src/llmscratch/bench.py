@@ -26,6 +26,7 @@ table left out; the second term is attention's scores and weighted sum), as nano
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import gc
@@ -462,9 +463,9 @@ def _decode_runner(mode: str, model: nn.Module, prompt: torch.Tensor, new_tokens
 
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
     prompts = prompt.tolist()
-    if mode in ("cache", "no cache"):
+    if mode in ("cache", "no cache", "cache, weights laid out"):
         def run(first: Optional[Callable[[], None]] = None) -> None:
-            for i, _ in enumerate(decode_steps(model, prompts, sampling, use_cache=mode == "cache")):
+            for i, _ in enumerate(decode_steps(model, prompts, sampling, use_cache=mode != "no cache")):
                 if i == 0 and first:
                     first()
         return run
@@ -531,18 +532,24 @@ def bench_decode(
 ) -> list[dict[str, Any]]:
     """Greedy decode speed (tokens/s over all rows) and time to first token, per mode and batch.
 
-    Modes: ``no cache``, ``cache`` (eager KV cache), ``static`` (static cache, eager) and
-    ``static compiled`` (the one-token step compiled; CUDA graphs on CUDA). On CUDA the
+    Modes: ``no cache``, ``cache`` (eager KV cache), ``cache, weights laid out`` (the same on
+    a copy of the model whose weights :func:`generate.choose_weight_layout` stored the way this
+    CPU multiplies ``batch`` rows fastest, as ``llmscratch generate`` does; CPU only),
+    ``static`` (static cache, eager) and ``static compiled`` (the one-token step compiled;
+    CUDA graphs on CUDA). On CUDA the
     weights are bf16 (decoding is memory-bound); on the CPU float32. The warm-up run decodes
     ``warmup_tokens`` (default: all of them on CUDA, where it compiles the step for these
     shapes; 2 on the CPU, where there is nothing to compile and a run is slow).
     """
+    from .generate import choose_weight_layout
+
     if warmup_tokens is None:
         warmup_tokens = new_tokens if device.type == "cuda" else 2
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = GPTConfig.from_dict({**cfg.to_dict(), "drop_rate": 0.0})
     if modes is None:
-        modes = ["no cache", "cache", "static"] + (["static compiled"] if device.type == "cuda" else [])
+        modes = ["no cache", "cache"] + (["static", "static compiled"] if device.type == "cuda"
+                                         else ["cache, weights laid out", "static"])
     torch.manual_seed(0)
     model = GPT(cfg).to(device, dtype).eval()
     rows: list[dict[str, Any]] = []
@@ -551,11 +558,16 @@ def bench_decode(
         prompt = prompt.to(device)
         runners: list[tuple[str, Callable]] = []
         warmers: dict[str, Callable] = {}
+        layouts: dict[str, dict] = {}
         for mode in modes:
             label = f"llmscratch {mode}"
-            runners.append((label, _decode_runner(mode, model, prompt, new_tokens, "compiled" in mode)))
+            runs_on = model
+            if mode == "cache, weights laid out":
+                runs_on = copy.deepcopy(model)
+                layouts[label] = {f"{o}x{i}": way for (o, i), way in choose_weight_layout(runs_on, rows=batch).items()}
+            runners.append((label, _decode_runner(mode, runs_on, prompt, new_tokens, "compiled" in mode)))
             if warmup_tokens != new_tokens:
-                warmers[label] = _decode_runner(mode, model, prompt, warmup_tokens, "compiled" in mode)
+                warmers[label] = _decode_runner(mode, runs_on, prompt, warmup_tokens, "compiled" in mode)
         for peer in peers:
             try:
                 runners.append(_peer_decode_runner(peer, cfg, device, dtype, prompt, new_tokens))
@@ -590,7 +602,8 @@ def bench_decode(
             rows.append({"mode": label, "batch": batch, "new_tokens": new_tokens, "prompt": prompt_len,
                          "tokens_per_s": batch * new_tokens / seconds, "seconds": seconds,
                          "first_token_ms": 1000 * statistics.median(firsts) if firsts else None,
-                         "dtype": str(dtype), "runs_s": totals})
+                         "dtype": str(dtype), "runs_s": totals, **({"weight_layout": layouts[label]}
+                                                                    if label in layouts else {})})
     for batch in batches:
         base = next((r for r in rows if r["mode"] == "llmscratch no cache" and r["batch"] == batch
                      and r.get("tokens_per_s")), None)

@@ -233,7 +233,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_run
     from .errors import ConfigError, LLMScratchError
-    from .generate import SamplingConfig, generate, stream
+    from .generate import SamplingConfig, choose_weight_layout, generate, stream
     from .runtime import setup_runtime
 
     if args.num_samples < 1:
@@ -242,6 +242,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_run(args.run_dir, device=runtime.device)
     if tokenizer is None:
         raise LLMScratchError(f"{args.run_dir} has no tokenizer files; cannot turn the prompt into tokens")
+    if not args.no_cache:  # on a CPU: each weight shape stored the way decoding multiplies it fastest (timed)
+        choose_weight_layout(model, rows=args.num_samples)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         prompt = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]

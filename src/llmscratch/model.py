@@ -148,6 +148,29 @@ INIT_STD = 0.02  # GPT-2's initial standard deviation of embeddings and weights
 # preset's whole batch (1024 × 4096 floats, 16 MB) in one piece was the fastest measured.
 CPU_LOSS_CHUNK = 1024
 LOSS_IMPLS = ("auto", "plain", "chunked", "kernel")  # GPT.loss_impl
+WEIGHT_LAYOUTS = ("row", "column")  # how a weight matrix lies in memory: store_weight, weight_layout
+
+
+@torch.no_grad()
+def store_weight(weight: nn.Parameter, layout: str) -> None:
+    """Store ``weight (out, in)`` row-major (``"row"``, PyTorch's default) or column-major (``"column"``).
+
+    Only the strides change: the values, the shape and the Parameter object stay (a tied module
+    or an optimizer still holds the same one). Column-major memory holds ``Wᵀ`` row by row, so
+    ``F.linear``'s ``x @ Wᵀ`` multiplies by a contiguous ``(in, out)`` matrix: the same product,
+    which a BLAS library may run at a different speed (see ``generate.choose_weight_layout``).
+    """
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+    if weight.dim() != 2:
+        raise ValueError(f"only a matrix has a row or column layout, got a weight of shape {tuple(weight.shape)}")
+    if weight_layout(weight) != layout:
+        weight.data = weight.data.t().contiguous().t() if layout == "column" else weight.data.contiguous()
+
+
+def weight_layout(weight: torch.Tensor) -> str:
+    """``"column"`` for a matrix stored transposed (see :func:`store_weight`), else ``"row"``."""
+    return "column" if weight.dim() == 2 and not weight.is_contiguous() and weight.t().is_contiguous() else "row"
 
 
 class KVCache:
@@ -493,6 +516,16 @@ class GPT(nn.Module):
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
         )
+
+    def linear_weights(self) -> dict[tuple[int, int], list[nn.Parameter]]:
+        """The weight matrices of the model's ``nn.Linear`` layers, by shape (a tied head once)."""
+        groups: dict[tuple[int, int], list[nn.Parameter]] = {}
+        seen: set[int] = set()
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) not in seen:
+                seen.add(id(module.weight))
+                groups.setdefault(tuple(module.weight.shape), []).append(module.weight)
+        return groups
 
     def loss_implementation(self, device: torch.device) -> str:
         """Which way :meth:`loss` computes a training loss on ``device`` (``loss_impl`` resolved)."""
