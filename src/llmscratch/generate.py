@@ -382,11 +382,12 @@ def choose_weight_layout(
     matrix through them depends on how the matrix lies in memory, and which way wins depends
     on the library, the CPU and the shape. On this project's 2-core x86 VM (MKL), gpt2-124m's
     (768 → 3072) and (768 → 50257) weights ran about 1.5 × faster column-major and its
-    (3072 → 768) one faster row-major; decoding went from 20.6 to 25-26 tokens/s. So it is
-    measured here, not assumed: each shape is timed both ways on the model's own weights (up
-    to ``budget_bytes`` of them) and stored the faster way, column-major only when that is at
-    least ``margin`` faster. Values, shapes and parameter names never change (see
-    :func:`model.store_weight`), so the tokens are the same up to the rounding of the products.
+    (3072 → 768) one faster row-major; decoding at batch 1 went from 20.8 to 27.2 tokens/s
+    (docs/performance.md). So it is measured here, not assumed: each shape is timed both ways
+    on the model's own weights (up to ``budget_bytes`` of them) and stored the faster way,
+    column-major only when that is at least ``margin`` faster. Values, shapes and parameter
+    names never change (see :func:`model.store_weight`), so the tokens are the same up to the
+    rounding of the products.
 
     For inference on the CPU (elsewhere the weights are left alone and ``{}`` returned).
     Returns the layout chosen for each ``(out, in)`` shape.
