@@ -116,7 +116,12 @@ def init(device: str = "auto") -> Group:
 
 
 def cleanup(group: Group) -> None:
+    """Leave the process group, on the normal path only (not after an error: a rank that died
+    would never reach the barrier). Every rank first waits for the others, so none tears down
+    its connections while another still sends on them: gloo aborts a rank whose peer has gone
+    (seen as "terminate called without an active exception" at the end of a 2-rank FSDP run)."""
     if group.active and torch_dist.is_initialized():
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
