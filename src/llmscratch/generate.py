@@ -417,7 +417,6 @@ def choose_weight_layout(
     return chosen
 
 
-
 class StaticDecoder:
     """Fast decoding: a :class:`StaticKVCache` and a one-token step with fixed shapes.
 
