@@ -102,7 +102,7 @@ def test_decode_rows_cover_every_mode_and_batch():
     assert all(r["first_token_ms"] is not None for r in rows)
     laid_out = [r for r in rows if r["mode"] == "llmscratch cache, weights laid out"]
     assert all(set(r["weight_layout"]) == {"96x32", "32x32", "128x32", "32x128", "256x32"} for r in laid_out)
-    assert all(set(r["weight_layout"].values()) <= {"row", "column"} for r in laid_out)
+    assert all(set(r["weight_layout"].values()) <= {"row", "column", "packed"} for r in laid_out)
     assert "first token" in bench.format_decode(rows)
 
 

@@ -318,48 +318,97 @@ def test_cli_refuses_zero_samples_before_loading_anything(tmp_path, capsys):
 # --------------------------------------------------------------------------- weight layout for decoding
 
 
-def _fake_clock(monkeypatch, column_over_row: float) -> list[tuple[int, str]]:
-    """Replace the timer: a pass over row-major weights takes 1 s, over column-major ``column_over_row`` s."""
+def _fake_clock(monkeypatch, times: dict[str, float]) -> list[tuple[int, str]]:
+    """Replace the timer: a pass takes ``times[way]`` s, by the way its products ran (row, column, packed)."""
     import llmscratch.generate as gen
+    import llmscratch.model as model_module
     from llmscratch.model import weight_layout
 
     calls: list[tuple[int, str]] = []
 
     def seconds(run, repeats):
         probe = {}
-        real = gen.F.linear
+        linear, packed = model_module.F.linear, model_module._packed_product
 
-        def spy(x, w, *rest):  # which layout is the pass multiplying by?
-            probe.setdefault("layout", weight_layout(w))
-            return real(x, w, *rest)
+        def spy_linear(x, w, *rest):  # which layout is the pass multiplying by?
+            probe.setdefault("way", weight_layout(w))
+            return linear(x, w, *rest)
 
-        monkeypatch.setattr(gen.F, "linear", spy)
+        def spy_packed(*args):
+            probe.setdefault("way", "packed")
+            return packed(*args)
+
+        monkeypatch.setattr(model_module.F, "linear", spy_linear)
+        monkeypatch.setattr(model_module, "_packed_product", spy_packed)
         try:
             run()
         finally:
-            monkeypatch.setattr(gen.F, "linear", real)
-        calls.append((repeats, probe["layout"]))
-        return column_over_row if probe["layout"] == "column" else 1.0
+            monkeypatch.setattr(model_module.F, "linear", linear)
+            monkeypatch.setattr(model_module, "_packed_product", packed)
+        calls.append((repeats, probe["way"]))
+        return times[probe["way"]]
 
     monkeypatch.setattr(gen, "_seconds", seconds)
     return calls
 
 
-@pytest.mark.parametrize("column_over_row, expected", [(0.7, "column"), (0.97, "row"), (1.3, "row")])
-def test_choose_weight_layout_keeps_the_faster_way_per_shape_and_the_same_tokens(monkeypatch, column_over_row,
-                                                                                expected):
-    from llmscratch.generate import choose_weight_layout
+def _ways(model) -> dict[tuple[int, int], set[str]]:
     from llmscratch.model import weight_layout
+
+    return {shape: {"packed" if layer.packed is not None else weight_layout(layer.weight) for layer in layers}
+            for shape, layers in model.linear_layers().items()}
+
+
+@pytest.mark.parametrize("column, packed, expected", [
+    (0.7, 0.9, "column"),  # the fastest way wins...
+    (0.9, 0.6, "packed"),
+    (0.97, 1.2, "row"),  # ...if it is 5 % faster than the default or more
+    (1.3, 0.96, "row"),
+    (0.9, 0.97, "column"),
+])
+def test_choose_weight_layout_keeps_the_fastest_way_per_shape_and_the_same_tokens(monkeypatch, column, packed,
+                                                                                 expected):
+    from llmscratch.generate import choose_weight_layout
 
     model = make_model()
     before = generate(model, PROMPTS, GREEDY)
-    calls = _fake_clock(monkeypatch, column_over_row)
+    calls = _fake_clock(monkeypatch, {"row": 1.0, "column": column, "packed": packed})
     chosen = choose_weight_layout(model, rows=4)
-    shapes = set(model.linear_weights())
-    assert chosen == {shape: expected for shape in shapes}  # column-major only when 5 % faster or more
-    assert sorted(layout for _, layout in calls) == sorted(["row", "column"] * len(shapes))  # each timed both ways
-    assert all(weight_layout(w) == expected for ws in model.linear_weights().values() for w in ws)
+    shapes = set(model.linear_layers())
+    assert chosen == {shape: expected for shape in shapes}
+    assert sorted(way for _, way in calls) == sorted(["row", "column", "packed"] * len(shapes))  # each timed 3 ways
+    assert _ways(model) == {shape: {expected} for shape in shapes}  # every layer of a shape alike
+    monkeypatch.undo()
     assert generate(model, PROMPTS, GREEDY) == before
+
+
+def test_choose_weight_layout_packs_nothing_when_told_not_to_or_short_of_memory(monkeypatch):
+    import llmscratch.generate as gen
+    from llmscratch.generate import choose_weight_layout
+
+    model = make_model()
+    shapes = set(model.linear_layers())
+    calls = _fake_clock(monkeypatch, {"row": 1.0, "column": 0.8, "packed": 0.1})
+    assert choose_weight_layout(model, pack=False) == {shape: "column" for shape in shapes}
+    assert "packed" not in {way for _, way in calls}
+    monkeypatch.setattr(gen, "_available_memory", lambda: 10_000)  # bytes: less than twice any shape's weights
+    assert choose_weight_layout(model) == {shape: "column" for shape in shapes}
+    assert "packed" not in {way for _, way in calls}
+    monkeypatch.setattr(gen, "_available_memory", lambda: 1 << 40)
+    assert choose_weight_layout(model) == {shape: "packed" for shape in shapes}
+    model.unpack_weights()
+    assert all(ways <= {"row", "column"} for ways in _ways(model).values())
+
+
+def test_choose_weight_layout_keeps_the_default_where_packing_fails(monkeypatch):
+    from llmscratch.generate import choose_weight_layout
+    from llmscratch.model import Linear
+
+    model = make_model()
+    calls = _fake_clock(monkeypatch, {"row": 1.0, "column": 1.0, "packed": 0.1})
+    monkeypatch.setattr(Linear, "pack", lambda self, rows=None: False)  # a PyTorch without oneDNN, say
+    assert set(choose_weight_layout(model).values()) == {"row"}
+    assert {way for _, way in calls} == {"row", "column"}
 
 
 def test_choose_weight_layout_on_the_real_clock_changes_no_token():
@@ -368,7 +417,7 @@ def test_choose_weight_layout_on_the_real_clock_changes_no_token():
     model = make_model(tie_weights=True)
     before = generate(model, PROMPTS, GREEDY)
     chosen = choose_weight_layout(model, rows=1, repeats=1)
-    assert set(chosen) == set(model.linear_weights()) and set(chosen.values()) <= {"row", "column"}
+    assert set(chosen) == set(model.linear_layers()) and set(chosen.values()) <= {"row", "column", "packed"}
     assert generate(model, PROMPTS, GREEDY) == before
     with torch.device("meta"):
         assert choose_weight_layout(GPT(GPTConfig.from_preset("test"))) == {}  # not a CPU: left alone

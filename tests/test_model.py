@@ -324,7 +324,7 @@ def test_a_weight_stored_column_major_keeps_its_values_shape_and_parameter(tmp_p
     with torch.no_grad():
         before = model(x)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    groups = model.linear_weights()
+    groups = {shape: [layer.weight for layer in layers] for shape, layers in model.linear_layers().items()}
     head = model.out_head.weight
     assert sum(w is head for ws in groups.values() for w in ws) == 1  # the tied head once
     assert {shape for shape in groups} == {(96, 32), (32, 32), (128, 32), (32, 128), (256, 32)}
@@ -340,7 +340,7 @@ def test_a_weight_stored_column_major_keeps_its_values_shape_and_parameter(tmp_p
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
     save_model(tmp_path / "run", model)  # safetensors takes contiguous copies
     again = load_model(tmp_path / "run")
-    assert all(weight_layout(w) == "row" for ws in again.linear_weights().values() for w in ws)
+    assert all(weight_layout(layer.weight) == "row" for ls in again.linear_layers().values() for layer in ls)
     for k, v in again.state_dict().items():
         assert torch.equal(v, state[k]), k
     store_weight(head, "row")
@@ -355,3 +355,102 @@ def test_store_weight_refuses_what_has_no_layout():
         store_weight(model.out_head.weight, "diagonal")
     with pytest.raises(ValueError, match="only a matrix"):
         store_weight(model.final_norm.weight, "column")
+
+
+# --------------------------------------------------------------------------- packed weights for decoding
+
+packable = pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"),
+                              reason="this PyTorch build has no oneDNN weight packing")
+
+
+@packable
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_packed_linear_computes_what_f_linear_computes(bias):
+    from llmscratch.model import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(48, 80, bias=bias)
+    assert layer.pack(rows=4)
+    for shape in [(1, 48), (4, 48), (3, 7, 48), (200, 48)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    x = torch.randn(48, 5).t()  # a transposed, non-contiguous input
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@packable
+def test_a_packed_copy_is_used_only_while_it_is_current_and_without_gradients(monkeypatch):
+    import llmscratch.model as model_module
+    from llmscratch.model import Linear
+
+    used = []
+    real = model_module._packed_product
+    monkeypatch.setattr(model_module, "_packed_product", lambda *a: used.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = Linear(16, 8)
+    assert layer.pack()
+    used.clear()  # pack() checks a product of its own
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        layer(x)
+    assert len(used) == 1
+    used.clear()
+    out = layer(x)  # recording gradients: F.linear, so the weight gets its gradient
+    out.sum().backward()
+    assert not used and layer.weight.grad is not None
+    with torch.no_grad():
+        layer.weight.mul_(2)  # an in-place update (an optimizer step): the copy is stale
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert not used
+    assert layer.pack()
+    used.clear()  # pack() checks a product of its own
+    layer.load_state_dict({"weight": torch.zeros(8, 16), "bias": torch.zeros(8)})
+    with torch.no_grad():
+        assert torch.equal(layer(x), torch.zeros(2, 8))  # loaded weights, not the packed ones
+    assert layer.pack()
+    used.clear()  # pack() checks a product of its own
+    layer.to(torch.float64)  # new memory
+    with torch.no_grad():
+        assert layer(x.double()).dtype == torch.float64
+    assert not used
+    layer.to(torch.float32)
+    assert layer.pack()
+    used.clear()  # pack() checks a product of its own
+    layer.unpack()
+    with torch.no_grad():
+        layer(x)
+    assert not used and layer.packed is None
+
+
+@packable
+def test_a_model_with_packed_weights_copies_saves_and_names_as_before(tmp_path):
+    import copy
+    import io
+
+    model = make_model(tie_weights=True)
+    names = list(model.state_dict())
+    x = tokens(2, 12)
+    with torch.no_grad():
+        before = model(x)
+    layers = [layer for ls in model.linear_layers().values() for layer in ls]
+    assert len(layers) == 2 * 4 + 1 and all(layer.pack(rows=2) for layer in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    assert list(model.state_dict()) == names and model.out_head.weight is model.tok_emb.weight
+    twin = copy.deepcopy(model)  # oneDNN's opaque copies are not copied: they are made again by pack()
+    assert all(layer.packed is None for ls in twin.linear_layers().values() for layer in ls)
+    torch.save(model, io.BytesIO())
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), before, rtol=1e-5, atol=1e-5)
+    model.unpack_weights()
+    assert all(layer.packed is None for layer in layers)
+
+
+def test_pack_refuses_off_the_cpu():
+    from llmscratch.model import Linear
+
+    with torch.device("meta"):
+        layer = Linear(4, 4)
+    assert not layer.pack() and layer.packed is None

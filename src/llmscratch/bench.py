@@ -533,8 +533,8 @@ def bench_decode(
     """Greedy decode speed (tokens/s over all rows) and time to first token, per mode and batch.
 
     Modes: ``no cache``, ``cache`` (eager KV cache), ``cache, weights laid out`` (the same on
-    a copy of the model whose weights :func:`generate.choose_weight_layout` stored the way this
-    CPU multiplies ``batch`` rows fastest, as ``llmscratch generate`` does; CPU only),
+    a copy of the model whose weights :func:`generate.choose_weight_layout` stored or packed the
+    way this CPU multiplies ``batch`` rows fastest, as ``llmscratch generate`` does; CPU only),
     ``static`` (static cache, eager) and ``static compiled`` (the one-token step compiled;
     CUDA graphs on CUDA). On CUDA the
     weights are bf16 (decoding is memory-bound); on the CPU float32. The warm-up run decodes

@@ -242,7 +242,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_run(args.run_dir, device=runtime.device)
     if tokenizer is None:
         raise LLMScratchError(f"{args.run_dir} has no tokenizer files; cannot turn the prompt into tokens")
-    if not args.no_cache:  # on a CPU: each weight shape stored the way decoding multiplies it fastest (timed)
+    if not args.no_cache:  # on a CPU: each weight shape stored or packed the way decoding multiplies it fastest (timed)
         choose_weight_layout(model, rows=args.num_samples)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .errors import ConfigError
 from .model import GPT, WEIGHT_LAYOUTS, KVCache, StaticKVCache, store_weight
@@ -371,49 +370,84 @@ def _seconds(run: Callable[[], None], repeats: int) -> float:
     return best
 
 
+def _available_memory() -> Optional[int]:
+    """Bytes the OS could still give this process (Linux's MemAvailable); ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 @torch.no_grad()
 def choose_weight_layout(
     model: GPT, rows: int = 1, repeats: int = 3, budget_bytes: int = 256 << 20, margin: float = 0.05,
+    pack: bool = True,
 ) -> dict[tuple[int, int], str]:
-    """Store each shape of the model's weight matrices the way this CPU multiplies ``rows`` rows fastest.
+    """Make each shape of the model's weight matrices multiply ``rows`` rows as fast as this CPU can.
 
-    A decode step multiplies one row per sequence by every weight matrix: matrix-vector
-    products, bound by reading the weights from memory. How fast a BLAS library streams a
-    matrix through them depends on how the matrix lies in memory, and which way wins depends
-    on the library, the CPU and the shape. On this project's 2-core x86 VM (MKL), gpt2-124m's
-    (768 → 3072) and (768 → 50257) weights ran about 1.5 × faster column-major and its
-    (3072 → 768) one faster row-major; decoding at batch 1 went from 20.8 to 27.2 tokens/s
-    (docs/performance.md). So it is measured here, not assumed: each shape is timed both ways
-    on the model's own weights (up to ``budget_bytes`` of them) and stored the faster way,
-    column-major only when that is at least ``margin`` faster. Values, shapes and parameter
-    names never change (see :func:`model.store_weight`), so the tokens are the same up to the
-    rounding of the products.
+    A decode step multiplies one row per sequence by every weight matrix: products bound by
+    reading the weights from memory, which a matrix library runs at very different speeds
+    depending on the library, the CPU, the shape and how the matrix lies in memory. So it is
+    measured here, not assumed: each shape is timed on the model's own weights (up to
+    ``budget_bytes`` of them) three ways, and kept the fastest way if that beats PyTorch's
+    default by at least ``margin``:
+
+    * ``"row"``: row-major, PyTorch's default, multiplied by MKL through ``F.linear``;
+    * ``"column"``: the same values stored column-major (:func:`model.store_weight`);
+    * ``"packed"``: a copy packed for oneDNN (:meth:`model.Linear.pack`), if ``pack``. It
+      costs memory, as much again as the weights of that shape, so a shape is packed only
+      while its copies need under half of the memory still available.
+
+    On this project's 2-core x86 VM, gpt2-124m decoded 20.8 tokens/s at batch 1 by default,
+    27.2 with column-major weights, and packed ... (docs/performance.md). Values, shapes and
+    parameters never change, so the tokens are the same up to the rounding of the products;
+    training is untouched (packed copies are used only without gradients, and go stale at the
+    first update; ``model.unpack_weights()`` frees them).
 
     For inference on the CPU (elsewhere the weights are left alone and ``{}`` returned).
-    Returns the layout chosen for each ``(out, in)`` shape.
+    Returns the way chosen for each ``(out, in)`` shape.
     """
     first = next(model.parameters())
     if first.device.type != "cpu":
         return {}
     chosen: dict[tuple[int, int], str] = {}
-    for shape, weights in model.linear_weights().items():
-        per_matrix = weights[0].numel() * weights[0].element_size()
-        timed = weights[: max(1, budget_bytes // per_matrix)]
-        x = torch.randn(rows, shape[1], dtype=weights[0].dtype)  # (rows, in)
+    for shape, layers in model.linear_layers().items():
+        weight = layers[0].weight
+        per_matrix = weight.numel() * weight.element_size()
+        timed = layers[: max(1, budget_bytes // per_matrix)]
+        x = torch.randn(rows, shape[1], dtype=weight.dtype)  # (rows, in)
 
         def run() -> None:
-            for w in timed:
-                F.linear(x, w)  # (rows, out)
+            for layer in timed:
+                layer(x)  # (rows, out)
 
         seconds = {}
         for layout in WEIGHT_LAYOUTS:
-            for w in timed:
-                store_weight(w, layout)
+            for layer in timed:
+                layer.unpack()
+                store_weight(layer.weight, layout)
             seconds[layout] = _seconds(run, repeats)
-        layout = "column" if seconds["column"] < (1 - margin) * seconds["row"] else "row"
-        for w in weights:
-            store_weight(w, layout)
-        chosen[shape] = layout
+        free = _available_memory()
+        if pack and (free is None or 2 * per_matrix * len(layers) < free):
+            for layer in timed:
+                store_weight(layer.weight, "row")
+            if all(layer.pack(rows) for layer in timed):
+                seconds["packed"] = _seconds(run, repeats)
+            for layer in timed:
+                layer.unpack()
+        fastest = min(seconds, key=seconds.__getitem__)
+        way = fastest if seconds[fastest] < (1 - margin) * seconds["row"] else "row"
+        for layer in layers:
+            store_weight(layer.weight, "row" if way == "packed" else way)
+        if way == "packed" and not all(layer.pack(rows) for layer in layers):
+            for layer in layers:  # could not pack them all: none are
+                layer.unpack()
+            way = "row"
+        chosen[shape] = way
     return chosen
 
 

@@ -173,6 +173,74 @@ def weight_layout(weight: torch.Tensor) -> str:
     return "column" if weight.dim() == 2 and not weight.is_contiguous() and weight.t().is_contiguous() else "row"
 
 
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ Wᵀ + b`` by oneDNN with ``W`` packed by ``torch.ops.mkldnn._reorder_linear_weight``."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """``nn.Linear``, plus an optional packed copy of the weight for decoding on a CPU.
+
+    A decode step multiplies a few rows by every weight matrix. MKL, PyTorch's CPU matrix
+    library, runs such products (2 to 16 rows) far below the speed of memory on this project's
+    x86 VM: 30 ms for 8 rows by GPT-2's (50257, 768) head, where oneDNN (also inside PyTorch,
+    the library ``torch.compile`` uses on CPUs) takes 12.5 ms with the weight packed once into
+    its blocked layout (docs/performance.md). :meth:`pack` makes that copy;
+    ``generate.choose_weight_layout`` packs a shape only where it measured it faster.
+
+    The copy is used only where it computes what ``F.linear`` would: no gradient recorded, not
+    under ``torch.compile``, and the weight unchanged since packing (the same memory, no
+    in-place update since: an optimizer step, ``load_state_dict`` or ``.to()`` makes the copy
+    stale, and the layer quietly goes back to ``F.linear``). It is never saved or copied:
+    ``state_dict``, ``torch.save`` and ``copy.deepcopy`` see a plain ``nn.Linear``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.packed: Optional[torch.Tensor] = None  # oneDNN's blocked copy of `weight`
+        self._packed_from: Optional[tuple[int, int]] = None  # (weight.data_ptr(), weight._version) at packing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and self._packed_is_current() and not torch.is_grad_enabled():
+            return _packed_product(x, self.packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    def _packed_is_current(self) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        return self._packed_from == (self.weight.data_ptr(), self.weight._version)
+
+    @torch.no_grad()
+    def pack(self, rows: Optional[int] = None) -> bool:
+        """Make the packed copy (tuned for ``rows`` rows a product); whether it could be made.
+
+        Not where this PyTorch lacks oneDNN's ops, off the CPU, or where the packed product
+        does not match ``F.linear`` on a test row (then nothing is packed).
+        """
+        self.unpack()
+        w = self.weight
+        if w.device.type != "cpu" or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+            return False
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), rows)
+            probe = torch.randn(2, w.shape[1], dtype=w.dtype, generator=torch.Generator().manual_seed(0))
+            got, want = _packed_product(probe, packed, self.bias), F.linear(probe, w, self.bias)
+        except (RuntimeError, NotImplementedError):  # no oneDNN build, or no kernel for this dtype
+            return False
+        if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-6):
+            return False
+        self.packed, self._packed_from = packed, (w.data_ptr(), w._version)
+        return True
+
+    def unpack(self) -> None:
+        """Drop the packed copy (and its memory): back to ``F.linear``."""
+        self.packed, self._packed_from = None, None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # oneDNN's opaque tensor has no storage to copy or pickle; it is a cache, made again by pack().
+        return {**super().__getstate__(), "packed": None, "_packed_from": None}
+
+
 class KVCache:
     """Keys and values of earlier tokens, preallocated for ``max_len`` tokens per layer.
 
@@ -287,8 +355,8 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
-        self.qkv = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
+        self.qkv = Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.out_proj = Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         b, t, c = x.shape
@@ -325,8 +393,8 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.activation = cfg.activation
-        self.fc_in = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias)
-        self.fc_out = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
+        self.fc_in = Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias)
+        self.fc_out = Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc_in(x)  # (B, T, 4C)
@@ -368,7 +436,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
         self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         # How training computes the head and the loss (not part of the config: every way gives
@@ -499,7 +567,8 @@ class GPT(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final hidden states ``(B, T, C)`` → logits over the real vocabulary ``(B, T, V)``."""
-        logits = F.linear(x, self._head_weight(x))  # (B, T, V_pad)
+        w = self._head_weight(x)  # (V_pad, C)
+        logits = self.out_head(x) if w is self.out_head.weight else F.linear(x, w)  # (B, T, V_pad)
         return logits[..., : self.cfg.vocab_size]  # (B, T, V)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -517,14 +586,18 @@ class GPT(nn.Module):
             logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
         )
 
-    def linear_weights(self) -> dict[tuple[int, int], list[nn.Parameter]]:
-        """The weight matrices of the model's ``nn.Linear`` layers, by shape (a tied head once)."""
-        groups: dict[tuple[int, int], list[nn.Parameter]] = {}
-        seen: set[int] = set()
+    def unpack_weights(self) -> None:
+        """Drop every packed copy of a weight (:meth:`Linear.pack`) and the memory it holds."""
+        for layers in self.linear_layers().values():
+            for layer in layers:
+                layer.unpack()
+
+    def linear_layers(self) -> dict[tuple[int, int], list[Linear]]:
+        """The model's linear layers (the head included), grouped by their weight's ``(out, in)`` shape."""
+        groups: dict[tuple[int, int], list[Linear]] = {}
         for module in self.modules():
-            if isinstance(module, nn.Linear) and id(module.weight) not in seen:
-                seen.add(id(module.weight))
-                groups.setdefault(tuple(module.weight.shape), []).append(module.weight)
+            if isinstance(module, Linear):
+                groups.setdefault(tuple(module.weight.shape), []).append(module)
         return groups
 
     def loss_implementation(self, device: torch.device) -> str:
