@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .errors import ConfigError
 from .model import GPT, WEIGHT_LAYOUTS, KVCache, StaticKVCache, store_weight
@@ -359,14 +360,21 @@ def stream(
 # --------------------------------------------------------------------------- the fast path
 
 
-def _seconds(run: Callable[[], None], repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls of ``run`` after one untimed one (interference only adds time)."""
-    run()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _seconds(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """The fastest of ``repeats`` timed calls of each run, after one untimed call each.
+
+    The runs take turns (A, B, C, A, B, C, …), so a load that passes on a shared machine
+    slows them alike instead of one of them; and the fastest call is kept, since interference
+    only adds time.
+    """
+    for run in runs.values():
         run()
-        best = min(best, time.perf_counter() - start)
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -393,20 +401,23 @@ def choose_weight_layout(
     reading the weights from memory, which a matrix library runs at very different speeds
     depending on the library, the CPU, the shape and how the matrix lies in memory. So it is
     measured here, not assumed: each shape is timed on the model's own weights (up to
-    ``budget_bytes`` of them) three ways, and kept the fastest way if that beats PyTorch's
-    default by at least ``margin``:
+    ``budget_bytes`` of them) three ways, taking turns:
 
     * ``"row"``: row-major, PyTorch's default, multiplied by MKL through ``F.linear``;
-    * ``"column"``: the same values stored column-major (:func:`model.store_weight`);
-    * ``"packed"``: a copy packed for oneDNN (:meth:`model.Linear.pack`), if ``pack``. It
-      costs memory, as much again as the weights of that shape, so a shape is packed only
-      while its copies need under half of the memory still available.
+    * ``"column"``: the same values stored column-major (:func:`model.store_weight`), kept
+      if at least ``margin`` faster than row-major;
+    * ``"packed"``: a copy packed for oneDNN (:meth:`model.Linear.pack`), if ``pack``, kept
+      if at least ``margin`` faster than the better of those two. It costs memory, as much
+      again as the weights of that shape, so a shape is packed only while its copies need
+      under half of the memory still available.
 
-    On this project's 2-core x86 VM, gpt2-124m decoded 20.8 tokens/s at batch 1 by default,
-    27.2 with column-major weights, and packed ... (docs/performance.md). Values, shapes and
-    parameters never change, so the tokens are the same up to the rounding of the products;
-    training is untouched (packed copies are used only without gradients, and go stale at the
-    first update; ``model.unpack_weights()`` frees them).
+    On this project's 2-core x86 VM (MKL and oneDNN), gpt2-124m decoded 22.0 tokens/s at batch
+    1 with the weights as built and 28.1 with most shapes column-major (packing was no
+    faster); at batch 8, 69.6 as built, 73.4 laid out, 134.3 with every shape packed
+    (docs/performance.md). Values, shapes and parameters never change, so the tokens are the
+    same up to the rounding of the products; training is untouched (packed copies are used
+    only without gradients, and go stale at the first update; ``model.unpack_weights()``
+    frees them).
 
     For inference on the CPU (elsewhere the weights are left alone and ``{}`` returned).
     Returns the way chosen for each ``(out, in)`` shape.
@@ -420,30 +431,28 @@ def choose_weight_layout(
         per_matrix = weight.numel() * weight.element_size()
         timed = layers[: max(1, budget_bytes // per_matrix)]
         x = torch.randn(rows, shape[1], dtype=weight.dtype)  # (rows, in)
-
-        def run() -> None:
-            for layer in timed:
-                layer(x)  # (rows, out)
-
-        seconds = {}
-        for layout in WEIGHT_LAYOUTS:
-            for layer in timed:
-                layer.unpack()
-                store_weight(layer.weight, layout)
-            seconds[layout] = _seconds(run, repeats)
-        free = _available_memory()
-        if pack and (free is None or 2 * per_matrix * len(layers) < free):
-            for layer in timed:
-                store_weight(layer.weight, "row")
-            if all(layer.pack(rows) for layer in timed):
-                seconds["packed"] = _seconds(run, repeats)
-            for layer in timed:
-                layer.unpack()
-        fastest = min(seconds, key=seconds.__getitem__)
-        way = fastest if seconds[fastest] < (1 - margin) * seconds["row"] else "row"
         for layer in layers:
+            layer.unpack()
+        # The timed weights in each way at once (copies, as the way needs), so the ways take turns.
+        copies = {way: [(layer.weight.detach().t().contiguous().t() if way == "column" else
+                         layer.weight.detach().contiguous(), layer.bias) for layer in timed]
+                  for way in WEIGHT_LAYOUTS}
+        runs = {way: (lambda pairs=pairs: [F.linear(x, w, b) for w, b in pairs])  # (rows, out) each
+                for way, pairs in copies.items()}
+        free = _available_memory()
+        if pack and (free is None or 2 * per_matrix * len(layers) < free) and all(layer.pack(rows) for layer in timed):
+            runs["packed"] = lambda: [layer(x) for layer in timed]  # Linear.forward: the packed product
+        seconds = _seconds(runs, repeats)
+        del copies, runs
+        fastest = min(WEIGHT_LAYOUTS, key=seconds.__getitem__)
+        way = fastest if seconds[fastest] < (1 - margin) * seconds["row"] else "row"
+        if seconds.get("packed", math.inf) < (1 - margin) * seconds[way]:  # it costs memory: it must earn it
+            way = "packed"
+        for layer in layers:
+            if way != "packed":
+                layer.unpack()
             store_weight(layer.weight, "row" if way == "packed" else way)
-        if way == "packed" and not all(layer.pack(rows) for layer in layers):
+        if way == "packed" and not all(layer._packed_is_current() or layer.pack(rows) for layer in layers):
             for layer in layers:  # could not pack them all: none are
                 layer.unpack()
             way = "row"
