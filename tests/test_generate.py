@@ -359,7 +359,7 @@ def _fake_clock(monkeypatch, times: dict[str, float]) -> list[tuple[int, str]]:
 def _ways(model) -> dict[tuple[int, int], set[str]]:
     from llmscratch.model import weight_layout
 
-    return {shape: {"packed" if layer.packed is not None else weight_layout(layer.weight) for layer in layers}
+    return {shape: {"packed" if layer.is_packed() else weight_layout(layer.weight) for layer in layers}
             for shape, layers in model.linear_layers().items()}
 
 

@@ -400,10 +400,11 @@ def test_a_packed_copy_is_used_only_while_it_is_current_and_without_gradients(mo
     out = layer(x)  # recording gradients: F.linear, so the weight gets its gradient
     out.sum().backward()
     assert not used and layer.weight.grad is not None
+    assert layer.is_packed()
     with torch.no_grad():
         layer.weight.mul_(2)  # an in-place update (an optimizer step): the copy is stale
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
-    assert not used
+    assert not used and not layer.is_packed()
     assert layer.pack()
     used.clear()  # pack() checks a product of its own
     layer.load_state_dict({"weight": torch.zeros(8, 16), "bias": torch.zeros(8)})
@@ -418,6 +419,9 @@ def test_a_packed_copy_is_used_only_while_it_is_current_and_without_gradients(mo
     layer.to(torch.float32)
     assert layer.pack()
     used.clear()  # pack() checks a product of its own
+    with torch.no_grad():  # traced by torch.compile: the plain product, which the compiler understands
+        torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(x), F.linear(x, layer.weight, layer.bias))
+    assert not used
     layer.unpack()
     with torch.no_grad():
         layer(x)

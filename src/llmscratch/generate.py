@@ -452,7 +452,7 @@ def choose_weight_layout(
             if way != "packed":
                 layer.unpack()
             store_weight(layer.weight, "row" if way == "packed" else way)
-        if way == "packed" and not all(layer._packed_is_current() or layer.pack(rows) for layer in layers):
+        if way == "packed" and not all(layer.is_packed() or layer.pack(rows) for layer in layers):
             for layer in layers:  # could not pack them all: none are
                 layer.unpack()
             way = "row"

@@ -201,14 +201,14 @@ class Linear(nn.Linear):
         self._packed_from: Optional[tuple[int, int]] = None  # (weight.data_ptr(), weight._version) at packing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and self._packed_is_current() and not torch.is_grad_enabled():
+        if (self.packed is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and self.is_packed()):
             return _packed_product(x, self.packed, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def _packed_is_current(self) -> bool:
-        if torch.compiler.is_compiling():
-            return False
-        return self._packed_from == (self.weight.data_ptr(), self.weight._version)
+    def is_packed(self) -> bool:
+        """Whether a packed copy exists and is current: the weight still lies where it was packed, unchanged."""
+        return self.packed is not None and self._packed_from == (self.weight.data_ptr(), self.weight._version)
 
     @torch.no_grad()
     def pack(self, rows: Optional[int] = None) -> bool:
