@@ -389,6 +389,52 @@ def test_import_does_not_overwrite_a_run(tmp_path):
     assert torch.equal(load_model(tmp_path / "run").tok_emb.weight, model.tok_emb.weight)
 
 
+def test_import_over_a_run_removes_what_belonged_to_the_old_model_but_only_once_the_source_is_read(tmp_path):
+    write_tiny_gpt2_files(tmp_path / "openai", names=("encoder.json", "vocab.bpe"))
+    run = tmp_path / "run"
+    import_checkpoint(_book_file(tmp_path / "model.pth"), run, heads=2, tokenizer_dir=tmp_path / "openai")
+    save_training_state(run, {"step": 5})
+    for name in ("metrics.jsonl", "train_config.json", "chars.json"):
+        (run / name).write_text("{}\n")
+    save_model(run / "best", tiny(seed=3))
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(CheckpointError):  # a bad source changes nothing
+        import_checkpoint(tmp_path / "missing.pth", run, heads=2, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == before
+    import_checkpoint(_book_file(tmp_path / "other.pth"), run, heads=2, no_tokenizer=True, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]  # no stale tokenizer or state
+
+
+def test_export_never_overwrites(tmp_path):
+    source = _book_file(tmp_path / "model.pth")
+    import_checkpoint(source, tmp_path / "run", heads=2, no_tokenizer=True)
+    weights = (tmp_path / "run" / WEIGHTS_FILE).read_bytes()
+    with pytest.raises(CheckpointError, match="is the run being exported"):
+        export_checkpoint(tmp_path / "run", tmp_path / "run" / ".." / "run", "hf")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "vocab.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        export_checkpoint(tmp_path / "run", tmp_path / "taken", "hf")
+    (tmp_path / "book.pth").write_text("keep me")
+    with pytest.raises(CheckpointError, match="exists; choose a new file name"):
+        export_checkpoint(tmp_path / "run", tmp_path / "book.pth", "book")
+    assert (tmp_path / "book.pth").read_text() == "keep me" and (tmp_path / "run" / WEIGHTS_FILE).read_bytes() == weights
+    (tmp_path / "empty").mkdir()
+    export_checkpoint(tmp_path / "run", tmp_path / "empty", "hf")  # an empty directory is fine
+    assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_run(tmp_path / "run", tiny(), None)
+        save_training_state(tmp_path / "run", {"step": 1})
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
 def test_unknown_source(tmp_path):
     with pytest.raises(CheckpointError, match="neither a Hugging Face directory, a book state-dict file"):
         import_checkpoint(tmp_path / "missing.pth", tmp_path / "run")
@@ -448,6 +494,11 @@ def test_cli_import_and_export(tmp_path):
 
     done = _cli("import", str(tmp_path / "book.pth"), str(tmp_path / "run2"), "--no-tokenizer")
     assert done.returncode == 2 and "--heads N" in done.stderr and "Traceback" not in done.stderr
+
+    (tmp_path / "afile").write_text("")
+    done = _cli("export", str(tmp_path / "run"), str(tmp_path / "afile" / "out.pth"), "--format", "book")
+    assert done.returncode == 2 and "afile" in done.stderr  # the OS names the path at fault
+    assert "Traceback" not in done.stderr
 
 
 def test_cli_import_gpt2_offline_says_how_to_use_a_local_directory(tmp_path):

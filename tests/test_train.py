@@ -86,6 +86,45 @@ def test_train_config_errors_name_the_field():
         TrainConfig(loss="fused")
 
 
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", math.inf, "lr .--lr. must be a finite number, got inf"),
+    ("weight_decay", math.nan, "weight_decay .--weight-decay. must be a finite number, got nan"),
+    ("time_budget", math.nan, "time_budget .--time-budget. must be a finite number"),
+    ("grad_clip", -1.0, r"grad_clip must be >= 0 \(0: no clipping\)"),
+    ("seed", -1, r"seed must be in \[0, 2\*\*32\)"),
+    ("seed", 2**32, r"seed must be in \[0, 2\*\*32\)"),
+    ("stop_at", 0, "stop_at must be a step >= 1"),
+    ("data", ["a.txt"], r"data .--data. must be a string, got \['a.txt'\]"),
+    ("warmup_steps", "5", "warmup_steps .--warmup-steps. must be an integer, got '5'"),
+    ("compile", "yes", "compile .--compile. must be true or false"),
+    ("model", 5, "model .--model. must be a mapping, got 5"),
+    ("model", {"n_layerz": 3}, r"unknown model option\(s\) \['n_layerz'\] under `model:`"),
+])
+def test_train_config_refuses_values_of_the_wrong_kind_up_front(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_a_config_file_number_without_a_dot_is_a_number(tmp_path: Path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 3e-3\nmin_lr: 1E-4\ngrad_clip: '0.5'\n")  # YAML 1.1 reads 3e-3 as a string
+    cfg = train_config_from_args(build_parser().parse_args(["train", "--config", str(cfg_file)]))
+    assert (cfg.lr, cfg.min_lr, cfg.grad_clip) == (3e-3, 1e-4, 0.5)
+    cfg_file.write_text("lr: fast\n")
+    with pytest.raises(ConfigError, match="lr .--lr. must be a finite number, got 'fast'"):
+        train_config_from_args(build_parser().parse_args(["train", "--config", str(cfg_file)]))
+
+
+def test_grad_clip_zero_means_no_clipping(corpus: Path, tmp_path: Path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: calls.append(a[1]))
+    train(tiny_config(corpus, tmp_path / "a", steps=2, name="off", grad_clip=0.0))
+    assert calls == []
+    train(tiny_config(corpus, tmp_path / "b", steps=2, name="on", grad_clip=0.5))
+    assert calls == [0.5, 0.5]
+
+
 def test_every_loss_implementation_trains_to_the_same_weights(corpus: Path, tmp_path: Path):
     """--loss plain (the readable path), chunked (the CPU's default) and kernel (on the CPU, the
     Triton kernel's PyTorch reference): the same run to rounding, float32 on the CPU."""

@@ -74,6 +74,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 (kept by some writers) would make every output private
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -81,6 +82,13 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process's umask (0644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -944,6 +952,13 @@ def _check_tokenizer_fits(tokenizer: Any, cfg: GPTConfig, where: str) -> None:
         )
 
 
+# What a run directory may hold besides config.json and model.safetensors: an import over a
+# run (--force) removes them, so no old tokenizer, optimizer state or metrics outlive its model.
+_RUN_LEFTOVERS = ("training_state.pt", "train_config.json", "metrics.jsonl", "loss.png", "best",
+                  "tokenizer_config.json", "tokenizer.json", "chars.json", "vocab.json", "merges.txt",
+                  "encoder.json", "vocab.bpe")
+
+
 def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise CheckpointError(f"{run_dir} is a file; give a directory for the run")
@@ -953,6 +968,16 @@ def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
             f"{run_dir} already holds a run ({', '.join(taken)}); choose another directory, "
             "delete it, or pass overwrite=True (--force)"
         )
+
+
+def _clear_leftovers(run_dir: Path) -> None:
+    """Before a run's model is replaced (--force): remove what belonged to the old one."""
+    for name in _RUN_LEFTOVERS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def import_checkpoint(
@@ -1039,6 +1064,8 @@ def import_checkpoint(
             f"{', '.join(GPT2_HUB_MODELS)}; check the path"
         )
 
+    if overwrite and run_dir.is_dir():  # only now that the source has been read whole
+        _clear_leftovers(run_dir)
     save_run(run_dir, model, tokenizer)
     log(f"wrote {run_dir}: " + describe(model) + ("" if tokenizer is not None else "; no tokenizer"))
     return model, tokenizer
@@ -1072,6 +1099,13 @@ def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
     run_dir, out = Path(run_dir), Path(out)
     if fmt == "run":
         return distributed.consolidate(run_dir, out, log=log)
+    if out.exists() and out.resolve() == run_dir.resolve():
+        raise CheckpointError(f"{out} is the run being exported; give a new path for the export")
+    if fmt == "hf" and out.is_dir() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; choose a new directory or delete it "
+                              "(an export never mixes its files with others)")
+    if fmt == "book" and out.is_file():
+        raise CheckpointError(f"{out} exists; choose a new file name or delete it")
     model = distributed.load_sharded(run_dir)[0] if distributed.latest_is_sharded(run_dir) else load_model(run_dir)
     if fmt == "hf":
         if out.exists() and not out.is_dir():

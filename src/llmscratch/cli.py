@@ -191,7 +191,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--weight-decay", type=float, help="decoupled weight decay on matrices (default 0.6)")
     g.add_argument("--beta1", type=float, help="AdamW's first-moment decay, for the parameters AdamW updates (default 0.8)")
     g.add_argument("--beta2", type=float, help="AdamW's second-moment decay (default 0.999)")
-    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (default 1.0)")
+    g.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (default 1.0; 0: no clipping)")
     g.add_argument("--optimizer", choices=["muon", "adamw"],
                    help="muon (default): Muon on the blocks' weight matrices, AdamW on embeddings, head, gains "
                    "and biases; adamw: AdamW on everything (needed with --fsdp)")
@@ -601,6 +601,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as err:  # a path that is a file, a full disk, no permission: the OS names the file
+        print(f"llmscratch {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -91,12 +91,19 @@ def split_for_encoding(text: str) -> list[str]:
     return re.split(r"(?<=\S\n)(?=\S)", text) if text else []
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, data: Union[bytes, str]) -> None:
     """Write a file through a temporary file in the same folder and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
         os.replace(tmp, path)

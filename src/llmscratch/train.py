@@ -117,12 +117,37 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # the type of every field first: a YAML file can hold anything
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and kind.startswith("Optional["):
+                continue
+            kind = kind.removeprefix("Optional[").removesuffix("]") if kind.startswith("Optional[") else kind
+            wanted, ok = {
+                "int": ("an integer", isinstance(value, int) and not isinstance(value, bool)),
+                "float": ("a finite number", isinstance(value, (int, float)) and not isinstance(value, bool)
+                          and math.isfinite(value)),
+                "str": ("a string", isinstance(value, str)),
+                "bool": ("true or false", isinstance(value, bool)),
+                "dict[str, Any]": ("a mapping", isinstance(value, dict)),
+            }[kind]
+            if not ok:
+                raise ConfigError(f"TrainConfig.{f.name} (--{f.name.replace('_', '-')}) must be {wanted}, got {value!r}")
         positive = ("steps", "batch_size", "grad_accum", "eval_interval", "eval_windows",
                     "log_interval", "checkpoint_interval", "vocab_size")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(GPTConfig)})
+        if unknown:
+            raise ConfigError(f"unknown model option(s) {unknown} under `model:`; known: "
+                              f"{sorted(f.name for f in dataclasses.fields(GPTConfig))}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"TrainConfig.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"TrainConfig.seed must be in [0, 2**32), as NumPy's seed, got {self.seed}")
+        if self.stop_at is not None and self.stop_at < 1:
+            raise ConfigError(f"TrainConfig.stop_at must be a step >= 1, got {self.stop_at}")
         if self.warmup_steps < 0:
             raise ConfigError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -157,10 +182,21 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """From a mapping (a config file's); a number written as a string is read as a number.
+
+        YAML 1.1, which PyYAML reads, takes ``lr: 3e-3`` (no dot) for the string ``"3e-3"``.
+        """
+        fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(fields)}")
+        data = dict(data)
+        for name, value in data.items():
+            if isinstance(value, str) and fields[name] in ("float", "Optional[float]"):
+                try:
+                    data[name] = float(value)
+                except ValueError:
+                    pass  # __post_init__ names the field and what it must be
         return cls(**data)
 
 
@@ -537,7 +573,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
                 step_loss += loss.detach()
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if cfg.grad_clip > 0:  # 0: no clipping
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
