@@ -168,6 +168,28 @@ def test_resume_is_bit_exact(corpus: Path, tmp_path: Path):
     assert ckpt.load_training_state(resumed)["step"] == 8
 
 
+def test_resume_refuses_weights_and_state_from_two_saves(corpus: Path, tmp_path: Path, monkeypatch):
+    """A kill between the two writes of a checkpoint: new weights beside the previous optimizer state."""
+    real = ckpt.save_training_state
+
+    def killed_at_step_8(run_dir, state):
+        if state["step"] == 8:
+            raise SystemExit("killed while saving")  # after model.safetensors, before training_state.pt
+        real(run_dir, state)
+
+    monkeypatch.setattr(ckpt, "save_training_state", killed_at_step_8)
+    with pytest.raises(SystemExit):
+        train(tiny_config(corpus, tmp_path, steps=8, name="cut"))
+    monkeypatch.setattr(ckpt, "save_training_state", real)
+    run = tmp_path / "cut"
+    assert ckpt.load_training_state(run)["step"] == 4 and ckpt.weights_tag(run)["step"] == "8"
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ckpt.CheckpointError, match=r"\(step 8\) and .*training_state.pt \(step 4\) are not from "
+                                                   r"the same save.*--init-from"):
+        train(TrainConfig(resume=str(run), progress=False))
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files  # nothing changed
+
+
 def test_resume_of_a_run_saved_before_the_optimizer_option_continues_with_adamw(corpus: Path, tmp_path: Path):
     full = train(tiny_config(corpus, tmp_path / "a", name="full", optimizer="adamw"))
     half = train(tiny_config(corpus, tmp_path / "b", stop_at=4, name="half", optimizer="adamw"))

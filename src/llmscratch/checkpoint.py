@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,12 +114,25 @@ def _write_text(path: Path, text: str) -> None:
     _atomic_write(path, write)
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], tag: Optional[dict[str, str]] = None) -> None:
     """Write contiguous CPU copies of ``tensors`` (the format refuses views and shared storage)."""
     from safetensors.torch import save_file
 
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt"}))
+    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt", **(tag or {})}))
+
+
+def weights_tag(run_dir: PathLike) -> dict[str, str]:
+    """The tag :func:`save_model` wrote into ``model.safetensors``'s header (``{}`` for none)."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / WEIGHTS_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # the loader names the damage when it reads the file
+        raise CheckpointError(f"{path} could not be read ({err}); restore it from a backup") from err
+    return {k: v for k, v in meta.items() if k in SAVE_TAG_KEYS}
 
 
 def _write_torch(path: Path, obj: Any) -> None:
@@ -240,15 +254,17 @@ def _state_dict_for_file(model: GPT, state_dict: Optional[Mapping[str, torch.Ten
 
 
 def save_model(run_dir: PathLike, model: nn.Module,
-               state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+               state_dict: Optional[Mapping[str, torch.Tensor]] = None, tag: Optional[dict[str, str]] = None) -> None:
     """Write ``config.json`` and ``model.safetensors`` into ``run_dir`` (created if needed), atomically.
 
     ``state_dict``: the full weights when the model's own are FSDP shards (see distributed.py).
+    ``tag``: strings kept in the weights file's header (:data:`SAVE_TAG_KEYS`), to pair the
+    weights with the training state saved beside them (see :func:`check_saved_together`).
     """
     run_dir = Path(run_dir)
     gpt = _unwrap(model)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(run_dir / WEIGHTS_FILE, _state_dict_for_file(gpt, state_dict))
+    _write_safetensors(run_dir / WEIGHTS_FILE, _state_dict_for_file(gpt, state_dict), tag)
     _write_text(run_dir / CONFIG_FILE, gpt.cfg.to_json() + "\n")
 
 
@@ -401,6 +417,32 @@ def save_training_state(run_dir: PathLike, state: dict) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_torch(run_dir / TRAINING_STATE_FILE, state)
+
+
+# A checkpoint is two files written one after the other; a crash or a kill between the two
+# writes would pair new weights with an old optimizer state. Both carry the same tag.
+SAVE_TAG_KEYS = ("save_id", "step")
+
+
+def new_save_tag(step: int) -> dict[str, str]:
+    """A tag for one checkpoint: its step and an id no other save shares."""
+    return {"save_id": uuid.uuid4().hex, "step": str(step)}
+
+
+def check_saved_together(run_dir: PathLike, state: dict) -> None:
+    """Refuse weights and a training state from different saves (runs saved untagged pass)."""
+    theirs = state.get("weights_tag")
+    if not theirs:
+        return
+    ours = weights_tag(run_dir)
+    if ours != theirs:
+        run_dir = Path(run_dir)
+        raise CheckpointError(
+            f"{run_dir / WEIGHTS_FILE} (step {ours.get('step', '?')}) and {run_dir / TRAINING_STATE_FILE} "
+            f"(step {theirs.get('step', '?')}) are not from the same save: the run was stopped while it "
+            f"saved a checkpoint. Nothing was changed. To go on from these weights with a fresh optimizer, "
+            f"start a new run with --init-from {run_dir}; or restore both files from a backup"
+        )
 
 
 def load_training_state(run_dir: PathLike) -> Optional[dict]:

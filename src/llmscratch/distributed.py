@@ -305,9 +305,11 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     adds ``training_state.pt`` and ``config.json`` and swaps it in for ``run_dir/sharded``.
     """
     if not is_sharded(model):
-        if group.is_main:
-            ckpt.save_model(run_dir, model)
-            ckpt.save_training_state(run_dir, {**training_state, "optimizer": optimizer.state_dict()})
+        if group.is_main:  # the two files carry one tag: a resume refuses a pair from two saves
+            tag = ckpt.new_save_tag(training_state.get("step", -1))
+            ckpt.save_model(run_dir, model, tag=tag)
+            ckpt.save_training_state(run_dir, {**training_state, "optimizer": optimizer.state_dict(),
+                                               "weights_tag": tag})
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -407,6 +407,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         state = dist.load_training_state(run_dir, prefer_sharded=cfg.fsdp and group.active)  # the newest one
         if state is None:
             raise ckpt.CheckpointError(f"{run_dir}: no training_state.pt to resume from")
+        if "optimizer" in state:  # an ordinary checkpoint: weights and state must come from one save
+            ckpt.check_saved_together(run_dir, state)
     else:
         run_dir = _new_run_dir(cfg)
 
