@@ -265,6 +265,49 @@ def test_end_to_end_train_then_generate_and_eval(corpus: Path, tmp_path: Path):
     assert bad.returncode == 2 and "not in the vocabulary" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_the_sample_after_training_never_fails_a_run_that_trained(corpus: Path, tmp_path: Path):
+    env = {**os.environ, "LLMSCRATCH_CACHE": str(tmp_path / "cache")}
+    for name, prompt in (("unseen", "Zebra \u00e9"), ("empty", "")):  # characters the char tokenizer never saw
+        r = _cli("train", "--data", str(corpus), "--tokenizer", "char", "--preset", "test", "--steps", "2",
+                 "--batch-size", "2", "--context-length", "16", "--device", "cpu", "--out-dir", str(tmp_path),
+                 "--name", name, "--no-progress", "--sample-tokens", "4", "--sample-prompt", prompt, env=env)
+        assert r.returncode == 0 and "generated text" in r.stdout, r.stderr
+        assert "Zebra" not in r.stdout  # the sample shows what it started from, not a prompt it could not use
+
+
+def test_a_named_run_never_writes_into_another(corpus: Path, tmp_path: Path):
+    train(tiny_config(corpus, tmp_path, steps=2, name="same"))
+    with pytest.raises(ConfigError, match=r"same already exists; .*--resume"):
+        train(tiny_config(corpus, tmp_path, steps=2, name="same", tokenizer="bpe", vocab_size=300))
+    assert len(ckpt.read_text(tmp_path / "same" / "metrics.jsonl").splitlines()) > 0
+
+
+def test_info_and_resume_survive_a_half_written_metrics_line_and_name_a_bad_train_config(corpus, tmp_path):
+    run = train(tiny_config(corpus, tmp_path, steps=8, stop_at=4, name="r"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train_lo')  # a run killed while it wrote a line
+    assert "best validation" in describe_run(run)
+    train(TrainConfig(resume=str(run), progress=False))
+    after = (run / "metrics.jsonl").read_text().splitlines()
+    assert after[: len(lines)] == lines and after[len(lines)] == '{"step": 5, "train_lo'
+    assert all(json.loads(line)["step"] > 4 for line in after[len(lines) + 1:])  # whole lines again
+    (run / "train_config.json").write_text('{"steps": 8,')
+    with pytest.raises(ckpt.CheckpointError, match="train_config.json is not valid JSON"):
+        describe_run(run)
+    with pytest.raises(ckpt.CheckpointError, match="train_config.json is not valid JSON"):
+        train(TrainConfig(resume=str(run), progress=False))
+
+
+@pytest.mark.parametrize("batch", [0, -1])
+def test_eval_refuses_a_batch_size_below_one(corpus: Path, tmp_path: Path, batch):
+    from llmscratch.train import evaluate_text
+
+    run = train(tiny_config(corpus, tmp_path, steps=2, name="e"))
+    with pytest.raises(ConfigError, match=f"--batch-size.*got {batch}"):
+        evaluate_text(run, str(corpus), device="cpu", batch_size=batch)
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(corpus: Path, tmp_path: Path):
     env = {**os.environ, "LLMSCRATCH_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "runs"

@@ -151,6 +151,13 @@ def read_text(path: PathLike) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def read_json(path: PathLike) -> dict[str, Any]:
+    """Read a JSON object of a run directory (``train_config.json``, say), with clear errors."""
+    path = Path(path)
+    _require_file(path, "is this a run directory written by `llmscratch train`?")
+    return _read_json(path)
+
+
 # =========================================================================== safe reads
 
 

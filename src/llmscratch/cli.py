@@ -138,16 +138,16 @@ def _run_train(args: argparse.Namespace) -> int:
         return launch_torchrun(args.nproc, sys.argv[1:])
     from .checkpoint import load_run
     from .generate import SamplingConfig, generate
-    from .train import train
+    from .train import sample_prompt_ids, train
 
     cfg = train_config_from_args(args)
     run_dir = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0 and cfg.sample_tokens > 0:
         model, tokenizer, _ = load_run(run_dir)
-        prompt = tokenizer.encode(cfg.sample_prompt)
+        prompt = sample_prompt_ids(tokenizer, cfg.sample_prompt)[-(model.cfg.context_length // 2):]
         new = generate(model, [prompt], SamplingConfig(max_new_tokens=120, temperature=0.8, top_k=50, seed=cfg.seed))[0]
         print("\n--- generated text ---")
-        print(cfg.sample_prompt + tokenizer.decode(new))
+        print(tokenizer.decode(prompt + new))
         print("----------------------")
         print(f"saved in {run_dir}  (generate more: llmscratch generate {run_dir} --prompt \"...\")")
     return 0

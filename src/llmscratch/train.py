@@ -280,10 +280,24 @@ def evaluate(
 # ---------------------------------------------------------------------------- the run
 
 
+def sample_prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """``text`` as tokens for the samples printed while and after training; where the tokenizer
+    cannot encode it (characters a char tokenizer never saw) or it is empty, the end-of-text
+    token (or token 0) alone: a sample must never fail a run that trained."""
+    try:
+        ids = tokenizer.encode(text)
+    except LLMScratchError:
+        ids = []
+    return ids or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+
+
 def _new_run_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.out_dir)
     name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = out / name
+    if cfg.name is not None and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise ConfigError(f"{run_dir} already exists; a new run never writes into another one: choose another "
+                          f"--name, delete it, or continue it with --resume {run_dir}")
     suffix = 1
     while run_dir.exists() and cfg.name is None:
         suffix += 1
@@ -391,7 +405,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     state: Optional[dict[str, Any]] = None
     if cfg.resume:
         run_dir = Path(cfg.resume)
-        saved = json.loads(ckpt.read_text(run_dir / "train_config.json"))
+        saved = ckpt.read_json(run_dir / "train_config.json")
         saved.setdefault("optimizer", "adamw")  # runs saved before the option existed trained with AdamW
         keep = {k: v for k, v in cfg.to_dict().items() if k in ("steps", "time_budget", "stop_at", "progress", "device",
                                                                 "precision", "compile", "loss", "eval_interval",
@@ -512,8 +526,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
 
     def write_metrics(record: dict[str, Any]) -> None:
         if group.is_main:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            with open(metrics_path, "ab+") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() > 0:  # after a killed run's half-written line, start a line of our own
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")
+                f.write((json.dumps(record) + "\n").encode("utf-8"))
 
     def save_checkpoint(at_step: int) -> None:
         training_state = {
@@ -529,13 +548,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     def sample_text() -> str:
         from .generate import SamplingConfig, generate
 
-        try:
-            prompt = tokenizer.encode(cfg.sample_prompt)
-        except LLMScratchError:
-            prompt = [0]
+        prompt = sample_prompt_ids(tokenizer, cfg.sample_prompt)[-context // 2 :]
         sampling = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
-        new = generate(model, [prompt[-context // 2 :] or [0]], sampling)[0]
-        return cfg.sample_prompt + tokenizer.decode(new)
+        new = generate(model, [prompt], sampling)[0]
+        return tokenizer.decode(prompt + new)
 
     # ---------------------------------------------------------------- the loop
     from tqdm.auto import tqdm
@@ -673,6 +689,20 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
     return run_dir
 
 
+def read_metrics(metrics_path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a line that is not a JSON object (the half-written last
+    line of a killed run) is skipped."""
+    records = []
+    for line in Path(metrics_path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     """Draw training and validation loss against step from ``metrics.jsonl``."""
     import matplotlib
@@ -681,8 +711,7 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     train_pts, val_pts = [], []
-    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
-        r = json.loads(line)
+    for r in read_metrics(metrics_path):
         if "train_loss" in r:
             train_pts.append((r["step"], r["train_loss"]))
         if "val_loss" in r and not r.get("final"):
@@ -706,6 +735,8 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
 def evaluate_text(run_dir: str | Path, data: str, encoding: str = "utf-8", device: str = "auto",
                   batch_size: int = 16) -> dict[str, float]:
     """Loss, perplexity and bits per byte of a saved run on any text (every window of it)."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"the evaluation batch size (--batch-size) must be a positive integer, got {batch_size!r}")
     corpus = load_corpus(data, encoding=encoding)
     runtime = setup_runtime(device, "auto")
     model, tokenizer, _ = ckpt.load_run(run_dir, device=runtime.device)
@@ -743,7 +774,7 @@ def describe_run(run_dir: str | Path) -> str:
     if state is not None:
         total, optimizer = None, None
         if train_cfg_path.exists():
-            saved = json.loads(train_cfg_path.read_text(encoding="utf-8"))
+            saved = ckpt.read_json(train_cfg_path)
             total, optimizer = saved.get("steps"), saved.get("optimizer", "adamw")
         lines.append(f"training: step {state['step']}" + (f" of {total}" if total else "")
                      + f", {state.get('tokens_seen', 0):,} tokens seen" + (f", {optimizer}" if optimizer else ""))
@@ -751,7 +782,7 @@ def describe_run(run_dir: str | Path) -> str:
         lines.append("training: none recorded (imported or exported weights)")
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
-        records = [json.loads(l) for l in metrics.read_text(encoding="utf-8").splitlines() if l.strip()]
+        records = read_metrics(metrics)
         evals = [r for r in records if "val_bpb" in r and not r.get("final")]
         finals = [r for r in records if r.get("final")]
         if evals:
