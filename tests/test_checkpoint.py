@@ -501,6 +501,17 @@ def test_cli_import_and_export(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_cli_generate_with_a_model_vocabulary_larger_than_its_tokenizer(tmp_path):
+    """Padded vocabularies (nanoGPT's 50,304 for GPT-2's 50,257): ids the tokenizer lacks are never drawn."""
+    pytest.importorskip("transformers")
+    vocab = write_tiny_gpt2_files(tmp_path / "hf")
+    tiny_hf_dir(tmp_path / "hf", vocab=vocab + 40)
+    assert _cli("import", str(tmp_path / "hf"), str(tmp_path / "run")).returncode == 0
+    done = _cli("generate", str(tmp_path / "run"), "--prompt", " the", "--max-new-tokens", "40",
+                "--temperature", "3", "--seed", "1", "--ignore-eos")
+    assert done.returncode == 0, done.stderr
+
+
 def test_cli_import_gpt2_offline_says_how_to_use_a_local_directory(tmp_path):
     done = _cli("import", "gpt2", str(tmp_path / "run"), cwd=tmp_path,
                 env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")})

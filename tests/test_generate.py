@@ -427,3 +427,39 @@ def test_choose_weight_layout_on_the_real_clock_changes_no_token():
     assert generate(model, PROMPTS, GREEDY) == before
     with torch.device("meta"):
         assert choose_weight_layout(GPT(GPTConfig.from_preset("test"))) == {}  # not a CPU: left alone
+
+
+# --------------------------------------------------------------------------- what sampling refuses to do
+
+
+def test_vocab_limit_never_draws_an_id_the_tokenizer_cannot_decode():
+    from llmscratch.generate import sample_next
+
+    logits = torch.zeros(4, 10)
+    logits[:, 8:] = 5.0  # the likeliest ids lie past the limit
+    assert sample_next(logits, SamplingConfig(temperature=0, vocab_limit=8)).lt(8).all()
+    draws = sample_next(logits.repeat(50, 1), SamplingConfig(temperature=2.0, vocab_limit=8, seed=0))
+    assert draws.lt(8).all() and len(set(draws.tolist())) > 1
+    assert sample_next(logits, SamplingConfig(temperature=0)).ge(8).all()  # without it they win
+    with pytest.raises(ConfigError, match="vocab_limit"):
+        SamplingConfig(vocab_limit=0)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    from llmscratch.generate import sample_next
+
+    logits = torch.randn(3, 50) * 30
+    picked = sample_next(logits, SamplingConfig(temperature=1e-42, seed=0))
+    assert torch.equal(picked, logits.argmax(dim=-1))
+
+
+def test_broken_weights_and_bad_prompts_are_named_not_sampled_from():
+    model = make_model()
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        generate(model, [[1, 999]], GREEDY)
+    with pytest.raises(ConfigError, match="empty"):
+        generate(model, [[]], GREEDY)
+    with torch.no_grad():
+        model.final_norm.weight.fill_(float("nan"))
+    with pytest.raises(ConfigError, match="logits for the prompt are not finite"):
+        generate(model, [[1, 2]], GREEDY)

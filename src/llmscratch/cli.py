@@ -251,6 +251,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         eos_id=None if args.ignore_eos else tokenizer.eot_id,
+        vocab_limit=tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None,
     )
     if args.num_samples > 1:
         # One batch of identical prompts: row n samples with seed + n, exactly what a single

@@ -62,6 +62,9 @@ class SamplingConfig:
         eos_id: the end-of-text token id; a row stops when it samples it.
         seed: seeds the sampling; the same seed gives the same tokens. Row ``i`` of a batch
             draws with ``seed + i``, so it samples what its prompt samples alone with that seed.
+        vocab_limit: draw only ids below this (``None``: all). For a model whose vocabulary
+            is larger than its tokenizer's (padded, as nanoGPT's 50,304 against GPT-2's
+            50,257): the ids the tokenizer cannot decode are never picked.
     """
 
     max_new_tokens: int = 50
@@ -70,6 +73,7 @@ class SamplingConfig:
     top_p: Optional[float] = None
     eos_id: Optional[int] = None
     seed: Optional[int] = None
+    vocab_limit: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
@@ -95,6 +99,8 @@ class SamplingConfig:
             raise ConfigError(f"SamplingConfig.top_p must be None or in (0, 1], got {self.top_p!r}")
         if self.eos_id is not None and (not _is_int(self.eos_id) or self.eos_id < 0):
             raise ConfigError(f"SamplingConfig.eos_id must be None or a token id >= 0, got {self.eos_id!r}")
+        if self.vocab_limit is not None and (not _is_int(self.vocab_limit) or self.vocab_limit < 1):
+            raise ConfigError(f"SamplingConfig.vocab_limit must be None or an integer >= 1, got {self.vocab_limit!r}")
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
             raise ConfigError(
                 f"SamplingConfig.seed must be None or a 64-bit signed integer (row i uses seed + i), got {self.seed!r}"
@@ -109,8 +115,12 @@ def _is_int(value: object) -> bool:
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Divide the logits by a temperature > 0: below 1 sharpens, above 1 flattens."""
-    return logits / temperature
+    """Divide the logits by a temperature > 0: below 1 sharpens, above 1 flattens.
+
+    Each row's largest logit is taken off first (the softmax is the same), so that a tiny
+    temperature gives -inf for the others, not an overflow to +inf and a NaN softmax.
+    """
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -145,6 +155,8 @@ def sample_next(
     :func:`make_generators`), so that each row's draws do not depend on the other rows.
     """
     logits = logits.float()
+    if cfg.vocab_limit is not None:
+        logits = logits[..., : cfg.vocab_limit]  # (B, V_limit): ids past it are never drawn
     if cfg.temperature == 0:
         return torch.argmax(logits, dim=-1)  # (B,)
     logits = apply_temperature(logits, cfg.temperature)
@@ -277,14 +289,14 @@ class _Decoder:
 
 def _check_prompts(model: GPT, prompts: list[list[int]]) -> None:
     if not prompts:
-        raise ValueError("generate needs at least one prompt, got an empty list")
+        raise ConfigError("generate needs at least one prompt, got an empty list")
     vocab = model.cfg.vocab_size
     for row, prompt in enumerate(prompts):
         if len(prompt) == 0:
-            raise ValueError(f"prompt {row} is empty; give at least one token id (e.g. the eos id)")
+            raise ConfigError(f"prompt {row} is empty; give at least one token id (e.g. the eos id)")
         bad = [t for t in prompt if not _is_int(t) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"prompt {row} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
             )
 
@@ -309,6 +321,9 @@ def decode_steps(
             decoder = _Decoder(model, prompts, use_cache)
             generators = make_generators(sampling.seed, len(prompts), decoder.device)
             logits = decoder.run_windows()  # (B, V)
+            if not bool(torch.isfinite(logits).all()):  # once, after the prompt: broken weights say so here
+                raise ConfigError("the model's logits for the prompt are not finite (NaN or inf): its weights "
+                                  "are damaged or diverged; check them (llmscratch eval) or use an earlier checkpoint")
         finished = [False] * len(prompts)
         for i in range(sampling.max_new_tokens):
             with torch.inference_mode():
