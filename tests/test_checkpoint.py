@@ -512,6 +512,24 @@ def test_cli_generate_with_a_model_vocabulary_larger_than_its_tokenizer(tmp_path
     assert done.returncode == 0, done.stderr
 
 
+def test_hf_import_names_a_config_field_it_cannot_read_and_refuses_integer_weights(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    source = tiny_hf_dir(tmp_path / "hf")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "resid_pdrop": None}))
+    with pytest.raises(CheckpointError, match="config.json: a field cannot be read"):
+        import_checkpoint(source, tmp_path / "run", no_tokenizer=True)
+    (source / "config.json").write_text(json.dumps(config))
+    weights = load_file(source / "model.safetensors")
+    weights["transformer.wte.weight"] = weights["transformer.wte.weight"].long()  # all zeros once cast back
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"not floating point: transformer.wte.weight \(torch.int64\)"):
+        import_checkpoint(source, tmp_path / "run", no_tokenizer=True)
+    assert not (tmp_path / "run" / WEIGHTS_FILE).exists()
+
+
 def test_cli_import_gpt2_offline_says_how_to_use_a_local_directory(tmp_path):
     done = _cli("import", "gpt2", str(tmp_path / "run"), cwd=tmp_path,
                 env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")})

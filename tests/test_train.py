@@ -149,7 +149,7 @@ def test_training_lowers_loss_and_writes_the_run(corpus: Path, tmp_path: Path):
     # Character tokens of ASCII text are one byte each: bits per byte = loss in bits.
     assert final["val_bpb"] == pytest.approx(final["val_loss"] / math.log(2), rel=1e-9)
     for name in ("config.json", "model.safetensors", "training_state.pt", "train_config.json", "loss.png",
-                 "tokenizer_config.json", "best/model.safetensors"):
+                 "tokenizer_config.json", "best/model.safetensors", "best/tokenizer_config.json"):
         assert (run / name).exists(), name
     assert (run.parent / "latest").resolve() == run.resolve()
     info = describe_run(run)

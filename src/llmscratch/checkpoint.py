@@ -616,7 +616,7 @@ def _convert_in(table: tuple[Rule, ...], theirs: Mapping[str, torch.Tensor], cfg
     """Foreign state dict → ours through ``table``; every missing, extra or misshapen key is reported."""
     left = dict(theirs)
     ours: dict[str, torch.Tensor] = {}
-    missing, shapes, nonzero = [], [], []
+    missing, shapes, nonzero, dtypes = [], [], [], []
     for rule, our_key, their_keys in _expand(table, cfg):
         present = rule.present(cfg)
         if not present and not rule.zeros_if_absent:
@@ -628,6 +628,8 @@ def _convert_in(table: tuple[Rule, ...], theirs: Mapping[str, torch.Tensor], cfg
                     missing.append(key)
                 continue
             tensor = left.pop(key)
+            if not tensor.is_floating_point():
+                dtypes.append(f"{key} ({tensor.dtype})")
             if tuple(tensor.shape) != rule.their_shape(cfg):
                 shapes.append(f"{key} (expected {rule.their_shape(cfg)}, found {tuple(tensor.shape)})")
             parts.append(tensor)
@@ -647,6 +649,8 @@ def _convert_in(table: tuple[Rule, ...], theirs: Mapping[str, torch.Tensor], cfg
         problems.append(f"shape mismatches: {_short(shapes, sep='; ')}")
     if nonzero:
         problems.append(f"non-zero values in {_short(nonzero, 4)}, for which this config has no parameter")
+    if dtypes:
+        problems.append(f"weights that are not floating point: {_short(dtypes, sep='; ')}")
     if problems:
         raise CheckpointError(f"the weights in {source} do not fit the config "
                               f"({_config_line(cfg)}):\n  - " + "\n  - ".join(problems))
@@ -737,8 +741,8 @@ def config_from_hf(hf: Mapping[str, Any], *, source: str = "the Hugging Face con
             scale_attn=bool(hf.get("scale_attn_weights", True)),
             layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         )
-    except ConfigError as err:
-        raise CheckpointError(f"{source}: {err}") from err
+    except (ConfigError, TypeError, ValueError) as err:  # float(None), float("abc"), a bad field
+        raise CheckpointError(f"{source}: a field cannot be read: {err}; fix the config") from err
 
 
 def hf_config_from_ours(cfg: GPTConfig, eot_id: Optional[int] = None) -> dict[str, Any]:

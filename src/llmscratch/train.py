@@ -653,6 +653,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
                 bar.write(msg) if group.is_main and cfg.progress else log(msg)
                 if improved:
                     dist.save_weights(run_dir / "best", model, group)
+                    if group.is_main and not ckpt.has_tokenizer_files(run_dir / "best"):
+                        tokenizer.save(run_dir / "best")  # so that best/ generates on its own
             if at_ckpt:
                 save_checkpoint(step)
                 last_good = step
