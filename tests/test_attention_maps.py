@@ -116,6 +116,7 @@ def test_png_grid_and_head_pictures(tmp_path):
     assert png_size(tmp_path / "out" / "layer1_head0.png") == (round(100 * (side + 1.2)), round(100 * side))
     with pytest.raises(InspectError, match="layer 5 does not exist"):
         write_attention_outputs(maps, tmp_path / "bad", layers=[5])
+    assert not (tmp_path / "bad").exists()  # refused before anything is created
 
 
 def test_long_prompts_get_subsampled_labels(tmp_path):

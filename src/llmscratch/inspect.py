@@ -832,8 +832,9 @@ def write_attention_outputs(
     when asked. Returns the paths written."""
     import json
 
+    from .checkpoint import write_text_atomic  # a failed write keeps the previous file whole
+
     out = _as_path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     chosen_layers = list(layers) if layers else []
     chosen_heads = list(heads) if heads else []
     if chosen_layers or chosen_heads:
@@ -842,6 +843,7 @@ def write_attention_outputs(
         for layer in chosen_layers:
             for head in chosen_heads:
                 _check_layer_head(maps, layer, head)
+    out.mkdir(parents=True, exist_ok=True)  # only once the request is known to be good
     written = []
     plot_attention_grid(maps, out / "grid.png", title=title)
     written.append(out / "grid.png")
@@ -852,10 +854,10 @@ def write_attention_outputs(
             written.append(path)
     if html_page:
         path = out / "attention.html"
-        path.write_text(attention_html(maps, title or "Attention weights"), encoding="utf-8")
+        write_text_atomic(path, attention_html(maps, title or "Attention weights"))
         written.append(path)
     if json_file:
         path = out / "attention.json"
-        path.write_text(json.dumps(attention_json(maps)), encoding="utf-8")
+        write_text_atomic(path, json.dumps(attention_json(maps)))
         written.append(path)
     return written
