@@ -190,6 +190,29 @@ def test_resume_refuses_weights_and_state_from_two_saves(corpus: Path, tmp_path:
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files  # nothing changed
 
 
+def test_resume_applies_what_may_change_even_at_its_default_and_refuses_what_may_not(corpus, tmp_path):
+    half = train(tiny_config(corpus, tmp_path, steps=8, stop_at=4, name="half"))
+    with pytest.raises(ConfigError, match=r"cannot change: --data 'other.txt' \(the run has .*\), --seed 5 \(the run has 7\)"):
+        train(TrainConfig(resume=str(half), data="other.txt", seed=5, progress=False))
+    train(TrainConfig(resume=str(half), steps=1400, stop_at=6, progress=False),  # 1400: the default, but given
+          given={"resume", "steps", "stop_at", "progress"})
+    assert ckpt.read_json(half / "train_config.json")["steps"] == 1400
+    assert ckpt.load_training_state(half)["step"] == 6
+
+
+def test_init_from_starts_from_the_weights_and_refuses_options_it_cannot_apply(corpus: Path, tmp_path: Path):
+    source = train(tiny_config(corpus, tmp_path, steps=4, name="source"))
+    given = {"data", "steps", "batch_size", "device", "progress", "out_dir", "name", "init_from", "sample_tokens"}
+    child = train(tiny_config(corpus, tmp_path, steps=2, name="child", init_from=str(source)), given=given)
+    assert ckpt.load_config(child) == ckpt.load_config(source)
+    assert ckpt.load_training_state(child)["step"] == 2
+    before, after = ckpt.load_model(source).state_dict(), ckpt.load_model(child).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained from there
+    with pytest.raises(ConfigError, match=r"brings its own model and tokenizer; model options, --tokenizer cannot"):
+        train(tiny_config(corpus, tmp_path, steps=2, name="child2", init_from=str(source)),
+              given=given | {"tokenizer", "model"})
+
+
 def test_resume_of_a_run_saved_before_the_optimizer_option_continues_with_adamw(corpus: Path, tmp_path: Path):
     full = train(tiny_config(corpus, tmp_path / "a", name="full", optimizer="adamw"))
     half = train(tiny_config(corpus, tmp_path / "b", stop_at=4, name="half", optimizer="adamw"))

@@ -112,6 +112,11 @@ def train_config_from_args(args: argparse.Namespace):
     """Merge defaults, the ``--config`` file and the command line (which wins)."""
     from .train import TrainConfig
 
+    return TrainConfig.from_dict(train_options_from_args(args))
+
+
+def train_options_from_args(args: argparse.Namespace) -> dict:
+    """The training options the user set, in the ``--config`` file or on the command line (which wins)."""
     values: dict = load_config_file(args.config) if args.config else {}
     model = dict(values.pop("model", {}) or {})
     for name in _TRAIN_OPTIONS:
@@ -128,7 +133,7 @@ def train_config_from_args(args: argparse.Namespace):
         values["progress"] = False
     if model:
         values["model"] = model
-    return TrainConfig.from_dict(values)
+    return values
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -138,10 +143,11 @@ def _run_train(args: argparse.Namespace) -> int:
         return launch_torchrun(args.nproc, sys.argv[1:])
     from .checkpoint import load_run
     from .generate import SamplingConfig, generate
-    from .train import sample_prompt_ids, train
+    from .train import TrainConfig, sample_prompt_ids, train
 
-    cfg = train_config_from_args(args)
-    run_dir = train(cfg)
+    options = train_options_from_args(args)
+    cfg = TrainConfig.from_dict(options)
+    run_dir = train(cfg, given=set(options))
     if int(os.environ.get("RANK", "0")) == 0 and cfg.sample_tokens > 0:
         model, tokenizer, _ = load_run(run_dir)
         prompt = sample_prompt_ids(tokenizer, cfg.sample_prompt)[-(model.cfg.context_length // 2):]

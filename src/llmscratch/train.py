@@ -389,12 +389,20 @@ def _set_rng_state(state: dict[str, Any], batch_gen: torch.Generator, runtime: R
         torch.cuda.set_rng_state(state["cuda"], runtime.device)
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
+# What a resumed run may change: how far and how it runs, never what it learns from or how.
+RESUME_MAY_CHANGE = ("steps", "time_budget", "stop_at", "progress", "device", "precision", "compile", "loss",
+                     "eval_interval", "checkpoint_interval", "log_interval", "micro_batch", "fsdp", "resume")
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[set[str]] = None) -> Path:
     """Train a GPT as ``cfg`` says; return the run directory.
 
     With ``cfg.resume``, continue that run exactly where its last checkpoint left off
     (same batches, same schedule, same RNG): N steps in one go and N/2 + resume + N/2
-    give identical weights on the CPU.
+    give identical weights on the CPU. The saved settings hold, except those of
+    :data:`RESUME_MAY_CHANGE` that were given (``given``: the names set by the user, as the
+    CLI passes them; ``None``: those that differ from the defaults); any other setting
+    given with a value unlike the saved one is refused, not ignored.
     """
     group = dist.init(cfg.device)  # one process unless launched by torchrun
     t_start = time.time()
@@ -407,13 +415,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         run_dir = Path(cfg.resume)
         saved = ckpt.read_json(run_dir / "train_config.json")
         saved.setdefault("optimizer", "adamw")  # runs saved before the option existed trained with AdamW
-        keep = {k: v for k, v in cfg.to_dict().items() if k in ("steps", "time_budget", "stop_at", "progress", "device",
-                                                                "precision", "compile", "loss", "eval_interval",
-                                                                "checkpoint_interval", "log_interval",
-                                                                "micro_batch", "fsdp")}
-        defaults = TrainConfig().to_dict()
-        # The saved settings win, except those the user changed on this command line.
-        merged = {**saved, **{k: v for k, v in keep.items() if v != defaults[k]}}
+        now, defaults = cfg.to_dict(), TrainConfig().to_dict()
+        given = set(given) if given is not None else {k for k, v in now.items() if v != defaults[k]}
+        clash = sorted(k for k in given - set(RESUME_MAY_CHANGE) if k in saved and now[k] != saved[k])
+        if clash:
+            raise ConfigError(
+                f"--resume continues {run_dir} as it was set up; these options differ from it and cannot change: "
+                + ", ".join(f"--{k.replace('_', '-')} {now[k]!r} (the run has {saved[k]!r})" for k in clash)
+                + "; drop them, or start a new run (--init-from to start from these weights)")
+        # The saved settings win, except those the user gave on this command line.
+        merged = {**saved, **{k: now[k] for k in RESUME_MAY_CHANGE if k in given and k in now}}
         # Where to stop this time is a property of this command, never of the saved run.
         merged.update(resume=str(run_dir), init_from=None, stop_at=cfg.stop_at, time_budget=cfg.time_budget,
                       progress=cfg.progress)
@@ -424,6 +435,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
         if "optimizer" in state:  # an ordinary checkpoint: weights and state must come from one save
             ckpt.check_saved_together(run_dir, state)
     else:
+        if cfg.init_from:  # the model and tokenizer come from there: options that would shape new ones cannot apply
+            now, defaults = cfg.to_dict(), TrainConfig().to_dict()
+            given = set(given) if given is not None else {k for k, v in now.items() if v != defaults[k]}
+            moot = sorted(given & {"tokenizer", "vocab_size", "preset", "model"})
+            if moot:
+                raise ConfigError(
+                    f"--init-from {cfg.init_from} brings its own model and tokenizer; "
+                    + ", ".join(f"--{k.replace('_', '-')}" if k != "model" else "model options" for k in moot)
+                    + " cannot apply to them: drop them")
         run_dir = _new_run_dir(cfg)
 
     runtime = setup_runtime(cfg.device, cfg.precision)
