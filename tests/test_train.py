@@ -200,6 +200,15 @@ def test_resume_applies_what_may_change_even_at_its_default_and_refuses_what_may
     assert ckpt.load_training_state(half)["step"] == 6
 
 
+def test_resume_refuses_a_corpus_that_changed_since_the_run_started(corpus: Path, tmp_path: Path):
+    half = train(tiny_config(corpus, tmp_path, steps=8, stop_at=4, name="half"))
+    corpus.write_text(TEXT[: len(TEXT) // 2], encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"tiny.txt is not what .*half started on .*--init-from"):
+        train(TrainConfig(resume=str(half), progress=False))
+    corpus.write_text(TEXT, encoding="utf-8")
+    assert ckpt.load_training_state(train(TrainConfig(resume=str(half), progress=False)))["step"] == 8
+
+
 def test_init_from_starts_from_the_weights_and_refuses_options_it_cannot_apply(corpus: Path, tmp_path: Path):
     source = train(tiny_config(corpus, tmp_path, steps=4, name="source"))
     given = {"data", "steps", "batch_size", "device", "progress", "out_dir", "name", "init_from", "sample_tokens"}

