@@ -517,6 +517,8 @@ def test_hf_import_names_a_config_field_it_cannot_read_and_refuses_integer_weigh
     from safetensors.torch import load_file, save_file
 
     source = tiny_hf_dir(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="Hugging Face directory.*--heads, --tokenizer-dir .* cannot apply"):
+        import_checkpoint(source, tmp_path / "run", heads=2, tokenizer_dir=tmp_path, no_tokenizer=True)
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "resid_pdrop": None}))
     with pytest.raises(CheckpointError, match="config.json: a field cannot be read"):

@@ -358,6 +358,9 @@ def test_explain_run_cli_prints_the_check(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "llmscratch", "explain", "--run", str(tmp_path), "xyz"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not in the vocabulary" in bad.stderr
+    toy = subprocess.run([sys.executable, "-m", "llmscratch", "explain", "--run", str(tmp_path), "bad", "--heads", "3",
+                          "--no-scale"], capture_output=True, text=True, timeout=120)
+    assert toy.returncode == 2 and "--heads, --no-scale cannot apply" in toy.stderr
 
 
 # --------------------------------------------------------------------------- the HTML page's script, run by Node

@@ -1062,6 +1062,12 @@ def import_checkpoint(
 
     tokenizer = None
     if path.is_dir():
+        moot = [name for name, value in (("--heads", heads), ("--preset", preset), ("--tokenizer-dir", tokenizer_dir))
+                if value is not None]
+        if moot:
+            raise CheckpointError(f"{path} is a Hugging Face directory: its config.json gives the shape and its own "
+                                  f"files the tokenizer, so {', '.join(moot)} (for the book's format) cannot apply; "
+                                  "drop them")
         model = load_hf_model(path)
         log(f"read the Hugging Face GPT-2 directory {path}")
         if not no_tokenizer:

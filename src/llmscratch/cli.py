@@ -34,11 +34,22 @@ def command(name: str):
 def _run_explain(args: argparse.Namespace) -> int:
     from .inspect import explain, explain_run
 
+    from .errors import ConfigError
+
+    if args.max_values < 0:
+        raise ConfigError(f"--max-values must be >= 0 (0: shapes only), got {args.max_values}")
+    toy = {"--batch": args.batch, "--heads": args.heads, "--d-out": args.d_out, "--seed": args.seed,
+           "--no-scale": args.no_scale or None}
     if args.run:
+        given = [name for name, value in toy.items() if value is not None]
+        if given:
+            raise ConfigError(f"--run traces the run's own first attention layer, whose shape and weights are its "
+                              f"own: {', '.join(given)} cannot apply; drop them")
         explain_run(args.run, args.sentence, max_values=args.max_values, out=sys.stdout)
         return 0
     explain(
-        args.sentence, batch=args.batch, heads=args.heads, d_out=args.d_out, seed=args.seed,
+        args.sentence, batch=1 if args.batch is None else args.batch, heads=2 if args.heads is None else args.heads,
+        d_out=4 if args.d_out is None else args.d_out, seed=123 if args.seed is None else args.seed,
         scale=not args.no_scale, max_values=args.max_values, out=sys.stdout,
     )
     return 0
@@ -54,11 +65,11 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("sentence", nargs="?", default="Your journey starts with one step",
                    help="the text to trace, one token per whitespace-separated word (default: the book's sentence)")
-    p.add_argument("--batch", type=int, default=1,
+    p.add_argument("--batch", type=int, default=None,
                    help="batch size: the sentence, then its words rotated by 1, 2, ... (default 1)")
-    p.add_argument("--heads", type=int, default=2, help="number of attention heads (default 2)")
-    p.add_argument("--d-out", type=int, default=4, help="total output width, split across heads (default 4)")
-    p.add_argument("--seed", type=int, default=123, help="seed for the projection weights (default 123)")
+    p.add_argument("--heads", type=int, default=None, help="number of attention heads (default 2)")
+    p.add_argument("--d-out", type=int, default=None, help="total output width, split across heads (default 4)")
+    p.add_argument("--seed", type=int, default=None, help="seed for the projection weights (default 123)")
     p.add_argument("--run", metavar="RUN_DIR",
                    help="trace a trained model's first attention layer on its real tokens and weights")
     p.add_argument("--no-scale", action="store_true", help="leave out the 1/sqrt(d_k) scaling of the scores")
