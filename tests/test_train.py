@@ -317,13 +317,15 @@ def test_a_named_run_never_writes_into_another(corpus: Path, tmp_path: Path):
 def test_info_and_resume_survive_a_half_written_metrics_line_and_name_a_bad_train_config(corpus, tmp_path):
     run = train(tiny_config(corpus, tmp_path, steps=8, stop_at=4, name="r"))
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write('{"step": 5, "train_lo')  # a run killed while it wrote a line
+    with open(run / "metrics.jsonl", "a") as f:  # a run killed after its checkpoint, while it wrote a line
+        f.write('{"step": 6, "train_loss": 3.0}\n{"step": 7, "train_lo')
     assert "best validation" in describe_run(run)
     train(TrainConfig(resume=str(run), progress=False))
     after = (run / "metrics.jsonl").read_text().splitlines()
-    assert after[: len(lines)] == lines and after[len(lines)] == '{"step": 5, "train_lo'
-    assert all(json.loads(line)["step"] > 4 for line in after[len(lines) + 1:])  # whole lines again
+    assert after[: len(lines)] == lines  # what came before the checkpoint, as it was
+    steps = [json.loads(line)["step"] for line in after[len(lines):]]  # every line whole again
+    assert steps == sorted(steps) and min(steps) > 4 and steps.count(6) == 1  # step 6 once: this run's
+    assert '"train_loss": 3.0' not in "".join(after)
     (run / "train_config.json").write_text('{"steps": 8,')
     with pytest.raises(ckpt.CheckpointError, match="train_config.json is not valid JSON"):
         describe_run(run)

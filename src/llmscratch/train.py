@@ -549,6 +549,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
         f"{cfg.batch_size * cfg.grad_accum} windows per step, {micro_size} per forward pass on each process")
 
     metrics_path = run_dir / "metrics.jsonl"
+    if cfg.resume and group.is_main and metrics_path.exists():
+        # Records past the checkpoint (a run killed after it) are written again by this run: keep one of each.
+        kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
+        ckpt.write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write_metrics(record: dict[str, Any]) -> None:
         if group.is_main:
