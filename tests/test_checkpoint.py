@@ -532,6 +532,16 @@ def test_hf_import_names_a_config_field_it_cannot_read_and_refuses_integer_weigh
     assert not (tmp_path / "run" / WEIGHTS_FILE).exists()
 
 
+def test_a_file_or_directory_of_the_wrong_kind_is_named_with_what_to_do(tmp_path):
+    pytest.importorskip("transformers")
+    source = tiny_hf_dir(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match=r"a Hugging Face GPT-2 config, not a run's: .*llmscratch import"):
+        load_config(source)
+    save_model(tmp_path / "run", tiny())
+    with pytest.raises(CheckpointError, match="llmscratch's own weight names, not the book's"):
+        import_checkpoint(tmp_path / "run" / WEIGHTS_FILE, tmp_path / "imported", heads=2, no_tokenizer=True)
+
+
 def test_cli_import_gpt2_offline_says_how_to_use_a_local_directory(tmp_path):
     done = _cli("import", "gpt2", str(tmp_path / "run"), cwd=tmp_path,
                 env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")})

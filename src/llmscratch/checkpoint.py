@@ -283,6 +283,9 @@ def load_config(run_dir: PathLike) -> GPTConfig:
     _require_file(path, "a run directory needs the config.json written by save_model; "
                         "to use Hugging Face or book weights run `llmscratch import` first")
     data = _read_json(path)
+    if data.get("model_type") == "gpt2":
+        raise CheckpointError(f"{path} is a Hugging Face GPT-2 config, not a run's: turn {run_dir} into a run "
+                              f"with `llmscratch import {run_dir} RUN_DIR`")
     try:
         return GPTConfig.from_dict(data)
     except (ConfigError, TypeError, ValueError) as err:
@@ -944,12 +947,16 @@ def read_book_file(path: PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     _require_file(path, "give the path of a torch.save(model.state_dict()) file of the book's GPTModel")
     if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    obj = _torch_load(path, "the book's state dict")
-    if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
-        obj = obj["model_state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors)")
+        obj = read_safetensors(path)
+    else:
+        obj = _torch_load(path, "the book's state dict")
+        if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
+            obj = obj["model_state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors)")
+    if "tok_emb.weight" in obj and any(k.startswith("blocks.") for k in obj):  # our names, not the book's
+        raise CheckpointError(f"{path} holds llmscratch's own weight names, not the book's: it belongs in a run "
+                              "directory (beside its config.json), which needs no import")
     return obj
 
 
