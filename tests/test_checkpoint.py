@@ -542,6 +542,13 @@ def test_a_file_or_directory_of_the_wrong_kind_is_named_with_what_to_do(tmp_path
         import_checkpoint(tmp_path / "run" / WEIGHTS_FILE, tmp_path / "imported", heads=2, no_tokenizer=True)
 
 
+def test_book_import_with_a_preset_of_another_size_says_so(tmp_path):
+    source = _book_file(tmp_path / "model.pth")  # emb_dim 16, 2 layers
+    with pytest.raises(CheckpointError, match="was not trained with preset gpt2-124m: emb_dim: preset gpt2-124m has "
+                                              "768, the weights have 16; n_layers: preset gpt2-124m has 12, the weights have 2"):
+        import_checkpoint(source, tmp_path / "run", preset="gpt2-124m", no_tokenizer=True)
+
+
 def test_cli_import_gpt2_offline_says_how_to_use_a_local_directory(tmp_path):
     done = _cli("import", "gpt2", str(tmp_path / "run"), cwd=tmp_path,
                 env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")})

@@ -1104,12 +1104,14 @@ def import_checkpoint(
                 raise CheckpointError(str(err)) from err
             heads = heads if heads is not None else base.n_heads
             drop_rate = base.drop_rate
-        cfg, ours = book_to_ours(sd, heads, drop_rate, source=str(path))
-        if preset is not None:
-            differ = [f"{f}: preset {preset} has {getattr(base, f)}, the weights have {getattr(cfg, f)}"
-                      for f in ("emb_dim", "n_layers") if getattr(base, f) != getattr(cfg, f)]
+        if preset is not None:  # before the config is built: its own rules would hide the real cause
+            emb = sd["tok_emb.weight"].shape[-1] if "tok_emb.weight" in sd else base.emb_dim
+            layers = len({k.split(".")[1] for k in sd if k.startswith("trf_blocks.")}) or base.n_layers
+            differ = [f"{f}: preset {preset} has {getattr(base, f)}, the weights have {theirs}"
+                      for f, theirs in (("emb_dim", emb), ("n_layers", layers)) if getattr(base, f) != theirs]
             if differ:
                 raise CheckpointError(f"{path} was not trained with preset {preset}: " + "; ".join(differ))
+        cfg, ours = book_to_ours(sd, heads, drop_rate, source=str(path))
         model = GPT(cfg)
         model.load_state_dict(ours, strict=True)
         model.eval()
