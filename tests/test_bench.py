@@ -142,6 +142,33 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert "fwd+bwd" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["train", "--repeats", "-2"], "--repeats must be at least 1, got -2"),
+    (["train", "--batch", "0"], "--batch must be at least 1, got 0"),
+    (["train", "--context", "0"], "--context must be at least 1, got 0"),
+    (["train", "--threads", "-1"], "--threads must be at least 1, got -1"),
+    (["decode", "--decode-batches", "0", "1", "--new-tokens", "4"], "--decode-batches must be at least 1, got 0"),
+    (["decode", "--new-tokens", "0"], "--new-tokens must be at least 1, got 0"),
+    (["decode"], "--new-tokens 200 and the 8-token prompt do not fit the 32-token context of preset test"),
+])
+def test_cli_bench_refuses_bad_numbers_before_measuring(argv, message, capsys):
+    from llmscratch.cli import main
+
+    assert main(["bench", *argv, "--preset", "test"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_bench_refuses_a_json_path_it_cannot_write_before_measuring(tmp_path, capsys):
+    from llmscratch.cli import main
+
+    assert main(["bench", "train", "--preset", "test", "--json", str(tmp_path)]) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert main(["bench", "train", "--preset", "test", "--json", str(tmp_path / "afile" / "b.json")]) == 2
+    assert "does not exist (or is a file)" in capsys.readouterr().err
+
+
 def test_cli_bench_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])

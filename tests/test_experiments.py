@@ -144,3 +144,11 @@ def test_cli_list_and_errors(capsys):
     assert main(["experiment"]) == 2
     with pytest.raises(ConfigError, match="mode"):
         run_experiment("heads", "huge")
+
+
+def test_cli_experiment_refuses_a_seed_numpy_cannot_take(capsys, tmp_path):
+    from llmscratch.cli import main
+
+    assert main(["experiment", "heads", "--tiny", "--seed", "-1", "--out", str(tmp_path)]) == 2
+    assert "--seed must be in [0, 2**32)" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything ran

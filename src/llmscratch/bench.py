@@ -35,6 +35,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -668,6 +669,19 @@ def format_attention(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def check_json_path(path: str) -> None:
+    """Refuse, before anything is measured, a ``--json`` path that cannot be written."""
+    from .errors import ConfigError
+
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--json {path} is a directory; give a file name, e.g. {target / 'bench.json'}")
+    if not target.parent.is_dir():
+        raise ConfigError(f"--json {path}: the folder {target.parent} does not exist (or is a file); create it first")
+
+
 def write_json(path: str, record: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2, default=str)
+    """Write the record atomically: a run cut short keeps the previous file whole."""
+    from .checkpoint import write_text_atomic
+
+    write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")

@@ -473,6 +473,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
         raise ConfigError(f"name an experiment ({', '.join(NAMES)}) or pass --list")
     if args.quick and args.tiny:
         raise ConfigError("--quick and --tiny are two sizes: pick one")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2**32), as NumPy's seed, got {args.seed}")
     mode = "quick" if args.quick else "tiny" if args.tiny else "full"
     report = run_experiment(args.name, mode, args.out, device=args.device, seed=args.seed, data=args.data)
     folder = f"{args.out}/{args.name}"
@@ -510,9 +512,18 @@ def _run_bench(args: argparse.Namespace) -> int:
     import torch
 
     from . import bench
+    from .errors import ConfigError
     from .model import GPTConfig
     from .runtime import resolve_precision, setup_runtime
 
+    counts = {"--batch": args.batch, "--steps": args.steps, "--repeats": args.repeats, "--new-tokens": args.new_tokens,
+              "--context": args.context, "--threads": args.threads,
+              "--decode-batches": min(args.decode_batches, default=None)}
+    for option, value in counts.items():  # before anything is measured: no traceback, no half table
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be at least 1, got {value}")
+    if args.json:
+        bench.check_json_path(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     runtime = setup_runtime(args.device, "fp32" if args.device == "cpu" else "auto")
@@ -520,6 +531,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, device)
     cfg = GPTConfig.from_preset(args.preset, drop_rate=0.0)
     context = args.context or cfg.context_length
+    if args.what in ("decode", "all") and cfg.pos_emb == "learned" and 8 + args.new_tokens > cfg.context_length:
+        raise ConfigError(f"--new-tokens {args.new_tokens} and the 8-token prompt do not fit the {cfg.context_length}-"
+                          f"token context of preset {args.preset} (learned positions): give --new-tokens "
+                          f"{cfg.context_length - 8} or less")
     peers = bench.available_peers() if args.peers else []
     compile_ = device.type == "cuda" if args.compile is None else args.compile
     record: dict = {"environment": bench.environment(device), "preset": args.preset, "batch": args.batch,
