@@ -88,9 +88,26 @@ def test_a_failing_contender_becomes_an_error_row_on_the_cpu(monkeypatch):
     rows = bench.bench_train(GPTConfig.from_preset("test"), CPU, batch=2, context=16, precision="fp32",
                              names=["ours"], compile=True, steps=1, repeats=1, warmup=1, log=lambda _: None)
     errors = [r for r in rows if "error" in r]
-    assert [r["model"] for r in errors] == ["ours (compiled)"] and "no C++ compiler" in errors[0]["error"]
+    assert [r["model"] for r in errors] == ["llmscratch (compiled)"] and "no C++ compiler" in errors[0]["error"]
     assert [r["model"] for r in rows if "error" not in r] == ["llmscratch"]
     assert "error: RuntimeError" in bench.format_train(rows)
+
+
+def test_a_failing_peer_is_named_in_its_error_row_as_in_a_good_one(monkeypatch):
+    real = bench._peer_decode_runner
+
+    def failing(name, *args, **kw):
+        if name == "book":
+            raise ImportError("no module named llms_from_scratch")
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(bench, "_peer_decode_runner", failing)
+    cfg = GPTConfig.from_preset("test")
+    rows = bench.bench_decode(cfg, CPU, batches=(1,), new_tokens=2, repeats=1, modes=["cache"], peers=["book"],
+                              log=lambda _: None)
+    errors = [r for r in rows if "error" in r]
+    assert [r["mode"] for r in errors] == [bench.DECODE_PEER_LABELS["book"]] == ["book GPTModel, no cache"]
+    assert "llms_from_scratch" in errors[0]["error"]
 
 
 def test_decode_rows_cover_every_mode_and_batch():

@@ -152,3 +152,22 @@ def test_cli_experiment_refuses_a_seed_numpy_cannot_take(capsys, tmp_path):
     assert main(["experiment", "heads", "--tiny", "--seed", "-1", "--out", str(tmp_path)]) == 2
     assert "--seed must be in [0, 2**32)" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_an_output_the_report_cannot_go_to_is_refused_before_training(tmp_path, monkeypatch):
+    import llmscratch.experiments.heads as heads
+
+    monkeypatch.setattr(heads, "run", lambda *a, **k: pytest.fail("trained although the report cannot be written"))
+    (tmp_path / "heads" / "report.md").mkdir(parents=True)  # a folder where the report goes
+    with pytest.raises(ConfigError, match=r"report\.md is a folder"):
+        run_experiment("heads", "tiny", tmp_path, device="cpu")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        run_experiment("heads", "tiny", tmp_path / "file", device="cpu")
+    assert main(["experiment", "heads", "--tiny", "--out", str(tmp_path / "file" / "below")]) == 2
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file", "heads", "report.md"]  # nothing else made
+
+
+def test_outputs_leave_no_temporary_files(outputs):
+    assert not [p for p in outputs.rglob("*") if p.name.startswith(".") and p.name != ".cache"]
+    assert not [p for p in outputs.rglob("*.tmp*")]

@@ -170,6 +170,21 @@ def _logits_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tor
     return loss
 
 
+CONTENDER_LABELS = {"ours": "llmscratch", "book": "book GPTModel", "book-fast": "book GPTModelFast",
+                    "hf": "transformers GPT2LMHeadModel (sdpa)"}
+
+
+def contender_label(name: str, compiled: bool = False, as_peers: bool = False, loss_impl: str = "auto") -> str:
+    """The row name of contender ``name`` (a key of :data:`CONTENDER_LABELS`), as tables and JSON show it."""
+    label = CONTENDER_LABELS.get(name, name)
+    if name != "ours":
+        return label
+    if as_peers:
+        return f"{label} ({'compiled, ' if compiled else ''}as the peers: gelu, learned pos.)"
+    label += " (compiled)" if compiled else ""
+    return label + (f", {loss_impl} loss" if loss_impl != "auto" else "")
+
+
 def build_contender(name: str, cfg: GPTConfig, device: torch.device, compile: bool = False,
                     loss_impl: str = "auto") -> Contender:
     """``ours`` (llmscratch's GPT), ``book``, ``book-fast`` or ``hf``, with ``cfg``'s shape, on ``device``.
@@ -182,7 +197,7 @@ def build_contender(name: str, cfg: GPTConfig, device: torch.device, compile: bo
         model.loss_impl = loss_impl
         pos = model.pos_emb if cfg.pos_emb == "learned" else None
         forward = torch.compile(model) if compile else model
-        return Contender("llmscratch" + (" (compiled)" if compile else ""), model,
+        return Contender(contender_label(name, compile), model,
                          lambda x, y: forward(x, y), _count(model, pos), compiled=compile)
     if name in ("book", "book-fast"):
         from llms_from_scratch.ch04 import GPTModel, GPTModelFast
@@ -190,8 +205,7 @@ def build_contender(name: str, cfg: GPTConfig, device: torch.device, compile: bo
         model = (GPTModel if name == "book" else GPTModelFast)(book_config(cfg)).to(device)
         if cfg.tie_weights:
             model.out_head.weight = model.tok_emb.weight
-        label = "book GPTModel" if name == "book" else "book GPTModelFast"
-        return Contender(label, model, _logits_loss(model), _count(model, model.pos_emb),
+        return Contender(contender_label(name), model, _logits_loss(model), _count(model, model.pos_emb),
                          note="biases always on" if not cfg.bias else "")
     if name == "hf":
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -209,7 +223,7 @@ def build_contender(name: str, cfg: GPTConfig, device: torch.device, compile: bo
             logits = model(input_ids=x).logits  # (B, T, V)
             return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
-        return Contender("transformers GPT2LMHeadModel (sdpa)", model, loss,
+        return Contender(contender_label(name), model, loss,
                          _count(model, model.transformer.wpe), note="biases always on" if not cfg.bias else "")
     raise ValueError(f"unknown model {name!r}; choose ours, book, book-fast or hf")
 
@@ -378,15 +392,15 @@ def bench_train(
             if compile:
                 plan.append((name, True, same))
 
+    def label(name: str, compiled: bool, config: GPTConfig) -> str:
+        return contender_label(name, compiled, as_peers=name == "ours" and config != cfg, loss_impl=loss_impl)
+
     def setup(name: str, compiled: bool, config: GPTConfig) -> tuple[Contender, _TrainStep]:
         torch.manual_seed(0)
         c = build_contender(name, config, device, compile=compiled, loss_impl=loss_impl)
+        c.name = label(name, compiled, config)
         if name == "ours":
             c.sdpa_backend = backend
-            if config != cfg:
-                c.name = f"llmscratch ({'compiled, ' if compiled else ''}as the peers: gelu, learned pos.)"
-            if loss_impl != "auto":
-                c.name += f", {loss_impl} loss"
         c.same_as_peers = config == same
         return c, _TrainStep(c, config, batch, context, device, precision)
 
@@ -412,7 +426,7 @@ def bench_train(
                 for _ in range(warmup):
                     step()
             except Exception as err:  # a peer or the compiler (no C++ compiler, say) failing must not lose the rest
-                rows.append({"model": name + (" (compiled)" if compiled else ""), "error": repr(err)[:300]})
+                rows.append({"model": label(name, compiled, config), "error": repr(err)[:300]})
                 continue
             runs.append((c, step, []))
         for _ in range(repeats):
@@ -437,7 +451,7 @@ def bench_train(
                 rows.append(result(c, step, times, peak_bytes))
                 del c, step
             except Exception as err:  # a peer or the compiler failing must not lose the other rows
-                rows.append({"model": name + (" (compiled)" if compiled else ""), "error": repr(err)[:300]})
+                rows.append({"model": label(name, compiled, config), "error": repr(err)[:300]})
     ours = [r for r in rows if r.get("model", "").startswith("llmscratch") and r.get("tokens_per_s")]
     best = max(ours, key=lambda r: r["tokens_per_s"]) if ours else None
     peers_ours = [r for r in ours if r["same_as_peers"]]  # a peer is compared with the identical config
@@ -476,6 +490,10 @@ def _decode_runner(mode: str, model: nn.Module, prompt: torch.Tensor, new_tokens
     raise ValueError(mode)
 
 
+DECODE_PEER_LABELS = {"book": "book GPTModel, no cache", "book-cache": "book GPTModel, KV cache",
+                      "hf": "transformers generate (cache)"}
+
+
 def _peer_decode_runner(name: str, cfg: GPTConfig, device: torch.device, dtype: torch.dtype, prompt: torch.Tensor,
                         new_tokens: int) -> tuple[str, Callable]:
     """Decode runners of the peers, with the same shape and greedy decoding.
@@ -493,7 +511,7 @@ def _peer_decode_runner(name: str, cfg: GPTConfig, device: torch.device, dtype: 
         def run(first=None) -> None:
             with torch.no_grad():
                 generate_text_simple(model, prompt, new_tokens, cfg.context_length)
-        return "book GPTModel, no cache", run
+        return DECODE_PEER_LABELS["book"], run
     if name == "book-cache":
         from llms_from_scratch.kv_cache.gpt2 import GPTModel
         from llms_from_scratch.kv_cache.utils import KVCache as BookKVCache
@@ -508,7 +526,7 @@ def _peer_decode_runner(name: str, cfg: GPTConfig, device: torch.device, dtype: 
                 for _ in range(new_tokens):
                     next_idx = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
                     logits = model(next_idx, use_cache=True, cache=cache)  # (B, 1, V)
-        return "book GPTModel, KV cache", run
+        return DECODE_PEER_LABELS["book-cache"], run
     if name == "hf":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -522,7 +540,7 @@ def _peer_decode_runner(name: str, cfg: GPTConfig, device: torch.device, dtype: 
             with torch.no_grad():
                 model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        return "transformers generate (cache)", run
+        return DECODE_PEER_LABELS["hf"], run
     raise ValueError(name)
 
 
@@ -573,7 +591,7 @@ def bench_decode(
             try:
                 runners.append(_peer_decode_runner(peer, cfg, device, dtype, prompt, new_tokens))
             except Exception as err:
-                rows.append({"mode": peer, "batch": batch, "error": repr(err)[:300]})
+                rows.append({"mode": DECODE_PEER_LABELS.get(peer, peer), "batch": batch, "error": repr(err)[:300]})
         live: list[tuple[str, Callable, list[float], list[float]]] = []
         for label, run in runners:
             try:

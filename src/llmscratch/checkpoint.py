@@ -139,6 +139,11 @@ def _write_torch(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def write_file_atomic(path: PathLike, write: Callable[[str], None]) -> None:
+    """Create ``path`` through ``write(temporary_name)`` so that a crash leaves the old file or the new one."""
+    _atomic_write(Path(path), write)
+
+
 def write_text_atomic(path: PathLike, text: str) -> None:
     """Write a text file so that a crash leaves either the old file or the new one, never half."""
     _write_text(Path(path), text)

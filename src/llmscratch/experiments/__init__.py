@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
-from .common import MODES, Report
+from .common import MODES, Report, check_output_folder
 
 NAMES = ("scaling", "positions", "heads", "batching")
 
@@ -36,6 +36,7 @@ def run_experiment(name: str, mode: str = "full", out_dir: str | Path = "experim
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(NAMES)} (see --list)")
     if mode not in MODES:
         raise ConfigError(f"experiment mode must be one of {MODES}, got {mode!r}")
+    check_output_folder(Path(out_dir) / name)
     runtime = setup_runtime(device, "auto")
     module = importlib.import_module(f"{__name__}.{name}")
     return module.run(mode, Path(out_dir), runtime, seed=seed, data_path=data)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn as nn
 
+from ..checkpoint import write_file_atomic, write_text_atomic
 from ..data import eval_windows, gather_windows, load_corpus, prepare_tokens, window_starts, Corpus, TokenSplits
 from ..errors import ConfigError
 from ..model import GPT, GPTConfig
@@ -36,6 +37,7 @@ from ..runtime import Runtime, seed_everything
 from ..tokenizer import Tokenizer, build_tokenizer
 
 MODES = ("tiny", "quick", "full")
+REPORT_FILES = ("report.md", "results.json")  # written into out_dir/<name>/, with the plots
 
 
 # --------------------------------------------------------------------------- sizes
@@ -376,15 +378,26 @@ class Report:
     def write(self, folder: Path) -> Path:
         """Write ``report.md`` and ``results.json`` into ``folder`` (atomically); return the report's path."""
         folder.mkdir(parents=True, exist_ok=True)
-        _write_text(folder / "results.json", json.dumps(self.to_dict(), indent=2) + "\n")
-        _write_text(folder / "report.md", self.markdown())
+        write_text_atomic(folder / "results.json", json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(folder / "report.md", self.markdown())
         return folder / "report.md"
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def check_output_folder(folder: Path) -> None:
+    """Refuse, before any training, an output folder the report could not be written into."""
+    for path in (folder, *folder.parents):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"experiment output {folder}: {path} is a file, not a folder; choose another --out")
+    for name in REPORT_FILES:
+        if (folder / name).is_dir():
+            raise ConfigError(f"{folder / name} is a folder, so the report cannot be written there; "
+                              "move it or choose another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise ConfigError(f"cannot write the experiment's report into {folder}: {err.strerror or err}; "
+                          "choose another --out") from err
 
 
 def base_settings(mode: str, size: Size, data: ExperimentData, runtime: Runtime, seed: int) -> dict[str, Any]:
@@ -434,10 +447,10 @@ def plot_loss_curves(runs: list[dict], label_of, folder: Path, report: "Report",
 
 def save_figure(fig, path: Path) -> None:
     """Save a figure as PNG (atomically) and close it."""
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    pyplot().close(fig)
-    os.replace(tmp, path)
+    try:
+        write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        pyplot().close(fig)
 
 
 ExperimentFn = Callable[..., Report]
