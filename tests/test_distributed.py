@@ -443,3 +443,16 @@ def test_a_failing_rank_ends_the_job_with_its_error(space):
     assert r.returncode != 0
     assert "rank 1 failed on purpose" in r.stdout + r.stderr
     assert time.time() - start < TIMEOUT
+
+
+def test_load_sharded_names_what_is_missing_and_where_to_resume_from(tmp_path):
+    from llmscratch.errors import CheckpointError
+
+    run = tmp_path / "run"
+    with pytest.raises(CheckpointError, match="not a sharded checkpoint"):
+        dist.load_sharded(run)
+    (run / dist.SHARDED_DIR).mkdir(parents=True)
+    (run / dist.SHARDED_DIR / ".metadata").write_bytes(b"")  # the save was cut before its training state
+    with pytest.raises(CheckpointError, match="interrupted") as err:
+        dist.load_sharded(run)
+    assert f"the ordinary checkpoint in {run}" in str(err.value) and "{run_dir}" not in str(err.value)

@@ -422,7 +422,7 @@ def load_sharded(run_dir: Union[str, Path]) -> tuple[GPT, dict]:
     state = ckpt.load_training_state(sharded)
     if state is None:
         raise CheckpointError(f"{sharded} has no training_state.pt; the save was interrupted: resume from "
-                              "the ordinary checkpoint in {run_dir}")
+                              f"the ordinary checkpoint in {run_dir}")
     full: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
