@@ -95,11 +95,13 @@ def test_the_kernel_needs_triton_and_a_c_compiler_for_its_launcher(monkeypatch):
     assert not kernels.triton_available(cuda)
 
 
-def test_which_loss_runs_where():
+def test_which_loss_runs_where(monkeypatch):
     model = GPT(GPTConfig.from_preset("test"))
     assert model.loss_implementation(torch.device("cpu")) == "chunked"
-    expected_cuda = "kernel" if kernels.triton_available(torch.device("cuda")) else "plain"
-    assert model.loss_implementation(torch.device("cuda")) == expected_cuda
+    for triton_here, expected in ((True, "kernel"), (False, "plain")):
+        monkeypatch.setattr(kernels, "triton_available", lambda device, ok=triton_here: ok and device.type == "cuda")
+        assert model.loss_implementation(torch.device("cuda")) == expected
+        assert model.loss_implementation(torch.device("cpu")) == "chunked"
     assert model.loss_implementation(torch.device("mps")) == "plain"
     model.loss_impl = "kernel"
     with pytest.raises(ValueError, match="needs a CUDA device with Triton"):
@@ -109,29 +111,51 @@ def test_which_loss_runs_where():
         model.loss_implementation(torch.device("cpu"))
 
 
+# The kernel's gradient is float32 arithmetic rounded once to bf16, as the reference's is: they
+# may differ by one bf16 step (2⁻⁸ to 2⁻⁷ relative; Triton's interpreter truncates where a GPU
+# rounds to nearest). An absolute slack would leave most entries unchecked (at 50,257 columns
+# almost every softmax value is below 1e-4), so the check is relative; the atol only lets
+# a GPU's flush-to-zero of float32 denormals pass.
+GRAD_TOLERANCE = dict(rtol=1e-2, atol=1e-30)
+
 INTERPRETED = textwrap.dedent("""
     import torch
+    import triton
     from llmscratch import kernels
-    for n, vocab, padded, block in [(7, 1000, 1024, 256), (5, 300, 320, 128), (3, 64, 64, 64)]:
-        g = torch.Generator().manual_seed(n)
-        logits = (torch.randn(n, padded, generator=g) * 4).to(torch.bfloat16)
-        targets = torch.randint(0, vocab, (n,), generator=g)
-        targets[1] = -100
-        losses, grad = kernels._triton_rows(logits, targets, vocab, kernels.build_kernel([(block, 4)]))
-        ref_losses, ref_grad = kernels._reference_rows(logits, targets, vocab)
-        torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=1e-2, atol=4e-3)  # 1 bf16 ulp
-        assert grad[1].abs().sum() == 0 and grad[:, vocab:].abs().sum() == 0
+    cases = [(7, 1000, 1024, 256), (5, 300, 320, 128), (3, 64, 64, 64), (16, 50257, 50304, 2048)]
+    try:
+        for n, vocab, padded, block in cases:
+            g = torch.Generator().manual_seed(n)
+            logits = (torch.randn(n, padded, generator=g) * 4).to(torch.bfloat16)
+            targets = torch.randint(0, vocab, (n,), generator=g)
+            targets[1] = -100
+            losses, grad = kernels._triton_rows(logits, targets, vocab, kernels.build_kernel([(block, 4)]))
+            ref_losses, ref_grad = kernels._reference_rows(logits, targets, vocab)
+            torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(grad.float(), ref_grad.float(), **TOLERANCE)
+            assert grad[1].abs().sum() == 0 and grad[:, vocab:].abs().sum() == 0
+            kept = targets != -100
+            assert grad[kept].float().sum(dim=1).abs().max() < 1e-2  # softmax − onehot sums to 0
+    except triton.runtime.errors.InterpreterError as err:
+        if "only 0-dimensional arrays can be converted" not in str(err):
+            raise
+        print("skip: this Triton's interpreter cannot pass scalar arguments under NumPy 2 (int() of a "
+              "1-element array; seen with Triton 3.6, fine with 3.8)")
+        raise SystemExit(0)
     print("ok")
 """)
 
 
 @needs_triton
 def test_the_triton_kernel_in_triton_s_interpreter_matches_the_reference():
-    """Runs the kernel's own code on the CPU (blocks that do and do not divide the row)."""
+    """Runs the kernel's own code on the CPU (blocks that do and do not divide the row, and GPT-2's row)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    script = f"TOLERANCE = {GRAD_TOLERANCE!r}\n" + INTERPRETED
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout.startswith("skip:"):
+        pytest.skip(done.stdout.strip()[len("skip: "):])
+    assert done.stdout.strip() == "ok", done.stdout[-3000:]
 
 
 @pytest.mark.gpu
@@ -145,5 +169,6 @@ def test_the_triton_kernel_on_cuda_matches_the_reference_at_gpt2_s_vocabulary(co
     losses, grad = kernels._triton_rows(logits, targets, 50257, kernel)
     ref_losses, ref_grad = kernels._reference_rows(logits, targets, 50257)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), **GRAD_TOLERANCE)
     assert grad[1].abs().sum() == 0 and grad[:, 50257:].abs().sum() == 0
+    assert grad[targets != -100].float().sum(dim=1).abs().max() < 1e-2  # softmax − onehot sums to 0
