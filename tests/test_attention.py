@@ -590,6 +590,27 @@ def test_gradcheck_fused_path_float64():
     assert torch.autograd.gradcheck(lambda q, k, v: attend(q, k, v, backend="fused")[0], (q, k, v))
 
 
+def test_gradcheck_fused_path_with_padding_bias_and_dead_rows_float64():
+    """What the fused path adds around SDPA: the bias and the mask merged, and the queries that
+    see no key at all (left padding under the causal mask) given a visible key and then zeroed.
+    Its gradients are checked numerically, and its values and gradients against the explicit path."""
+    q, k, v = _qkv(2, 2, 4, 4, 3, torch.float64, seed=5)
+    bias = torch.randn(2, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))  # (H, Tq, Tk)
+    padding = torch.tensor([[True] * 4, [False, False, True, True]])  # (B, Tk): row 1 padded on the left
+    for t in (q, k, v):
+        t.requires_grad_(True)
+
+    def run(backend):
+        return lambda q, k, v: attend(q, k, v, backend=backend, attn_bias=bias, key_padding_mask=padding)[0]
+
+    assert torch.autograd.gradcheck(run("fused"), (q, k, v))
+    fused, explicit = run("fused")(q, k, v), run("explicit")(q, k, v)
+    assert fused[1, :, :2].abs().sum() == 0  # queries 0 and 1 of row 1 see no key: zero, not NaN
+    torch.testing.assert_close(fused, explicit)
+    torch.testing.assert_close(torch.autograd.grad(fused.square().sum(), (q, k, v)),
+                               torch.autograd.grad(explicit.square().sum(), (q, k, v)))
+
+
 # --------------------------------------------------------------------------- errors
 
 
