@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -168,13 +169,36 @@ def test_learned_positions_refuse_sequences_past_the_context():
         model(tokens(1, 4), positions=torch.tensor([29, 30, 31, 32]))
 
 
-@pytest.mark.parametrize("pos_emb", ["sinusoidal", "rope", "alibi", "none"])
-def test_other_positions_run_past_the_context(pos_emb):
+@pytest.mark.parametrize("pos_emb", ["rope", "alibi", "none"])
+def test_relative_positions_past_the_context_depend_only_on_distance(pos_emb):
+    """The same 30 tokens at positions 50-79, past the 32-token context, give what they give at
+    0-29: RoPE and ALiBi see only distances (a position clamped or wrapped would not)."""
     model = make_model(pos_emb)
+    x = tokens(1, 30)
     with torch.no_grad():
-        logits = model(tokens(1, 80))
-    assert logits.shape == (1, 80, 256)
-    assert torch.isfinite(logits).all()
+        near = model(x)  # positions 0..29
+        far = model(x, positions=torch.arange(50, 80))  # (1, 30, V)
+        whole = model(tokens(1, 80))  # (1, 80, V): a window longer than the context runs too
+    torch.testing.assert_close(far, near, rtol=1e-4, atol=1e-4)
+    assert whole.shape == (1, 80, 256) and torch.isfinite(whole).all()
+
+
+def test_sinusoidal_positions_past_the_context_are_the_formula():
+    from llmscratch.model import INIT_STD
+
+    model = make_model("sinusoidal").eval()
+    idx = tokens(1, 80)
+    captured = {}
+    model.blocks[0].norm1.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
+    with torch.no_grad():
+        model(idx)
+        added = (captured["x"] - model.tok_emb(idx))[0] / INIT_STD  # (T, C): what the positions added
+    dim = model.cfg.emb_dim
+    for p in (31, 32, 79):
+        for i in range(dim // 2):
+            angle = p / 10000 ** (2 * i / dim)
+            assert added[p, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-4)
+            assert added[p, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-4)
 
 
 @pytest.mark.parametrize("pos_emb", POSITION_KINDS)
