@@ -46,6 +46,17 @@ def test_train_rows_have_the_numbers_and_the_ratio():
     assert "tokens/s" in bench.format_train(rows)
 
 
+def test_mfu_is_nanogpt_s_flops_per_token_times_tokens_per_second_over_the_peak(monkeypatch):
+    monkeypatch.setattr(bench, "datasheet_tflops", lambda device: 2.0)  # a made-up 2 TFLOP/s "datasheet"
+    cfg = GPTConfig.from_preset("test")  # learned positions: their table does no matrix product
+    (row,) = bench.bench_train(cfg, CPU, batch=2, context=16, precision="fp32", names=["ours"],
+                               steps=1, repeats=1, warmup=1, log=lambda _: None)
+    model = GPT(cfg)
+    n = sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()  # the tied head counted once
+    assert row["flops_per_token"] == 6 * n + 12 * cfg.n_layers * 16 * cfg.emb_dim  # 6·N + 12·L·T·C, T = 16
+    assert row["mfu_datasheet"] == pytest.approx(row["tokens_per_s"] * row["flops_per_token"] / 2e12)
+
+
 def test_the_loss_implementation_is_named_in_the_row():
     cfg = GPTConfig.from_preset("test")
     rows = bench.bench_train(cfg, CPU, batch=2, context=16, precision="fp32", names=["ours"],

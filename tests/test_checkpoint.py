@@ -94,8 +94,15 @@ def test_save_model_unwraps_compiled_and_wrapped_models(tmp_path):
     model = tiny()
     wrapper = torch.nn.Module()
     wrapper.module = model  # the shape of DistributedDataParallel
-    save_model(tmp_path, wrapper)
-    assert torch.equal(load_model(tmp_path).tok_emb.weight, model.tok_emb.weight)
+    save_model(tmp_path / "wrapped", wrapper)
+    assert torch.equal(load_model(tmp_path / "wrapped").tok_emb.weight, model.tok_emb.weight)
+    compiled = torch.compile(wrapper, backend="eager")  # an OptimizedModule around the wrapper: _orig_mod
+    save_model(tmp_path / "compiled", compiled)
+    loaded = load_model(tmp_path / "compiled").state_dict()
+    assert set(loaded) == set(model.state_dict())  # no "_orig_mod." or "module." prefixes
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="expected an llmscratch GPT, got Linear"):
+        save_model(tmp_path / "other", torch.compile(torch.nn.Linear(2, 2), backend="eager"))
 
 
 def test_training_state_round_trip(tmp_path):

@@ -251,6 +251,9 @@ def test_save_hf_layout_matches_save_pretrained(tmp_path):
     theirs = load_file(str(tmp_path / "hf" / "model.safetensors"))
     mine = load_file(str(tmp_path / "ours" / "model.safetensors"))
     assert set(mine) == set(theirs)
+    for name, tensor in theirs.items():  # a transposed square Conv1D (c_proj is C × C) shows only here
+        assert mine[name].dtype == tensor.dtype and mine[name].shape == tensor.shape, name
+        assert torch.equal(mine[name], tensor), name
 
 
 def _saved(model: GPT2LMHeadModel, directory):
