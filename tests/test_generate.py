@@ -179,7 +179,17 @@ def test_training_mode_restored_and_no_gradients():
     model.eval()
     generate(model, [[1, 2, 3]], GREEDY)
     assert not model.training
-    # Gradients are off only inside the steps, not in the caller's code between them.
+    # Gradients are off inside the steps (no graph is recorded through the weights) and only
+    # there, not in the caller's code between them.
+    from llmscratch.generate import decode_steps
+
+    model.train()
+    assert all(p.requires_grad for p in model.parameters())
+    steps = decode_steps(model, [[1, 2, 3]], GREEDY)
+    first = next(steps)
+    assert not first.logits.requires_grad and first.logits.grad_fn is None
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    steps.close()
     it = stream(model, [1, 2], GREEDY)
     next(it)
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
@@ -438,7 +448,8 @@ def test_vocab_limit_never_draws_an_id_the_tokenizer_cannot_decode():
     logits = torch.zeros(4, 10)
     logits[:, 8:] = 5.0  # the likeliest ids lie past the limit
     assert sample_next(logits, SamplingConfig(temperature=0, vocab_limit=8)).lt(8).all()
-    draws = sample_next(logits.repeat(50, 1), SamplingConfig(temperature=2.0, vocab_limit=8, seed=0))
+    draws = sample_next(logits.repeat(50, 1), SamplingConfig(temperature=2.0, vocab_limit=8),
+                        generator=torch.Generator().manual_seed(0))  # sample_next draws from what it is given
     assert draws.lt(8).all() and len(set(draws.tolist())) > 1
     assert sample_next(logits, SamplingConfig(temperature=0)).ge(8).all()  # without it they win
     with pytest.raises(ConfigError, match="vocab_limit"):

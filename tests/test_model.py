@@ -237,6 +237,20 @@ def test_relu2_model_is_causal_and_trains():
     loss = model(idx, tokens(2, 16, seed=1))
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # The MLP is fc_out(max(0, fc_in(x))²), written here with clamp and a product.
+    ff = model.blocks[0].ff
+    x = torch.randn(2, 5, model.cfg.emb_dim)
+    h = ff.fc_in(x).clamp(min=0)
+    torch.testing.assert_close(ff(x), ff.fc_out(h * h))
+    # And it learns: twenty AdamW steps on one batch take its loss well down.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    targets = tokens(2, 16, seed=1)
+    first = model(idx, targets).item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        model(idx, targets).backward()
+        optimizer.step()
+    assert model(idx, targets).item() < first - 1.0
 
 
 def test_tied_weights_are_really_shared():
