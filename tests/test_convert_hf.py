@@ -259,3 +259,15 @@ def test_save_hf_layout_matches_save_pretrained(tmp_path):
 def _saved(model: GPT2LMHeadModel, directory):
     model.save_pretrained(directory)
     return directory
+
+
+def test_init_from_a_hugging_face_directory_starts_from_its_weights(tmp_path):
+    """``--init-from`` takes a directory as transformers saves it (load_pretrained's GPT-2 branch)."""
+    from llmscratch.checkpoint import load_pretrained
+
+    ref = tiny_hf(61, 16, 24, 3, 2, tied=True).eval()
+    model = load_pretrained(_saved(ref, tmp_path / "hf"))
+    assert isinstance(model, GPT) and model.cfg.vocab_size == 61 and model.cfg.n_layers == 2
+    idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(idx), ref(idx).logits, rtol=1e-4, atol=1e-4)

@@ -496,3 +496,23 @@ def test_pack_refuses_off_the_cpu():
     with torch.device("meta"):
         layer = Linear(4, 4)
     assert not layer.pack() and layer.packed is None
+
+
+def test_initialisation_is_gpt2_s():
+    """N(0, 0.02) everywhere, residual projections N(0, 0.02/√(2·layers)) (GPT-2's paper, section 2.3),
+    zero biases, LayerNorm gains of one."""
+    torch.manual_seed(0)
+    layers = 8
+    model = GPT(GPTConfig(vocab_size=4096, context_length=64, emb_dim=256, n_layers=layers, n_heads=4,
+                          bias=True, pos_emb="learned"))
+    residual = 0.02 / math.sqrt(2 * layers)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert p.abs().max() == 0, name
+        elif "norm" in name:
+            assert torch.all(p == 1), name
+        else:
+            want = residual if name.endswith(("attn.out_proj.weight", "ff.fc_out.weight")) else 0.02
+            assert p.mean().abs() < 0.1 * want and p.std().item() == pytest.approx(want, rel=0.03), name
+    assert sum(name.endswith(("attn.out_proj.weight", "ff.fc_out.weight")) for name, _ in model.named_parameters()) \
+        == 2 * layers

@@ -233,6 +233,8 @@ def test_gpt2_round_trips_and_matches_reference(openai_dir, hf_reference, tiny_b
         assert tok.decode(ids) == text
         assert ids == hf_reference(text)["input_ids"], text
     assert len(tok.encode("the earth")) < len("the earth")  # merges are applied
+    texts = TRICKY + [f"one{EOT}two"]
+    assert tok.encode_batch(texts) == [hf_reference(t)["input_ids"] for t in texts]  # what data.encode_text uses
 
 
 def test_gpt2_ranks_equal_tiktokens_own_loader(openai_dir, monkeypatch):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmscratch import checkpoint as ckpt
 from llmscratch.cli import build_parser, train_config_from_args
@@ -376,3 +377,35 @@ def test_char_tokenizer_covers_characters_seen_only_in_the_validation_tail(tmp_p
     corpus.write_text(TEXT + "[Zq]" * 30, encoding="utf-8")  # '[', ']', 'Z', 'q' only in the tail
     run = train(tiny_config(corpus, tmp_path / "runs", steps=2, eval_interval=2, name="c", val_fraction=0.1))
     assert (run / "model.safetensors").exists()
+
+
+def test_time_budget_stops_saves_and_resumes(corpus: Path, tmp_path: Path):
+    logs: list[str] = []
+    run = train(tiny_config(corpus, tmp_path, steps=8, name="timed", time_budget=1e-6), log=logs.append)
+    assert any("stopped by time budget at step 1" in m and f"--resume {run}" in m for m in logs), logs[-3:]
+    assert ckpt.load_training_state(run)["step"] == 1
+    assert not any('"final": true' in line for line in (run / "metrics.jsonl").read_text().splitlines())
+    train(TrainConfig(resume=str(run), progress=False), log=lambda _: None)  # no budget now: runs to the end
+    assert ckpt.load_training_state(run)["step"] == 8
+
+
+def test_eval_of_a_text_is_every_token_s_cross_entropy_once(corpus: Path, tmp_path: Path):
+    """`llmscratch eval` against the same sum written out: each window's logits, F.cross_entropy over
+    every token after the first exactly once (the last window shorter), bytes of ASCII characters."""
+    from llmscratch.train import evaluate_text
+
+    run = train(tiny_config(corpus, tmp_path, steps=4, name="e"))
+    text = TEXT[:203]  # 202 targets: 12 windows of 16 and a tail of 10
+    (tmp_path / "other.txt").write_text(text, encoding="utf-8")
+    got = evaluate_text(run, str(tmp_path / "other.txt"), device="cpu", batch_size=5)
+    model, tok, _ = ckpt.load_run(run)
+    ids = torch.tensor(tok.encode(text))
+    nats = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 16):
+            x, y = ids[start:start + 16], ids[start + 1:start + 17]
+            x = x[: len(y)]
+            nats += F.cross_entropy(model(x[None])[0], y, reduction="sum").item()
+    assert got["tokens"] == got["bytes"] == len(text) - 1
+    assert got["loss"] == pytest.approx(nats / (len(text) - 1), rel=1e-5)
+    assert got["bpb"] == pytest.approx(nats / math.log(2) / (len(text) - 1), rel=1e-5)
