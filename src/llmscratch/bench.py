@@ -166,7 +166,7 @@ def _logits_loss(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tor
     """The book's loss: cross-entropy of the model's logits, flattened."""
     def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(x)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())  # (B·T, V) against (B·T,)
     return loss
 
 
@@ -221,7 +221,7 @@ def build_contender(name: str, cfg: GPTConfig, device: torch.device, compile: bo
 
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             logits = model(input_ids=x).logits  # (B, T, V)
-            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())  # (B·T, V) against (B·T,)
 
         return Contender(contender_label(name), model, loss,
                          _count(model, model.transformer.wpe), note="biases always on" if not cfg.bias else "")

@@ -646,7 +646,7 @@ def _convert_in(table: tuple[Rule, ...], theirs: Mapping[str, torch.Tensor], cfg
             continue
         if len(parts) != len(their_keys) or any(tuple(p.shape) != rule.their_shape(cfg) for p in parts):
             continue
-        tensor = parts[0].t() if rule.transpose else torch.cat(parts, dim=0)
+        tensor = parts[0].t() if rule.transpose else torch.cat(parts, dim=0)  # (out, in)
         ours[our_key] = tensor.contiguous()
     problems = []
     if missing:
@@ -685,7 +685,7 @@ def _convert_out(table: tuple[Rule, ...], ours: Mapping[str, torch.Tensor], cfg:
         used.add(our_key)
         if tuple(tensor.shape) != rule.shape(cfg):
             raise CheckpointError(f"{our_key} has shape {tuple(tensor.shape)}, the config needs {rule.shape(cfg)}")
-        pieces = [tensor.t()] if rule.transpose else torch.chunk(tensor, len(their_keys), dim=0)
+        pieces = [tensor.t()] if rule.transpose else torch.chunk(tensor, len(their_keys), dim=0)  # (in, out) or q, k, v
         for key, piece in zip(their_keys, pieces):
             theirs[key] = piece.clone(memory_format=torch.contiguous_format)  # own storage, row-major
     unused = sorted(set(ours) - used - {"out_head.weight"})

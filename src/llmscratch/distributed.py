@@ -160,7 +160,7 @@ def local_micro_batches(global_starts: torch.Tensor, rank: int, world_size: int,
     """
     per_rank = len(global_starts) // world_size
     mine = global_starts[rank * per_rank : (rank + 1) * per_rank]  # (G / world_size,)
-    return list(mine.split(micro))
+    return list(mine.split(micro))  # [(micro,), …]: window starts, one tensor per micro-batch
 
 
 def shard_batches(batches: list[tuple[torch.Tensor, torch.Tensor]], group: Group) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -282,7 +282,8 @@ class _Decoder:
             new_col = torch.ones(len(self.windows), 1, dtype=torch.bool, device=self.device)  # (B, 1)
             self.mask = torch.cat([self.mask, new_col], dim=1)  # (B, T_total)
         logits = self.model(
-            tokens.unsqueeze(1), positions=positions, key_padding_mask=self.mask, cache=self.cache
+            tokens.unsqueeze(1),  # (B,) → (B, 1): one new token per row
+            positions=positions, key_padding_mask=self.mask, cache=self.cache,
         )  # (B, 1, V)
         return logits[:, -1]  # (B, V)
 

@@ -210,7 +210,7 @@ def _format_values(step: TraceStep, tokens: Sequence[Sequence[str]]) -> list[str
     t = step.tensor.double()
     dims = step.dims
     if t.dim() == 1:
-        t, dims = t.unsqueeze(0), ("", *dims)  # a row vector
+        t, dims = t.unsqueeze(0), ("", *dims)  # (n,) → (1, n): a row vector
     lead = t.shape[:-2]
     out: list[str] = []
     for index in itertools.product(*(range(n) for n in lead)):  # () once when there is no lead axis
@@ -293,7 +293,7 @@ def trace_run(run_dir, sentence: str) -> tuple[list[list[str]], list[TraceStep]]
     w_q, w_k, w_v = block.attn.qkv.weight.split(c, dim=0)  # 3 × (C, C), nn.Linear's (out, in) layout
     b_q = b_k = b_v = None
     if block.attn.qkv.bias is not None:
-        b_q, b_k, b_v = block.attn.qkv.bias.split(c)
+        b_q, b_k, b_v = block.attn.qkv.bias.split(c)  # (3C,) → 3 × (C,)
     q = add("Q = x·W_q", ("B", "T", "C"), "queries (W_q is the first third of the fused qkv weight)", _linear(x, w_q.T, b_q))
     k = add("K = x·W_k", ("B", "T", "C"), "keys (second third)", _linear(x, w_k.T, b_k))
     v = add("V = x·W_v", ("B", "T", "C"), "values (last third)", _linear(x, w_v.T, b_v))

@@ -50,7 +50,8 @@ def _reference_rows(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> 
     losses = torch.where(ignored, 0.0, lse - real.gather(1, target[:, None]).squeeze(1))  # (N,)
     grad = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)  # (N, V_pad)
     grad[:, :vocab] = torch.exp(real - lse[:, None])  # softmax
-    grad.scatter_add_(1, target[:, None], torch.full((len(targets), 1), -1.0, device=logits.device))  # − onehot
+    minus_one = torch.full((len(targets), 1), -1.0, device=logits.device)  # (N, 1)
+    grad.scatter_add_(1, target[:, None], minus_one)  # − onehot, at the (N, 1) target ids
     grad[ignored] = 0.0
     return losses, grad.to(logits.dtype)
 

@@ -584,7 +584,7 @@ class GPT(nn.Module):
         logits = self.logits(x)  # (B, T, V)
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
-        )
+        )  # (B·T, V) against (B·T,)
 
     def unpack_weights(self) -> None:
         """Drop every packed copy of a weight (:meth:`Linear.pack`) and the memory it holds."""

@@ -56,7 +56,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
             gram = p @ gram @ p  # the Gram matrix of p·x
     x = left @ x  # (..., r, n)
     if tall:
-        x = x.mT
+        x = x.mT  # back to (..., m, n)
     return x.to(g.dtype)
 
 

@@ -258,7 +258,7 @@ def evaluate(
             logits = model(x)  # (B, T, V)
         nats = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
-        )
+        )  # (B·T, V) against (B·T,)
         total_nats += nats.double()
         kept = y[y != -100]  # targets of -100 (padding, see distributed.shard_batches) count nowhere
         total_tokens += kept.numel()

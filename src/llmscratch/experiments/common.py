@@ -186,7 +186,7 @@ def mean_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
             logits = model(x)  # (B, T, V)
         total += torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
-        ).item()
+        ).item()  # (B·T, V) against (B·T,)
         count += y.numel()
     model.train(was_training)
     return total / max(count, 1)
@@ -203,7 +203,7 @@ def loss_by_position(model: nn.Module, batches: list[tuple[torch.Tensor, torch.T
         with runtime.autocast():
             logits = model(x)  # (B, T, V)
         nll = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), y, reduction="none"
+            logits.float().transpose(1, 2), y, reduction="none"  # (B, V, T): classes on dim 1
         )  # (B, T)
         total = nll.sum(0) if total is None else total + nll.sum(0)
         count += y.shape[0]
