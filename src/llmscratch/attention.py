@@ -221,7 +221,8 @@ class SelfAttentionParams(nn.Module):
         x: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None,
         need_weights: bool = False,
-    ):
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Each token's context vector, from every token (no mask); ``(context, weights)`` with ``need_weights``."""
         x, squeeze = _as_batch(x, type(self).__name__)
         queries = x @ self.W_query  # (B, T, d_out)
         keys = x @ self.W_key  # (B, T, d_out)
@@ -252,7 +253,8 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None,
         need_weights: bool = False,
-    ):
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Each token's context vector, from every token (no mask); ``(context, weights)`` with ``need_weights``."""
         x, squeeze = _as_batch(x, type(self).__name__)
         context, weights = attend(
             self.W_query(x), self.W_key(x), self.W_value(x), causal=False,
@@ -290,7 +292,8 @@ class CausalAttention(nn.Module):
         x: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None,
         need_weights: bool = False,
-    ):
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Each token's context vector, from itself and earlier tokens; ``(context, weights)`` with ``need_weights``."""
         x, squeeze = _as_batch(x, type(self).__name__)
         num_tokens = x.shape[1]
         _check_length(num_tokens, self.context_length, type(self).__name__)
@@ -325,6 +328,7 @@ class MultiHeadAttentionWrapper(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Every head's context vectors, concatenated: ``(B, T, num_heads · d_out)``."""
         return torch.cat([head(x, key_padding_mask) for head in self.heads], dim=-1)  # (B, T, H*d_out)
 
 
@@ -370,7 +374,8 @@ class MultiHeadAttention(nn.Module):
         x: torch.Tensor,
         key_padding_mask: Optional[torch.Tensor] = None,
         need_weights: bool = False,
-    ):
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Each token's context vector ``(B, T, d_out)``, heads merged; ``(out, weights)`` with ``need_weights``."""
         if x.dim() != 3:
             raise ValueError(f"MultiHeadAttention expects input (B, T, d_in), got {tuple(x.shape)}")
         b, num_tokens, _ = x.shape

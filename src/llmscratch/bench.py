@@ -55,6 +55,7 @@ PEERS = ("book", "book-fast", "hf")
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device (a no-op elsewhere), so a timer stops after it ran."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -652,6 +653,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def format_train(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`bench_train` as a Markdown table (what ``llmscratch bench`` prints)."""
     lines = [f"| {'model':<56} | {'tokens/s':>10} | {'step ms':>8} | {'MFU meas.':>9} | {'MFU sheet':>9} | "
              f"{'peak GB':>7} | {'ours ×':>6} | {'eager ×':>7} |", "| " + " | ".join(["---"] * 8) + " |"]
     for r in rows:
@@ -668,6 +670,7 @@ def format_train(rows: list[dict[str, Any]]) -> str:
 
 
 def format_decode(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`bench_decode` as a Markdown table (what ``llmscratch bench`` prints)."""
     lines = [f"| {'mode':<34} | {'batch':>5} | {'tokens/s':>9} | {'first token ms':>14} | {'× no cache':>10} |",
              "| " + " | ".join(["---"] * 5) + " |"]
     for r in rows:
@@ -680,6 +683,7 @@ def format_decode(rows: list[dict[str, Any]]) -> str:
 
 
 def format_attention(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`bench_attention` as a Markdown table (what ``llmscratch bench`` prints)."""
     lines = [f"| {'variant':<10} | {'fwd+bwd ms':>10} | {'× best SDPA':>11} |", "| --- | --- | --- |"]
     for r in rows:
         note = f" ({r['error'][:60]})" if r.get("error") else ""

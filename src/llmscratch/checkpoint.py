@@ -537,6 +537,7 @@ class Rule:
     zeros_if_absent: bool = False
 
     def their_shape(self, cfg: GPTConfig) -> tuple[int, ...]:
+        """The shape of each foreign tensor: ours transposed, or ours split along dim 0 among ``theirs``."""
         shape = self.shape(cfg)
         if self.transpose:
             return tuple(reversed(shape))

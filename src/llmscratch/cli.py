@@ -10,14 +10,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from .errors import LLMScratchError
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
 
 COMMANDS: dict[str, tuple[Callable, Callable]] = {}
 
 
-def command(name: str):
+def command(name: str) -> Callable[[Callable], Callable]:
     """Register ``_add_<name>`` / ``_run_<name>`` as a subcommand."""
 
     def wrap(add: Callable) -> Callable:
@@ -119,7 +122,7 @@ def load_config_file(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def train_config_from_args(args: argparse.Namespace):
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge defaults, the ``--config`` file and the command line (which wins)."""
     from .train import TrainConfig
 
@@ -608,6 +611,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``llmscratch`` argument parser, one subcommand per ``@command`` registered above."""
     parser = argparse.ArgumentParser(
         prog="llmscratch",
         description="A GPT-style language model from first principles: attention, training, generation, inspection.",
@@ -620,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one subcommand and return its exit status: bad input gives a one-line error and 2, not a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _, run = COMMANDS[args.command]

@@ -315,7 +315,9 @@ def window_starts(n_tokens: int, batch_size: int, context_length: int, generator
     return torch.randint(n_tokens - context_length, (batch_size,), generator=generator)
 
 
-def gather_windows(tokens, starts: torch.Tensor, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_windows(
+    tokens: np.ndarray | torch.Tensor, starts: torch.Tensor, context_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) int64 (B, T): ``x[b] = tokens[s:s+T]`` and ``y[b] = tokens[s+1:s+T+1]`` for each start s."""
     offsets = np.arange(context_length + 1)
     index = np.asarray(starts, dtype=np.int64)[:, None] + offsets  # (B, T+1)
@@ -327,7 +329,7 @@ def gather_windows(tokens, starts: torch.Tensor, context_length: int) -> tuple[t
 
 
 def random_windows(
-    tokens, batch_size: int, context_length: int, generator: torch.Generator
+    tokens: np.ndarray | torch.Tensor, batch_size: int, context_length: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of ``batch_size`` random windows: (x, y) int64 (B, T), y = x shifted by one."""
     starts = window_starts(len(tokens), batch_size, context_length, generator)
@@ -344,7 +346,7 @@ class SlidingWindowDataset(Dataset):
     ``stride == max_length`` gives non-overlapping windows; a smaller stride overlaps them.
     """
 
-    def __init__(self, tokens, max_length: int, stride: int):
+    def __init__(self, tokens: np.ndarray | torch.Tensor, max_length: int, stride: int):
         if max_length < 1 or stride < 1:
             raise ConfigError(f"max_length and stride must be at least 1, got max_length={max_length}, stride={stride}")
         self.tokens = tokens
@@ -361,7 +363,7 @@ class SlidingWindowDataset(Dataset):
 
 
 def sliding_window_loader(
-    tokens,
+    tokens: np.ndarray | torch.Tensor,
     batch_size: int = 4,
     max_length: int = 256,
     stride: int = 128,
@@ -380,7 +382,7 @@ def sliding_window_loader(
 
 
 def eval_windows(
-    tokens,
+    tokens: np.ndarray | torch.Tensor,
     context_length: int,
     n_windows: Optional[int] = None,
     generator: Optional[torch.Generator] = None,

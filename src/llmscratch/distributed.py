@@ -33,7 +33,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional, Union
 
 import torch
 import torch.distributed as torch_dist
@@ -42,6 +42,9 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from .errors import CheckpointError, ConfigError
 from .model import GPT, GPTConfig
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 SHARDED_DIR = "sharded"  # the FSDP checkpoint inside a run directory
 _SHARDED_TMP = ".sharded.tmp"  # where the next one is written before it replaces the last
@@ -189,7 +192,7 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def wrap_model(model: nn.Module, group: Group, runtime, fsdp: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, group: Group, runtime: Runtime, fsdp: bool = False) -> nn.Module:
     """The model to train: DDP around it, or (``fsdp``) the model itself sharded in place
     (as it is if :func:`sharded_model` built it sharded).
 
@@ -207,7 +210,7 @@ def wrap_model(model: nn.Module, group: Group, runtime, fsdp: bool = False) -> n
     return DDP(model, device_ids=device_ids)
 
 
-def sharded_model(group: Group, runtime, full: Optional[Callable[[], GPT]] = None,
+def sharded_model(group: Group, runtime: Runtime, full: Optional[Callable[[], GPT]] = None,
                   cfg: Optional[GPTConfig] = None) -> GPT:
     """An FSDP-sharded model that no rank but rank 0 ever holds whole.
 

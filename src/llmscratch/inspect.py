@@ -18,12 +18,18 @@ import math
 import re
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
 import torch
 
-from .attention import MultiHeadAttention, resolve_scale
+from .attention import MultiHeadAttention, Scale, resolve_scale
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .model import GPT
+    from .tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------- shape trace
 
@@ -91,7 +97,7 @@ def trace_batch(sentence: str, batch: int) -> tuple[list[list[str]], torch.Tenso
     return rows, x
 
 
-def build_traced_attention(d_out: int, heads: int, context_length: int, seed: int, scale) -> MultiHeadAttention:
+def build_traced_attention(d_out: int, heads: int, context_length: int, seed: int, scale: Scale) -> MultiHeadAttention:
     """The efficient ``MultiHeadAttention`` the trace follows, built right after ``manual_seed(seed)``.
 
     With ``d_out=2, heads=2, seed=123`` on the book's sentence this is the book's module
@@ -250,7 +256,7 @@ def _number(v: float) -> str:
 
 
 @torch.no_grad()
-def trace_run(run_dir, sentence: str) -> tuple[list[list[str]], list[TraceStep]]:
+def trace_run(run_dir: str | Path, sentence: str) -> tuple[list[list[str]], list[TraceStep]]:
     """Trace a trained model's first attention layer on the real tokens of ``sentence``.
 
     Embeddings, the first LayerNorm, the Q/K/V projections (split from the fused ``qkv``
@@ -327,7 +333,8 @@ def trace_run(run_dir, sentence: str) -> tuple[list[list[str]], list[TraceStep]]
     return labels, steps
 
 
-def explain_run(run_dir, sentence: str, *, max_values: int = MAX_VALUES, out: Optional[TextIO] = sys.stdout) -> list[TraceStep]:
+def explain_run(run_dir: str | Path, sentence: str, *, max_values: int = MAX_VALUES,
+                out: Optional[TextIO] = sys.stdout) -> list[TraceStep]:
     """Print :func:`trace_run` for a trained run, checked against the model's own forward pass."""
     from .checkpoint import load_model
     from .model import _Step
@@ -467,13 +474,13 @@ class AttentionMaps:
         return self.weights[layer][0, head]
 
 
-def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+def token_strings(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
     """Each token's own text (a byte-level token that is part of a character decodes to '�')."""
     return [tokenizer.decode([i]) for i in ids]
 
 
 @torch.no_grad()
-def attention_maps(model, tokenizer, prompt: str) -> AttentionMaps:
+def attention_maps(model: GPT, tokenizer: Optional[Tokenizer], prompt: str) -> AttentionMaps:
     """Run ``model`` on ``prompt`` and return its tokens and per-layer weights ``(1, H, T, T)``.
 
     Works for every position kind and for imported models: it only asks the model for
@@ -512,7 +519,7 @@ def _check_layer_head(maps: AttentionMaps, layer: int, head: int) -> None:
 
 
 @torch.no_grad()
-def attention_scores(model, idx: torch.Tensor) -> list[torch.Tensor]:
+def attention_scores(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     """The raw scores each layer feeds to softmax, ``[(B, H, T, T)]``, with −inf where masked.
 
     Recomputed from each block's own ``qkv`` projection on the block's real input
@@ -630,7 +637,7 @@ def _draw_head(ax, matrix: torch.Tensor, tokens: Sequence[str], room: int, x_lab
     return image
 
 
-def plot_attention_grid(maps: AttentionMaps, path, title: str = "") -> None:
+def plot_attention_grid(maps: AttentionMaps, path: str | Path, title: str = "") -> None:
     """A PNG grid of heatmaps, one row per layer and one column per head.
 
     Keys run along x, queries down y; token labels sit on the left column and bottom
@@ -655,7 +662,7 @@ def plot_attention_grid(maps: AttentionMaps, path, title: str = "") -> None:
     save_figure(fig, _as_path(path))
 
 
-def plot_attention_head(maps: AttentionMaps, layer: int, head: int, path) -> None:
+def plot_attention_head(maps: AttentionMaps, layer: int, head: int, path: str | Path) -> None:
     """A PNG of one head's weights with every token labelled (every k-th past 48 tokens) and a colour bar."""
     from .experiments.common import pyplot, save_figure
 
@@ -820,7 +827,7 @@ def attention_html(maps: AttentionMaps, title: str = "Attention weights") -> str
 
 def write_attention_outputs(
     maps: AttentionMaps,
-    out_dir,
+    out_dir: str | Path,
     *,
     layers: Optional[Sequence[int]] = None,
     heads: Optional[Sequence[int]] = None,

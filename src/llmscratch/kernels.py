@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from typing import Any
 
 import torch
 
@@ -110,7 +111,7 @@ def _triton_kernel():
     return _KERNEL
 
 
-def build_kernel(configs: list[tuple[int, int]]):
+def build_kernel(configs: list[tuple[int, int]]) -> Any:  # a triton Autotuner (Triton is imported lazily)
     """The Triton kernel, autotuned over ``configs`` of (columns per block, warps)."""
     import triton
     import triton.language as tl

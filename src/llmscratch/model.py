@@ -103,6 +103,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GPTConfig":
+        """The config a mapping (``config.json``'s) describes; an unknown field is an error, not ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -114,6 +115,7 @@ class GPTConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+        """A named preset of :data:`PRESETS`, with ``overrides`` applied on top."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -262,9 +264,11 @@ class KVCache:
     @classmethod
     def for_model(cls, cfg: GPTConfig, batch: int, max_len: Optional[int] = None,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "KVCache":
+        """A cache shaped for ``cfg``'s layers and heads, ``max_len`` tokens long (default: the context length)."""
         return cls(cfg.n_layers, batch, cfg.n_heads, max_len or cfg.context_length, cfg.head_dim, device, dtype)
 
     def reset(self) -> None:
+        """Forget the stored tokens (the memory stays allocated), ready for a new prompt."""
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,6 +316,7 @@ class StaticKVCache:
     @classmethod
     def for_model(cls, cfg: GPTConfig, batch: int, max_len: Optional[int] = None,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "StaticKVCache":
+        """A cache shaped for ``cfg``'s layers and heads, ``max_len`` tokens long (default: the context length)."""
         return cls(cfg.n_layers, batch, cfg.n_heads, max_len or cfg.context_length, cfg.head_dim, device, dtype)
 
     def visible(self, positions: torch.Tensor) -> torch.Tensor:
@@ -359,6 +364,7 @@ class CausalSelfAttention(nn.Module):
         self.out_proj = Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        """``(B, T, C)`` → ``(B, T, C)``: attention over the visible tokens (cache, positions, masks from ``step``)."""
         b, t, c = x.shape
         qkv = self.qkv(x)  # (B, T, 3C)
         qkv = qkv.view(b, t, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, d)
@@ -397,6 +403,7 @@ class FeedForward(nn.Module):
         self.fc_out = Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C)`` → ``(B, T, C)``, each position on its own (attention is what mixes the tokens)."""
         h = self.fc_in(x)  # (B, T, 4C)
         if self.activation == "relu2":
             h = torch.square(F.relu(h))
@@ -417,6 +424,7 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        """``(B, T, C)`` → ``(B, T, C)``: the residual stream after this block's attention and feed-forward."""
         x = x + self.drop(self.attn(self.norm1(x), step))
         x = x + self.drop(self.ff(self.norm2(x)))
         return x
@@ -488,7 +496,7 @@ class GPT(nn.Module):
         key_padding_mask: Optional[torch.Tensor] = None,
         cache: Optional[KVCache | StaticKVCache] = None,
         need_weights: bool = False,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the model.
 
         Args:

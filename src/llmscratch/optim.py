@@ -83,6 +83,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Any] = None) -> Optional[torch.Tensor]:
+        """One update of every parameter, each group by its own algorithm; the closure's loss, if one is given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

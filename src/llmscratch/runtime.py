@@ -50,6 +50,7 @@ class Runtime:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def synchronize(self) -> None:
+        """Wait for the device's queued work (CUDA, MPS), so that wall-clock timings cover it."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elif self.device.type == "mps":

@@ -28,11 +28,14 @@ import tempfile
 from abc import ABC, abstractmethod
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
 from .errors import TokenizerError
+
+if TYPE_CHECKING:
+    import tokenizers
 
 PathLike = Union[str, Path]
 
@@ -236,6 +239,7 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def load(cls, directory: PathLike) -> "CharTokenizer":
+        """Read back a character tokenizer saved by :meth:`save` (its ``chars.json``)."""
         path = Path(directory) / cls.FILE
         try:
             chars = json.loads(path.read_text(encoding="utf-8"))
@@ -258,7 +262,7 @@ class BPETokenizer(Tokenizer):
     kind = "bpe"
     FILE = "tokenizer.json"
 
-    def __init__(self, backend):  # backend: tokenizers.Tokenizer
+    def __init__(self, backend: tokenizers.Tokenizer):
         self.backend = backend
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         self.eot_id = backend.token_to_id(EOT)
@@ -318,6 +322,7 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def load(cls, directory_or_file: PathLike) -> "BPETokenizer":
+        """Read a ``tokenizer.json`` (ours or a Hugging Face one), given the file or its folder."""
         from tokenizers import Tokenizer as Backend
 
         path = Path(directory_or_file)
@@ -436,6 +441,7 @@ class GPT2Tokenizer(Tokenizer):
 
     @classmethod
     def from_files(cls, merges_file: PathLike, vocab_file: PathLike) -> "GPT2Tokenizer":
+        """Build from GPT-2's merges (``vocab.bpe``) and vocabulary (``encoder.json``) files."""
         merges_file, vocab_file = Path(merges_file), Path(vocab_file)
         try:
             merges_text = merges_file.read_text(encoding="utf-8")

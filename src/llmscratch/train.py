@@ -178,6 +178,7 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.time_budget must be positive seconds, got {self.time_budget}")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every option as a plain mapping: what ``train_config.json`` holds and ``--resume`` compares against."""
         return dataclasses.asdict(self)
 
     @classmethod

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..model import GPT
 from ..runtime import Runtime
 from .common import (
     Report, Table, base_settings, check_mode, fresh_model, load_data, plot_loss_curves, probe_batch, pyplot, r4,
@@ -32,7 +33,7 @@ BATCH_SIZES = {"tiny": (4, 8), "quick": (4, 8, 16, 32, 64), "full": (8, 16, 32, 
 
 
 @torch.no_grad()
-def independence(model, windows: torch.Tensor, others: torch.Tensor) -> list[tuple[str, float]]:
+def independence(model: GPT, windows: torch.Tensor, others: torch.Tensor) -> list[tuple[str, float]]:
     """Max |difference| of sequence 0's logits between batches that share only that sequence.
 
     ``windows (B, T)``: sequence 0 and its batch-mates; ``others (B, T)``: different
@@ -63,6 +64,7 @@ def independence(model, windows: torch.Tensor, others: torch.Tensor) -> list[tup
 
 
 def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None) -> Report:
+    """Train one model per batch size on the same token budget, then check batch independence; write the report."""
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)

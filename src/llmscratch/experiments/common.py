@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,11 @@ from ..errors import ConfigError
 from ..model import GPT, GPTConfig
 from ..runtime import Runtime, seed_everything
 from ..tokenizer import Tokenizer, build_tokenizer
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from matplotlib.figure import Figure
 
 MODES = ("tiny", "quick", "full")
 REPORT_FILES = ("report.md", "results.json")  # written into out_dir/<name>/, with the plots
@@ -84,6 +89,7 @@ SIZES: dict[str, Size] = {
 
 
 def check_mode(mode: str) -> Size:
+    """The sizes of ``mode``; an unknown mode is a ConfigError naming the valid ones."""
     if mode not in SIZES:
         raise ConfigError(f"experiment mode must be one of {MODES}, got {mode!r}")
     return SIZES[mode]
@@ -332,12 +338,14 @@ class Table:
     rows: list[list[Any]]
 
     def markdown(self) -> str:
+        """The table in Markdown, its title in bold above it; ``None`` cells read ``n/a``."""
         lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
                  "|" + "|".join("---" for _ in self.columns) + "|"]
         lines += ["| " + " | ".join(show(v) for v in row) + " |" for row in self.rows]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
+        """The table as plain data for ``results.json``."""
         return {"title": self.title, "columns": self.columns, "rows": self.rows}
 
 
@@ -355,6 +363,7 @@ class Report:
     series: dict[str, Any] = field(default_factory=dict)  # the data behind the plots
 
     def markdown(self) -> str:
+        """``report.md``: the question, the settings, the tables and plots, the findings and how to rerun."""
         parts = [f"# {self.title}", "", self.question, "", "## What was run", ""]
         parts += [f"- {k}: {show(v)}" for k, v in self.settings.items()]
         parts += ["", "## Results", ""]
@@ -369,6 +378,7 @@ class Report:
         return "\n".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
+        """``results.json``: the report's settings, tables and findings, plus the series behind its plots."""
         return {
             "experiment": self.name, "title": self.title, "settings": self.settings,
             "tables": [t.to_dict() for t in self.tables], "findings": self.findings,
@@ -418,7 +428,7 @@ def base_settings(mode: str, size: Size, data: ExperimentData, runtime: Runtime,
 # --------------------------------------------------------------------------- plots
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
@@ -428,7 +438,7 @@ def pyplot():
     return plt
 
 
-def plot_loss_curves(runs: list[dict], label_of, folder: Path, report: "Report", caption: str,
+def plot_loss_curves(runs: list[dict], label_of: Callable[[dict], str], folder: Path, report: "Report", caption: str,
                      xlabel: str = "step") -> None:
     """``loss_curves.png``: each run's validation loss curve (x as ``xlabel`` says), labelled by ``label_of(run)``."""
     plt = pyplot()
@@ -445,7 +455,7 @@ def plot_loss_curves(runs: list[dict], label_of, folder: Path, report: "Report",
     report.plots.append(("loss_curves.png", caption))
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     """Save a figure as PNG (atomically) and close it."""
     try:
         write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))

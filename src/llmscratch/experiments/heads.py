@@ -38,6 +38,7 @@ def _diversity(model, x: torch.Tensor) -> list[float | None]:
 
 
 def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None) -> Report:
+    """Train one model per head count at a fixed width on the same batches; write the report (loss, head diversity)."""
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ LONGER = (2, 4)  # evaluation windows this many times the training context
 
 
 def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None) -> Report:
+    """Train one model per position kind, evaluate it at and past the training context; write the report."""
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)

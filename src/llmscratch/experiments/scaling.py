@@ -40,6 +40,7 @@ def _measure(model, x) -> tuple[list[float], list[float]]:
 
 
 def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None) -> Report:
+    """Train each head size with and without the 1/√d_k factor from the same start; write the report."""
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)
