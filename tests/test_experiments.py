@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,22 @@ def test_an_output_the_report_cannot_go_to_is_refused_before_training(tmp_path, 
 def test_outputs_leave_no_temporary_files(outputs):
     assert not [p for p in outputs.rglob("*") if p.name.startswith(".") and p.name != ".cache"]
     assert not [p for p in outputs.rglob("*.tmp*")]
+
+
+def test_experiments_keep_their_own_optimizer_whatever_train_s_defaults_are(monkeypatch):
+    """docs/experiments.md was measured with AdamW (β 0.9/0.95, weight decay 0.1); the default run's
+    later retuning (Muon, …) must not reach the experiments."""
+    import llmscratch.train as train_module
+
+    seen = []
+    real = train_module.build_optimizer
+    monkeypatch.setattr(train_module, "build_optimizer",
+                        lambda model, cfg, device: seen.append(cfg) or real(model, cfg, device))
+    size = SIZES["tiny"]
+    runtime = setup_runtime("cpu")
+    data = load_data(size, Path(tempfile.mkdtemp()))
+    model = fresh_model(size.model_config(data.vocab_size), 0, runtime)
+    train_model(model, data, runtime, steps=1, batch_size=2, lr=1e-3, seed=0, eval_every=1,
+                val_batches=validation_batches(data, size.context_length, 2, seed=0))
+    (cfg,) = seen
+    assert (cfg.optimizer, cfg.beta1, cfg.beta2, cfg.weight_decay) == ("adamw", 0.9, 0.95, 0.1)
