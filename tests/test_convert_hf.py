@@ -214,6 +214,14 @@ def test_export_refuses_what_gpt2_cannot_represent(tmp_path, field, value):
     assert not (tmp_path / "hf" / "model.safetensors").exists()
 
 
+def test_export_of_the_default_preset_names_every_reason_at_once(tmp_path):
+    """The cpu preset has RoPE and a squared-ReLU MLP: both are named, so one retraining suffices."""
+    save_model(tmp_path / "run", GPT(GPTConfig.from_preset("cpu")))
+    for out, fmt, what in ((tmp_path / "hf", "hf", "GPT-2's format"), (tmp_path / "b.pth", "book", "the book's format")):
+        with pytest.raises(CheckpointError, match=rf"cannot export to {what}: pos_emb='rope' .*; activation='relu2'"):
+            export_checkpoint(tmp_path / "run", out, fmt)
+
+
 def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
     ref = tiny_hf(61, 16, 24, 3, 2)
     ref.save_pretrained(tmp_path / "hf")

@@ -456,3 +456,21 @@ def test_load_sharded_names_what_is_missing_and_where_to_resume_from(tmp_path):
     with pytest.raises(CheckpointError, match="interrupted") as err:
         dist.load_sharded(run)
     assert f"the ordinary checkpoint in {run}" in str(err.value) and "{run_dir}" not in str(err.value)
+
+
+def test_a_run_left_with_only_its_sharded_checkpoint_says_how_to_make_it_whole(tmp_path):
+    """An --fsdp job stopped before its end leaves sharded/ only: info names the step, and loading the
+    weights points at `export --format run` instead of just "model.safetensors is missing"."""
+    from llmscratch.errors import CheckpointError
+    from llmscratch.model import GPT, GPTConfig
+    from llmscratch.train import describe_run
+
+    run = tmp_path / "run"
+    ckpt.save_model(run, GPT(GPTConfig.from_preset("test")))
+    (run / dist.SHARDED_DIR).mkdir()
+    ckpt.save_training_state(run / dist.SHARDED_DIR, {"step": 300, "tokens_seen": 1200, "rng": {}})
+    (run / ckpt.WEIGHTS_FILE).unlink()
+    info = describe_run(run)
+    assert "training: step 300" in info and "--format run` makes it whole" in info
+    with pytest.raises(CheckpointError, match=r"holds only a sharded checkpoint .* --format run"):
+        ckpt.load_model(run)

@@ -409,3 +409,44 @@ def test_eval_of_a_text_is_every_token_s_cross_entropy_once(corpus: Path, tmp_pa
     assert got["tokens"] == got["bytes"] == len(text) - 1
     assert got["loss"] == pytest.approx(nats / (len(text) - 1), rel=1e-5)
     assert got["bpb"] == pytest.approx(nats / math.log(2) / (len(text) - 1), rel=1e-5)
+
+
+def test_resume_refuses_steps_it_has_already_taken_and_names_the_built_in_corpus(corpus: Path, tmp_path: Path):
+    run = train(tiny_config(corpus, tmp_path, steps=4, name="r"))
+    for steps in (2, 4):
+        with pytest.raises(ConfigError, match=rf"already at step 4, so --steps {steps} leaves nothing to train"):
+            train(TrainConfig(resume=str(run), steps=steps, progress=False), given={"resume", "steps"})
+    builtin = tmp_path / "b"
+    (builtin / "train_config.json").parent.mkdir()
+    saved = json.loads((run / "train_config.json").read_text())
+    (builtin / "train_config.json").write_text(json.dumps({**saved, "data": None}))
+    with pytest.raises(ConfigError, match=r"--data '.*tiny.txt' \(the run has \(the built-in corpus\)\)"):
+        train(TrainConfig(resume=str(builtin), data=str(corpus), progress=False), given={"resume", "data"})
+
+
+def test_resume_from_another_folder_names_a_relative_data_path(corpus: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(corpus.parent)
+    run = train(tiny_config(Path(corpus.name), tmp_path / "runs", steps=2, name="rel"))
+    monkeypatch.chdir(tmp_path / "runs")
+    with pytest.raises(ConfigError, match=r"started with --data tiny.txt, a path relative to the folder it was "
+                                          r"started in, which is not .*: resume from that folder"):
+        train(TrainConfig(resume=str(run), steps=4, progress=False), given={"resume", "steps"})
+
+
+def test_the_sample_after_a_resumed_run_follows_the_run_s_settings(corpus: Path, tmp_path: Path):
+    env = {**os.environ, "LLMSCRATCH_CACHE": str(tmp_path / "cache")}
+    base = ["--data", str(corpus), "--tokenizer", "char", "--preset", "test", "--batch-size", "4",
+            "--context-length", "16", "--device", "cpu", "--out-dir", str(tmp_path), "--no-progress"]
+    first = _cli("train", *base, "--steps", "2", "--name", "quiet", "--sample-tokens", "0", env=env)
+    assert first.returncode == 0 and "generated text" not in first.stdout, first.stderr
+    resumed = _cli("train", "--resume", str(tmp_path / "quiet"), "--steps", "3", "--no-progress", env=env)
+    assert resumed.returncode == 0 and "generated text" not in resumed.stdout, resumed.stderr  # the run's 0 holds
+    loud = _cli("train", "--resume", str(tmp_path / "quiet"), "--steps", "4", "--no-progress",
+                "--sample-tokens", "8", env=env)
+    assert loud.returncode == 0 and "generated text" in loud.stdout, loud.stderr  # a display option may change
+
+
+def test_fsdp_in_one_process_says_it_trains_unsharded(corpus: Path, tmp_path: Path):
+    logs: list[str] = []
+    train(tiny_config(corpus, tmp_path, steps=1, name="f", fsdp=True, optimizer="adamw"), log=logs.append)
+    assert any("--fsdp shards over the processes torchrun starts; this is one process" in m for m in logs)

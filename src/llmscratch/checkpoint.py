@@ -53,6 +53,7 @@ PathLike = Union[str, os.PathLike]
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TRAINING_STATE_FILE = "training_state.pt"
+SHARDED_DIR = "sharded"  # the FSDP checkpoint inside a run directory (distributed.py writes it)
 
 # Fields that change how a model runs but not what its weights are; load_model accepts them
 # as overrides (e.g. the explicit attention backend for inspection, no dropout for eval).
@@ -187,6 +188,11 @@ def read_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
     end, unknown dtypes) is wrapped with the file's name.
     """
     path = Path(path)
+    if not path.exists() and (path.parent / SHARDED_DIR).is_dir():
+        raise CheckpointError(
+            f"{path} is missing: {path.parent} holds only a sharded checkpoint ({SHARDED_DIR}/, from --fsdp), "
+            f"as a run stopped before its end leaves it; make it whole with "
+            f"`llmscratch export {path.parent} OUT_DIR --format run`, or continue it with --resume under torchrun")
     _require_file(path, "save the model again or point at the directory that holds it")
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -760,12 +766,11 @@ def hf_config_from_ours(cfg: GPTConfig, eot_id: Optional[int] = None) -> dict[st
     ``eot_id`` (the tokenizer's end-of-text id) becomes ``bos_token_id``/``eos_token_id``;
     by default GPT-2's 50256 where the vocabulary has it, else none.
     """
-    if cfg.pos_emb != "learned":
-        raise CheckpointError(f"GPT-2 has only learned absolute positions; this model has pos_emb={cfg.pos_emb!r}")
-    if not cfg.bias:
-        raise CheckpointError("GPT-2 has biases in every linear layer and LayerNorm; this model has bias=False")
-    if cfg.activation != "gelu":
-        raise CheckpointError(f"GPT-2's MLP uses GELU; this model has activation={cfg.activation!r}")
+    _refuse_all("cannot export to GPT-2's format", cfg, {
+        "pos_emb": (cfg.pos_emb != "learned", "GPT-2 has learned absolute positions only"),
+        "bias": (not cfg.bias, "GPT-2 has biases in every linear layer and LayerNorm"),
+        "activation": (cfg.activation != "gelu", "GPT-2's MLP uses GELU"),
+    })
     hf: dict[str, Any] = {
         "model_type": "gpt2",
         "architectures": ["GPT2LMHeadModel"],
@@ -889,6 +894,14 @@ def _with_tied_head(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, to
 _BOOK_MASK = re.compile(r"^trf_blocks\.\d+\.att\.mask$")
 
 
+def _refuse_all(what: str, cfg: GPTConfig, refusals: dict[str, tuple[bool, str]]) -> None:
+    """Raise one error naming every setting of ``cfg`` the format cannot hold (``{field: (refused, why)}``),
+    so that a user retrains once, not once per reason."""
+    reasons = [f"{name}={getattr(cfg, name)!r} ({why})" for name, (refused, why) in refusals.items() if refused]
+    if reasons:
+        raise CheckpointError(f"{what}: " + "; ".join(reasons))
+
+
 def book_config_dict(cfg: GPTConfig) -> dict[str, Any]:
     """The book's config dict (``GPT_CONFIG_124M``'s keys) for ``cfg``; refuses what the book cannot compute."""
     refusals = {
@@ -898,9 +911,7 @@ def book_config_dict(cfg: GPTConfig) -> dict[str, Any]:
         "layer_norm_eps": (cfg.layer_norm_eps != 1e-5, "the book's LayerNorm uses eps=1e-5"),
         "activation": (cfg.activation != "gelu", "the book's FeedForward uses GELU"),
     }
-    for name, (refused, why) in refusals.items():
-        if refused:
-            raise CheckpointError(f"cannot export to the book's format: {name}={getattr(cfg, name)!r} ({why})")
+    _refuse_all("cannot export to the book's format", cfg, refusals)
     return {"vocab_size": cfg.vocab_size, "context_length": cfg.context_length, "emb_dim": cfg.emb_dim,
             "n_heads": cfg.n_heads, "n_layers": cfg.n_layers, "drop_rate": cfg.drop_rate, "qkv_bias": cfg.qkv_bias}
 
@@ -981,8 +992,9 @@ _TRUE = ("1", "true", "yes", "on")
 def download_gpt2(name: str) -> Path:
     """The local directory of OpenAI's GPT-2 ``name`` from the Hugging Face hub (or its cache)."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUE
-    how = (f"download it where the network is reachable (huggingface-cli download {GPT2_HUB_MODELS[name]} "
-           f"{' '.join(_HUB_FILES)} --local-dir DIR), then run `llmscratch import DIR RUN_DIR`; "
+    how = (f"download it where the network is reachable (`hf download {GPT2_HUB_MODELS[name]} "
+           f"{' '.join(_HUB_FILES)} --local-dir DIR`, or `huggingface-cli download …` with huggingface_hub "
+           "before 1.0), then run `llmscratch import DIR RUN_DIR`; "
            "any directory with config.json and model.safetensors (or pytorch_model.bin) works")
     try:
         from huggingface_hub import snapshot_download
@@ -1032,7 +1044,7 @@ def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if taken and not overwrite:
         raise CheckpointError(
             f"{run_dir} already holds a run ({', '.join(taken)}); choose another directory, "
-            "delete it, or pass overwrite=True (--force)"
+            "delete it, or replace it with --force (overwrite=True in Python)"
         )
 
 

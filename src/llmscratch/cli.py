@@ -155,13 +155,13 @@ def _run_train(args: argparse.Namespace) -> int:
         from .distributed import launch_torchrun
 
         return launch_torchrun(args.nproc, sys.argv[1:])
-    from .checkpoint import load_run
+    from .checkpoint import load_run, read_json
     from .generate import SamplingConfig, generate
     from .train import TrainConfig, sample_prompt_ids, train
 
     options = train_options_from_args(args)
-    cfg = TrainConfig.from_dict(options)
-    run_dir = train(cfg, given=set(options))
+    run_dir = train(TrainConfig.from_dict(options), given=set(options))
+    cfg = TrainConfig.from_dict(read_json(run_dir / "train_config.json"))  # as run: a resumed run's own settings
     if int(os.environ.get("RANK", "0")) == 0 and cfg.sample_tokens > 0:
         model, tokenizer, _ = load_run(run_dir)
         prompt = sample_prompt_ids(tokenizer, cfg.sample_prompt)[-(model.cfg.context_length // 2):]
@@ -407,10 +407,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "export", help="write a run's model as Hugging Face GPT-2 or as the book's state dict",
         description="Export a run's weights: --format hf writes a directory that "
         "transformers.GPT2LMHeadModel.from_pretrained loads (with the run's GPT-2 tokenizer files); "
-        "--format book writes one torch.save file for the book's GPTModel (mask buffers included).",
+        "--format book writes one torch.save file for the book's GPTModel (mask buffers included); "
+        "--format run writes an ordinary run directory (an --fsdp run's sharded checkpoint made whole).",
     )
     p.add_argument("run_dir", help="the run directory to export")
-    p.add_argument("out", help="output: a directory for --format hf, a file (e.g. model.pth) for --format book")
+    p.add_argument("out", help="output: a directory for --format hf and --format run, a file (e.g. model.pth) "
+                   "for --format book; never an existing file or a non-empty directory")
     p.add_argument("--format", choices=("hf", "book", "run"), default="hf",
                    help="output format (default hf); run: an ordinary run directory, consolidated from the "
                    "sharded checkpoint of an --fsdp run")

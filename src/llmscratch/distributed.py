@@ -46,7 +46,7 @@ from .model import GPT, GPTConfig
 if TYPE_CHECKING:
     from .runtime import Runtime
 
-SHARDED_DIR = "sharded"  # the FSDP checkpoint inside a run directory
+SHARDED_DIR = ckpt.SHARDED_DIR  # the FSDP checkpoint inside a run directory
 _SHARDED_TMP = ".sharded.tmp"  # where the next one is written before it replaces the last
 _SHARDED_OLD = ".sharded.old"
 

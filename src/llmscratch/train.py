@@ -19,6 +19,7 @@ clip gradients to grad_clip; optimizer.step() with lr = schedule(step); zero gra
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -392,7 +393,13 @@ def _set_rng_state(state: dict[str, Any], batch_gen: torch.Generator, runtime: R
 
 # What a resumed run may change: how far and how it runs, never what it learns from or how.
 RESUME_MAY_CHANGE = ("steps", "time_budget", "stop_at", "progress", "device", "precision", "compile", "loss",
+                     "sample_tokens", "sample_prompt",
                      "eval_interval", "checkpoint_interval", "log_interval", "micro_batch", "fsdp", "resume")
+
+
+def _shown(option: str, value: Any) -> str:
+    """An option's value as an error message names it (no --data: the built-in corpus)."""
+    return "(the built-in corpus)" if option == "data" and value is None else repr(value)
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[set[str]] = None) -> Path:
@@ -422,7 +429,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
         if clash:
             raise ConfigError(
                 f"--resume continues {run_dir} as it was set up; these options differ from it and cannot change: "
-                + ", ".join(f"--{k.replace('_', '-')} {now[k]!r} (the run has {saved[k]!r})" for k in clash)
+                + ", ".join(f"--{k.replace('_', '-')} {_shown(k, now[k])} (the run has {_shown(k, saved[k])})"
+                            for k in clash)
                 + "; drop them, or start a new run (--init-from to start from these weights)")
         # The saved settings win, except those the user gave on this command line.
         merged = {**saved, **{k: now[k] for k in RESUME_MAY_CHANGE if k in given and k in now}}
@@ -433,6 +441,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
         state = dist.load_training_state(run_dir, prefer_sharded=cfg.fsdp and group.active)  # the newest one
         if state is None:
             raise ckpt.CheckpointError(f"{run_dir}: no training_state.pt to resume from")
+        if cfg.steps <= int(state["step"]):
+            raise ConfigError(f"{run_dir} is already at step {state['step']}, so --steps {cfg.steps} leaves nothing "
+                              f"to train; give --steps above {state['step']} to train further")
         if "optimizer" in state:  # an ordinary checkpoint: weights and state must come from one save
             ckpt.check_saved_together(run_dir, state)
     else:
@@ -453,6 +464,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
     seed_everything(cfg.seed + group.rank)
 
     # ---------------------------------------------------------------- data
+    if cfg.resume and cfg.data and not Path(cfg.data).is_absolute() and not glob.glob(cfg.data):
+        raise ConfigError(f"{run_dir} was started with --data {cfg.data}, a path relative to the folder it was "
+                          f"started in, which is not {Path.cwd()}: resume from that folder")
     corpus = load_corpus(cfg.data, encoding=cfg.encoding)
     corpus_sha = corpus.fingerprint()
     if state is not None and state.get("corpus_sha256", corpus_sha) != corpus_sha:
@@ -542,6 +556,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
         if not cfg.resume:
             _point_latest(run_dir)
     log(f"run directory: {run_dir}")
+    if cfg.fsdp and not group.active:
+        log("note: --fsdp shards over the processes torchrun starts; this is one process, so the model is "
+            "whole and trained as without it (launch with --nproc N or torchrun to shard)")
     log(f"device {runtime.device} ({runtime.precision}), {group.world_size} process(es); "
         f"model {model.num_parameters():,} parameters ({model_cfg.n_layers} layers, {model_cfg.n_heads} heads, "
         f"{model_cfg.emb_dim} dims, context {context}, {model_cfg.pos_emb} positions, {loss_impl} loss); "
@@ -804,7 +821,7 @@ def describe_run(run_dir: str | Path) -> str:
     except LLMScratchError:
         lines.append("tokenizer: none")
     train_cfg_path = run_dir / "train_config.json"
-    state = ckpt.load_training_state(run_dir) if (run_dir / "training_state.pt").exists() else None
+    state = dist.load_training_state(run_dir)  # the newest checkpoint's: ordinary or sharded (--fsdp)
     if state is not None:
         total, optimizer = None, None
         if train_cfg_path.exists():
@@ -812,6 +829,9 @@ def describe_run(run_dir: str | Path) -> str:
             total, optimizer = saved.get("steps"), saved.get("optimizer", "adamw")
         lines.append(f"training: step {state['step']}" + (f" of {total}" if total else "")
                      + f", {state.get('tokens_seen', 0):,} tokens seen" + (f", {optimizer}" if optimizer else ""))
+        if "optimizer" not in state:
+            lines.append(f"  (that step's checkpoint is sharded ({ckpt.SHARDED_DIR}/, from --fsdp): "
+                         f"`llmscratch export {run_dir} OUT_DIR --format run` makes it whole)")
     else:
         lines.append("training: none recorded (imported or exported weights)")
     metrics = run_dir / "metrics.jsonl"
