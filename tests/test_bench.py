@@ -203,3 +203,14 @@ def test_cli_bench_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--preset", "--batch", "--context", "--precision", "--peers", "--json", "--compile", "--loss"):
         assert option in text
+
+
+def test_tables_keep_their_columns_where_a_value_is_missing():
+    attention = bench.format_attention([{"variant": "cudnn", "ms": None, "vs_best_sdpa": None, "error": "no kernel"},
+                                        {"variant": "math", "ms": 1.5, "vs_best_sdpa": 1.0}])
+    assert all(line.count("|") == 4 for line in attention.splitlines()), attention  # 3 cells in every row
+    row = {"model": "llmscratch", "tokens_per_s": 10.0, "step_ms": 1.0, "mfu_measured_peak": None,
+           "mfu_datasheet": 0.25, "peak_memory_gb": None}
+    table = bench.format_train([row])
+    assert "-%" not in table and "25.0%" in table
+    assert len({line.count("|") for line in table.splitlines()}) == 1, table

@@ -32,6 +32,7 @@ import datetime
 import gc
 import json
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -647,8 +648,9 @@ def decode_matches_eager(model: GPT, prompt: torch.Tensor, new_tokens: int, comp
 
 
 def _fmt(value: Any, spec: str) -> str:
-    if value is None:
-        return "-"
+    if value is None:  # "-", aligned and padded as the number would be
+        align_width = re.match(r"[<>^]?\d*", spec).group()
+        return format("-", align_width)
     return format(value, spec)
 
 
@@ -662,8 +664,7 @@ def format_train(rows: list[dict[str, Any]]) -> str:
             continue
         lines.append(
             f"| {r['model']:<56} | {r['tokens_per_s']:>10,.0f} | {r['step_ms']:>8.1f} | "
-            f"{_fmt(r['mfu_measured_peak'] and 100 * r['mfu_measured_peak'], '>8.1f')}% | "
-            f"{_fmt(r['mfu_datasheet'] and 100 * r['mfu_datasheet'], '>8.1f')}% | "
+            f"{_fmt(r['mfu_measured_peak'], '>9.1%')} | {_fmt(r['mfu_datasheet'], '>9.1%')} | "
             f"{_fmt(r['peak_memory_gb'], '>7.2f')} | {_fmt(r.get('ours_over_this'), '>6.2f')} | "
             f"{_fmt(r.get('eager_over_this'), '>7.2f')} |")
     return "\n".join(lines)
@@ -686,8 +687,10 @@ def format_attention(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`bench_attention` as a Markdown table (what ``llmscratch bench`` prints)."""
     lines = [f"| {'variant':<10} | {'fwd+bwd ms':>10} | {'× best SDPA':>11} |", "| --- | --- | --- |"]
     for r in rows:
-        note = f" ({r['error'][:60]})" if r.get("error") else ""
-        lines.append(f"| {r['variant']:<10} | {_fmt(r['ms'], '>10.3f')} | {_fmt(r['vs_best_sdpa'], '>11.2f')} |{note}")
+        if r.get("error"):  # a kernel this device or shape does not offer
+            lines.append(f"| {r['variant']:<10} | {'-':>10} | not run: {r['error'][:60]} |")
+            continue
+        lines.append(f"| {r['variant']:<10} | {_fmt(r['ms'], '>10.3f')} | {_fmt(r['vs_best_sdpa'], '>11.2f')} |")
     return "\n".join(lines)
 
 
