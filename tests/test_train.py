@@ -96,6 +96,7 @@ def test_train_config_errors_name_the_field():
     ("seed", -1, r"seed must be in \[0, 2\*\*32\)"),
     ("seed", 2**32, r"seed must be in \[0, 2\*\*32\)"),
     ("stop_at", 0, "stop_at must be a step >= 1"),
+    ("preset", "nosuch", r"unknown preset 'nosuch' \(--preset\); choose one of \['cpu'"),
     ("data", ["a.txt"], r"data .--data. must be a string, got \['a.txt'\]"),
     ("warmup_steps", "5", "warmup_steps .--warmup-steps. must be an integer, got '5'"),
     ("compile", "yes", "compile .--compile. must be true or false"),

@@ -170,7 +170,7 @@ class TrainConfig:
         if self.tokenizer not in ("char", "bpe", "gpt2"):
             raise ConfigError(f"TrainConfig.tokenizer must be char, bpe or gpt2, got {self.tokenizer!r}")
         if self.preset not in PRESETS:
-            raise ConfigError(f"TrainConfig.preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+            raise ConfigError(f"unknown preset {self.preset!r} (--preset); choose one of {sorted(PRESETS)}")
         if self.resume and self.init_from:
             raise ConfigError("--resume continues a run; --init-from starts a new one from weights: pick one")
         if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
