@@ -8,6 +8,7 @@ with a single-process run of the same global batch, trained in this process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -474,3 +475,96 @@ def test_a_run_left_with_only_its_sharded_checkpoint_says_how_to_make_it_whole(t
     assert "training: step 300" in info and "--format run` makes it whole" in info
     with pytest.raises(CheckpointError, match=r"holds only a sharded checkpoint .* --format run"):
         ckpt.load_model(run)
+
+
+# =========================================================================== the launcher (`--nproc`)
+
+
+def launcher_command(space, args: list[str], program: list[str] | None = None) -> list[str]:
+    """``llmscratch train … --nproc 2`` as a user types it, or with ``program`` run by each process instead."""
+    if program is None:
+        return [sys.executable, "-m", "llmscratch", *args, "--nproc", "2"]
+    code = ("import sys; from llmscratch.distributed import launch_torchrun; "
+            f"sys.exit(launch_torchrun(2, {args!r}, program={program!r}))")
+    return [sys.executable, "-c", code]
+
+
+def test_a_bad_option_under_nproc_is_reported_once_and_nothing_is_launched(space):
+    r = subprocess.run(launcher_command(space, cli_args(space, "bad", preset="nosuch")), capture_output=True,
+                       text=True, env=environment(), timeout=TIMEOUT)
+    assert r.returncode == 2
+    assert r.stderr.count("unknown preset 'nosuch'") == 1, r.stderr
+    assert "launching" not in r.stdout
+
+
+def test_a_failing_rank_under_the_launcher_is_reported_in_one_line_not_a_torchrun_traceback(space):
+    r = subprocess.run(launcher_command(space, cli_args(space, "fails-launched"), program=[str(space["runner"])]),
+                       capture_output=True, text=True, env=environment(LLMSCRATCH_TEST_FAIL_RANK="1"), timeout=TIMEOUT)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-5000:]  # the failed rank's own exit status (an uncaught exception)
+    assert "RuntimeError: rank 1 failed on purpose" in out  # the rank's error stands
+    assert "llmscratch: rank 1 of 2 exited with code 1 (its error is above); torchrun stopped rank 0" in out
+    assert "ChildFailedError" not in out and "torch/distributed/run.py" not in out, out[-5000:]
+    assert "failed (exitcode" not in out  # torchrun's own log line of the same fact
+    assert "Setting OMP_NUM_THREADS" not in out  # the launcher chose it (this machine's cores / 2)
+
+
+def test_describe_failure_names_the_rank_the_job_size_and_the_signal():
+    assert dist.describe_failure(1, 2, 1, "") == "rank 1 of 2 exited with code 1 (its error is above)"
+    assert dist.describe_failure(0, 4, -9, "SIGKILL") == "rank 0 of 4 was killed by SIGKILL (out of memory?)"
+    assert dist.describe_failure(3, 0, -15, "SIGTERM") == "rank 3 was killed by SIGTERM"
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc), zombies left out."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, …
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's (prctl)")
+@pytest.mark.parametrize("victims", ["the launcher", "the launcher and torchrun"])
+def test_killing_the_launcher_outright_stops_torchrun_and_every_rank(space, victims):
+    """SIGKILL cannot be caught or passed on, and torchrun starts each rank in a session of its own:
+    without the parent-death signal the ranks would go on training with no one to collect them."""
+    name = "killed-" + victims.replace(" ", "-")
+    run = space["root"] / "runs" / name
+    args = cli_args(space, name, steps=100_000, log_interval=1, eval_interval=100_000, checkpoint_interval=100_000)
+    launcher = subprocess.Popen(launcher_command(space, args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=environment(), start_new_session=True)
+    ranks: list[int] = []
+    try:
+        metrics, deadline = run / "metrics.jsonl", time.time() + TIMEOUT
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert launcher.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        (torchrun_pid,) = _children(launcher.pid)
+        ranks = _children(torchrun_pid)
+        assert len(ranks) == 2
+        if victims == "the launcher":
+            launcher.kill()
+        else:
+            os.killpg(launcher.pid, signal.SIGKILL)  # the launcher's process group: it and torchrun
+        launcher.wait(timeout=60)
+        deadline = time.time() + 60
+        while any(_alive(pid) for pid in [torchrun_pid, *ranks]) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in [torchrun_pid, *ranks])
+    finally:
+        for pid in ranks:  # a failed test must not leave a job training
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -151,15 +151,18 @@ def train_options_from_args(args: argparse.Namespace) -> dict:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig
+
+    options = train_options_from_args(args)
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from .distributed import launch_torchrun
 
+        TrainConfig.from_dict(options)  # a bad option is reported once, here, not by every process
         return launch_torchrun(args.nproc, sys.argv[1:])
     from .checkpoint import load_run, read_json
     from .generate import SamplingConfig, generate
-    from .train import TrainConfig, sample_prompt_ids, train
+    from .train import sample_prompt_ids, train
 
-    options = train_options_from_args(args)
     run_dir = train(TrainConfig.from_dict(options), given=set(options))
     cfg = TrainConfig.from_dict(read_json(run_dir / "train_config.json"))  # as run: a resumed run's own settings
     if int(os.environ.get("RANK", "0")) == 0 and cfg.sample_tokens > 0:
@@ -625,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank_tag() -> str:
+    """`` (rank 1 of 2)`` in a process of a torchrun job, so that each rank's error says whose it is."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world.isdigit() and int(world) > 1 else ""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one subcommand and return its exit status: bad input gives a one-line error and 2, not a traceback."""
     parser = build_parser()
@@ -636,7 +645,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except LLMScratchError as err:  # bad input: a clear message, no traceback
-        print(f"llmscratch {args.command}: error: {err}", file=sys.stderr)
+        print(f"llmscratch {args.command}{_rank_tag()}: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -30,10 +30,11 @@ import contextlib
 import datetime
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 import torch.distributed as torch_dist
@@ -105,6 +106,8 @@ def init(device: str = "auto") -> Group:
         return Group()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: stop if it is killed
+        die_with_parent()
     wants_cpu = device.startswith(("cpu", "mps")) or os.environ.get("LLMSCRATCH_DEVICE", "") == "cpu"
     use_cuda = torch.cuda.is_available() and not wants_cpu
     if use_cuda:
@@ -471,19 +474,24 @@ def consolidate(run_dir: Union[str, Path], out_dir: Optional[Union[str, Path]] =
 # =========================================================================== launching
 
 
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
+def launch_torchrun(nproc: int, argv: list[str], program: Sequence[str] = ("-m", "llmscratch")) -> int:
     """Re-run this ``llmscratch`` command under ``torchrun --standalone --nproc_per_node nproc`` on this machine.
 
     ``--nproc N`` is dropped from the arguments; torchrun sets ``RANK``/``WORLD_SIZE`` for
-    each process. If any process fails, torchrun stops the others and the job exits non-zero;
-    the failing rank's error is printed above torchrun's summary.
+    each process. If any process fails, torchrun stops the others and the job exits non-zero:
+    the failing rank's error is printed, then one line from :func:`run_torchrun` (not
+    torchrun's traceback) says which rank failed and how. ``OMP_NUM_THREADS``, unless set,
+    shares this machine's cores out among the processes (torchrun's own default is 1).
 
     Ctrl-C reaches torchrun too (the same process group), which passes it on to every rank:
     they agree on a step, save a checkpoint and stop. So the first Ctrl-C here only waits for
-    that (torchrun kills ranks that take over 30 s); a second one stops waiting.
+    that (torchrun kills ranks that take over 30 s); a second one stops waiting. Should this
+    process be killed outright, torchrun and then the ranks get SIGTERM (:func:`die_with_parent`)
+    rather than train on unseen.
+
+    ``program``: what each process runs (``-m llmscratch``, or a script: the tests' failing rank).
     """
     import subprocess
-    import sys
 
     args, skip = [], False
     for a in argv:
@@ -496,12 +504,16 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
         if a.startswith("--nproc="):
             continue
         args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "llmscratch", *args]
-    print("launching:", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd)
+    torchrun_args = ["--standalone", f"--nproc_per_node={nproc}", *program, *args]
+    env = dict(os.environ, LLMSCRATCH_LAUNCHER_PID=str(os.getpid()))
+    if "OMP_NUM_THREADS" not in env:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
+    print(f"launching: torchrun {' '.join(torchrun_args)}  (OMP_NUM_THREADS={env['OMP_NUM_THREADS']})", flush=True)
+    proc = subprocess.Popen([sys.executable, "-m", "llmscratch.distributed", *torchrun_args], env=env)
     try:
-        return proc.wait()
+        rc = proc.wait()
+        return rc if rc >= 0 else 128 - rc  # killed by a signal: the shell's convention
     except KeyboardInterrupt:
         print("waiting for the processes to save a checkpoint (Ctrl-C again to stop waiting)",
               file=sys.stderr, flush=True)
@@ -511,3 +523,87 @@ def launch_torchrun(nproc: int, argv: list[str]) -> int:
     except KeyboardInterrupt:
         proc.terminate()
         raise
+
+
+def die_with_parent(parent_pid: Optional[int] = None) -> bool:
+    """Have Linux send this process SIGTERM when its parent dies; whether it could be arranged.
+
+    torchrun starts every rank in a session of its own, so a launcher killed outright (SIGKILL,
+    which it cannot pass on) would leave the ranks training with no one to collect them. With
+    this, they stop at once (the last checkpoint, written atomically, stays whole). On other
+    systems, nothing is done. ``parent_pid``: the parent expected; if it has already gone
+    (this process was adopted before the call), exit now.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        if libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(128 + int(signal.SIGTERM))  # the parent died before the request was made
+    return True
+
+
+def describe_failure(rank: int, world_size: int, exitcode: int, signal_name: str) -> str:
+    """One line for a rank that failed, as :func:`run_torchrun` prints it."""
+    of = f" of {world_size}" if world_size else ""
+    if exitcode >= 0:
+        return f"rank {rank}{of} exited with code {exitcode} (its error is above)"
+    hint = " (out of memory?)" if signal_name == "SIGKILL" else ""
+    return f"rank {rank}{of} was killed by {signal_name}{hint}"
+
+
+def _world_size(args: Any) -> int:
+    """The job's number of processes from torchrun's parsed arguments (0 where it cannot tell)."""
+    nodes = str(args.nnodes).split(":")[-1]
+    per_node = str(args.nproc_per_node)
+    return int(nodes) * int(per_node) if nodes.isdigit() and per_node.isdigit() else 0
+
+
+def run_torchrun(argv: list[str]) -> int:
+    """torchrun (``torch.distributed.run``) with ``argv``, reporting a failure in a line per rank.
+
+    torchrun ends a failed job with its own traceback and a box of every rank's exit code,
+    which bury the error the failing rank printed; here the ranks' own output stands, followed
+    by which rank failed first and how, and the job's exit status is that rank's. Run by
+    :func:`launch_torchrun` as ``python -m llmscratch.distributed``.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    import logging
+
+    launcher = os.environ.get("LLMSCRATCH_LAUNCHER_PID")
+    die_with_parent(int(launcher) if launcher else None)
+    # torchrun logs each failed rank's exit code as an error; the line printed below says it once
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+        lambda record: not str(record.msg).startswith("failed (exitcode"))
+    args = parse_args(argv)
+    try:
+        run(args)
+        return 0
+    except ChildFailedError as err:
+        first, failure = err.get_first_failure()
+        line = describe_failure(first, _world_size(args), failure.exitcode, failure.signal_name())
+        also = sorted(r for r, f in err.failures.items() if r != first and f.exitcode > 0)
+        stopped = sorted(r for r, f in err.failures.items() if r != first and f.exitcode < 0)
+        if also:
+            line += f"; so did rank {', '.join(map(str, also))}"
+        if stopped:
+            line += f"; torchrun stopped rank {', '.join(map(str, stopped))}"
+        print(f"llmscratch: {line}", file=sys.stderr, flush=True)
+        return failure.exitcode if failure.exitcode > 0 else 128 + abs(failure.exitcode)
+    except SignalException as err:  # Ctrl-C or SIGTERM: torchrun has passed it on to the ranks and waited
+        return 128 + int(err.sigval)
+
+
+if __name__ == "__main__":
+    sys.exit(run_torchrun(sys.argv[1:]))
