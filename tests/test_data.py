@@ -1,6 +1,8 @@
 """Corpora, token files and batches: errors, caching, window arithmetic, bits per byte."""
 
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -183,6 +185,19 @@ def test_incomplete_cache_is_rebuilt(tmp_path, char_tok):
     (tmp_path / next(p.name for p in tmp_path.iterdir()) / "train.bin").write_bytes(b"\0\0")  # truncated
     again = prepare_tokens(corpus, char_tok, tmp_path)
     assert np.array_equal(again.train, expected)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes and umask are POSIX")
+def test_the_token_cache_files_are_shared_as_open_would_share_them_not_private(tmp_path, char_tok):
+    """A cache folder shared by several users (``$LLMSCRATCH_CACHE``) must be readable by them:
+    the cache files used to keep the 0600 of their temporary files."""
+    old = os.umask(0o022)
+    try:
+        splits = prepare_tokens(Corpus(TEXT, [], "t"), char_tok, tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in splits.cache_dir.iterdir()}
+    assert modes == {"train.bin": 0o644, "val.bin": 0o644, "meta.json": 0o644}
 
 
 def test_check_split_sizes_names_the_small_split():

@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from llmscratch.cli import main
 from llmscratch.errors import ConfigError

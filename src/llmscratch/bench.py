@@ -707,6 +707,6 @@ def check_json_path(path: str) -> None:
 
 def write_json(path: str, record: dict[str, Any]) -> None:
     """Write the record atomically: a run cut short keeps the previous file whole."""
-    from .checkpoint import write_text_atomic
+    from .files import write_text_atomic
 
     write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")

@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, ConfigError, LLMScratchError
+from .files import write_atomic, write_text_atomic
 from .model import GPT, GPTConfig
 
 PathLike = Union[str, os.PathLike]
@@ -63,56 +63,7 @@ RUNTIME_FIELDS = ("attn_backend", "drop_rate", "pad_vocab_multiple", "context_le
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
-# =========================================================================== atomic writes
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Create ``path`` through ``write(temporary_name)``, then fsync and rename it into place.
-
-    The temporary file lives in the same directory (a rename across file systems is not
-    atomic); if anything fails, it is removed and ``path`` keeps its previous content.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, default_file_mode())  # mkstemp's 0600 (kept by some writers) would make every output private
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def default_file_mode() -> int:
-    """The mode ``open()`` gives a new file: 0666 less the process's umask (0644 under umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write(path, write)
+# =========================================================================== writing (whole or not at all: files.py)
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], tag: Optional[dict[str, str]] = None) -> None:
@@ -120,7 +71,7 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], tag: Option
     from safetensors.torch import save_file
 
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt", **(tag or {})}))
+    write_atomic(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt", **(tag or {})}))
 
 
 def weights_tag(run_dir: PathLike) -> dict[str, str]:
@@ -137,17 +88,7 @@ def weights_tag(run_dir: PathLike) -> dict[str, str]:
 
 
 def _write_torch(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def write_file_atomic(path: PathLike, write: Callable[[str], None]) -> None:
-    """Create ``path`` through ``write(temporary_name)`` so that a crash leaves the old file or the new one."""
-    _atomic_write(Path(path), write)
-
-
-def write_text_atomic(path: PathLike, text: str) -> None:
-    """Write a text file so that a crash leaves either the old file or the new one, never half."""
-    _write_text(Path(path), text)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_text(path: PathLike) -> str:
@@ -283,7 +224,7 @@ def save_model(run_dir: PathLike, model: nn.Module,
     gpt = _unwrap(model)
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_safetensors(run_dir / WEIGHTS_FILE, _state_dict_for_file(gpt, state_dict), tag)
-    _write_text(run_dir / CONFIG_FILE, gpt.cfg.to_json() + "\n")
+    write_text_atomic(run_dir / CONFIG_FILE, gpt.cfg.to_json() + "\n")
 
 
 def load_config(run_dir: PathLike) -> GPTConfig:
@@ -880,7 +821,7 @@ def save_hf(model: nn.Module, out_dir: PathLike, eot_id: Optional[int] = None) -
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_safetensors(out_dir / "model.safetensors", hf_sd)
-    _write_text(out_dir / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / "config.json", json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
 
 
 def _with_tied_head(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:

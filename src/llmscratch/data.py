@@ -23,7 +23,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -33,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ConfigError, CorpusError
+from .files import write_atomic, write_text_atomic
 from .tokenizer import Tokenizer, split_for_encoding
 
 PathLike = Union[str, Path]
@@ -196,19 +196,6 @@ def _cache_key(text: str, tokenizer: Tokenizer, val_fraction: float) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _open_tokens(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     if count == 0:  # a zero-length file cannot be memory-mapped
         return np.zeros(0, dtype=dtype)
@@ -272,9 +259,9 @@ def prepare_tokens(
         "val_bytes": len(val_text.encode("utf-8")),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / "train.bin", train.tofile)
-    _write_atomic(folder / "val.bin", val.tofile)
-    _write_atomic(folder / "meta.json", lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
+    write_atomic(folder / "train.bin", train.tofile)
+    write_atomic(folder / "val.bin", val.tofile)
+    write_text_atomic(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
     return TokenSplits(_open_tokens(folder / "train.bin", dtype, train.size),
                        _open_tokens(folder / "val.bin", dtype, val.size), meta, folder)
 

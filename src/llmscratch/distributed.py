@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from . import checkpoint as ckpt
 from .errors import CheckpointError, ConfigError
+from .files import write_text_atomic
 from .model import GPT, GPTConfig
 
 if TYPE_CHECKING:
@@ -328,7 +329,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp))
     if group.is_main:
         ckpt.save_training_state(tmp, training_state)
-        ckpt.write_text_atomic(run_dir / ckpt.CONFIG_FILE, model.cfg.to_json() + "\n")
+        write_text_atomic(run_dir / ckpt.CONFIG_FILE, model.cfg.to_json() + "\n")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             os.replace(final, old)

@@ -840,7 +840,7 @@ def write_attention_outputs(
     when asked. Returns the paths written."""
     import json
 
-    from .checkpoint import write_text_atomic  # a failed write keeps the previous file whole
+    from .files import write_text_atomic  # a failed write keeps the previous file whole
 
     out = _as_path(out_dir)
     chosen_layers = list(layers) if layers else []

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from .errors import TokenizerError
+from .files import write_text_atomic
 
 if TYPE_CHECKING:
     import tokenizers
@@ -94,28 +95,6 @@ def split_for_encoding(text: str) -> list[str]:
     return re.split(r"(?<=\S\n)(?=\S)", text) if text else []
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, data: Union[bytes, str]) -> None:
-    """Write a file through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the file private
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _describe_chars(chars: Iterable[str], limit: int = 10) -> str:
     chars = sorted(set(chars))
     shown = ", ".join(repr(c) for c in chars[:limit])
@@ -173,7 +152,7 @@ class Tokenizer(ABC):
         directory.mkdir(parents=True, exist_ok=True)
         extra = self._save_files(directory)
         config = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, **extra}
-        _write_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
     def fingerprint(self) -> str:
         """A SHA-256 of the tokenizer's saved files: equal fingerprints, equal tokenization."""
@@ -234,7 +213,7 @@ class CharTokenizer(Tokenizer):
         return np.array([len(c.encode("utf-8", "surrogatepass")) for c in self.chars], dtype=np.int64)
 
     def _save_files(self, directory: Path) -> dict:
-        _write_atomic(directory / self.FILE, json.dumps(self.chars, ensure_ascii=False) + "\n")
+        write_text_atomic(directory / self.FILE, json.dumps(self.chars, ensure_ascii=False) + "\n")
         return {}
 
     @classmethod
@@ -317,7 +296,7 @@ class BPETokenizer(Tokenizer):
         return lengths
 
     def _save_files(self, directory: Path) -> dict:
-        _write_atomic(directory / self.FILE, self.backend.to_str())
+        write_text_atomic(directory / self.FILE, self.backend.to_str())
         return {}
 
     @classmethod
@@ -472,8 +451,8 @@ class GPT2Tokenizer(Tokenizer):
         return lengths
 
     def _save_files(self, directory: Path) -> dict:
-        _write_atomic(directory / "vocab.bpe", self.merges_text)
-        _write_atomic(directory / "encoder.json", self.vocab_text)
+        write_text_atomic(directory / "vocab.bpe", self.merges_text)
+        write_text_atomic(directory / "encoder.json", self.vocab_text)
         return {}
 
 

@@ -48,6 +48,7 @@ from .data import (
     window_starts,
 )
 from .errors import ConfigError, LLMScratchError
+from .files import write_text_atomic
 from .model import GPT, LOSS_IMPLS, GPTConfig, PRESETS
 from .optim import MuonAdamW, muon_param_groups
 from .runtime import Runtime, seed_everything, setup_runtime
@@ -551,7 +552,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
 
     if group.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_text_atomic(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+        write_text_atomic(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         tokenizer.save(run_dir)
         if not cfg.resume:
             _point_latest(run_dir)
@@ -570,7 +571,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
     if cfg.resume and group.is_main and metrics_path.exists():
         # Records past the checkpoint (a run killed after it) are written again by this run: keep one of each.
         kept = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
-        ckpt.write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write_metrics(record: dict[str, Any]) -> None:
         if group.is_main:

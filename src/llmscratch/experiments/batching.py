@@ -129,7 +129,7 @@ def _findings(runs: list[dict[str, Any]], checks: list[tuple[str, float]]) -> li
         if large["tok_s"] > small["tok_s"] else
         f"Throughput does not rise with the batch size here ({small['tok_s']} tokens/s at batch {small['batch']}, "
         f"{large['tok_s']} at batch {large['batch']}): the hardware is already saturated by the small batch.",
-        f"At the same token budget the final validation loss is " + ", ".join(f"{r['val_loss']} (batch {r['batch']})" for r in runs)
+        "At the same token budget the final validation loss is " + ", ".join(f"{r['val_loss']} (batch {r['batch']})" for r in runs)
         + f": the best is batch {best['batch']}; "
         + ("the largest batch takes too few steps to catch up." if best is not large else
            "more tokens per step did not hurt at this budget."),

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..checkpoint import write_file_atomic, write_text_atomic
+from ..files import write_atomic, write_text_atomic
 from ..data import eval_windows, gather_windows, load_corpus, prepare_tokens, window_starts, Corpus, TokenSplits
 from ..errors import ConfigError
 from ..model import GPT, GPTConfig
@@ -462,7 +462,7 @@ def plot_loss_curves(runs: list[dict], label_of: Callable[[dict], str], folder: 
 def save_figure(fig: Figure, path: Path) -> None:
     """Save a figure as PNG (atomically) and close it."""
     try:
-        write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         pyplot().close(fig)
 

@@ -82,7 +82,7 @@ def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path:
 def _findings(runs: list[dict[str, Any]], t: int, k_max: int) -> list[str]:
     ranked = sorted(runs, key=lambda r: r["val_loss"])
     out = [
-        f"At the training context the order is " + ", ".join(f"{r['kind']} {r['val_loss']}" for r in ranked)
+        "At the training context the order is " + ", ".join(f"{r['kind']} {r['val_loss']}" for r in ranked)
         + f" (best to worst; the spread is {ranked[-1]['val_loss'] - ranked[0]['val_loss']:.4f} nats)."
     ]
     none = next(r for r in runs if r["kind"] == "none")
