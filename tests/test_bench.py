@@ -134,6 +134,16 @@ def test_decode_rows_cover_every_mode_and_batch():
     assert "first token" in bench.format_decode(rows)
 
 
+def test_a_decode_mode_the_model_cannot_run_is_a_row_with_its_reason():
+    cfg = GPTConfig.from_preset("test", pos_emb="alibi")  # the static cache has no ALiBi
+    rows = bench.bench_decode(cfg, CPU, batches=(1,), new_tokens=3, repeats=1, modes=["cache", "static"],
+                              log=lambda _: None)
+    assert [r["mode"] for r in rows if "error" not in r] == ["llmscratch cache"]
+    (static,) = [r for r in rows if "error" in r]
+    assert static["mode"] == "llmscratch static" and "alibi" in static["error"]
+    assert "alibi" in bench.format_decode(rows)
+
+
 def test_cached_peers_decode_past_their_context_length():
     """200 new tokens on the cpu preset run past its 64 positions: the cached peers get a position
     table long enough (transformers used to fail with an IndexError there)."""

@@ -474,3 +474,182 @@ def test_broken_weights_and_bad_prompts_are_named_not_sampled_from():
         model.final_norm.weight.fill_(float("nan"))
     with pytest.raises(ConfigError, match="logits for the prompt are not finite"):
         generate(model, [[1, 2]], GREEDY)
+
+
+# --------------------------------------------------------------------------- audit: independent references
+
+
+def _tiny(pos_emb: str, backend: str = "fused", context_length: int = 6, seed: int = 0) -> GPT:
+    """A float64 GPT small enough for many decode steps: every weight random, biases and norms too."""
+    torch.manual_seed(seed)
+    cfg = GPTConfig.from_preset("test", pos_emb=pos_emb, attn_backend=backend, vocab_size=64, emb_dim=16,
+                                n_heads=2, n_layers=2, context_length=context_length, qkv_bias=True)
+    model = GPT(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() == 2 else 0.2)
+    return model.eval()
+
+
+def _window_reference(model: GPT, prompt: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    """Last-position logits ``(V,)`` before each of ``tokens``, from the plain uncached forward pass of
+    one row: no padding, default positions 0..T-1, the window rule applied here by hand (a window that
+    would pass the context keeps its last ``max(1, context // 2)`` tokens)."""
+    ctx = model.cfg.context_length
+    keep = max(1, ctx // 2)
+    window = list(prompt) if len(prompt) <= ctx else list(prompt)[-keep:]
+    out = []
+    with torch.no_grad():
+        for token in tokens:
+            out.append(model(torch.tensor([window]))[0, -1])  # (V,)
+            window.append(token)
+            if len(window) > ctx:
+                window = window[-keep:]
+    return out
+
+
+AUDIT_PROMPTS = [[1, 2], [3, 4, 5, 6, 7, 8], [9], [10, 11, 12, 13, 14, 15, 16, 17, 18]]  # 9 > context 6
+
+
+@pytest.mark.parametrize("backend", ["fused", "explicit"])
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_every_step_equals_the_uncached_forward_of_its_own_window(pos_emb, backend):
+    """Batched, left-padded, cached or not, past the context: each row's logits at every step are the
+    plain forward pass of that row's window alone (float64, so any mask or position slip shows)."""
+    model = _tiny(pos_emb, backend)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    for use_cache in (True, False):
+        steps = list(decode_steps(model, AUDIT_PROMPTS, cfg, use_cache=use_cache))
+        tokens = torch.stack([s.tokens for s in steps])  # (N, B)
+        for row, prompt in enumerate(AUDIT_PROMPTS):
+            reference = _window_reference(model, prompt, tokens[:, row].tolist())
+            for step, ref in zip(steps, reference):
+                torch.testing.assert_close(step.logits[row].double(), ref, atol=1e-10, rtol=1e-10)
+                assert step.tokens[row].item() == int(ref.argmax())
+
+
+@pytest.mark.parametrize("backend", ["fused", "explicit"])
+@pytest.mark.parametrize("pos_emb", ["learned", "sinusoidal", "rope", "none"])
+def test_static_decoder_equals_the_uncached_forward(pos_emb, backend):
+    """The static preallocated cache (eager step): greedy tokens are the reference's, and a second call
+    on the same decoder (slots holding the first call's keys) is not disturbed by them."""
+    from llmscratch.generate import StaticDecoder
+
+    model = _tiny(pos_emb, backend, context_length=8)
+    decoder = StaticDecoder(model, batch=2)  # max_len = context 8
+    for prompts, n in (([[1, 2, 3], [4, 5, 6]], 6), ([[7, 8], [9, 9]], 7)):  # 3 + 6 - 1 = 8, 2 + 7 - 1 = 8
+        out = decoder.generate(torch.tensor(prompts), SamplingConfig(max_new_tokens=n, temperature=0.0))
+        for row, prompt in enumerate(prompts):
+            window, expected = list(prompt), []
+            with torch.no_grad():
+                for _ in range(n):
+                    expected.append(int(model(torch.tensor([window]))[0, -1].argmax()))
+                    window.append(expected[-1])
+            assert out[row].tolist() == expected, (prompts, row)
+    with pytest.raises(ValueError, match="do not fit"):
+        decoder.generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), SamplingConfig(max_new_tokens=7, temperature=0.0))
+
+
+def test_static_decoder_samples_what_generate_samples_and_refuses_what_it_cannot_do():
+    from llmscratch.generate import StaticDecoder
+
+    model = _tiny("rope", context_length=16)
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.5, top_k=20, top_p=0.9, seed=21)
+    out = StaticDecoder(model, batch=3).generate(torch.tensor(prompts), cfg)
+    assert out.tolist() == generate(model, prompts, cfg)  # row i draws with seed + i on both paths
+    with pytest.raises(ValueError, match="past the context length"):
+        StaticDecoder(_tiny("learned", context_length=8), batch=1, max_len=9)
+    with pytest.raises(ValueError, match="alibi"):  # at construction, not at the first call
+        StaticDecoder(_tiny("alibi"), batch=1)
+
+
+@pytest.mark.parametrize("pos_emb", POSITION_KINDS)
+def test_sampled_rows_are_batch_independent_for_every_position_kind(pos_emb):
+    """Rows of different lengths (one past the context), sampled with all filters on: row i of the batch
+    is what its prompt samples alone with seed + i, cached and uncached, through several window cuts."""
+    model = _tiny(pos_emb, context_length=6)
+    cfg = dict(max_new_tokens=10, temperature=1.3, top_k=30, top_p=0.95)
+    for use_cache in (True, False):
+        batched = generate(model, AUDIT_PROMPTS, SamplingConfig(seed=4, **cfg), use_cache=use_cache)
+        for row, prompt in enumerate(AUDIT_PROMPTS):
+            alone = generate(model, [prompt], SamplingConfig(seed=4 + row, **cfg), use_cache=use_cache)[0]
+            assert alone == batched[row], (use_cache, row)
+    assert len({tuple(r) for r in batched}) == len(AUDIT_PROMPTS)  # the rows really are sampled
+
+
+def test_sampled_frequencies_follow_temperature_top_k_and_top_p():
+    """The draws follow the distribution written out from the definitions: softmax(logits / T),
+    cut to the k largest, then to the smallest most-likely set reaching p, renormalised."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, 0.1, -1.0, -3.0, 0.9])
+    n = 20000
+    for temperature, k, p in [(0.7, 5, 0.8), (1.3, 4, None), (3.0, None, None), (0.5, None, 0.9)]:
+        probs = torch.softmax(logits.double() / temperature, dim=0)  # (8,)
+        ranked = probs.argsort(descending=True).tolist()[: k or 8]
+        nucleus, mass = [], 0.0
+        for token in ranked:
+            nucleus.append(token)
+            mass += (probs[token] / probs[ranked].sum()).item()
+            if p is not None and mass >= p:
+                break
+        expected = torch.zeros(8, dtype=torch.float64)
+        expected[nucleus] = probs[nucleus] / probs[nucleus].sum()
+
+        draws = sample_next(logits.repeat(n, 1), SamplingConfig(temperature=temperature, top_k=k, top_p=p),
+                            torch.Generator().manual_seed(3))  # (n,)
+        freq = torch.bincount(draws, minlength=8).double() / n
+        assert set(draws.unique().tolist()) == set(nucleus), (temperature, k, p)
+        assert (freq - expected).abs().max() < 4 * (0.25 / n) ** 0.5, (temperature, k, p)  # < 4 std devs
+
+
+def test_vocab_limit_holds_through_generate_and_the_static_decoder():
+    """Ids past vocab_limit never come out of a whole generation, even where the model prefers them."""
+    from llmscratch.generate import StaticDecoder
+
+    model = _tiny("rope", context_length=24)
+    with torch.no_grad():  # hidden feature 0 is 5 at every position; ids 60..63 read it with weight 20
+        model.final_norm.weight[0], model.final_norm.bias[0] = 0.0, 5.0
+        model.out_head.weight[60:, 0] = 20.0
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    assert all(t >= 60 for row in generate(model, prompts, GREEDY) for t in row)  # unlimited, they win
+    for cfg in (SamplingConfig(max_new_tokens=15, temperature=0.0, vocab_limit=60),
+                SamplingConfig(max_new_tokens=15, temperature=5.0, seed=1, vocab_limit=60)):
+        for use_cache in (True, False):
+            rows = generate(model, prompts, cfg, use_cache=use_cache)
+            assert all(len(r) == 15 and max(r) < 60 for r in rows)
+        assert StaticDecoder(model, batch=2).generate(torch.tensor(prompts), cfg).max() < 60
+
+
+# --------------------------------------------------------------------------- audit: bugs found
+
+
+def test_top_p_one_keeps_every_token_of_positive_probability():
+    # Exact: token 0's probability rounds to 1.0 in float32, the nine others are 7.6e-10 each.
+    tiny_tail = torch.tensor([[0.0] + [-21.0] * 9])
+    assert not torch.isinf(top_p_filter(tiny_tail, 1.0)).any()
+    # Just below 1: the tail's mass (6.9e-9) lies above the missing 1e-12, so every token stays,
+    # which a float32 running sum (1.0 after the first token) cannot tell.
+    assert not torch.isinf(top_p_filter(tiny_tail, 1.0 - 1e-12)).any()
+    assert torch.isinf(top_p_filter(tiny_tail, 1.0 - 1e-8)).sum() == 9  # token 0's mass (1 − 6.9e-9) reaches it
+    # Realistic: random logits over GPT-2's vocabulary.
+    logits = torch.randn(4, 50257, generator=torch.Generator().manual_seed(0)) * 5
+    positive = torch.softmax(logits, dim=-1) > 0
+    assert not (torch.isinf(top_p_filter(logits, 1.0)) & positive).any()
+
+
+def test_a_weight_edited_in_place_after_packing_is_what_decoding_uses():
+    """An in-place edit under no_grad bumps the weight's version: the packed copy is dropped. An edit
+    through ``.data`` cannot be seen (PyTorch keeps no version for it), so Linear's docstring says to
+    unpack after one; unpacking then gives the edited weight."""
+    model = _tiny("learned", context_length=8).float()
+    x = torch.tensor([[1, 2, 3]])
+    if not model.out_head.pack(rows=1):
+        pytest.skip("this PyTorch cannot pack for oneDNN")
+    with torch.no_grad():
+        model.out_head.weight.zero_()  # every logit is now 0
+        assert torch.equal(model(x), torch.zeros(1, 3, model.cfg.vocab_size))
+        model.out_head.weight.normal_()
+        assert model.out_head.pack(rows=1)
+        model.out_head.weight.data.zero_()
+        model.unpack_weights()
+        assert torch.equal(model(x), torch.zeros(1, 3, model.cfg.vocab_size))

@@ -586,9 +586,12 @@ def bench_decode(
             if mode == "cache, weights laid out":
                 runs_on = copy.deepcopy(model)
                 layouts[label] = {f"{o}x{i}": way for (o, i), way in choose_weight_layout(runs_on, rows=batch).items()}
-            runners.append((label, _decode_runner(mode, runs_on, prompt, new_tokens, "compiled" in mode)))
-            if warmup_tokens != new_tokens:
-                warmers[label] = _decode_runner(mode, runs_on, prompt, warmup_tokens, "compiled" in mode)
+            try:  # a mode the model cannot run (the static cache and ALiBi) is a row with its reason
+                runners.append((label, _decode_runner(mode, runs_on, prompt, new_tokens, "compiled" in mode)))
+                if warmup_tokens != new_tokens:
+                    warmers[label] = _decode_runner(mode, runs_on, prompt, warmup_tokens, "compiled" in mode)
+            except ValueError as err:
+                rows.append({"mode": label, "batch": batch, "error": repr(err)[:300]})
         for peer in peers:
             try:
                 runners.append(_peer_decode_runner(peer, cfg, device, dtype, prompt, new_tokens))

@@ -135,8 +135,13 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
     A token is kept when the mass of the tokens ranked above it is still below ``p``;
     the most likely token has nothing above it, so at least one token always survives.
+    ``p >= 1`` keeps every token. The running mass is summed in float64: in float32 it
+    reaches 1.0 before the tail of a 50,257-token distribution, which would drop thousands
+    of tokens of positive probability even at ``p = 1``.
     """
-    probs = torch.softmax(logits, dim=-1)  # (B, V)
+    if p >= 1.0:
+        return logits
+    probs = torch.softmax(logits.double(), dim=-1)  # (B, V)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (B, V) each
     mass_above = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # (B, V), in sorted order
     drop_sorted = mass_above >= p  # (B, V)
@@ -488,7 +493,10 @@ class StaticDecoder:
     token (up to the rounding of the compiled kernels).
 
     Limits of the fast path: prompts of equal length (no padding), no eos stop (every row
-    gets ``max_new_tokens``), and prompt + new tokens within ``max_len`` (no window cut).
+    gets ``max_new_tokens``), no ALiBi positions, and prompt + new tokens within ``max_len``
+    (no window cut). So it equals :func:`generate` while prompt + new tokens fit the context
+    length; a ``max_len`` past it (allowed for positions other than learned ones) lets the
+    model attend further back than it was trained to, where :func:`generate` would cut the window.
     """
 
     def __init__(self, model: GPT, batch: int, max_len: Optional[int] = None, compile: bool = False):
@@ -498,6 +506,8 @@ class StaticDecoder:
         self.max_len = max_len or model.cfg.context_length
         if self.max_len > model.cfg.context_length and model.cfg.pos_emb == "learned":
             raise ValueError(f"max_len {self.max_len} is past the context length {model.cfg.context_length}")
+        if model.cfg.pos_emb == "alibi":  # its bias is built per call from the cache's length
+            raise ValueError("the static decoder does not support alibi positions; use generate() (a growing KV cache)")
         self.device = param.device
         self.cache = StaticKVCache.for_model(model.cfg, batch, self.max_len, device=self.device, dtype=param.dtype)
         self.compiled = compile

@@ -193,7 +193,10 @@ class Linear(nn.Linear):
     The copy is used only where it computes what ``F.linear`` would: no gradient recorded, not
     under ``torch.compile``, and the weight unchanged since packing (the same memory, no
     in-place update since: an optimizer step, ``load_state_dict`` or ``.to()`` makes the copy
-    stale, and the layer quietly goes back to ``F.linear``). It is never saved or copied:
+    stale, and the layer quietly goes back to ``F.linear``). An edit through ``.data``
+    (``layer.weight.data.normal_()``) is the exception: it bypasses the version counter that
+    PyTorch keeps for in-place updates, so after one call :meth:`unpack` (or
+    ``model.unpack_weights()``), or edit under ``torch.no_grad()`` instead. It is never saved or copied:
     ``state_dict``, ``torch.save`` and ``copy.deepcopy`` see a plain ``nn.Linear``.
     """
 
