@@ -207,6 +207,91 @@ def test_cli_bench_refuses_a_json_path_it_cannot_write_before_measuring(tmp_path
     assert "does not exist (or is a file)" in capsys.readouterr().err
 
 
+def _measuring_fails(monkeypatch):
+    """Make every benchmark raise: a test that passes with it in place measured nothing."""
+    def fail(*args, **kwargs):
+        raise AssertionError("measured although the --json path cannot be written")
+
+    for name in ("bench_attention", "bench_train", "bench_decode"):
+        monkeypatch.setattr(bench, name, fail)
+
+
+def test_cli_bench_refuses_a_read_only_folder_before_measuring(tmp_path, monkeypatch, capsys):
+    """A folder on a read-only file system: ``os.access`` says so even to root (EROFS), which is
+    what the check relies on; here it is told so, since tests cannot mount a read-only disk."""
+    import os
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        if os.path.realpath(path) == str(read_only.resolve()) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    _measuring_fails(monkeypatch)
+    assert main(["bench", "attention", "--preset", "test", "--device", "cpu", "--json", str(read_only / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"the folder {read_only} cannot be written" in err and "read-only file system" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes into a folder without write permission")
+def test_cli_bench_refuses_a_folder_without_write_permission_before_measuring(tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        _measuring_fails(monkeypatch)
+        assert main(["bench", "train", "--preset", "test", "--device", "cpu", "--json", str(locked / "b.json")]) == 2
+        assert f"the folder {locked} cannot be written" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o755)
+
+
+def _failing_writes(monkeypatch, tmp_path):
+    """The --json file cannot be written once measuring is over (a disk that filled up meanwhile);
+    the fallback copy goes to ``tmp_path / "tmp"``. Returns that folder."""
+    import errno
+    import tempfile
+
+    from llmscratch import files
+
+    def full_disk(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(files, "write_text_atomic", full_disk)
+    fallback = tmp_path / "tmp"
+    fallback.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(fallback))
+    return fallback
+
+
+def test_cli_bench_keeps_the_results_when_the_json_cannot_be_written(tmp_path, monkeypatch, capsys):
+    fallback = _failing_writes(monkeypatch, tmp_path)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "attention", "--preset", "test", "--batch", "1", "--device", "cpu",
+                 "--repeats", "1", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    (saved,) = fallback.glob("llmscratch-bench-*.json")
+    assert f"could not write --json {out}: No space left on device" in err
+    assert "results measured are in the tables above" in err and f"saved to {saved} instead" in err
+    assert "Traceback" not in err and not out.exists()
+    assert json.loads(saved.read_text())["attention"][0]["variant"] == "explicit"  # the whole record
+
+
+def test_cli_bench_prints_the_table_before_a_json_write_fails(tmp_path, monkeypatch, capsys):
+    _failing_writes(monkeypatch, tmp_path)
+    assert main(["bench", "attention", "--preset", "test", "--batch", "1", "--device", "cpu",
+                 "--repeats", "1", "--json", str(tmp_path / "bench.json")]) == 2
+    captured = capsys.readouterr()
+    assert "| explicit" in captured.out and "fwd+bwd" in captured.out  # the table the error points to
+    assert "tables above" in captured.err
+
+
 def test_cli_bench_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])

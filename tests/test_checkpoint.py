@@ -426,6 +426,12 @@ def test_export_never_overwrites(tmp_path):
     with pytest.raises(CheckpointError, match="exists; choose a new file name"):
         export_checkpoint(tmp_path / "run", tmp_path / "book.pth", "book")
     assert (tmp_path / "book.pth").read_text() == "keep me" and (tmp_path / "run" / WEIGHTS_FILE).read_bytes() == weights
+    (tmp_path / "dangling.pth").symlink_to(tmp_path / "nowhere")  # a link, a FIFO: replaced, they were lost
+    os.mkfifo(tmp_path / "fifo.pth")
+    for taken in ("dangling.pth", "fifo.pth"):
+        with pytest.raises(CheckpointError, match="exists; choose a new file name"):
+            export_checkpoint(tmp_path / "run", tmp_path / taken, "book")
+    assert (tmp_path / "dangling.pth").is_symlink() and not (tmp_path / "nowhere").exists()
     (tmp_path / "empty").mkdir()
     export_checkpoint(tmp_path / "run", tmp_path / "empty", "hf")  # an empty directory is fine
     assert (tmp_path / "empty" / "config.json").is_file()

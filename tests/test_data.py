@@ -3,6 +3,7 @@
 import math
 import os
 import stat
+import warnings
 
 import numpy as np
 import pytest
@@ -185,6 +186,28 @@ def test_incomplete_cache_is_rebuilt(tmp_path, char_tok):
     (tmp_path / next(p.name for p in tmp_path.iterdir()) / "train.bin").write_bytes(b"\0\0")  # truncated
     again = prepare_tokens(corpus, char_tok, tmp_path)
     assert np.array_equal(again.train, expected)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_cache_file_of_the_right_size_with_ids_outside_the_vocabulary_is_rebuilt(tmp_path, char_tok, split):
+    """Random bytes of the right size used to pass as a cache and fail deep in training with
+    ``IndexError: index out of range`` (an id >= the vocabulary in the embedding lookup)."""
+    corpus = Corpus(TEXT, [], "t")
+    first = prepare_tokens(corpus, char_tok, tmp_path)
+    expected, folder = np.array(getattr(first, split)), first.cache_dir
+    del first
+    path = folder / f"{split}.bin"
+    garbage = np.random.default_rng(0).integers(0, 2**16, size=expected.size, dtype=np.uint16)
+    assert garbage.max() >= char_tok.vocab_size and garbage.nbytes == path.stat().st_size  # the right size
+    path.write_bytes(garbage.tobytes())
+    with pytest.warns(UserWarning, match="damaged") as record:
+        again = prepare_tokens(corpus, char_tok, tmp_path)
+    assert len(record) == 1 and str(folder) in str(record[0].message) and f"{split}.bin" in str(record[0].message)
+    assert again.cache_dir == folder and np.array_equal(getattr(again, split), expected)
+    assert np.array_equal(np.fromfile(path, dtype=np.uint16), expected)  # rewritten on disk
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read again: whole now, no warning, no tokenizing
+        assert np.array_equal(getattr(prepare_tokens(corpus, char_tok, tmp_path), split), expected)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="file modes and umask are POSIX")

@@ -106,6 +106,55 @@ def test_from_dict_rejects_unknown_fields_and_round_trips():
         GPTConfig.from_dict({**cfg.to_dict(), "n_embd": 768})
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # the wrong type: a config file or config.json can hold anything
+        (dict(drop_rate=None), r"GPTConfig.drop_rate must be a finite number, got None \(option --dropout\)"),
+        (dict(drop_rate="ten"), r"GPTConfig.drop_rate must be a finite number, got 'ten' \(option --dropout\)"),
+        (dict(drop_rate=float("nan")), r"GPTConfig.drop_rate must be a finite number, got nan"),
+        (dict(layer_norm_eps="abc"), r"GPTConfig.layer_norm_eps must be a finite number, got 'abc'$"),
+        (dict(rope_base="x", pos_emb="rope"), r"GPTConfig.rope_base must be a finite number, got 'x'$"),
+        (dict(rope_base=True), r"GPTConfig.rope_base must be a finite number, got True"),
+        (dict(n_layers="4"), r"GPTConfig.n_layers must be an integer, got '4' \(option --n-layers\)"),
+        (dict(pos_emb=1), r"GPTConfig.pos_emb must be a string, got 1 \(option --pos-emb\)"),
+        (dict(activation=["gelu"]), r"GPTConfig.activation must be a string, got \['gelu'\]"),
+        # the right type, out of range: these trained into NaN before
+        (dict(layer_norm_eps=-1), r"GPTConfig.layer_norm_eps must be a small positive number such as 1e-5 .*got -1"),
+        (dict(layer_norm_eps=0.0), r"GPTConfig.layer_norm_eps must be a small positive number"),
+        (dict(rope_base=0, pos_emb="rope"), r"GPTConfig.rope_base must be greater than 1 .*got 0$"),
+        (dict(rope_base=1.0), r"GPTConfig.rope_base must be greater than 1"),
+        (dict(drop_rate=1.5), r"GPTConfig.drop_rate must be in \[0, 1\), got 1.5 \(option --dropout\)"),
+        (dict(emb_dim=30, n_heads=4),
+         r"GPTConfig.emb_dim \(30\) must be divisible by n_heads \(4\).*--emb-dim, --n-heads"),
+    ],
+)
+def test_every_field_is_checked_for_type_and_range_by_name(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        GPTConfig.from_preset("test", **overrides)
+    with pytest.raises(ConfigError, match=message):  # config.json's way in: the same rules
+        GPTConfig.from_dict({**GPTConfig.from_preset("test").to_dict(), **overrides})
+
+
+def test_a_number_written_as_a_string_is_read_as_the_number():
+    # YAML 1.1 (PyYAML) reads `drop_rate: 1e-1` (no dot) as the string "1e-1"; TrainConfig.from_dict accepts that too.
+    cfg = GPTConfig.from_dict({**GPTConfig.from_preset("test").to_dict(), "drop_rate": "1e-1",
+                               "layer_norm_eps": "1e-5", "rope_base": "5e5"})
+    assert (cfg.drop_rate, cfg.layer_norm_eps, cfg.rope_base) == (0.1, 1e-5, 5e5)
+    assert GPTConfig.from_preset("test", layer_norm_eps="1e-6").layer_norm_eps == 1e-6  # training's way in
+    with pytest.raises(ConfigError, match="n_layers must be an integer"):  # only float fields, as TrainConfig
+        GPTConfig.from_preset("test", n_layers="2")
+
+
+def test_from_dict_refuses_what_is_not_a_mapping_of_field_names():
+    with pytest.raises(ConfigError, match=r"a GPTConfig is a mapping of field names to values, got list \[1, 2\]"):
+        GPTConfig.from_dict([1, 2])
+    with pytest.raises(ConfigError, match=r"unknown GPTConfig field\(s\) \[1, 'foo'\]"):  # not a TypeError from sorted
+        GPTConfig.from_dict({1: 2, "foo": 3})
+    with pytest.raises(ConfigError, match=r"unknown GPTConfig field\(s\) \['n_embd'\]"):  # via a preset too
+        GPTConfig.from_preset("test", n_embd=8)
+
+
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ConfigError, match="gpt2-124m"):
         GPTConfig.from_preset("gpt5")

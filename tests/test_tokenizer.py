@@ -330,3 +330,25 @@ def test_load_tokenizer_on_a_folder_without_one(tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(TokenizerError, match="not found"):
         load_tokenizer(tmp_path / "missing")
+
+
+# --------------------------------------------------------------------------- text that is not UTF-8
+
+# Bytes that are not UTF-8 in a command-line argument (`--prompt $'the \xff'`) reach Python as
+# lone surrogates ("surrogateescape"): 0xff becomes U+DCFF.
+NOT_UTF8 = "the \udcff end"
+NOT_UTF8_MESSAGE = r"the text is not valid UTF-8: byte 0xff at position 4 \(after 'the '\); give the text as UTF-8"
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])
+def test_text_that_is_not_utf8_is_one_clear_error_from_every_tokenizer(kind, bpe, openai_dir):
+    tok = {"char": lambda: CharTokenizer.from_text(TRAIN_TEXT), "bpe": lambda: bpe,
+           "gpt2": lambda: GPT2Tokenizer.find(openai_dir)}[kind]()
+    with pytest.raises(TokenizerError, match=NOT_UTF8_MESSAGE):
+        tok.encode(NOT_UTF8)  # bpe: the library's TypeError; gpt2: tiktoken silently encoded U+FFFD
+    with pytest.raises(TokenizerError, match=r"is not valid UTF-8: byte 0xc3 at position 1") as info:
+        tok.encode_batch(["the", "a\udcc3"])
+    assert kind == "char" or str(info.value).startswith("text 1 of 2 ")  # the batch encoders say which text
+    with pytest.raises(TokenizerError, match=r"the lone surrogate U\+D800 at position 0"):  # from JSON's "\ud800"
+        tok.encode("\ud800")
+    assert tok.decode(tok.encode("the end")) == "the end"  # valid text is untouched

@@ -175,21 +175,59 @@ def test_resume_is_bit_exact(corpus: Path, tmp_path: Path):
     assert ckpt.load_training_state(resumed)["step"] == 8
 
 
-def test_resume_refuses_weights_and_state_from_two_saves(corpus: Path, tmp_path: Path, monkeypatch):
-    """A kill between the two writes of a checkpoint: new weights beside the previous optimizer state."""
-    real = ckpt.save_training_state
+def test_a_kill_between_the_two_renames_of_a_save_is_finished_on_resume(corpus: Path, tmp_path: Path, monkeypatch):
+    """Killed after the step-8 weights were renamed into place, before the training state was: the
+    staged state is renamed on the next load, and the run resumes from step 8 as if never cut."""
+    full = train(tiny_config(corpus, tmp_path / "a", steps=12, name="full"))
+    real = os.replace
 
-    def killed_at_step_8(run_dir, state):
-        if state["step"] == 8:
-            raise SystemExit("killed while saving")  # after model.safetensors, before training_state.pt
-        real(run_dir, state)
+    def killed_before_the_state(src, dst):
+        if Path(dst).name == ckpt.TRAINING_STATE_FILE and ckpt.weights_tag(Path(dst).parent).get("step") == "8":
+            raise SystemExit("killed while saving")
+        real(src, dst)
 
-    monkeypatch.setattr(ckpt, "save_training_state", killed_at_step_8)
+    monkeypatch.setattr(ckpt.os, "replace", killed_before_the_state)
     with pytest.raises(SystemExit):
-        train(tiny_config(corpus, tmp_path, steps=8, name="cut"))
-    monkeypatch.setattr(ckpt, "save_training_state", real)
-    run = tmp_path / "cut"
-    assert ckpt.load_training_state(run)["step"] == 4 and ckpt.weights_tag(run)["step"] == "8"
+        train(tiny_config(corpus, tmp_path / "b", steps=12, name="cut"))
+    monkeypatch.setattr(ckpt.os, "replace", real)
+    run = tmp_path / "b" / "cut"
+    assert ckpt.weights_tag(run)["step"] == "8" and (run / (ckpt.PENDING + ckpt.TRAINING_STATE_FILE)).is_file()
+    assert ckpt.load_training_state(run)["step"] == 8  # finished: the staged state renamed into place
+    assert not (run / (ckpt.PENDING + ckpt.TRAINING_STATE_FILE)).exists()
+    train(TrainConfig(resume=str(run), progress=False))
+    for (name, a), (_, b) in zip(ckpt.load_model(full).state_dict().items(), ckpt.load_model(run).state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_kill_while_a_save_is_staged_leaves_the_previous_checkpoint_whole(corpus: Path, tmp_path: Path, monkeypatch):
+    """Killed while the step-8 files were still being written: the step-4 pair is untouched and resumes."""
+    full = train(tiny_config(corpus, tmp_path / "a", steps=8, name="full"))
+    real = ckpt._write_torch
+
+    def killed_while_writing(path, obj):
+        if isinstance(obj, dict) and obj.get("step") == 8:
+            Path(path).write_bytes(b"half a training st")  # what a kill mid-write can leave
+            raise SystemExit("killed while saving")
+        real(path, obj)
+
+    monkeypatch.setattr(ckpt, "_write_torch", killed_while_writing)
+    with pytest.raises(SystemExit):
+        train(tiny_config(corpus, tmp_path / "b", steps=8, name="cut"))
+    monkeypatch.setattr(ckpt, "_write_torch", real)
+    run = tmp_path / "b" / "cut"
+    assert ckpt.weights_tag(run)["step"] == "4" and ckpt.load_training_state(run)["step"] == 4
+    train(TrainConfig(resume=str(run), progress=False))
+    for (name, a), (_, b) in zip(ckpt.load_model(full).state_dict().items(), ckpt.load_model(run).state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not any(p.name.startswith(ckpt.PENDING) for p in run.iterdir())
+
+
+def test_resume_refuses_weights_and_state_from_two_saves(corpus: Path, tmp_path: Path):
+    """Files copied together from two checkpoints: refused, and the resume changes nothing."""
+    run = train(tiny_config(corpus, tmp_path, steps=8, stop_at=4, name="mixed"))
+    old_state = (run / ckpt.TRAINING_STATE_FILE).read_bytes()
+    train(TrainConfig(resume=str(run), progress=False))
+    (run / ckpt.TRAINING_STATE_FILE).write_bytes(old_state)  # step 4's state beside step 8's weights
     files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with pytest.raises(ckpt.CheckpointError, match=r"\(step 8\) and .*training_state.pt \(step 4\) are not from "
                                                    r"the same save.*--init-from"):
@@ -238,6 +276,63 @@ def test_resume_of_a_run_saved_before_the_optimizer_option_continues_with_adamw(
     train(TrainConfig(resume=str(half), progress=False))
     for (name, a), (_, b) in zip(ckpt.load_model(full).state_dict().items(), ckpt.load_model(half).state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_a_new_run_that_fails_before_saving_anything_leaves_no_folder_and_latest_unmoved(corpus, tmp_path,
+                                                                                         monkeypatch):
+    """Diverged at step 2 (before any checkpoint or best/ weights): the folder, which would hold only a
+    tokenizer, is removed, ``latest`` still points at the last run that saved, and the name is free again."""
+    out = tmp_path / "runs"
+    good = train(tiny_config(corpus, out, steps=4, name="good"))
+    assert (out / "latest").resolve() == good.resolve()
+    real_loss = GPT.loss
+    monkeypatch.setattr(GPT, "loss", lambda self, x, t: real_loss(self, x, t) * float("nan"))
+    lines: list[str] = []
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written"):
+        train(tiny_config(corpus, out, steps=8, log_interval=2, eval_interval=100, name="bad"), log=lines.append)
+    assert not (out / "bad").exists()
+    assert any(f"removed {out / 'bad'}" in line for line in lines)
+    assert (out / "latest").resolve() == good.resolve()
+    monkeypatch.setattr(GPT, "loss", real_loss)
+    assert train(tiny_config(corpus, out, steps=4, name="bad")) == out / "bad"  # the name can be used again
+    assert (out / "latest").resolve() == (out / "bad").resolve()
+
+
+def test_a_new_run_that_saved_best_weights_before_failing_keeps_them(corpus, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = GPT.loss
+
+    def poisoned(self, x, targets):
+        calls["n"] += 1
+        out = real_loss(self, x, targets)
+        return out * float("nan") if calls["n"] > 8 else out  # 3 steps and one evaluation of 4 windows are fine
+
+    monkeypatch.setattr(GPT, "loss", poisoned)
+    cfg = tiny_config(corpus, tmp_path, steps=12, log_interval=4, eval_interval=2, eval_windows=1,
+                      checkpoint_interval=100, name="kept")
+    with pytest.raises(TrainingDiverged, match=r"no checkpoint was written \(the best weights so far are in .*best"):
+        train(cfg)
+    assert ckpt.load_model(tmp_path / "kept" / "best") is not None
+
+
+def test_resuming_or_reusing_a_folder_without_a_checkpoint_says_so(corpus, tmp_path):
+    """A folder a killed run left before its first checkpoint (SIGKILL: no clean-up possible)."""
+    leftover = tmp_path / "left"
+    leftover.mkdir()
+    (leftover / "train_config.json").write_text(json.dumps(tiny_config(corpus, tmp_path, name="left").to_dict()))
+    with pytest.raises(ConfigError, match=r"left already exists;.*delete it: it holds no checkpoint to continue"):
+        train(tiny_config(corpus, tmp_path, name="left"))
+    with pytest.raises(ckpt.CheckpointError, match=r"no training_state.pt to resume from: the run stopped before"):
+        train(TrainConfig(resume=str(leftover), progress=False))
+
+
+def test_a_damaged_cached_tokenizer_is_trained_again_not_a_dead_end(corpus, tmp_path):
+    first = train(tiny_config(corpus, tmp_path, steps=2, name="one"))
+    (cached,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    (cached / "chars.json").write_text("{not json")
+    with pytest.warns(UserWarning, match=f"cached tokenizer in {cached} could not be read"):
+        second = train(tiny_config(corpus, tmp_path, steps=2, name="two"))
+    assert (second / "chars.json").read_text() == (first / "chars.json").read_text()
 
 
 def test_nan_loss_stops_with_the_first_bad_step_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
@@ -451,3 +546,14 @@ def test_fsdp_in_one_process_says_it_trains_unsharded(corpus: Path, tmp_path: Pa
     logs: list[str] = []
     train(tiny_config(corpus, tmp_path, steps=1, name="f", fsdp=True, optimizer="adamw"), log=logs.append)
     assert any("--fsdp shards over the processes torchrun starts; this is one process" in m for m in logs)
+
+
+@pytest.mark.parametrize("name", ["a/b", "../escaped", "..", ".", "latest", ""])
+def test_a_run_name_is_one_folder_inside_out_dir(name):
+    with pytest.raises(ConfigError, match="must be one folder name"):
+        TrainConfig(name=name)
+
+
+def test_negative_sample_tokens_are_refused_not_read_as_zero():
+    with pytest.raises(ConfigError, match=r"sample_tokens \(--sample-tokens\) must be >= 0"):
+        TrainConfig(sample_tokens=-5)

@@ -31,9 +31,11 @@ import dataclasses
 import datetime
 import gc
 import json
+import os
 import platform
 import re
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -698,18 +700,55 @@ def format_attention(rows: list[dict[str, Any]]) -> str:
 
 
 def check_json_path(path: str) -> None:
-    """Refuse, before anything is measured, a ``--json`` path that cannot be written."""
+    """Refuse, before anything is measured, a ``--json`` path that cannot be written.
+
+    The file is written by a rename inside its folder, so the folder must exist and be
+    writable (``os.access`` catches a read-only file system and, for other users than root,
+    missing permissions); an existing file there is replaced whatever its own mode.
+    """
     from .errors import ConfigError
 
     target = Path(path)
     if target.is_dir():
         raise ConfigError(f"--json {path} is a directory; give a file name, e.g. {target / 'bench.json'}")
-    if not target.parent.is_dir():
-        raise ConfigError(f"--json {path}: the folder {target.parent} does not exist (or is a file); create it first")
+    folder = target.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--json {path}: the folder {folder} does not exist (or is a file); create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"--json {path}: the folder {folder} cannot be written (read-only file system or no "
+                          f"permission); give a path in a folder you can write to, "
+                          f"e.g. --json {Path.cwd() / target.name}")
 
 
 def write_json(path: str, record: dict[str, Any]) -> None:
-    """Write the record atomically: a run cut short keeps the previous file whole."""
+    """Write the record atomically: a run cut short keeps the previous file whole.
+
+    If ``path`` cannot be written (a full disk, a folder made read-only or removed while
+    measuring), the record is saved to a new file in the temporary folder instead and a
+    ConfigError names both, so nothing measured is lost; the tables are printed before.
+    """
+    from .errors import ConfigError
     from .files import write_text_atomic
 
-    write_text_atomic(path, json.dumps(record, indent=2, default=str) + "\n")
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    try:
+        write_text_atomic(path, text)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        saved = _save_elsewhere(text)
+        where = (f"; the whole record was saved to {saved} instead (copy it where you want it)" if saved
+                 else " (it could not be saved to the temporary folder either)")
+        raise ConfigError(f"could not write --json {path}: {reason}. The results measured are in the tables "
+                          f"above{where}. Next time give a --json path on a disk with room, in a folder you "
+                          f"can write to") from err
+
+
+def _save_elsewhere(text: str) -> Optional[str]:
+    """Save ``text`` to a new ``llmscratch-bench-*.json`` in the temporary folder; its path, or None."""
+    try:
+        fd, name = tempfile.mkstemp(prefix="llmscratch-bench-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return name
+    except OSError:
+        return None

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, ConfigError, LLMScratchError
-from .files import write_atomic, write_text_atomic
+from .files import sync_directory, write_atomic, write_text_atomic
 from .model import GPT, GPTConfig
 
 PathLike = Union[str, os.PathLike]
@@ -381,14 +381,71 @@ def save_training_state(run_dir: PathLike, state: dict) -> None:
     _write_torch(run_dir / TRAINING_STATE_FILE, state)
 
 
-# A checkpoint is two files written one after the other; a crash or a kill between the two
-# writes would pair new weights with an old optimizer state. Both carry the same tag.
+# A checkpoint is two files, and no file system renames two files as one: so both carry the same
+# tag, and :func:`save_checkpoint` stages both before it renames either (see there).
 SAVE_TAG_KEYS = ("save_id", "step")
+PENDING = ".pending."  # the prefix of a checkpoint's files while they are staged
 
 
 def new_save_tag(step: int) -> dict[str, str]:
     """A tag for one checkpoint: its step and an id no other save shares."""
     return {"save_id": uuid.uuid4().hex, "step": str(step)}
+
+
+def save_checkpoint(run_dir: PathLike, model: nn.Module, state: dict) -> None:
+    """Write a resumable checkpoint, weights and training state, so that a kill at any moment leaves one whole pair.
+
+    Each file is atomic on its own (:mod:`files`), but a kill between two writes would leave
+    new weights beside the previous optimizer state, and the previous weights gone. So both are
+    first written whole under staged names (``.pending.model.safetensors``,
+    ``.pending.training_state.pt``), then renamed into place, weights first. A kill before the
+    first rename leaves the previous pair; a kill between the two renames leaves the new weights
+    and the new state still staged, which :func:`load_training_state` finishes renaming
+    (:func:`finish_interrupted_save`). The two files carry one tag, checked on resume.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"training state must be a dict, got {type(state).__name__}")
+    run_dir = Path(run_dir)
+    tag = new_save_tag(int(state.get("step", -1)))
+    state = {**state, "weights_tag": tag}
+    _check_plain(state, "training_state")
+    gpt = _unwrap(model)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staged_weights, staged_state = run_dir / (PENDING + WEIGHTS_FILE), run_dir / (PENDING + TRAINING_STATE_FILE)
+    _write_safetensors(staged_weights, _state_dict_for_file(gpt, None), tag)
+    _write_torch(staged_state, state)
+    write_text_atomic(run_dir / CONFIG_FILE, gpt.cfg.to_json() + "\n")
+    os.replace(staged_weights, run_dir / WEIGHTS_FILE)
+    os.replace(staged_state, run_dir / TRAINING_STATE_FILE)
+    sync_directory(run_dir)
+
+
+def finish_interrupted_save(run_dir: PathLike) -> bool:
+    """Rename a staged training state into place if its save got as far as the weights; whether it did.
+
+    The second half of :func:`save_checkpoint` after a kill between its two renames: the weights
+    in place carry the staged state's tag, so the pair is whole again. Anything else staged (a
+    save killed before its first rename) is left for the next save to overwrite.
+    """
+    run_dir = Path(run_dir)
+    staged = run_dir / (PENDING + TRAINING_STATE_FILE)
+    if not staged.is_file() or not (run_dir / WEIGHTS_FILE).is_file():
+        return False
+    try:
+        theirs = _torch_load(staged, "a staged training state").get("weights_tag")
+        ours = weights_tag(run_dir)
+    except (CheckpointError, AttributeError):
+        return False
+    if not theirs or theirs != ours:
+        return False
+    try:
+        os.replace(staged, run_dir / TRAINING_STATE_FILE)
+    except OSError as err:
+        raise CheckpointError(f"{run_dir}'s last save was cut short after its weights were renamed into place; "
+                              f"finishing it needs {staged} renamed to {TRAINING_STATE_FILE}, which failed "
+                              f"({err}): make {run_dir} writable, or rename it yourself") from err
+    sync_directory(run_dir)
+    return True
 
 
 def check_saved_together(run_dir: PathLike, state: dict) -> None:
@@ -401,16 +458,21 @@ def check_saved_together(run_dir: PathLike, state: dict) -> None:
         run_dir = Path(run_dir)
         raise CheckpointError(
             f"{run_dir / WEIGHTS_FILE} (step {ours.get('step', '?')}) and {run_dir / TRAINING_STATE_FILE} "
-            f"(step {theirs.get('step', '?')}) are not from the same save: the run was stopped while it "
-            f"saved a checkpoint. Nothing was changed. To go on from these weights with a fresh optimizer, "
+            f"(step {theirs.get('step', '?')}) are not from the same save (were they copied from two "
+            f"checkpoints?). The resume changed nothing. To go on from these weights with a fresh optimizer, "
             f"start a new run with --init-from {run_dir}; or restore both files from a backup"
         )
 
 
 def load_training_state(run_dir: PathLike) -> Optional[dict]:
-    """The dict in ``run_dir/training_state.pt``, or None when the run has none."""
+    """The dict in ``run_dir/training_state.pt``, or None when the run has none.
+
+    A save cut short between renaming its weights and its training state is finished first
+    (:func:`finish_interrupted_save`), so the state read is the one saved with the weights.
+    """
     run_dir = Path(run_dir)
     _require_dir(run_dir)
+    finish_interrupted_save(run_dir)
     path = run_dir / TRAINING_STATE_FILE
     if not path.exists():
         return None
@@ -1131,7 +1193,7 @@ def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
     if fmt == "hf" and out.is_dir() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty; choose a new directory or delete it "
                               "(an export never mixes its files with others)")
-    if fmt == "book" and out.is_file():
+    if fmt == "book" and (out.is_symlink() or (out.exists() and not out.is_dir())):  # a file, a link, a device
         raise CheckpointError(f"{out} exists; choose a new file name or delete it")
     model = distributed.load_sharded(run_dir)[0] if distributed.latest_is_sharded(run_dir) else load_model(run_dir)
     if fmt == "hf":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -38,9 +39,11 @@ def _run_explain(args: argparse.Namespace) -> int:
     from .inspect import explain, explain_run
 
     from .errors import ConfigError
+    from .tokenizer import check_utf8
 
     if args.max_values < 0:
         raise ConfigError(f"--max-values must be >= 0 (0: shapes only), got {args.max_values}")
+    check_utf8(args.sentence, "the sentence")
     toy = {"--batch": args.batch, "--heads": args.heads, "--d-out": args.d_out, "--seed": args.seed,
            "--no-scale": args.no_scale or None}
     if args.run:
@@ -105,9 +108,16 @@ def load_config_file(path: str) -> dict:
     from .errors import ConfigError
 
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a folder: give the path of a YAML or JSON file (--config)")
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = p.read_text(encoding="utf-8")
+    data_bytes = p.read_bytes()
+    try:
+        text = data_bytes.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the text
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{data_bytes[err.start]:02x} at offset "
+                          f"{err.start}): save it as UTF-8") from None
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -119,7 +129,25 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"config file {path} could not be parsed: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of option names to values")
+    _check_names(data, f"config file {path}", "steps: 100")
+    model = data.get("model")
+    if model is not None and not isinstance(model, dict):
+        raise ConfigError(f"config file {path}: `model:` must be a mapping of model options to values "
+                          f"(e.g. `model: {{n_layers: 4, layer_norm_eps: 1.0e-5}}`), got {type(model).__name__} "
+                          f"{model!r}")
+    if model:
+        _check_names(model, f"config file {path}, under `model:`,", "n_layers: 4")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _check_names(mapping: dict, where: str, example: str) -> None:
+    """Every key of a config file's mapping is an option name (YAML reads ``1: 2`` as the number 1)."""
+    from .errors import ConfigError
+
+    bad = [k for k in mapping if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{where} has keys that are not option names: {bad!r}; "
+                          f"write option names such as `{example}`")
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -153,7 +181,15 @@ def train_options_from_args(args: argparse.Namespace) -> dict:
 def _run_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig
 
+    from .errors import ConfigError
+
+    if args.nproc is not None and args.nproc < 1:
+        raise ConfigError(f"--nproc is the number of processes to launch: at least 1, got {args.nproc}")
     options = train_options_from_args(args)
+    if isinstance(options.get("sample_prompt"), str):  # checked now, not at the first sample after training
+        from .tokenizer import check_utf8
+
+        check_utf8(options["sample_prompt"], "--sample-prompt")
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from .distributed import launch_torchrun
 
@@ -258,9 +294,11 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .errors import ConfigError, LLMScratchError
     from .generate import SamplingConfig, choose_weight_layout, generate, stream
     from .runtime import setup_runtime
+    from .tokenizer import check_utf8
 
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
+    check_utf8(args.prompt, "--prompt")
     runtime = setup_runtime(args.device, "fp32" if args.device in (None, "auto", "cpu") else "auto")
     model, tokenizer, _ = load_run(args.run_dir, device=runtime.device)
     if tokenizer is None:
@@ -430,7 +468,9 @@ def _run_attention(args: argparse.Namespace) -> int:
     from .checkpoint import load_run
     from .inspect import attention_maps, write_attention_outputs
     from .runtime import setup_runtime
+    from .tokenizer import check_utf8
 
+    check_utf8(args.prompt, "--prompt")
     runtime = setup_runtime(args.device, "fp32")
     model, tokenizer, _ = load_run(args.run_dir, device=runtime.device)
     maps = attention_maps(model, tokenizer, args.prompt)
@@ -554,32 +594,32 @@ def _run_bench(args: argparse.Namespace) -> int:
         shape = (args.batch, cfg.n_heads, context, cfg.head_dim)
         rows = bench.bench_attention(device, *shape, repeats=args.repeats)
         record["attention"] = rows
-        if args.json:  # after every section, so a run cut short keeps what it measured
-            bench.write_json(args.json, record)
         print(f"\nattention op, B {shape[0]}, {shape[1]} heads, T {shape[2]}, d {shape[3]}, causal, fwd+bwd:")
         print(bench.format_attention(rows))
+        if args.json:  # after every section's table, so a run cut short or a failed write keeps it
+            bench.write_json(args.json, record)
     if what in ("train", "all"):
         names = ["ours"] + [p for p in peers if p in bench.PEERS]
         rows = bench.bench_train(cfg, device, args.batch, context, precision, names, compile=compile_,
                                  steps=args.steps, repeats=args.repeats, loss_impl=args.loss)
         record["train"] = rows
-        if args.json:  # after every section, so a run cut short keeps what it measured
-            bench.write_json(args.json, record)
         record["peak_tflops_measured"] = bench.measure_peak_tflops(device) if device.type == "cuda" else None
         print(f"\ntraining, {args.preset}, batch {args.batch}, context {context}, {precision}, AdamW "
               f"(median of {args.repeats} runs of {args.steps} steps):")
         print(bench.format_train(rows))
+        if args.json:  # after every section's table, so a run cut short or a failed write keeps it
+            bench.write_json(args.json, record)
     if what in ("decode", "all"):
         decode_peers = [p for p in ("book", "hf") if args.peers and
                         (p == "hf" and "hf" in peers or p != "hf" and "book" in peers)]
         rows = bench.bench_decode(cfg, device, batches=tuple(args.decode_batches), new_tokens=args.new_tokens,
                                   repeats=args.repeats, peers=decode_peers)
         record["decode"] = rows
-        if args.json:  # after every section, so a run cut short keeps what it measured
-            bench.write_json(args.json, record)
         print(f"\ngreedy decoding, {args.preset}, prompt 8 tokens, {args.new_tokens} new tokens "
               f"(median of {args.repeats}):")
         print(bench.format_decode(rows))
+        if args.json:  # after every section's table, so a run cut short or a failed write keeps it
+            bench.write_json(args.json, record)
     if args.json:
         bench.write_json(args.json, record)
         print(f"\nwrote {args.json}")
@@ -634,6 +674,47 @@ def _rank_tag() -> str:
     return f" (rank {os.environ.get('RANK', '?')} of {world})" if world.isdigit() and int(world) > 1 else ""
 
 
+# What makes each command need less memory, for the out-of-memory message.
+_SMALLER = {
+    "train": "a smaller model (--preset test or cpu, --emb-dim, --n-layers, --context-length, --vocab-size) "
+             "or fewer windows per forward pass (--micro-batch, --batch-size)",
+    "explain": "a smaller --d-out, a smaller --batch or a shorter sentence",
+    "generate": "fewer --num-samples or --max-new-tokens, or a smaller model",
+    "attention": "a shorter --prompt, or a smaller model",
+    "eval": "a smaller --batch-size",
+    "bench": "a smaller --batch, --context, --decode-batches or --preset",
+    "experiment": "--quick or --tiny",
+}
+# The CPU allocator's message (c10/core/impl/alloc_cpu.cpp): "... DefaultCPUAllocator: can't allocate memory: you
+# tried to allocate 12000000000000 bytes. Error code 12 (Cannot allocate memory)".
+_CPU_OOM = re.compile(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes")
+
+
+def _out_of_memory(err: BaseException, command: str) -> Optional[str]:
+    """The one-line message for ``err`` if it means the device ran out of memory, else None.
+
+    ``torch.OutOfMemoryError`` (CUDA; ``torch.cuda.OutOfMemoryError`` before torch 2.5), the CPU
+    allocator's RuntimeError (matched by its message; no other RuntimeError) and MemoryError.
+    """
+    torch = sys.modules.get("torch")  # an error from torch means torch was imported
+    oom_types: tuple = (MemoryError,)
+    if torch is not None:
+        oom_types += tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                       getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if t)
+    cpu = _CPU_OOM.search(str(err)) if isinstance(err, RuntimeError) else None
+    if not (cpu or isinstance(err, oom_types)):
+        return None
+    if cpu:
+        where = f"the CPU (one allocation of {int(cpu.group(1)) / 2**30:,.1f} GiB failed)"
+    elif isinstance(err, MemoryError):
+        where = "the CPU"
+    else:  # "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of ..."
+        tried = re.search(r"Tried to allocate ([\d.]+ \w+)", str(err))
+        where = "the GPU" + (f" (one allocation of {tried.group(1)} failed)" if tried else "")
+    smaller = _SMALLER.get(command, "a smaller model")
+    return f"out of memory on {where}: the sizes asked for do not fit this machine; try {smaller}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one subcommand and return its exit status: bad input gives a one-line error and 2, not a traceback."""
     parser = build_parser()
@@ -652,6 +733,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 141
     except OSError as err:  # a path that is a file, a full disk, no permission: the OS names the file
         print(f"llmscratch {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as err:  # sizes too large for memory: 2, as for other sizes the user chose
+        message = _out_of_memory(err, args.command)
+        if message is None:
+            raise  # any other RuntimeError is a bug: keep its traceback
+        print(f"llmscratch {args.command}{_rank_tag()}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -312,11 +312,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     adds ``training_state.pt`` and ``config.json`` and swaps it in for ``run_dir/sharded``.
     """
     if not is_sharded(model):
-        if group.is_main:  # the two files carry one tag: a resume refuses a pair from two saves
-            tag = ckpt.new_save_tag(training_state.get("step", -1))
-            ckpt.save_model(run_dir, model, tag=tag)
-            ckpt.save_training_state(run_dir, {**training_state, "optimizer": optimizer.state_dict(),
-                                               "weights_tag": tag})
+        if group.is_main:  # staged, then renamed: a kill at any moment leaves one whole pair
+            ckpt.save_checkpoint(run_dir, model, {**training_state, "optimizer": optimizer.state_dict()})
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict

@@ -39,7 +39,7 @@ def write_atomic(path: PathLike, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    sync_directory(path.parent)
 
 
 def write_text_atomic(path: PathLike, text: str) -> None:
@@ -58,8 +58,8 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+def sync_directory(directory: PathLike) -> None:
+    """Persist renames in ``directory`` (POSIX fsync of the folder); a no-op where folders cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

@@ -69,30 +69,42 @@ class GPTConfig:
     pad_vocab_multiple: int = 64
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # the type of every field first: a config file can hold anything
+            value = getattr(self, f.name)
+            wanted, ok = {
+                "int": ("an integer", isinstance(value, int) and not isinstance(value, bool)),
+                "float": ("a finite number", isinstance(value, (int, float)) and not isinstance(value, bool)
+                          and math.isfinite(value)),
+                "str": ("a string", isinstance(value, str)),
+                "bool": ("true or false", isinstance(value, bool)),
+            }[f.type if isinstance(f.type, str) else f.type.__name__]
+            if not ok:
+                raise ConfigError(f"GPTConfig.{f.name} must be {wanted}, got {value!r}{_option(f.name)}")
         positive = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "pad_vocab_multiple")
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) < 1:
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}"
+                                  f"{_option(name)}")
         if self.emb_dim % self.n_heads != 0:
-            raise ConfigError(
-                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ConfigError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}): "
+                              f"each head gets emb_dim / n_heads dimensions (options --emb-dim, --n-heads)")
         if not 0.0 <= self.drop_rate < 1.0:
-            raise ConfigError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
-        if self.pos_emb not in POSITION_KINDS:
-            raise ConfigError(f"GPTConfig.pos_emb must be one of {POSITION_KINDS}, got {self.pos_emb!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.attn_backend not in BACKENDS:
-            raise ConfigError(f"GPTConfig.attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
+            raise ConfigError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}{_option('drop_rate')}")
+        if not self.layer_norm_eps > 0:
+            raise ConfigError(f"GPTConfig.layer_norm_eps must be a small positive number such as 1e-5 (it keeps "
+                              f"LayerNorm from dividing by zero), got {self.layer_norm_eps!r}")
+        if not self.rope_base > 1:
+            raise ConfigError(f"GPTConfig.rope_base must be greater than 1 (RoPE's frequencies are powers of "
+                              f"1/rope_base; the usual value is 10000), got {self.rope_base!r}")
+        for name, choices in (("pos_emb", POSITION_KINDS), ("activation", ACTIVATIONS), ("attn_backend", BACKENDS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"GPTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}"
+                                  f"{_option(name)}")
         if self.pos_emb == "rope" and self.head_dim % 2 != 0:
-            raise ConfigError(f"GPTConfig.pos_emb 'rope' needs an even head dimension, got {self.head_dim}")
+            raise ConfigError(f"GPTConfig.pos_emb 'rope' needs an even head dimension (emb_dim / n_heads), "
+                              f"got {self.head_dim}")
         if self.pos_emb == "sinusoidal" and self.emb_dim % 2 != 0:
             raise ConfigError(f"GPTConfig.pos_emb 'sinusoidal' needs an even emb_dim, got {self.emb_dim}")
-        for name in ("qkv_bias", "bias", "tie_weights", "scale_attn"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
     def head_dim(self) -> int:
@@ -103,11 +115,26 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GPTConfig":
-        """The config a mapping (``config.json``'s) describes; an unknown field is an error, not ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """The config a mapping (``config.json``'s, a config file's ``model:``) describes.
+
+        An unknown field is an error, not ignored. A number written as a string is read as a
+        number, as ``TrainConfig.from_dict`` does: YAML 1.1, which PyYAML reads, takes
+        ``layer_norm_eps: 1e-5`` (no dot) for the string ``"1e-5"``.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"a GPTConfig is a mapping of field names to values, got {type(data).__name__} "
+                              f"{data!r}")
+        fields = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields), key=str)
         if unknown:
-            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(known)}")
+            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(fields)}")
+        data = dict(data)
+        for name, value in data.items():
+            if isinstance(value, str) and fields[name] == "float":
+                try:
+                    data[name] = float(value)
+                except ValueError:
+                    pass  # __post_init__ names the field and what it must be
         return cls(**data)
 
     def to_json(self) -> str:
@@ -118,7 +145,7 @@ class GPTConfig:
         """A named preset of :data:`PRESETS`, with ``overrides`` applied on top."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls.from_dict({**PRESETS[name], **overrides})
 
 
 # Presets are deltas from the base (GPTConfig's defaults = the book's GPT_CONFIG_124M).
@@ -144,6 +171,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 ACTIVATIONS = ("gelu", "relu2")
+
+# The `llmscratch train` option that sets a GPTConfig field, where one does: error messages name it.
+# The other fields are set under `model:` in a --config file, by the field's own name.
+FIELD_OPTIONS = {
+    "n_layers": "--n-layers", "n_heads": "--n-heads", "emb_dim": "--emb-dim", "context_length": "--context-length",
+    "pos_emb": "--pos-emb", "drop_rate": "--dropout", "attn_backend": "--attn-backend", "activation": "--activation",
+    "scale_attn": "--no-scale-attn",
+}
+
+
+def _option(field: str) -> str:
+    """`` (option --dropout)``: the end of an error message about a field that an option sets, else ``""``."""
+    return f" (option {FIELD_OPTIONS[field]})" if field in FIELD_OPTIONS else ""
+
 
 INIT_STD = 0.02  # GPT-2's initial standard deviation of embeddings and weights
 # Tokens per chunk of the fused head + loss on the CPU: the (chunk, V) logits of the cpu

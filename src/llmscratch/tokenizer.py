@@ -95,6 +95,30 @@ def split_for_encoding(text: str) -> list[str]:
     return re.split(r"(?<=\S\n)(?=\S)", text) if text else []
 
 
+def check_utf8(text: str, what: str = "the text") -> None:
+    """Raise TokenizerError naming the first character of ``text`` that UTF-8 cannot encode.
+
+    Python turns bytes that are not UTF-8 (in a command-line argument, ``$'the \\xff'``) into
+    lone surrogate characters (U+DC80 to U+DCFF, "surrogateescape"), which no tokenizer can
+    encode: the BPE library refuses them with a TypeError and tiktoken would silently replace them.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate U+{code:04X}"
+        before = text[max(0, err.start - 20):err.start]
+        raise TokenizerError(
+            f"{what} is not valid UTF-8: {bad} at position {err.start} (after {before!r}); "
+            f"give the text as UTF-8 (check the encoding of your terminal or of the file it came from)"
+        ) from None
+
+
+def _check_utf8_batch(texts: Sequence[str]) -> None:
+    for n, text in enumerate(texts):
+        check_utf8(text, "the text" if len(texts) == 1 else f"text {n} of {len(texts)}")
+
+
 def _describe_chars(chars: Iterable[str], limit: int = 10) -> str:
     chars = sorted(set(chars))
     shown = ", ".join(repr(c) for c in chars[:limit])
@@ -200,6 +224,7 @@ class CharTokenizer(Tokenizer):
         try:
             return [stoi[c] for c in text]
         except KeyError:
+            check_utf8(text)  # bytes that are not UTF-8 get the same error from every tokenizer
             missing = {c for c in text if c not in stoi}
             raise TokenizerError(
                 f"characters not in the vocabulary: {_describe_chars(missing)} "
@@ -273,10 +298,21 @@ class BPETokenizer(Tokenizer):
         return cls(backend)
 
     def encode(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # "TextInputSequence must be str": text that is not UTF-8, or not text at all
+            if isinstance(text, str):
+                check_utf8(text)
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:
+            if all(isinstance(t, str) for t in texts):
+                _check_utf8_batch(texts)
+            raise
 
     def _decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=False)
@@ -435,10 +471,13 @@ class GPT2Tokenizer(Tokenizer):
         return cls.from_files(*find_gpt2_files(directory, run_dir))
 
     def encode(self, text: str) -> list[int]:
+        check_utf8(text)  # tiktoken would replace what is not UTF-8 with U+FFFD, silently
         return self.encoding.encode(text, allowed_special={EOT}, disallowed_special=())
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.encoding.encode_batch(list(texts), allowed_special={EOT}, disallowed_special=())
+        texts = list(texts)
+        _check_utf8_batch(texts)
+        return self.encoding.encode_batch(texts, allowed_special={EOT}, disallowed_special=())
 
     def _decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)

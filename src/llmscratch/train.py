@@ -23,9 +23,11 @@ import glob
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -47,7 +49,7 @@ from .data import (
     token_dtype,
     window_starts,
 )
-from .errors import ConfigError, LLMScratchError
+from .errors import ConfigError, LLMScratchError, TokenizerError
 from .files import write_text_atomic
 from .model import GPT, LOSS_IMPLS, GPTConfig, PRESETS
 from .optim import MuonAdamW, muon_param_groups
@@ -146,6 +148,13 @@ class TrainConfig:
                               f"{sorted(f.name for f in dataclasses.fields(GPTConfig))}")
         if self.grad_clip < 0:
             raise ConfigError(f"TrainConfig.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+        if self.sample_tokens < 0:
+            raise ConfigError(f"TrainConfig.sample_tokens (--sample-tokens) must be >= 0 (0: no samples), "
+                              f"got {self.sample_tokens}")
+        if self.name is not None and (not self.name or self.name in (".", "..", "latest")
+                                      or "/" in self.name or os.sep in self.name):
+            raise ConfigError(f"--name {self.name!r} must be one folder name (no '/', not '.', '..' or 'latest'): "
+                              f"a run lives in --out-dir/NAME")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"TrainConfig.seed must be in [0, 2**32), as NumPy's seed, got {self.seed}")
         if self.stop_at is not None and self.stop_at < 1:
@@ -172,6 +181,7 @@ class TrainConfig:
             raise ConfigError(f"TrainConfig.tokenizer must be char, bpe or gpt2, got {self.tokenizer!r}")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r} (--preset); choose one of {sorted(PRESETS)}")
+        GPTConfig.from_preset(self.preset, **self.model)  # a bad model option is named now, before any work
         if self.resume and self.init_from:
             raise ConfigError("--resume continues a run; --init-from starts a new one from weights: pick one")
         if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
@@ -299,8 +309,11 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
     name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = out / name
     if cfg.name is not None and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        resumable = (run_dir / ckpt.TRAINING_STATE_FILE).is_file() or (run_dir / ckpt.SHARDED_DIR).is_dir()
         raise ConfigError(f"{run_dir} already exists; a new run never writes into another one: choose another "
-                          f"--name, delete it, or continue it with --resume {run_dir}")
+                          + (f"--name, delete it, or continue it with --resume {run_dir}" if resumable else
+                             "--name, or delete it: it holds no checkpoint to continue (a run killed before its "
+                             "first one?)"))
     suffix = 1
     while run_dir.exists() and cfg.name is None:
         suffix += 1
@@ -338,6 +351,12 @@ def _prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: "
     # Only the main rank looks for the cached tokenizer: had every rank looked on its own, a
     # rank arriving after the main one had saved it would skip the barrier below that the main
     # one waits in, and the ranks' later collectives would pair up wrongly and hang.
+    if group.is_main and (tok_dir / "tokenizer_config.json").exists():
+        try:
+            load_tokenizer(tok_dir)
+        except TokenizerError as err:  # damaged outside this program: made again below, as if never cached
+            warnings.warn(f"the cached tokenizer in {tok_dir} could not be read ({err}); training it again")
+            shutil.rmtree(tok_dir, ignore_errors=True)
     if group.is_main and not (tok_dir / "tokenizer_config.json").exists():
         # BPE merges are learned from the training part only, so the validation text stays
         # unseen (byte-level BPE still encodes any text). A character vocabulary must cover
@@ -403,6 +422,34 @@ def _shown(option: str, value: Any) -> str:
     return "(the built-in corpus)" if option == "data" and value is None else repr(value)
 
 
+class _NewRun:
+    """A new run's folder, removed again if the run fails before it saved anything.
+
+    Otherwise a run that diverged at step 2, or was stopped while it tokenized, would leave a
+    folder with a tokenizer and no weights: one that ``generate`` cannot load, ``--resume``
+    cannot continue, and whose name a new run may not take.
+    """
+
+    def __init__(self) -> None:
+        self.folder: Optional[Path] = None  # set once this process created or took the folder
+        self.existed = False  # an empty folder given by --name: emptied, not removed
+        self.saved = False  # a checkpoint or best/ weights exist: the folder is kept
+        self.checkpointed = False  # a checkpoint exists (and `latest` points here)
+
+    def claim(self, folder: Path) -> None:
+        self.folder, self.existed = folder, folder.exists()
+
+    def remove_if_nothing_saved(self, log: Callable[[str], None]) -> None:
+        if self.folder is None or self.saved or not self.folder.is_dir():
+            return
+        if self.existed:
+            for entry in self.folder.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        else:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        log(f"removed {self.folder}: the run stopped before it saved anything")
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[set[str]] = None) -> Path:
     """Train a GPT as ``cfg`` says; return the run directory.
 
@@ -412,7 +459,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
     :data:`RESUME_MAY_CHANGE` that were given (``given``: the names set by the user, as the
     CLI passes them; ``None``: those that differ from the defaults); any other setting
     given with a value unlike the saved one is refused, not ignored.
+
+    A new run that fails (or is stopped) before its first checkpoint leaves no folder behind
+    (:class:`_NewRun`); ``<out_dir>/latest`` moves to a new run at its first checkpoint.
     """
+    new_run = _NewRun()
+    try:
+        return _train(cfg, log, given, new_run)
+    except BaseException:
+        new_run.remove_if_nothing_saved(log)
+        raise
+
+
+def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str]], new_run: _NewRun) -> Path:
     group = dist.init(cfg.device)  # one process unless launched by torchrun
     t_start = time.time()
     if not group.is_main:
@@ -441,7 +500,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
         cfg = TrainConfig.from_dict(merged)
         state = dist.load_training_state(run_dir, prefer_sharded=cfg.fsdp and group.active)  # the newest one
         if state is None:
-            raise ckpt.CheckpointError(f"{run_dir}: no training_state.pt to resume from")
+            raise ckpt.CheckpointError(f"{run_dir}: no training_state.pt to resume from: the run stopped before "
+                                       f"its first checkpoint; start it again (delete {run_dir}, or choose "
+                                       f"another --name)")
         if cfg.steps <= int(state["step"]):
             raise ConfigError(f"{run_dir} is already at step {state['step']}, so --steps {cfg.steps} leaves nothing "
                               f"to train; give --steps above {state['step']} to train further")
@@ -458,6 +519,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
                     + ", ".join(f"--{k.replace('_', '-')}" if k != "model" else "model options" for k in moot)
                     + " cannot apply to them: drop them")
         run_dir = _new_run_dir(cfg)
+        if group.is_main:
+            new_run.claim(run_dir)
 
     runtime = setup_runtime(cfg.device, cfg.precision)
     if group.active and runtime.device.type == "cuda":
@@ -554,8 +617,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
         tokenizer.save(run_dir)
-        if not cfg.resume:
-            _point_latest(run_dir)
     log(f"run directory: {run_dir}")
     if cfg.fsdp and not group.active:
         log("note: --fsdp shards over the processes torchrun starts; this is one process, so the model is "
@@ -594,6 +655,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
         if scaler is not None:
             training_state["scaler"] = scaler.state_dict()
         dist.save_checkpoint(run_dir, model, optimizer, training_state, group)  # every rank: FSDP saves shards
+        if group.is_main and not cfg.resume and not new_run.checkpointed:
+            _point_latest(run_dir)  # the newest run with a checkpoint
+        new_run.saved = new_run.checkpointed = True
 
     def sample_text() -> str:
         from .generate import SamplingConfig, generate
@@ -675,7 +739,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
                 first_bad = int(bad_step.item())  # the one host sync, at log steps only
                 if first_bad >= 0:
                     where = (f"the last good checkpoint (step {last_good}) is kept in {run_dir}"
-                             if last_good is not None else "no checkpoint was written")
+                             if last_good is not None else "no checkpoint was written"
+                             + (f" (the best weights so far are in {run_dir / 'best'})" if new_run.saved else ""))
                     bar.close()
                     raise TrainingDiverged(
                         f"the training loss became NaN or infinite at step {first_bad + 1}; {where}. "
@@ -699,12 +764,16 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
                 best_bpb = min(best_bpb, ev["bpb"])
                 msg = f"step {step}: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}, {ev['bpb']:.4f} bits/byte"
                 if cfg.sample_tokens > 0 and (group.is_main or dist.is_sharded(model)):  # FSDP: all ranks run it
-                    msg += f"\n  sample: {sample_text()!r}"
+                    try:
+                        msg += f"\n  sample: {sample_text()!r}"
+                    except Exception as err:  # a sample must never cost the checkpoint saved below
+                        msg += f"\n  (no sample: {err})"
                 bar.write(msg) if group.is_main and cfg.progress else log(msg)
                 if improved:
                     dist.save_weights(run_dir / "best", model, group)
                     if group.is_main and not ckpt.has_tokenizer_files(run_dir / "best"):
                         tokenizer.save(run_dir / "best")  # so that best/ generates on its own
+                    new_run.saved = True
             if at_ckpt:
                 save_checkpoint(step)
                 last_good = step

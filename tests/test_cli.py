@@ -1,0 +1,228 @@
+"""The command line's handling of bad input: one line naming what is wrong and exit status 2, never a traceback.
+
+Each test calls ``cli.main`` in-process, as the ``llmscratch`` script does, with tiny sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmscratch import cli
+from llmscratch.checkpoint import save_run
+from llmscratch.model import GPT, GPTConfig
+from llmscratch.tokenizer import CharTokenizer
+
+CORPUS = "the quick brown fox jumps over the lazy dog, and god said let there be light.\n" * 60
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str]:
+    """``(exit status, stderr)`` of ``llmscratch ARGV``; stderr must be one line when the status is 2."""
+    status = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    if status == 2:
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+    return status, err
+
+
+def train_args(tmp_path: Path, *extra: str) -> list[str]:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS, encoding="utf-8")
+    return ["train", "--preset", "test", "--tokenizer", "char", "--device", "cpu", "--no-progress", "--steps", "1",
+            "--sample-tokens", "0", "--eval-interval", "1", "--eval-windows", "1", "--batch-size", "2",
+            "--optimizer", "adamw",
+            "--data", str(corpus), "--out-dir", str(tmp_path / "runs"), *extra]
+
+
+def write(path: Path, content) -> Path:
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    return path
+
+
+# --------------------------------------------------------------------------- model options in a config file
+
+
+@pytest.mark.parametrize("yaml, message", [
+    ("model:\n  rope_base: 0\n  pos_emb: rope\n", r"GPTConfig.rope_base must be greater than 1 \(RoPE's"),
+    ("model:\n  layer_norm_eps: -1\n", r"GPTConfig.layer_norm_eps must be a small positive number such as 1e-5"),
+    ("model:\n  drop_rate: ten\n", r"GPTConfig.drop_rate must be a finite number, got 'ten' \(option --dropout\)"),
+])
+def test_bad_model_options_in_a_config_file_name_the_field(tmp_path, capsys, yaml, message):
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", write(tmp_path / "m.yaml", yaml)))
+    assert status == 2
+    assert err.startswith("llmscratch train: error: ")
+    assert re.search(message, err), err
+
+
+def test_a_model_section_that_is_not_a_mapping_is_a_clear_error(tmp_path, capsys):
+    path = write(tmp_path / "m.yaml", "model: [1, 2]\n")
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", path))
+    assert status == 2
+    assert f"config file {path}: `model:` must be a mapping of model options to values" in err
+    assert "got list [1, 2]" in err
+
+
+def test_yaml_numbers_without_a_dot_reach_the_model_as_numbers(tmp_path, capsys, monkeypatch):
+    # YAML 1.1 reads `1e-5` and `1e-1` as strings: they crashed LayerNorm and the drop_rate check before.
+    import llmscratch.train
+    from llmscratch.errors import LLMScratchError
+
+    built = []
+
+    def build(cfg):  # the model training would build; stop there (the training loop is tested in test_train.py)
+        built.append(cfg)
+        raise LLMScratchError("stop here")
+
+    monkeypatch.setattr(llmscratch.train, "GPT", build)
+    path = write(tmp_path / "m.yaml", "model:\n  layer_norm_eps: 1e-5\n  drop_rate: 1e-1\n")
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", path))
+    assert (status, err) == (2, "llmscratch train: error: stop here\n")
+    assert (built[0].layer_norm_eps, built[0].drop_rate) == (1e-5, 0.1)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("1: 2\n", "has keys that are not option names: [1]; write option names such as `steps: 100`"),
+    ("model:\n  1: 2\n  foo: 3\n", ", under `model:`, has keys that are not option names: [1]"),
+])
+def test_keys_that_are_not_names_are_a_clear_error(tmp_path, capsys, content, message):
+    path = write(tmp_path / "m.yaml", content)
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", path))
+    assert status == 2 and f"config file {path}" in err and message in err, err
+
+
+def test_the_cli_options_named_in_gptconfig_errors_are_the_trains_options():
+    from llmscratch.model import FIELD_OPTIONS
+
+    options = {f"--{opt.replace('_', '-')}": fld for opt, fld in cli._MODEL_OPTIONS.items()}
+    assert {fld: opt for opt, fld in options.items()} == {k: v for k, v in FIELD_OPTIONS.items() if k != "scale_attn"}
+    assert FIELD_OPTIONS["scale_attn"] == "--no-scale-attn"
+    actions = {o for a in cli.build_parser()._subparsers._group_actions[0].choices["train"]._actions
+               for o in a.option_strings}
+    assert set(FIELD_OPTIONS.values()) <= actions
+
+
+# --------------------------------------------------------------------------- a run's config.json
+
+
+def tiny_run(directory: Path, **changes) -> Path:
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer.from_text(CORPUS)
+    save_run(directory, GPT(GPTConfig.from_preset("test", vocab_size=tokenizer.vocab_size)), tokenizer)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+    return directory
+
+
+def test_a_run_config_with_a_number_as_a_string_generates(tmp_path, capsys):
+    run = tiny_run(tmp_path / "run", layer_norm_eps="1e-5")
+    status, err = run_main(capsys, "generate", run, "--prompt", "the", "--max-new-tokens", "2", "--device", "cpu",
+                           "--no-cache")
+    assert status == 0, err
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_run_config_with_a_null_field_names_it(tmp_path, capsys, command):
+    run = tiny_run(tmp_path / "run", drop_rate=None)
+    corpus = write(tmp_path / "c.txt", CORPUS)
+    argv = [run, "--prompt", "the"] if command == "generate" else [run, "--data", corpus]
+    status, err = run_main(capsys, command, *argv, "--device", "cpu")
+    assert status == 2
+    assert f"{run / 'config.json'} has a bad field: GPTConfig.drop_rate must be a finite number, got None" in err
+
+
+# --------------------------------------------------------------------------- the config file itself
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path, capsys):
+    path = write(tmp_path / "m10.yaml", b"\xff\xfe")
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", path))
+    assert status == 2
+    assert f"config file {path} is not UTF-8 text (byte 0xff at offset 0): save it as UTF-8" in err
+
+
+def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
+    path = write(tmp_path / "c.json", b"\xef\xbb\xbf" + json.dumps({"steps": 7}).encode())
+    assert cli.load_config_file(str(path)) == {"steps": 7}
+
+
+def test_a_config_path_that_is_a_folder_says_so(tmp_path, capsys):
+    folder = tmp_path / "somefolder"
+    folder.mkdir()
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", folder))
+    assert status == 2
+    assert f"config file {folder} is a folder: give the path of a YAML or JSON file (--config)" in err
+    assert "does not exist" not in err
+
+
+# --------------------------------------------------------------------------- text that is not UTF-8
+
+
+@pytest.mark.parametrize("argv, what", [
+    (["generate", "RUN", "--prompt", "the \udcff"], "--prompt"),
+    (["attention", "RUN", "--prompt", "the \udcff"], "--prompt"),
+    (["explain", "the \udcff"], "the sentence"),
+    (["explain", "the \udcff", "--run", "RUN"], "the sentence"),
+])
+def test_a_prompt_that_is_not_utf8_names_the_byte_and_its_position(tmp_path, capsys, argv, what):
+    # What Python makes of `--prompt $'the \xff'`: the byte 0xff becomes the lone surrogate U+DCFF.
+    run = tiny_run(tmp_path / "run")
+    status, err = run_main(capsys, *[str(run) if a == "RUN" else a for a in argv])
+    assert status == 2
+    assert f"{what} is not valid UTF-8: byte 0xff at position 4 (after 'the '); give the text as UTF-8" in err
+
+
+def test_a_sample_prompt_that_is_not_utf8_is_refused_before_training(tmp_path, capsys):
+    status, err = run_main(capsys, *train_args(tmp_path, "--sample-prompt", "a\udcc3"))
+    assert status == 2
+    assert "--sample-prompt is not valid UTF-8: byte 0xc3 at position 1" in err
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- out of memory
+
+
+def test_sizes_past_the_cpus_memory_are_one_line_naming_the_options(capsys):
+    # 3 × 10^17 floats: more than any address space holds, so the CPU allocator refuses it at once.
+    status, err = run_main(capsys, "explain", "--d-out", str(10**17), "--heads", "1")
+    assert status == 2
+    assert err.startswith("llmscratch explain: error: out of memory on the CPU (one allocation of ")
+    assert "try a smaller --d-out, a smaller --batch or a shorter sentence" in err
+
+
+def fake_command(monkeypatch, error: BaseException) -> None:
+    add, _ = cli.COMMANDS["eval"]
+
+    def run(args):
+        raise error
+
+    monkeypatch.setitem(cli.COMMANDS, "eval", (add, run))
+
+
+def test_gpu_out_of_memory_is_one_line_naming_the_options(monkeypatch, capsys):
+    fake_command(monkeypatch, torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.10 GiB"))
+    status, err = run_main(capsys, "eval", "RUN", "--data", "x.txt")
+    assert status == 2
+    assert err == ("llmscratch eval: error: out of memory on the GPU (one allocation of 2.00 GiB failed): the sizes "
+                   "asked for do not fit this machine; try a smaller --batch-size\n")
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch, capsys):
+    fake_command(monkeypatch, RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        cli.main(["eval", "RUN", "--data", "x.txt"])
+
+
+# --------------------------------------------------------------------------- --nproc
+
+
+@pytest.mark.parametrize("nproc", ["0", "-2"])
+def test_nproc_below_one_is_refused(tmp_path, capsys, nproc):
+    status, err = run_main(capsys, *train_args(tmp_path, "--nproc", nproc))
+    assert status == 2
+    assert err == f"llmscratch train: error: --nproc is the number of processes to launch: at least 1, got {nproc}\n"
+    assert not (tmp_path / "runs").exists()
