@@ -557,3 +557,26 @@ def test_a_run_name_is_one_folder_inside_out_dir(name):
 def test_negative_sample_tokens_are_refused_not_read_as_zero():
     with pytest.raises(ConfigError, match=r"sample_tokens \(--sample-tokens\) must be >= 0"):
         TrainConfig(sample_tokens=-5)
+
+
+def test_info_reports_missing_or_damaged_weights_and_an_unreadable_training_state(corpus, tmp_path):
+    run = train(tiny_config(corpus, tmp_path, steps=4, name="info"))
+    size = (run / "model.safetensors").stat().st_size
+    assert f"weights: model.safetensors, {size / 1e6:,.1f} MB, saved at step 4" in describe_run(run)
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[:1000])  # truncated
+    assert "weights: damaged:" in describe_run(run)
+    (run / "model.safetensors").unlink()
+    assert "weights: none (model.safetensors is missing)" in describe_run(run)
+    (run / "model.safetensors").write_bytes(data)
+    (run / "training_state.pt").write_bytes(b"not a checkpoint")
+    info = describe_run(run)  # the rest of the summary still stands
+    assert "training: the state cannot be read, so the run cannot be resumed" in info and "bits/byte" in info
+
+
+def test_a_bad_option_in_a_runs_train_config_is_reported_with_that_file(corpus, tmp_path):
+    run = train(tiny_config(corpus, tmp_path, steps=8, stop_at=4, name="cfg"))
+    saved = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps({**saved, "batch_size": "x"}))
+    with pytest.raises(ConfigError, match=r"cfg/train_config.json: TrainConfig.batch_size .* must be an integer"):
+        train(TrainConfig(resume=str(run), progress=False))

@@ -497,7 +497,10 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
         # Where to stop this time is a property of this command, never of the saved run.
         merged.update(resume=str(run_dir), init_from=None, stop_at=cfg.stop_at, time_budget=cfg.time_budget,
                       progress=cfg.progress)
-        cfg = TrainConfig.from_dict(merged)
+        try:
+            cfg = TrainConfig.from_dict(merged)
+        except ConfigError as err:  # what it names came from the run's file, not from this command line
+            raise ConfigError(f"{run_dir / 'train_config.json'}: {err}") from err
         state = dist.load_training_state(run_dir, prefer_sharded=cfg.fsdp and group.active)  # the newest one
         if state is None:
             raise ckpt.CheckpointError(f"{run_dir}: no training_state.pt to resume from: the run stopped before "
@@ -890,8 +893,22 @@ def describe_run(run_dir: str | Path) -> str:
         lines.append(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens")
     except LLMScratchError:
         lines.append("tokenizer: none")
+    weights = run_dir / ckpt.WEIGHTS_FILE
+    if not weights.is_file():
+        lines.append(f"weights: none ({weights.name} is missing)")
+    else:
+        try:
+            tag = ckpt.weights_tag(run_dir)
+            lines.append(f"weights: {weights.name}, {weights.stat().st_size / 1e6:,.1f} MB"
+                         + (f", saved at step {tag['step']}" if tag.get("step") else ""))
+        except ckpt.CheckpointError as err:
+            lines.append(f"weights: damaged: {err}")
     train_cfg_path = run_dir / "train_config.json"
-    state = dist.load_training_state(run_dir)  # the newest checkpoint's: ordinary or sharded (--fsdp)
+    try:
+        state = dist.load_training_state(run_dir)  # the newest checkpoint's: ordinary or sharded (--fsdp)
+    except ckpt.CheckpointError as err:  # matters for resuming only: the rest of the summary still stands
+        state = None
+        lines.append(f"training: the state cannot be read, so the run cannot be resumed: {err}")
     if state is not None:
         total, optimizer = None, None
         if train_cfg_path.exists():
@@ -902,7 +919,7 @@ def describe_run(run_dir: str | Path) -> str:
         if "optimizer" not in state:
             lines.append(f"  (that step's checkpoint is sharded ({ckpt.SHARDED_DIR}/, from --fsdp): "
                          f"`llmscratch export {run_dir} OUT_DIR --format run` makes it whole)")
-    else:
+    elif not lines[-1].startswith("training:"):
         lines.append("training: none recorded (imported or exported weights)")
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
