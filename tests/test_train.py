@@ -278,6 +278,19 @@ def test_resume_of_a_run_saved_before_the_optimizer_option_continues_with_adamw(
         assert torch.equal(a, b), name
 
 
+def poison_loss_after(monkeypatch: pytest.MonkeyPatch, good_calls: int) -> None:
+    """Make GPT.loss NaN from its call ``good_calls + 1`` on (a run that diverges there)."""
+    calls = {"n": 0}
+    real_loss = GPT.loss
+
+    def poisoned(self, x, targets):
+        calls["n"] += 1
+        out = real_loss(self, x, targets)
+        return out * float("nan") if calls["n"] > good_calls else out
+
+    monkeypatch.setattr(GPT, "loss", poisoned)
+
+
 def test_a_new_run_that_fails_before_saving_anything_leaves_no_folder_and_latest_unmoved(corpus, tmp_path,
                                                                                          monkeypatch):
     """Diverged at step 2 (before any checkpoint or best/ weights): the folder, which would hold only a
@@ -299,15 +312,7 @@ def test_a_new_run_that_fails_before_saving_anything_leaves_no_folder_and_latest
 
 
 def test_a_new_run_that_saved_best_weights_before_failing_keeps_them(corpus, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real_loss = GPT.loss
-
-    def poisoned(self, x, targets):
-        calls["n"] += 1
-        out = real_loss(self, x, targets)
-        return out * float("nan") if calls["n"] > 8 else out  # 3 steps and one evaluation of 4 windows are fine
-
-    monkeypatch.setattr(GPT, "loss", poisoned)
+    poison_loss_after(monkeypatch, 8)  # 3 steps and one evaluation of 4 windows are fine
     cfg = tiny_config(corpus, tmp_path, steps=12, log_interval=4, eval_interval=2, eval_windows=1,
                       checkpoint_interval=100, name="kept")
     with pytest.raises(TrainingDiverged, match=r"no checkpoint was written \(the best weights so far are in .*best"):
@@ -336,15 +341,7 @@ def test_a_damaged_cached_tokenizer_is_trained_again_not_a_dead_end(corpus, tmp_
 
 
 def test_nan_loss_stops_with_the_first_bad_step_and_keeps_the_checkpoint(corpus, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real_loss = GPT.loss
-
-    def poisoned(self, x, targets):
-        calls["n"] += 1
-        out = real_loss(self, x, targets)
-        return out * float("nan") if calls["n"] > 5 else out  # training steps 1..5 are fine
-
-    monkeypatch.setattr(GPT, "loss", poisoned)
+    poison_loss_after(monkeypatch, 5)  # training steps 1..5 are fine
     cfg = tiny_config(corpus, tmp_path / "runs", steps=12, log_interval=4, eval_interval=100,
                       checkpoint_interval=4, name="nan")
     with pytest.raises(TrainingDiverged, match=r"at step 6;.*last good checkpoint \(step 4\)"):

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -69,17 +69,8 @@ class GPTConfig:
     pad_vocab_multiple: int = 64
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # the type of every field first: a config file can hold anything
-            value = getattr(self, f.name)
-            wanted, ok = {
-                "int": ("an integer", isinstance(value, int) and not isinstance(value, bool)),
-                "float": ("a finite number", isinstance(value, (int, float)) and not isinstance(value, bool)
-                          and math.isfinite(value)),
-                "str": ("a string", isinstance(value, str)),
-                "bool": ("true or false", isinstance(value, bool)),
-            }[f.type if isinstance(f.type, str) else f.type.__name__]
-            if not ok:
-                raise ConfigError(f"GPTConfig.{f.name} must be {wanted}, got {value!r}{_option(f.name)}")
+        check_field_types(self, lambda name, wanted, value: f"GPTConfig.{name} must be {wanted}, "
+                                                            f"got {value!r}{_option(name)}")
         positive = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "pad_vocab_multiple")
         for name in positive:
             if getattr(self, name) < 1:
@@ -171,6 +162,31 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 ACTIVATIONS = ("gelu", "relu2")
+
+def check_field_types(config: Any, message: Callable[[str, str, Any], str]) -> None:
+    """Check every dataclass field of ``config`` against its annotation, first of all: a config file can hold anything.
+
+    Annotations: ``int``, ``float`` (finite), ``str``, ``bool``, ``dict[str, Any]``, each possibly
+    ``Optional[...]`` (then None passes). A wrong one raises ConfigError with
+    ``message(field name, what it must be, the value)``.
+    """
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), f.type if isinstance(f.type, str) else f.type.__name__
+        if kind.startswith("Optional["):
+            if value is None:
+                continue
+            kind = kind.removeprefix("Optional[").removesuffix("]")
+        wanted, ok = {
+            "int": ("an integer", isinstance(value, int) and not isinstance(value, bool)),
+            "float": ("a finite number", isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and math.isfinite(value)),
+            "str": ("a string", isinstance(value, str)),
+            "bool": ("true or false", isinstance(value, bool)),
+            "dict[str, Any]": ("a mapping", isinstance(value, dict)),
+        }[kind]
+        if not ok:
+            raise ConfigError(message(f.name, wanted, value))
+
 
 # The `llmscratch train` option that sets a GPTConfig field, where one does: error messages name it.
 # The other fields are set under `model:` in a --config file, by the field's own name.

@@ -51,7 +51,7 @@ from .data import (
 )
 from .errors import ConfigError, LLMScratchError, TokenizerError
 from .files import write_text_atomic
-from .model import GPT, LOSS_IMPLS, GPTConfig, PRESETS
+from .model import GPT, LOSS_IMPLS, GPTConfig, PRESETS, check_field_types
 from .optim import MuonAdamW, muon_param_groups
 from .runtime import Runtime, seed_everything, setup_runtime
 from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer
@@ -121,21 +121,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # the type of every field first: a YAML file can hold anything
-            value, kind = getattr(self, f.name), str(f.type)
-            if value is None and kind.startswith("Optional["):
-                continue
-            kind = kind.removeprefix("Optional[").removesuffix("]") if kind.startswith("Optional[") else kind
-            wanted, ok = {
-                "int": ("an integer", isinstance(value, int) and not isinstance(value, bool)),
-                "float": ("a finite number", isinstance(value, (int, float)) and not isinstance(value, bool)
-                          and math.isfinite(value)),
-                "str": ("a string", isinstance(value, str)),
-                "bool": ("true or false", isinstance(value, bool)),
-                "dict[str, Any]": ("a mapping", isinstance(value, dict)),
-            }[kind]
-            if not ok:
-                raise ConfigError(f"TrainConfig.{f.name} (--{f.name.replace('_', '-')}) must be {wanted}, got {value!r}")
+        check_field_types(self, lambda name, wanted, value: f"TrainConfig.{name} (--{name.replace('_', '-')}) "
+                                                            f"must be {wanted}, got {value!r}")
         positive = ("steps", "batch_size", "grad_accum", "eval_interval", "eval_windows",
                     "log_interval", "checkpoint_interval", "vocab_size")
         for name in positive:
