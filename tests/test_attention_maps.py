@@ -117,6 +117,10 @@ def test_png_grid_and_head_pictures(tmp_path):
     with pytest.raises(InspectError, match="layer 5 does not exist"):
         write_attention_outputs(maps, tmp_path / "bad", layers=[5])
     assert not (tmp_path / "bad").exists()  # refused before anything is created
+    (tmp_path / "a_file.txt").write_text("keep me")
+    with pytest.raises(InspectError, match="a_file.txt is a file; the attention maps go into a folder"):
+        write_attention_outputs(maps, tmp_path / "a_file.txt")
+    assert (tmp_path / "a_file.txt").read_text() == "keep me"
 
 
 def test_long_prompts_get_subsampled_labels(tmp_path):

@@ -349,3 +349,12 @@ def test_bits_per_byte():
     assert bits_per_byte(4 * math.log(2), n_bytes) == pytest.approx(0.5)
     with pytest.raises(ValueError):
         bits_per_byte(1.0, 0)
+
+
+def test_an_empty_corpus_names_its_file_in_a_sentence(tmp_path):
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    with pytest.raises(CorpusError, match=r"the corpus is empty: .*blank.txt holds no text"):
+        load_corpus(str(tmp_path / "blank.txt"))
+    (tmp_path / "blank2.txt").write_text("\n")
+    with pytest.raises(CorpusError, match=r"blank2.txt hold no text"):
+        load_corpus(str(tmp_path / "*.txt"))

@@ -577,3 +577,8 @@ def test_a_bad_option_in_a_runs_train_config_is_reported_with_that_file(corpus, 
     (run / "train_config.json").write_text(json.dumps({**saved, "batch_size": "x"}))
     with pytest.raises(ConfigError, match=r"cfg/train_config.json: TrainConfig.batch_size .* must be an integer"):
         train(TrainConfig(resume=str(run), progress=False))
+
+
+def test_init_from_a_folder_that_does_not_exist_names_it(corpus, tmp_path):
+    with pytest.raises(ConfigError, match=r"--init-from .*nowhere: no such folder; give a run directory"):
+        train(TrainConfig(init_from=str(tmp_path / "nowhere"), out_dir=str(tmp_path), progress=False))

@@ -135,7 +135,7 @@ def load_corpus(path: Optional[PathLike] = None, encoding: str = "utf-8") -> Cor
     text = "\n\n".join(_read_text(f, encoding) for f in files)
     if not text.strip():
         shown = ", ".join(str(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-        raise CorpusError(f"the corpus is empty: {shown} hold no text")
+        raise CorpusError(f"the corpus is empty: {shown} {'holds' if len(files) == 1 else 'hold'} no text")
     return Corpus(text, files, name)
 
 

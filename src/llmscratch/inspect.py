@@ -851,6 +851,8 @@ def write_attention_outputs(
         for layer in chosen_layers:
             for head in chosen_heads:
                 _check_layer_head(maps, layer, head)
+    if out.exists() and not out.is_dir():
+        raise InspectError(f"--out {out} is a file; the attention maps go into a folder: give a folder's path")
     out.mkdir(parents=True, exist_ok=True)  # only once the request is known to be good
     written = []
     plot_attention_grid(maps, out / "grid.png", title=title)

@@ -499,6 +499,9 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
         if "optimizer" in state:  # an ordinary checkpoint: weights and state must come from one save
             ckpt.check_saved_together(run_dir, state)
     else:
+        if cfg.init_from and not Path(cfg.init_from).is_dir():
+            raise ConfigError(f"--init-from {cfg.init_from}: no such folder; give a run directory (runs/NAME) or a "
+                              f"Hugging Face GPT-2 directory (`llmscratch import` makes one a run)")
         if cfg.init_from:  # the model and tokenizer come from there: options that would shape new ones cannot apply
             now, defaults = cfg.to_dict(), TrainConfig().to_dict()
             given = set(given) if given is not None else {k for k, v in now.items() if v != defaults[k]}
