@@ -568,3 +568,17 @@ def test_killing_the_launcher_outright_stops_torchrun_and_every_rank(space, vict
         for pid in ranks:  # a failed test must not leave a job training
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("cut", ["the new folder whole", "the new folder half-written"])
+def test_a_sharded_save_cut_between_its_two_renames_is_completed_on_load(tmp_path, cut):
+    """save_checkpoint (FSDP) moves sharded/ aside, then the new folder into place: a kill between the
+    two leaves no sharded/ at all. Loading puts the new one in place if it was whole, else the old one."""
+    run = tmp_path / "run"
+    ckpt.save_training_state(run / dist._SHARDED_OLD, {"step": 4})  # the previous save, moved aside
+    ckpt.save_training_state(run / dist._SHARDED_TMP, {"step": 8})  # the new one
+    if cut == "the new folder half-written":
+        (run / dist._SHARDED_TMP / ckpt.TRAINING_STATE_FILE).unlink()  # written last: not reached
+    state = dist.load_training_state(run)
+    assert state["step"] == (8 if cut == "the new folder whole" else 4)
+    assert (run / dist.SHARDED_DIR / ckpt.TRAINING_STATE_FILE).is_file()

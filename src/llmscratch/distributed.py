@@ -339,14 +339,33 @@ def _step_of(state: Optional[dict]) -> int:
     return -1 if state is None else int(state.get("step", -1))
 
 
+def finish_sharded_swap(run_dir: Union[str, Path]) -> None:
+    """Complete a sharded save cut between its two renames (``sharded`` → ``.sharded.old``, then
+    ``.sharded.tmp`` → ``sharded``): the new folder if it was whole (its ``training_state.pt``
+    is written last), else the previous one goes back in place."""
+    run_dir = Path(run_dir)
+    final, tmp, old = run_dir / SHARDED_DIR, run_dir / _SHARDED_TMP, run_dir / _SHARDED_OLD
+    if final.exists():
+        return
+    source = tmp if (tmp / ckpt.TRAINING_STATE_FILE).is_file() else old if old.is_dir() else None
+    if source is not None:
+        try:
+            os.replace(source, final)
+        except OSError:  # another rank did it first
+            if not final.exists():
+                raise
+
+
 def load_training_state(run_dir: Union[str, Path], prefer_sharded: bool = False) -> Optional[dict]:
     """The newest checkpoint's training state: the ordinary one, or the sharded one when it is newer.
 
     A sharded state has no ``"optimizer"`` entry: :func:`restore` then reads the weights and
     the optimizer from ``run_dir/sharded``. On a tie the ordinary one wins, unless
-    ``prefer_sharded`` (an FSDP job: each rank reads only its shards).
+    ``prefer_sharded`` (an FSDP job: each rank reads only its shards). A sharded save cut
+    between its two renames is completed first (:func:`finish_sharded_swap`).
     """
     run_dir = Path(run_dir)
+    finish_sharded_swap(run_dir)
     ordinary = ckpt.load_training_state(run_dir)
     sharded_dir = run_dir / SHARDED_DIR
     sharded = ckpt.load_training_state(sharded_dir) if (sharded_dir / ckpt.TRAINING_STATE_FILE).is_file() else None
