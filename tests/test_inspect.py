@@ -367,6 +367,25 @@ def test_explain_run_cli_prints_the_check(tmp_path):
     assert toy.returncode == 2 and "--heads, --no-scale cannot apply" in toy.stderr
 
 
+
+def test_explain_run_says_when_a_long_sentence_is_cut_to_the_context(tmp_path):
+    import io
+
+    from llmscratch.checkpoint import save_run
+    from llmscratch.inspect import explain_run
+    from llmscratch.model import GPT, GPTConfig
+    from llmscratch.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    torch.manual_seed(0)
+    save_run(tmp_path, GPT(GPTConfig.from_preset("test", vocab_size=tok.vocab_size, context_length=8)), tokenizer=tok)
+    for sentence, cut in (("bad cafe", False), ("bad cafe bead", True)):
+        out = io.StringIO()
+        explain_run(tmp_path, sentence, out=out)
+        note = f"(the sentence has {len(sentence)} tokens; only its last 8, the model's context, are traced)"
+        assert (note in out.getvalue()) == cut
+
+
 # --------------------------------------------------------------------------- the HTML page's script, run by Node
 #
 # attention_html writes a page whose inline JavaScript draws the map and reacts to the mouse.

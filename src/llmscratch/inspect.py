@@ -344,12 +344,15 @@ def explain_run(run_dir: str | Path, sentence: str, *, max_values: int = MAX_VAL
     if out is not None:
         model = load_model(run_dir)
         cfg = model.cfg
+        ids = load_tokenizer(run_dir).encode(sentence)
         header = [
             f"The first attention layer of the trained model in {run_dir}, step by step.",
             f"  B = 1   T = tokens ({len(labels[0])})   C = embedding width ({cfg.emb_dim})   "
             f"H = heads ({cfg.n_heads})   d = head width ({cfg.head_dim})   positions: {cfg.pos_emb}",
             "  tokens: " + " | ".join(labels[0]),
-            "  ids:    " + " ".join(str(i) for i in load_tokenizer(run_dir).encode(sentence)[-cfg.context_length:]),
+            "  ids:    " + " ".join(str(i) for i in ids[-cfg.context_length:]),
+            *([f"  (the sentence has {len(ids)} tokens; only its last {cfg.context_length}, the model's context, "
+               "are traced)"] if len(ids) > cfg.context_length else []),
             f"  values shown for tensors of at most {max_values} elements" if max_values > 0 else "  shapes only",
             "",
         ]
