@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import stat
 import warnings
 
@@ -230,6 +231,14 @@ def test_check_split_sizes_names_the_small_split():
         check_split_sizes(splits, context_length=10)
     message = str(info.value)
     assert "validation split has 10 tokens" in message and "10+1" in message and "--val-fraction" in message
+    for meta, named in [({"corpus": "kjv"}, "the built-in corpus"),
+                        ({"corpus": "a", "sources": ["books/a.txt"], "n_sources": 1}, "the corpus books/a.txt"),
+                        ({"corpus": "books", "sources": ["books/a.txt", "books/b.txt"], "n_sources": 2},
+                         "the corpus books (2 files)")]:
+        with pytest.raises(CorpusError, match=f"^{re.escape(named)} is too small: its validation split"):
+            check_split_sizes(TokenSplits(tokens_array(100), tokens_array(10), meta), context_length=10)
+    with pytest.raises(CorpusError, match=r"fewer than one window of 10\+1; use more text$"):
+        check_split_sizes(splits, context_length=10, val_fraction_option=False)
     small_train = TokenSplits(tokens_array(5), tokens_array(100), {"train_bytes": 5, "val_bytes": 100})
     with pytest.raises(CorpusError, match="training split has 5 tokens"):
         check_split_sizes(small_train, context_length=8)

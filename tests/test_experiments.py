@@ -192,3 +192,16 @@ def test_experiments_keep_their_own_optimizer_whatever_train_s_defaults_are(monk
                 val_batches=validation_batches(data, size.context_length, 2, seed=0))
     (cfg,) = seen
     assert (cfg.optimizer, cfg.beta1, cfg.beta2, cfg.weight_decay) == ("adamw", 0.9, 0.95, 0.1)
+
+
+@pytest.mark.parametrize("name, chars, window", [(n, 100, "64+1" if n == "positions" else "16+1") for n in NAMES] + [("positions", 400, "64+1")])
+def test_data_too_short_for_an_experiment_names_the_file_before_training(tmp_path, capsys, name, chars, window):
+    # positions also reads windows 4× the context past it: a text long enough for the others is too short there
+    text = tmp_path / "short.txt"
+    text.write_text(("abc def. " * 100)[:chars], encoding="utf-8")
+    status = main(["experiment", name, "--tiny", "--data", str(text), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert f"the corpus {text} is too small: its validation split has" in err
+    assert f"fewer than one window of {window}; use more text" in err
+    assert not (tmp_path / "out" / name / "report.md").exists()

@@ -282,19 +282,28 @@ def prepare_tokens(
                        _open_tokens(folder / "val.bin", dtype, val.size), meta, folder)
 
 
-def check_split_sizes(splits: TokenSplits, context_length: int) -> None:
+def check_split_sizes(splits: TokenSplits, context_length: int, val_fraction_option: bool = True) -> None:
     """CorpusError unless each split holds at least one window of ``context_length + 1`` tokens
-    (a window needs one more token than its length: the last input's target)."""
+    (a window needs one more token than its length: the last input's target).
+
+    The message names the corpus, and suggests ``--val-fraction`` where the command has that option.
+    """
     need = context_length + 1
+    meta, corpus = splits.meta, "the corpus"
+    if meta.get("corpus") == BUILTIN_CORPUS:
+        corpus = "the built-in corpus"
+    elif meta.get("n_sources") == 1 and meta.get("sources"):
+        corpus = f"the corpus {meta['sources'][0]}"
+    elif meta.get("n_sources"):
+        corpus = f"the corpus {meta.get('corpus')} ({meta['n_sources']} files)"
     for name, tokens, hint in (
         ("validation", splits.val, "a larger --val-fraction"),
         ("training", splits.train, "a smaller --val-fraction"),
     ):
         if len(tokens) < need:
-            raise CorpusError(
-                f"the corpus is too small: its {name} split has {len(tokens)} tokens, fewer than one context "
-                f"window of {context_length}+1; use more text, {hint} or a shorter context"
-            )
+            advice = f"more text, {hint} or a shorter context" if val_fraction_option else "more text"
+            raise CorpusError(f"{corpus} is too small: its {name} split has {len(tokens)} tokens, fewer than "
+                              f"one window of {context_length}+1; use {advice}")
 
 
 # --------------------------------------------------------------------------- random windows

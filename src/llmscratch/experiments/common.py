@@ -1,7 +1,8 @@
 """What every experiment shares: sizes per mode, data, a small training loop, the report.
 
-An experiment is a function ``run(mode, out_dir, runtime, seed) -> dict`` that trains a few
-small models which differ in one thing, measures them, and writes ``out_dir/<name>/``:
+An experiment is a module with ``NAME``, ``SUMMARY`` and a function
+``run(mode, out_dir, runtime, seed, data_path) -> Report`` that trains a few small models which
+differ in one thing, measures them, and writes ``out_dir/<name>/``:
 
 * ``report.md``: what was run, the results tables, the plots and a few sentences of
   findings written from the numbers (never canned);
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..files import write_atomic, write_text_atomic
-from ..data import eval_windows, gather_windows, load_corpus, prepare_tokens, window_starts, Corpus, TokenSplits
+from ..data import check_split_sizes, eval_windows, gather_windows, load_corpus, prepare_tokens, window_starts, Corpus, TokenSplits
 from ..errors import ConfigError
 from ..model import GPT, GPTConfig
 from ..runtime import Runtime, seed_everything
@@ -72,10 +73,6 @@ class Size:
             n_layers=self.n_layers, n_heads=self.n_heads, drop_rate=0.0, tie_weights=True,
         )
         return GPTConfig.from_preset("test", **{**base, **overrides})
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.context_length
 
 
 SIZES: dict[str, Size] = {
@@ -135,8 +132,12 @@ class ExperimentData:
         return self.tokenizer.vocab_size
 
 
-def load_data(size: Size, cache_dir: Path, data: Optional[str] = None) -> ExperimentData:
-    """The corpus of ``size`` (or ``data``), its tokenizer, and token files cached under ``cache_dir``."""
+def load_data(size: Size, cache_dir: Path, data: Optional[str] = None, longest: Optional[int] = None) -> ExperimentData:
+    """The corpus of ``size`` (or ``data``), its tokenizer, and token files cached under ``cache_dir``.
+
+    CorpusError, naming the corpus, unless each split holds a window of ``longest`` tokens
+    (default: the size's context), the longest an experiment reads.
+    """
     if data is not None:
         corpus = load_corpus(data)
     elif size.corpus == "synthetic":
@@ -145,6 +146,7 @@ def load_data(size: Size, cache_dir: Path, data: Optional[str] = None) -> Experi
         corpus = load_corpus(None)
     tokenizer = build_tokenizer(size.tokenizer, corpus.text, vocab_size=size.vocab_size or 4096)
     splits = prepare_tokens(corpus, tokenizer, cache_dir, val_fraction=0.1)
+    check_split_sizes(splits, longest or size.context_length, val_fraction_option=False)
     lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.int64)
     return ExperimentData(splits, tokenizer, lengths, corpus.name)
 
@@ -201,7 +203,7 @@ def mean_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
 @torch.no_grad()
 def loss_by_position(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
                      runtime: Runtime) -> list[float]:
-    """Mean cross-entropy at each position of the windows: ``(T,)`` as a list."""
+    """Mean cross-entropy at each position of the windows: ``(T,)`` as a list; leaves the model in eval mode."""
     model.eval()
     total, count = None, 0
     for x, y in batches:
@@ -466,5 +468,3 @@ def save_figure(fig: Figure, path: Path) -> None:
     finally:
         pyplot().close(fig)
 
-
-ExperimentFn = Callable[..., Report]

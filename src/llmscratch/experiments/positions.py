@@ -31,10 +31,10 @@ def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path:
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)
-    data = load_data(size, Path(out_dir) / ".cache", data_path)
+    data = load_data(size, Path(out_dir) / ".cache", data_path, longest=max(LONGER) * size.context_length)
     t = size.context_length
     val = validation_batches(data, t, size.eval_windows, seed)
-    # Longer windows, as many tokens in all as the normal validation set.
+    # Longer windows, as many tokens in all as the normal validation set (at least 4 windows).
     longer = {k: validation_batches(data, k * t, max(4, size.eval_windows // k), seed) for k in LONGER}
 
     runs: list[dict[str, Any]] = []
