@@ -149,6 +149,15 @@ def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
     assert cli.load_config_file(str(path)) == {"steps": 7}
 
 
+def test_dashed_keys_are_read_as_the_options_at_the_top_and_under_model(tmp_path):
+    # `batch-size` as on the command line: both levels read it (the model's keys were refused as unknown)
+    path = write(tmp_path / "c.yaml", "batch-size: 3\nmodel:\n  drop-rate: 0.25\n  n_layers: 2\n")
+    assert cli.load_config_file(str(path)) == {"batch_size": 3, "model": {"drop_rate": 0.25, "n_layers": 2}}
+    from llmscratch.train import TrainConfig
+
+    assert TrainConfig.from_dict(cli.load_config_file(str(path))).model == {"drop_rate": 0.25, "n_layers": 2}
+
+
 def test_a_config_path_that_is_a_folder_says_so(tmp_path, capsys):
     folder = tmp_path / "somefolder"
     folder.mkdir()

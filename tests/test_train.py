@@ -83,7 +83,11 @@ def test_train_config_errors_name_the_field():
         TrainConfig(beta2=1.0)
     with pytest.raises(ConfigError, match="weight_decay"):
         TrainConfig(weight_decay=-0.1)
-    with pytest.raises(ConfigError, match="TrainConfig.loss must be one of auto, plain, chunked, kernel"):
+    with pytest.raises(ConfigError, match=r"TrainConfig.lr \(--lr\) must be > 0 and TrainConfig.min_lr \(--min-lr\)"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(ConfigError, match=r"TrainConfig.progress \(--no-progress\) must be true or false"):
+        TrainConfig(progress="yes")
+    with pytest.raises(ConfigError, match=r"TrainConfig.loss \(--loss\) must be one of auto, plain, chunked, kernel"):
         TrainConfig(loss="fused")
 
 
@@ -92,15 +96,15 @@ def test_train_config_errors_name_the_field():
     ("lr", math.inf, "lr .--lr. must be a finite number, got inf"),
     ("weight_decay", math.nan, "weight_decay .--weight-decay. must be a finite number, got nan"),
     ("time_budget", math.nan, "time_budget .--time-budget. must be a finite number"),
-    ("grad_clip", -1.0, r"grad_clip must be >= 0 \(0: no clipping\)"),
-    ("seed", -1, r"seed must be in \[0, 2\*\*32\)"),
-    ("seed", 2**32, r"seed must be in \[0, 2\*\*32\)"),
-    ("stop_at", 0, "stop_at must be a step >= 1"),
+    ("grad_clip", -1.0, r"grad_clip \(--grad-clip\) must be >= 0 \(0: no clipping\)"),
+    ("seed", -1, r"seed \(--seed\) must be in \[0, 2\*\*32\)"),
+    ("seed", 2**32, r"seed \(--seed\) must be in \[0, 2\*\*32\)"),
+    ("stop_at", 0, r"stop_at \(--stop-at\) must be a step >= 1"),
     ("preset", "nosuch", r"unknown preset 'nosuch' \(--preset\); choose one of \['cpu'"),
     ("data", ["a.txt"], r"data .--data. must be a string, got \['a.txt'\]"),
     ("warmup_steps", "5", "warmup_steps .--warmup-steps. must be an integer, got '5'"),
     ("compile", "yes", "compile .--compile. must be true or false"),
-    ("model", 5, "model .--model. must be a mapping, got 5"),
+    ("model", 5, r"model \(`model:` in --config\) must be a mapping, got 5"),
     ("model", {"n_layerz": 3}, r"unknown model option\(s\) \['n_layerz'\] under `model:`"),
 ])
 def test_train_config_refuses_values_of_the_wrong_kind_up_front(field, value, message):
@@ -403,7 +407,9 @@ def test_the_sample_after_training_never_fails_a_run_that_trained(corpus: Path, 
                  "--batch-size", "2", "--context-length", "16", "--device", "cpu", "--out-dir", str(tmp_path),
                  "--name", name, "--no-progress", "--sample-tokens", "4", "--sample-prompt", prompt, env=env)
         assert r.returncode == 0 and "generated text" in r.stdout, r.stderr
-        assert "Zebra" not in r.stdout  # the sample shows what it started from, not a prompt it could not use
+        sample = r.stdout.split("--- generated text ---")[1]
+        assert "Zebra" not in sample  # the sample shows what it started from, not a prompt it could not use
+        assert ("cannot be encoded by this tokenizer" in r.stdout) == (name == "unseen")  # said, not silent
 
 
 def test_a_named_run_never_writes_into_another(corpus: Path, tmp_path: Path):
@@ -441,14 +447,14 @@ def test_eval_refuses_a_batch_size_below_one(corpus: Path, tmp_path: Path, batch
         evaluate_text(run, str(corpus), device="cpu", batch_size=batch)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(corpus: Path, tmp_path: Path):
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus: Path, tmp_path: Path):
     env = {**os.environ, "LLMSCRATCH_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "runs"
     proc = subprocess.Popen(
         [sys.executable, "-m", "llmscratch", "train", "--data", str(corpus), "--tokenizer", "char",
          "--preset", "test", "--steps", "100000", "--batch-size", "4", "--context-length", "16",
          "--log-interval", "1", "--eval-interval", "100000", "--checkpoint-interval", "100000",
-         "--device", "cpu", "--out-dir", str(out), "--name", "sig", "--no-progress", "--sample-tokens", "0"],
+         "--device", "cpu", "--out-dir", str(out), "--name", "sig", "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     metrics = out / "sig" / "metrics.jsonl"
@@ -457,8 +463,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(corpus: Path, tmp_path: Pat
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
-    assert "stopped by Ctrl-C" in stdout
+    assert proc.returncode == 130, stderr  # saved, then stopped as an interrupted command: `&&` goes no further
+    assert "stopped by Ctrl-C" in stdout and "generated text" not in stdout
     state = ckpt.load_training_state(out / "sig")
     assert state["step"] >= 3
     ckpt.load_model(out / "sig")  # the checkpoint loads
@@ -470,6 +476,18 @@ def test_char_tokenizer_covers_characters_seen_only_in_the_validation_tail(tmp_p
     corpus.write_text(TEXT + "[Zq]" * 30, encoding="utf-8")  # '[', ']', 'Z', 'q' only in the tail
     run = train(tiny_config(corpus, tmp_path / "runs", steps=2, eval_interval=2, name="c", val_fraction=0.1))
     assert (run / "model.safetensors").exists()
+
+
+def test_a_sample_prompt_the_char_tokenizer_cannot_encode_is_said_once_not_replaced_silently(corpus, tmp_path):
+    logs: list[str] = []
+    run = train(tiny_config(corpus, tmp_path, steps=4, name="p", sample_tokens=4, sample_prompt="Zürich ☃"),
+                log=logs.append)
+    warned = [m for m in logs if "--sample-prompt 'Zürich ☃' cannot be encoded" in m]
+    assert len(warned) == 1 and "characters not in the vocabulary" in warned[0] and "start from token" in warned[0]
+    assert ckpt.load_training_state(run)["step"] == 4  # the run itself is not affected
+    quiet: list[str] = []
+    train(tiny_config(corpus, tmp_path, steps=2, name="q", sample_tokens=4, sample_prompt=TEXT[:5]), log=quiet.append)
+    assert not any("--sample-prompt" in m for m in quiet)
 
 
 def test_time_budget_stops_saves_and_resumes(corpus: Path, tmp_path: Path):

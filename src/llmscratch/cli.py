@@ -135,9 +135,11 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"config file {path}: `model:` must be a mapping of model options to values "
                           f"(e.g. `model: {{n_layers: 4, layer_norm_eps: 1.0e-5}}`), got {type(model).__name__} "
                           f"{model!r}")
+    data = {k.replace("-", "_"): v for k, v in data.items()}  # `batch-size:` as on the command line
     if model:
         _check_names(model, f"config file {path}, under `model:`,", "n_layers: 4")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        data["model"] = {k.replace("-", "_"): v for k, v in model.items()}
+    return data
 
 
 def _check_names(mapping: dict, where: str, example: str) -> None:

@@ -8,10 +8,9 @@ in bits per byte, checkpoints that resume bit-exactly, Ctrl-C and NaN handling.
 One step:
 
 ```
-for micro in range(grad_accum):            # accumulate over micro-batches
-    x, y = next batch                       # (B, T) each, y = x shifted by one
-    loss = model(x, y) / grad_accum         # mean next-token cross-entropy
-    loss.backward()
+for x, y in this process's micro-batches:   # batch_size × grad_accum windows per step in all,
+    loss = model(x, y) / n_micro            #   split into micro-batches over the processes
+    loss.backward()                         # x, y: (B, T) each, y = x shifted by one
 clip gradients to grad_clip; optimizer.step() with lr = schedule(step); zero grads
 ```
 """
@@ -59,6 +58,12 @@ from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 class TrainingDiverged(LLMScratchError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _named(name: str) -> str:
+    """How an error message names a TrainConfig field: the field and the option that sets it."""
+    option = {"model": "`model:` in --config", "progress": "--no-progress"}.get(name, f"--{name.replace('_', '-')}")
+    return f"TrainConfig.{name} ({option})"
 
 
 @dataclass
@@ -121,60 +126,60 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        check_field_types(self, lambda name, wanted, value: f"TrainConfig.{name} (--{name.replace('_', '-')}) "
-                                                            f"must be {wanted}, got {value!r}")
+        check_field_types(self, lambda name, wanted, value: f"{_named(name)} must be {wanted}, got {value!r}")
         positive = ("steps", "batch_size", "grad_accum", "eval_interval", "eval_windows",
                     "log_interval", "checkpoint_interval", "vocab_size")
         for name in positive:
             value = getattr(self, name)
             if value < 1:
-                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{_named(name)} must be a positive integer, got {value!r}")
         unknown = sorted(set(self.model) - {f.name for f in dataclasses.fields(GPTConfig)})
         if unknown:
             raise ConfigError(f"unknown model option(s) {unknown} under `model:`; known: "
                               f"{sorted(f.name for f in dataclasses.fields(GPTConfig))}")
         if self.grad_clip < 0:
-            raise ConfigError(f"TrainConfig.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
+            raise ConfigError(f"{_named('grad_clip')} must be >= 0 (0: no clipping), got {self.grad_clip}")
         if self.sample_tokens < 0:
-            raise ConfigError(f"TrainConfig.sample_tokens (--sample-tokens) must be >= 0 (0: no samples), "
+            raise ConfigError(f"{_named('sample_tokens')} must be >= 0 (0: no samples), "
                               f"got {self.sample_tokens}")
         if self.name is not None and (not self.name or self.name in (".", "..", "latest")
                                       or "/" in self.name or os.sep in self.name):
             raise ConfigError(f"--name {self.name!r} must be one folder name (no '/', not '.', '..' or 'latest'): "
                               f"a run lives in --out-dir/NAME")
         if not 0 <= self.seed < 2**32:
-            raise ConfigError(f"TrainConfig.seed must be in [0, 2**32), as NumPy's seed, got {self.seed}")
+            raise ConfigError(f"{_named('seed')} must be in [0, 2**32), as NumPy's seed, got {self.seed}")
         if self.stop_at is not None and self.stop_at < 1:
-            raise ConfigError(f"TrainConfig.stop_at must be a step >= 1, got {self.stop_at}")
+            raise ConfigError(f"{_named('stop_at')} must be a step >= 1, got {self.stop_at}")
         if self.warmup_steps < 0:
-            raise ConfigError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise ConfigError(f"{_named('warmup_steps')} must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"TrainConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise ConfigError(f"{_named('val_fraction')} must be in (0, 1), got {self.val_fraction}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ConfigError(f"TrainConfig needs lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+            raise ConfigError(f"{_named('lr')} must be > 0 and {_named('min_lr')} in [0, lr], got lr={self.lr}, "
+                              f"min_lr={self.min_lr}")
         for name in ("beta1", "beta2", "muon_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+                raise ConfigError(f"{_named(name)} must be in [0, 1), got {getattr(self, name)!r}")
         if self.weight_decay < 0:
-            raise ConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise ConfigError(f"{_named('weight_decay')} must be >= 0, got {self.weight_decay!r}")
         if self.optimizer not in ("muon", "adamw"):
-            raise ConfigError(f"TrainConfig.optimizer must be muon or adamw, got {self.optimizer!r}")
+            raise ConfigError(f"{_named('optimizer')} must be muon or adamw, got {self.optimizer!r}")
         if self.optimizer == "muon" and self.fsdp:
             raise ConfigError("--fsdp shards each weight matrix over the GPUs, and Muon needs whole matrices: "
                               "add --optimizer adamw")
         if self.loss not in LOSS_IMPLS:
-            raise ConfigError(f"TrainConfig.loss must be one of {', '.join(LOSS_IMPLS)}, got {self.loss!r}")
+            raise ConfigError(f"{_named('loss')} must be one of {', '.join(LOSS_IMPLS)}, got {self.loss!r}")
         if self.tokenizer not in ("char", "bpe", "gpt2"):
-            raise ConfigError(f"TrainConfig.tokenizer must be char, bpe or gpt2, got {self.tokenizer!r}")
+            raise ConfigError(f"{_named('tokenizer')} must be char, bpe or gpt2, got {self.tokenizer!r}")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r} (--preset); choose one of {sorted(PRESETS)}")
         GPTConfig.from_preset(self.preset, **self.model)  # a bad model option is named now, before any work
         if self.resume and self.init_from:
             raise ConfigError("--resume continues a run; --init-from starts a new one from weights: pick one")
         if self.micro_batch is not None and (not isinstance(self.micro_batch, int) or self.micro_batch < 1):
-            raise ConfigError(f"TrainConfig.micro_batch must be a positive integer or None, got {self.micro_batch!r}")
+            raise ConfigError(f"{_named('micro_batch')} must be a positive integer or None, got {self.micro_batch!r}")
         if self.time_budget is not None and self.time_budget <= 0:
-            raise ConfigError(f"TrainConfig.time_budget must be positive seconds, got {self.time_budget}")
+            raise ConfigError(f"{_named('time_budget')} must be positive seconds, got {self.time_budget}")
 
     def to_dict(self) -> dict[str, Any]:
         """Every option as a plain mapping: what ``train_config.json`` holds and ``--resume`` compares against."""
@@ -280,14 +285,18 @@ def evaluate(
 # ---------------------------------------------------------------------------- the run
 
 
-def sample_prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+def sample_prompt_ids(tokenizer: Tokenizer, text: str, warn: Optional[Callable[[str], None]] = None) -> list[int]:
     """``text`` as tokens for the samples printed while and after training; where the tokenizer
     cannot encode it (characters a char tokenizer never saw) or it is empty, the end-of-text
-    token (or token 0) alone: a sample must never fail a run that trained."""
+    token (or token 0) alone, said through ``warn``: a sample must never fail a run that trained."""
     try:
         ids = tokenizer.encode(text)
-    except LLMScratchError:
+    except LLMScratchError as err:
         ids = []
+        if warn is not None:
+            start = tokenizer.eot_id if tokenizer.eot_id is not None else 0
+            warn(f"--sample-prompt {text!r} cannot be encoded by this tokenizer: {err}; the samples start "
+                 f"from token {start} ({tokenizer.decode([start])!r}) instead")
     return ids or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
 
 
@@ -448,7 +457,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
     given with a value unlike the saved one is refused, not ignored.
 
     A new run that fails (or is stopped) before its first checkpoint leaves no folder behind
-    (:class:`_NewRun`); ``<out_dir>/latest`` moves to a new run at its first checkpoint.
+    (:class:`_NewRun`); ``<out_dir>/latest`` moves to a new run at its first checkpoint. Ctrl-C
+    saves a checkpoint at the end of the step and then raises KeyboardInterrupt, so that a caller
+    stops too (``llmscratch train && llmscratch generate ...`` does not go on to generate).
     """
     new_run = _NewRun()
     try:
@@ -652,10 +663,12 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
             _point_latest(run_dir)  # the newest run with a checkpoint
         new_run.saved = new_run.checkpointed = True
 
+    sample_prompt = sample_prompt_ids(tokenizer, cfg.sample_prompt, log if cfg.sample_tokens and group.is_main else None)
+
     def sample_text() -> str:
         from .generate import SamplingConfig, generate
 
-        prompt = sample_prompt_ids(tokenizer, cfg.sample_prompt)[-context // 2 :]
+        prompt = sample_prompt[-(context // 2):]  # the last half-context of the prompt
         sampling = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
         new = generate(model, [prompt], sampling)[0]
         return tokenizer.decode(prompt + new)
@@ -800,6 +813,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     if group.is_main and dist.latest_is_sharded(run_dir):
         dist.consolidate(run_dir)  # the FSDP shards → the ordinary run-directory files
         log(f"consolidated the sharded checkpoint into {run_dir}")
+    if stopped_by == "Ctrl-C":
+        raise KeyboardInterrupt  # saved above; the caller stops too (the CLI exits 130, as a shell expects)
     return run_dir
 
 
