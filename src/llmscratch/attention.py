@@ -35,7 +35,11 @@ BACKENDS = ("explicit", "fused")
 
 
 def resolve_scale(scale: Scale, head_dim: int) -> float:
-    """The factor the scores Q·Kᵀ are multiplied by: 1/√d_k, 1 (no scaling) or a given float."""
+    """The factor the scores Q·Kᵀ are multiplied by: 1/√d_k, 1 (no scaling) or a given float.
+
+    Why 1/√d_k: a dot product of d_k unit-variance entries has variance d_k; scaled, the
+    scores keep a spread near 1 at any head size, so softmax does not saturate to one-hot.
+    """
     if scale is True:
         return 1.0 / math.sqrt(head_dim)
     if scale is False:
@@ -71,7 +75,8 @@ def build_mask(
     placed on the batch axis of that rank.
 
     Returns ``None`` when every key is visible to every query, else a mask that
-    broadcasts to the scores: ``(q_len, k_len)``, ``(B, 1, q_len, k_len)`` or ``(B, q_len, k_len)``.
+    broadcasts to the scores: ``(q_len, k_len)`` (causal only), ``(B, 1, 1, k_len)`` or
+    ``(B, 1, k_len)`` (padding only), ``(B, 1, q_len, k_len)`` or ``(B, q_len, k_len)`` (both).
     """
     mask = None
     if causal and causal_mask is not None:
@@ -89,7 +94,7 @@ def build_mask(
             )
         pad = key_padding_mask.to(device=device, dtype=torch.bool)
         pad = pad.reshape(pad.shape[0], *([1] * (ndim - 2)), k_len)  # (B, 1, 1, Tk) or (B, 1, Tk)
-        mask = pad if mask is None else (mask & pad)  # (B, 1, Tq, Tk) or (B, Tq, Tk)
+        mask = pad if mask is None else (mask & pad)  # both: (B, 1, Tq, Tk) or (B, Tq, Tk)
     return mask
 
 
@@ -143,7 +148,7 @@ def attend(
     # Rows with no visible key at all (possible only with padding) are zeroed at the end.
     dead_rows = None
     if key_padding_mask is not None and mask is not None:
-        dead_rows = ~mask.any(dim=-1, keepdim=True)  # (B, 1, Tq, 1)
+        dead_rows = ~mask.any(dim=-1, keepdim=True)  # the mask's shape with Tk -> 1, e.g. (B, 1, Tq, 1)
 
     if backend == "fused" and not need_weights:
         sdpa_mask = mask
@@ -153,6 +158,7 @@ def attend(
             if mask is not None:
                 sdpa_mask = sdpa_mask.masked_fill(~mask, float("-inf"))
         elif mask is not None and key_padding_mask is None and causal and q_len == k_len and causal_mask is None:
+            # SDPA's is_causal aligns the mask top-left, ours bottom-right: equal only when Tq == Tk.
             sdpa_mask, is_causal = None, True  # lets SDPA pick the flash kernel
         if dead_rows is not None and sdpa_mask is not None:
             # Give fully masked rows one visible key so no kernel produces NaN; zeroed below.
@@ -168,9 +174,9 @@ def attend(
         return out, None
 
     # The explicit path, written out line by line. The mask (and ALiBi) become one additive
-    # bias: 0 where a key is visible, -inf where it is hidden, so scaling and masking the
-    # scores is a single pass over them (at 64 tokens on a CPU: 3.8 ms forward + backward, 6.0 ms
-    # when scaling and masked_fill were two passes).
+    # bias: 0 where a key is visible, -inf where it is hidden (softmax turns -inf into weight 0),
+    # so scaling and masking the scores is a single pass over them (at 64 tokens on a CPU:
+    # 3.8 ms forward + backward, 6.0 ms when scaling and masked_fill were two passes).
     scores = q @ k.transpose(-2, -1)  # (B, H, Tq, Tk)
     bias = None
     if attn_bias is not None:
@@ -186,7 +192,7 @@ def attend(
     weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
     if dead_rows is not None:
         weights = weights.masked_fill(dead_rows, 0.0)
-    if dropout_p > 0.0:
+    if dropout_p > 0.0:  # callers pass 0.0 in eval mode, so training=True is safe here
         weights = F.dropout(weights, p=dropout_p, training=True)
     context = weights.to(v.dtype) @ v  # (B, H, Tq, d)
     return context, (weights if need_weights else None)
@@ -202,7 +208,7 @@ def _as_batch(x: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
 
 
 class SelfAttentionParams(nn.Module):
-    """Self-attention with raw trainable matrices W_q, W_k, W_v (``x @ W``), no mask.
+    """Self-attention with raw trainable matrices W_q, W_k, W_v (``x @ W``), no causal mask.
 
     The weights are ``nn.Parameter(torch.rand(d_in, d_out))`` created in the order
     query, key, value, so with the same seed the numbers match the book's chapter 3.
@@ -222,7 +228,7 @@ class SelfAttentionParams(nn.Module):
         key_padding_mask: Optional[torch.Tensor] = None,
         need_weights: bool = False,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Each token's context vector, from every token (no mask); ``(context, weights)`` with ``need_weights``."""
+        """Each token's context vector, from every token (not causal); ``(context, weights)`` with ``need_weights``."""
         x, squeeze = _as_batch(x, type(self).__name__)
         queries = x @ self.W_query  # (B, T, d_out)
         keys = x @ self.W_key  # (B, T, d_out)
@@ -235,7 +241,7 @@ class SelfAttentionParams(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Self-attention with ``nn.Linear`` projections (optional bias), no mask."""
+    """Self-attention with ``nn.Linear`` projections (optional bias), no causal mask."""
 
     def __init__(
         self, d_in: int, d_out: int, qkv_bias: bool = False, scale: Scale = True,
@@ -254,7 +260,7 @@ class SelfAttention(nn.Module):
         key_padding_mask: Optional[torch.Tensor] = None,
         need_weights: bool = False,
     ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Each token's context vector, from every token (no mask); ``(context, weights)`` with ``need_weights``."""
+        """Each token's context vector, from every token (not causal); ``(context, weights)`` with ``need_weights``."""
         x, squeeze = _as_batch(x, type(self).__name__)
         context, weights = attend(
             self.W_query(x), self.W_key(x), self.W_value(x), causal=False,
@@ -364,7 +370,7 @@ class MultiHeadAttention(nn.Module):
         self.backend = backend
 
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """``(B, T, d_out)`` → ``(B, H, T, d_head)``."""
+        """``(B, T, d_out)`` → ``(B, H, T, d)``: each head gets its own ``d = d_out / H`` columns."""
         b, num_tokens, _ = t.shape
         t = t.view(b, num_tokens, self.num_heads, self.head_dim)  # (B, T, H, d)
         return t.transpose(1, 2)  # (B, H, T, d)
@@ -390,12 +396,16 @@ class MultiHeadAttention(nn.Module):
             backend=self.backend, need_weights=need_weights, causal_mask=visible,
         )
         context = context.transpose(1, 2)  # (B, T, H, d)
-        context = context.reshape(b, num_tokens, self.d_out)  # (B, T, d_out): heads merged
+        # reshape, not view: the transpose left the memory non-contiguous
+        context = context.reshape(b, num_tokens, self.d_out)  # (B, T, H, d) -> (B, T, d_out): heads merged
         out = self.out_proj(context)
         return (out, weights) if need_weights else out
 
 
-def _finish(context: torch.Tensor, weights: Optional[torch.Tensor], squeeze: bool, need_weights: bool):
+def _finish(
+    context: torch.Tensor, weights: Optional[torch.Tensor], squeeze: bool, need_weights: bool
+) -> Union[torch.Tensor, tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Undo :func:`_as_batch`'s added batch axis; return the weights only when asked for."""
     if squeeze:
         context = context.squeeze(0)  # (T, d_out)
         weights = weights.squeeze(0) if weights is not None else None  # (T, T)

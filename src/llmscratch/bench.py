@@ -234,17 +234,15 @@ def build_contender(name: str, cfg: GPTConfig, device: torch.device, compile: bo
 
 def available_peers() -> list[str]:
     """The peers whose packages are installed here."""
+    from importlib import import_module
+
     found = []
-    try:
-        import llms_from_scratch.ch04  # noqa: F401
-        found += ["book", "book-fast"]
-    except ImportError:
-        pass
-    try:
-        import transformers  # noqa: F401
-        found.append("hf")
-    except ImportError:
-        pass
+    for module, names in (("llms_from_scratch.ch04", ["book", "book-fast"]), ("transformers", ["hf"])):
+        try:
+            import_module(module)  # imported, not just found: a package missing its requirements is no peer
+        except ImportError:
+            continue
+        found += names
     return found
 
 

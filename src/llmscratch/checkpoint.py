@@ -8,6 +8,9 @@ A **run directory** holds everything needed to pick a model up again::
       <tokenizer files>    written by Tokenizer.save(run_dir)
       training_state.pt    optimizer, step, RNG states... (read with weights_only=True)
 
+Training adds ``train_config.json`` (its options), ``metrics.jsonl``, ``loss.png``, ``best/``
+(the weights of the best validation score, with the tokenizer) and, under FSDP, ``sharded/``.
+
 Every file is written atomically (temporary file in the same directory, fsync, rename), so a
 crash mid-write leaves the previous good file in place. Every read failure (missing file,
 bad JSON, weights that do not fit the config, a truncated or corrupted file) raises
@@ -1125,9 +1128,10 @@ def import_checkpoint(
                 raise CheckpointError(str(err)) from err
             heads = heads if heads is not None else base.n_heads
             drop_rate = base.drop_rate
-        if preset is not None:  # before the config is built: its own rules would hide the real cause
+            # Checked before the config is built: its own rules would hide the real cause.
             emb = sd["tok_emb.weight"].shape[-1] if "tok_emb.weight" in sd else base.emb_dim
-            layers = len({k.split(".")[1] for k in sd if k.startswith("trf_blocks.")}) or base.n_layers
+            indices = {int(m.group(1)) for k in sd if (m := re.match(r"trf_blocks\.(\d+)\.", k))}
+            layers = max(indices) + 1 if indices else base.n_layers  # as book_to_ours counts them
             differ = [f"{f}: preset {preset} has {getattr(base, f)}, the weights have {theirs}"
                       for f, theirs in (("emb_dim", emb), ("n_layers", layers)) if getattr(base, f) != theirs]
             if differ:

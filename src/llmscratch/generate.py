@@ -281,7 +281,8 @@ class _Decoder:
             cut = cut or len(self.windows[row]) < len(window)
         if self.cache is None or cut:
             return self.run_windows()
-        # One new column for every row, at each row's next position.
+        # Only the new column runs (one token per row, at its next position); the model appends
+        # its keys and values to the cache and attends over all of them.
         positions = torch.tensor([[len(w) - 1] for w in self.windows], device=self.device)  # (B, 1)
         if self.mask is not None:
             new_col = torch.ones(len(self.windows), 1, dtype=torch.bool, device=self.device)  # (B, 1)
@@ -455,6 +456,7 @@ def choose_weight_layout(
         for layer in layers:
             layer.unpack()
         # The timed weights in each way at once (copies, as the way needs), so the ways take turns.
+        # "column": .t().contiguous().t() keeps the (out, in) shape but stores Wᵀ row by row.
         copies = {way: [(layer.weight.detach().t().contiguous().t() if way == "column" else
                          layer.weight.detach().contiguous(), layer.bias) for layer in timed]
                   for way in WEIGHT_LAYOUTS}
@@ -525,7 +527,8 @@ class StaticDecoder:
 
     @torch.no_grad()
     def generate(
-        self, prompt: torch.Tensor, sampling: SamplingConfig, on_first_token: Optional[callable] = None
+        self, prompt: torch.Tensor, sampling: SamplingConfig,
+        on_first_token: Optional[Callable[[torch.Tensor], None]] = None,
     ) -> torch.Tensor:
         """New tokens ``(B, max_new_tokens)`` after ``prompt (B, T0)`` (token ids on any device).
 
@@ -536,7 +539,7 @@ class StaticDecoder:
         n = sampling.max_new_tokens
         if b != self.batch:
             raise ValueError(f"this decoder was built for batch {self.batch}, got {b} prompts")
-        if t0 + n - 1 > self.max_len:
+        if t0 + n - 1 > self.max_len:  # the last new token is sampled, never fed back into the cache
             raise ValueError(f"prompt {t0} + {n} new tokens do not fit in a cache of {self.max_len}")
         was_training = self.model.training
         self.model.eval()

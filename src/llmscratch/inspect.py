@@ -125,7 +125,7 @@ def trace_attention(module: MultiHeadAttention, x: torch.Tensor) -> list[TraceSt
 
     Uses the module's own weights, mask rule and scale, so the last step equals ``module(x)``.
     """
-    b, t, d_in = x.shape
+    b, t, _ = x.shape
     h, d = module.num_heads, module.head_dim
     factor = resolve_scale(module.scale, d)
     steps: list[TraceStep] = []
@@ -295,7 +295,8 @@ def trace_run(run_dir: str | Path, sentence: str) -> tuple[list[list[str]], list
         x = add("+ positions", ("B", "T", "C"), f"plus fixed sines and cosines of the position (× {INIT_STD})",
                 x + INIT_STD * sinusoidal_embedding(positions, c))
     block = model.blocks[0]
-    x = add("norm1(x)", ("B", "T", "C"), "block 0's LayerNorm: each token's vector to mean 0, variance 1", block.norm1(x))
+    x = add("norm1(x)", ("B", "T", "C"), "block 0's LayerNorm: each token's vector to mean 0, variance 1, then a learned "
+              "scale and shift", block.norm1(x))
     w_q, w_k, w_v = block.attn.qkv.weight.split(c, dim=0)  # 3 × (C, C), nn.Linear's (out, in) layout
     b_q = b_k = b_v = None
     if block.attn.qkv.bias is not None:
@@ -358,6 +359,7 @@ def explain_run(run_dir: str | Path, sentence: str, *, max_values: int = MAX_VAL
         ]
         out.write(format_trace(steps, labels, header=header, max_values=max_values))
         with torch.no_grad():
+            # Block 0's input: the embeddings, plus the position step when positions are absolute.
             x = steps[0].tensor if cfg.pos_emb not in ("learned", "sinusoidal") else steps[1].tensor
             step = _Step()
             if cfg.pos_emb == "rope":
@@ -383,7 +385,7 @@ def explain(
     heads: int = 2,
     d_out: int = 4,
     seed: int = 123,
-    scale: bool = True,
+    scale: Scale = True,
     max_values: int = MAX_VALUES,
     out: Optional[TextIO] = sys.stdout,
 ) -> list[TraceStep]:
@@ -392,7 +394,8 @@ def explain(
     Builds :class:`~llmscratch.attention.MultiHeadAttention` (d_in 3, dropout 0) right after
     ``torch.manual_seed(seed)``, runs its forward pass by hand from the module's own weights
     and prints every tensor (``out=None`` prints nothing). ``batch`` > 1 adds rows with the
-    words rotated. Returns the steps; the last one equals the module's output.
+    words rotated; ``scale`` is True (1/√d), False (none) or a float factor. Returns the steps;
+    the last one equals the module's output.
 
     Raises:
         ConfigError: an empty sentence, or a bad ``batch``/``heads``/``d_out`` (``d_out`` must be
@@ -506,8 +509,10 @@ def attention_maps(model: GPT, tokenizer: Optional[Tokenizer], prompt: str) -> A
     was_training = model.training
     model.eval()
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    _, weights = model(idx, need_weights=True)  # [(1, H, T, T)] per layer
-    model.train(was_training)
+    try:
+        _, weights = model(idx, need_weights=True)  # [(1, H, T, T)] per layer
+    finally:
+        model.train(was_training)
     return AttentionMaps(token_strings(tokenizer, ids), [w.float().cpu() for w in weights])
 
 
@@ -537,12 +542,12 @@ def attention_scores(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     inputs: list[torch.Tensor] = []
     hooks = [block.attn.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
              for block in model.blocks]
+    was_training = model.training
+    model.eval()
     try:
-        was_training = model.training
-        model.eval()
         model(idx)
-        model.train(was_training)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     b, t = idx.shape
@@ -683,7 +688,7 @@ def plot_attention_head(maps: AttentionMaps, layer: int, head: int, path: str | 
     save_figure(fig, _as_path(path))
 
 
-def _as_path(path):
+def _as_path(path: str | Path) -> Path:
     from pathlib import Path
 
     return Path(path)
@@ -837,7 +842,7 @@ def write_attention_outputs(
     html_page: bool = False,
     json_file: bool = False,
     title: str = "",
-) -> list:
+) -> list[Path]:
     """Write ``grid.png``, ``layer{L}_head{H}.png`` for the chosen layers × heads (when any
     is chosen; the other axis defaults to all), and ``attention.html`` / ``attention.json``
     when asked. Returns the paths written."""

@@ -81,8 +81,9 @@ def _(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> tuple[torch.Te
 
 
 def _triton_rows(logits: torch.Tensor, targets: torch.Tensor, vocab: int,
-                 kernel=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the Triton kernel (by default the autotuned one): one program per row."""
+                 kernel: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the Triton kernel (by default the autotuned one; tests and benchmarks pass
+    one of :func:`build_kernel`'s): one program per row."""
     kernel = kernel or _triton_kernel()
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -103,7 +104,7 @@ _KERNEL = None
 CONFIGS = [(block, warps) for block in (2048, 4096, 8192) for warps in (4, 8, 16)]
 
 
-def _triton_kernel():
+def _triton_kernel() -> Any:
     """The kernel, compiled on first use (Triton is imported only where it runs)."""
     global _KERNEL
     if _KERNEL is None:

@@ -332,7 +332,11 @@ class KVCache:
         self.length = 0
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``k, v (B, H, T_new, d)`` after the cached tokens; return all keys and values so far."""
+        """Store ``k, v (B, H, T_new, d)`` after the cached tokens; return all keys and values so far.
+
+        ``length`` is not advanced here: every layer stores at the same positions, and
+        ``GPT.forward`` advances it once all layers have stored theirs.
+        """
         start, end = self.length, self.length + k.shape[-2]
         if end > self.max_len:
             raise ValueError(
@@ -628,7 +632,7 @@ class GPT(nn.Module):
     def _head_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head's weight, padded to a multiple of ``pad_vocab_multiple`` rows on CUDA."""
         w = self.out_head.weight  # (V, C)
-        pad = -self.cfg.vocab_size % self.cfg.pad_vocab_multiple
+        pad = -self.cfg.vocab_size % self.cfg.pad_vocab_multiple  # rows up to the next multiple
         if pad and x.is_cuda:
             w = F.pad(w, (0, 0, 0, pad))  # (V_pad, C); the extra rows are zeros
         return w

@@ -33,8 +33,8 @@ def sinusoidal_embedding(positions: torch.Tensor, dim: int, base: float = 10000.
     half = dim // 2
     freqs = torch.exp(
         -math.log(base) * torch.arange(half, device=positions.device, dtype=torch.float32) / half
-    )  # (dim/2,)
-    angles = positions.to(torch.float32).unsqueeze(-1) * freqs  # (..., dim/2)
+    )  # (dim/2,): base^(-2i/dim), from 1 down towards 1/base
+    angles = positions.to(torch.float32).unsqueeze(-1) * freqs  # (...,) -> (..., 1) -> (..., dim/2)
     out = torch.zeros(*positions.shape, dim, device=positions.device)
     out[..., 0 : 2 * half : 2] = torch.sin(angles)
     out[..., 1 : 2 * half : 2] = torch.cos(angles)
@@ -53,19 +53,23 @@ def rope_cos_sin(
     inv_freq = 1.0 / (
         base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     )  # (d/2,)
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., T, d/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (..., T, d)
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., T) -> (..., T, 1) -> (..., T, d/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, d): dimensions i and i + d/2 share an angle
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys ``x (B, H, T, d)`` by the angles from :func:`rope_cos_sin`."""
+    """Rotate queries or keys ``x (B, H, T, d)`` by the angles from :func:`rope_cos_sin`.
+
+    Each pair ``(x1, x2) = (x[i], x[i + d/2])`` becomes ``(x1·cos − x2·sin, x2·cos + x1·sin)``,
+    a 2-D rotation; rotating q and k by their own positions makes q·k depend on the distance.
+    """
     if cos.dim() == 3:  # per-row positions (B, T, d): broadcast over heads
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, d)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]  # (B, H, T, d/2) each
     rotated = torch.cat([-x2, x1], dim=-1)  # (B, H, T, d)
-    return (x * cos + rotated * sin).to(x.dtype)
+    return (x * cos + rotated * sin).to(x.dtype)  # cos and sin are float32: back to x's dtype
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

@@ -140,7 +140,7 @@ class Tokenizer(ABC):
         """Token ids of ``text``."""
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text; subclasses override this with a parallel encoder."""
+        """Token ids of each text; the BPE and GPT-2 tokenizers override this with a parallel encoder."""
         return [self.encode(t) for t in texts]
 
     @abstractmethod
