@@ -48,10 +48,9 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, ConfigError, LLMScratchError
-from .files import sync_directory, write_atomic, write_text_atomic
+from .files import PathLike, sync_directory, write_atomic, write_text_atomic
 from .model import GPT, GPTConfig
 
-PathLike = Union[str, os.PathLike]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -4,7 +4,8 @@
 load_corpus(path)            text: the built-in King James Bible, a file, a folder of .txt, a glob
 prepare_tokens(corpus, tok)  train / val token arrays (uint16 or uint32 memmaps), cached on disk;
                              val is the tail of the text (10% by default), train the rest
-random_windows(...)          nanoGPT-style batches: B random windows of T tokens   x, y (B, T)
+window_starts(...)           nanoGPT-style batches: B random window starts, then
+gather_windows(...)          the windows of T tokens   x, y (B, T)  (random_windows: both in one call)
 SlidingWindowDataset(...)    the book's GPTDatasetV1: windows at 0, stride, 2·stride, …
 eval_windows(...)            fixed seeded windows, or the whole split in non-overlapping windows
 bits_per_byte(...)           loss in bits per UTF-8 byte, comparable across tokenizers
@@ -26,17 +27,16 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ConfigError, CorpusError
-from .files import write_atomic, write_text_atomic
+from .files import PathLike, write_atomic, write_text_atomic
 from .tokenizer import Tokenizer, split_for_encoding
 
-PathLike = Union[str, Path]
 
 BUILTIN_CORPUS = "kjv"
 BUILTIN_VERSES = 31_103

@@ -99,9 +99,11 @@ class GPTConfig:
 
     @property
     def head_dim(self) -> int:
+        """Each head's share of the embedding: ``emb_dim / n_heads``."""
         return self.emb_dim // self.n_heads
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field as a plain mapping."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -129,6 +131,7 @@ class GPTConfig:
         return cls(**data)
 
     def to_json(self) -> str:
+        """The config as ``config.json`` holds it."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod

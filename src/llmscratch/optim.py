@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -82,7 +82,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 raise ValueError("MuonAdamW: Muon groups take 2-D weight matrices only")
 
     @torch.no_grad()
-    def step(self, closure: Optional[Any] = None) -> Optional[torch.Tensor]:
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None) -> Optional[torch.Tensor]:
         """One update of every parameter, each group by its own algorithm; the closure's loss, if one is given."""
         loss = None
         if closure is not None:

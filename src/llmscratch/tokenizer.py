@@ -33,12 +33,11 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 import numpy as np
 
 from .errors import TokenizerError
-from .files import write_text_atomic
+from .files import PathLike, write_text_atomic
 
 if TYPE_CHECKING:
     import tokenizers
 
-PathLike = Union[str, Path]
 
 CONFIG_FILE = "tokenizer_config.json"
 EOT = "<|endoftext|>"

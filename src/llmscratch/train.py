@@ -276,7 +276,7 @@ def evaluate(
     loss = total_nats.item() / n_tokens
     return {
         "loss": loss,
-        "ppl": math.exp(min(loss, 50.0)),
+        "ppl": math.exp(min(loss, 50.0)),  # capped: an untrained or diverged model would overflow
         "bpb": bits_per_byte(total_nats.item(), max(1, int(total_bytes.item()))),
         "tokens": int(total_tokens.item()),
     }
@@ -433,14 +433,19 @@ class _NewRun:
         self.checkpointed = False  # a checkpoint exists (and `latest` points here)
 
     def claim(self, folder: Path) -> None:
+        """The run's folder, about to be made (or an empty one, made before this run)."""
         self.folder, self.existed = folder, folder.exists()
 
     def remove_if_nothing_saved(self, log: Callable[[str], None]) -> None:
+        """Remove what the run put in its folder, unless it saved weights; an empty folder made before stays."""
         if self.folder is None or self.saved or not self.folder.is_dir():
             return
         if self.existed:
             for entry in self.folder.iterdir():
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
         else:
             shutil.rmtree(self.folder, ignore_errors=True)
         log(f"removed {self.folder}: the run stopped before it saved anything")
@@ -549,8 +554,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
         tokenizer = load_tokenizer(cfg.init_from)
     else:
         tokenizer = _prepare_tokenizer(cfg, corpus.text, cache, group)
-    if group.is_main:
-        splits = prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction)
+    if group.is_main:  # rank 0 writes the token cache; then every rank (rank 0 again) reads it
+        prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction)
     group.barrier()
     splits = prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction)
 
@@ -612,6 +617,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
                                generator=torch.Generator().manual_seed(cfg.seed + 1))
     val_windows = dist.shard_batches(val_windows, group)
     byte_lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.int64)
+    # The model's vocabulary may be larger than the tokenizer's: those ids are never targets (0 bytes).
     byte_lengths = torch.nn.functional.pad(byte_lengths, (0, max(0, model_cfg.vocab_size - len(byte_lengths))))
 
     micro_size = dist.micro_batch_size(cfg.batch_size, cfg.grad_accum, group.world_size, cfg.micro_batch)
@@ -774,7 +780,10 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
                         msg += f"\n  sample: {sample_text()!r}"
                     except Exception as err:  # a sample must never cost the checkpoint saved below
                         msg += f"\n  (no sample: {err})"
-                bar.write(msg) if group.is_main and cfg.progress else log(msg)
+                if group.is_main and cfg.progress:
+                    bar.write(msg)  # above the progress bar
+                else:
+                    log(msg)
                 if improved:
                     dist.save_weights(run_dir / "best", model, group)
                     if group.is_main and not ckpt.has_tokenizer_files(run_dir / "best"):
