@@ -50,7 +50,9 @@ def main() -> int:
         config = json.loads((run / "config.json").read_text())
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first includes warm-up
     final = [r for r in records if r.get("final")][-1]
-    sample = proc.stdout.split("--- generated text ---")[-1].split("----------------------")[0].strip()
+    sample = None  # none with --sample-tokens 0
+    if "--- generated text ---" in proc.stdout:
+        sample = proc.stdout.split("--- generated text ---")[1].split("----------------------")[0].strip()
     result = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -72,7 +74,8 @@ def main() -> int:
     for key in ("date", "machine", "torch", "wall_s", "train_s", "tokens_per_s_median", "steps", "val_loss",
                 "val_bpb", "val_tokens", "model", "tokenizer", "batch_size"):
         print(f"| {key} | {result[key]} |")
-    print("\nsample:\n" + sample)
+    if sample is not None:
+        print("\nsample:\n" + sample)
     if args.json:
         Path(args.json).write_text(json.dumps({**result, "sample": sample}, indent=2))
     return 0

@@ -108,3 +108,16 @@ def test_the_decoding_scripts_run_at_a_tiny_size():
     assert layout.returncode == 0, layout.stderr[-3000:]
     rows = [line for line in layout.stdout.splitlines() if re.match(r"\| (as built|laid out)", line)]
     assert len(rows) == 6, layout.stdout  # three ways of holding the weights × two batch sizes
+
+
+@pytest.mark.slow
+def test_the_default_run_benchmark_reads_its_run(tmp_path):
+    out = tmp_path / "default.json"
+    result = run_script("benchmarks/train_default.py", "--json", str(out), "--", "--steps", "4", "--eval-interval", "2",
+                        "--log-interval", "1", "--sample-tokens", "0", "--tokenizer", "char")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    record = json.loads(out.read_text())
+    assert record["steps"] == 4 and record["tokenizer"] == "char" and record["sample"] is None
+    assert record["tokens_per_s_median"] > 0 and 0 < record["val_bpb"] < 10
+    assert record["val_tokens"] > 0 and record["model"]["pos_emb"] == "rope"
+    assert f"| val_bpb | {record['val_bpb']} |" in result.stdout
