@@ -279,7 +279,7 @@ def main() -> None:
             if padded_loss:
                 model.loss = loss_on_padded_logits.__get__(model)  # this instance only
             compiled = torch.compile(model, backend="eager") if args.smoke else torch.compile(model, **compile_kw)
-            c = bench.Contender(name, model, lambda x, y: compiled(x, y), bench._count(model, model.pos_emb))
+            c = bench.Contender(name, model, compiled, bench._count(model, model.pos_emb))
             if sdpa == "probe":
                 ctx, around = (lambda: bench.sdpa_context(probe)), False
             elif sdpa == "default":
