@@ -235,3 +235,63 @@ def test_nproc_below_one_is_refused(tmp_path, capsys, nproc):
     assert status == 2
     assert err == f"llmscratch train: error: --nproc is the number of processes to launch: at least 1, got {nproc}\n"
     assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- generate: several prompts, prompt files
+
+
+def generated(capsys, run: Path, *argv: str) -> str:
+    status = cli.main(["generate", str(run), "--max-new-tokens", "12", "--device", "cpu", "--top-k", "5",
+                       *map(str, argv)])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    return out
+
+
+def test_several_prompts_decode_as_one_batch_and_each_row_is_its_prompt_alone(tmp_path, capsys):
+    run = tiny_run(tmp_path / "run")
+    both = generated(capsys, run, "--prompt", "the quick", "--prompt", "god said let", "--seed", "5")
+    alone = [generated(capsys, run, "--prompt", "the quick", "--seed", "5").rstrip("\n"),
+             generated(capsys, run, "--prompt", "god said let", "--seed", "6").rstrip("\n")]
+    blocks = re.split(r"^--- (.*) ---\n", both, flags=re.M)[1:]
+    assert blocks[0::2] == ["prompt 1 (seed 5)", "prompt 2 (seed 6)"]
+    assert [b.rstrip("\n") for b in blocks[1::2]] == alone  # row i: its prompt alone with seed + i
+    assert alone[0] != "the quick" and alone[1].startswith("god said let")
+
+
+def test_prompts_and_samples_are_numbered_prompt_by_prompt(tmp_path, capsys):
+    run = tiny_run(tmp_path / "run")
+    out = generated(capsys, run, "--prompt", "the", "--prompt", "god", "--num-samples", "2", "--seed", "1")
+    assert re.findall(r"^--- (.*) ---$", out, re.M) == [
+        "prompt 1, sample 1 (seed 1)", "prompt 1, sample 2 (seed 2)",
+        "prompt 2, sample 1 (seed 3)", "prompt 2, sample 2 (seed 4)"]
+
+
+def test_a_prompt_file_is_one_prompt_with_its_newlines_and_dash_reads_standard_input(tmp_path, capsys, monkeypatch):
+    import io
+
+    run = tiny_run(tmp_path / "run")
+    text = "the lazy dog,\nand god said"
+    from_file = generated(capsys, run, "--prompt-file", write(tmp_path / "p.txt", "\ufeff" + text), "--greedy")
+    assert from_file == generated(capsys, run, "--prompt", text, "--greedy")  # the byte-order mark is not text
+    assert from_file.startswith(text) and len(from_file) > len(text) + 1
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8"))))
+    assert generated(capsys, run, "--prompt-file", "-", "--greedy") == from_file
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.txt", "--prompt-file {path} does not exist"),
+    (lambda d: d, "--prompt-file {path} is a folder"),
+    (lambda d: write(d / "latin1.txt", "caf\xe9".encode("latin-1")),
+     "--prompt-file {path} is not UTF-8 text (byte 0xe9 at offset 3)"),
+])
+def test_a_prompt_file_that_cannot_be_read_is_named(tmp_path, capsys, make, message):
+    run = tiny_run(tmp_path / "run")
+    path = make(tmp_path)
+    status, err = run_main(capsys, "generate", run, "--prompt-file", path, "--device", "cpu")
+    assert status == 2 and message.format(path=path) in err, err
+
+
+def test_standard_input_is_one_prompt(tmp_path, capsys):
+    status, err = run_main(capsys, "generate", tiny_run(tmp_path / "run"), "--prompt-file", "-", "--prompt-file", "-")
+    assert status == 2 and "standard input, which holds one prompt: give it once" in err

@@ -291,6 +291,28 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- generate
 
 
+def read_prompt_file(path: str) -> str:
+    """The whole of a prompt file (``-``: standard input) as one prompt; a clear error if it cannot be read."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+
+    if path == "-":
+        data, where = sys.stdin.buffer.read(), "standard input (--prompt-file -)"
+    else:
+        p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"--prompt-file {path} is a folder: give a text file (or - for standard input)")
+        if not p.is_file():
+            raise ConfigError(f"--prompt-file {path} does not exist")
+        data, where = p.read_bytes(), f"--prompt-file {path}"
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{where} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}): "
+                          f"save it as UTF-8") from None
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_run
     from .errors import ConfigError, LLMScratchError
@@ -300,34 +322,40 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
-    check_utf8(args.prompt, "--prompt")
+    if sum(f == "-" for f in args.prompt_file or []) > 1:
+        raise ConfigError("--prompt-file - reads standard input, which holds one prompt: give it once")
+    texts = list(args.prompt or []) + [read_prompt_file(f) for f in args.prompt_file or []] or [""]
+    for text in args.prompt or []:
+        check_utf8(text, "--prompt")
     runtime = setup_runtime(args.device, "fp32" if args.device in (None, "auto", "cpu") else "auto")
     model, tokenizer, _ = load_run(args.run_dir, device=runtime.device)
     if tokenizer is None:
         raise LLMScratchError(f"{args.run_dir} has no tokenizer files; cannot turn the prompt into tokens")
+    # One row per prompt and sample, prompt by prompt: row i samples with seed + i, so each row
+    # prints exactly what a run of its prompt alone with --seed (seed + i) prints.
+    rows = [(p, text, n) for p, text in enumerate(texts) for n in range(args.num_samples)]
     if not args.no_cache:  # on a CPU: each weight shape stored or packed the way decoding multiplies it fastest (timed)
-        choose_weight_layout(model, rows=args.num_samples)
-    prompt = tokenizer.encode(args.prompt)
-    if not prompt:
-        prompt = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+        choose_weight_layout(model, rows=len(rows))
+    empty = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]  # an empty prompt starts from end-of-text
+    prompts = [tokenizer.encode(text) or empty for _, text, _ in rows]
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         eos_id=None if args.ignore_eos else tokenizer.eot_id,
         vocab_limit=tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None,
     )
-    if args.num_samples > 1:
-        # One batch of identical prompts: row n samples with seed + n, exactly what a single
-        # run with --seed (seed + n) prints, at the cost of one decode instead of n.
-        rows = generate(model, [prompt] * args.num_samples, sampling, use_cache=not args.no_cache)
-        for n, tokens in enumerate(rows):
-            print(f"--- sample {n + 1} ---")
-            print(args.prompt + tokenizer.decode(tokens))
+    if len(rows) > 1:  # one batch (prompts of different lengths are left-padded), printed when all are done
+        outputs = generate(model, prompts, sampling, use_cache=not args.no_cache)
+        for i, ((p, text, n), tokens) in enumerate(zip(rows, outputs)):
+            label = [f"prompt {p + 1}"] if len(texts) > 1 else []
+            label += [f"sample {n + 1}"] if args.num_samples > 1 else []
+            print(f"--- {', '.join(label)} (seed {args.seed + i}) ---")
+            print(text + tokenizer.decode(tokens))
         return 0
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(texts[0])
     new: list[int] = []
     shown = ""
-    for token in stream(model, prompt, sampling, use_cache=not args.no_cache):
+    for token in stream(model, prompts[0], sampling, use_cache=not args.no_cache):
         new.append(token)
         text = tokenizer.decode(new)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -341,17 +369,22 @@ def _run_generate(args: argparse.Namespace) -> int:
 @command("generate")
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a trained or imported run, streaming",
-                       description="Generate text from a run directory, printing tokens as they come.")
+                       description="Generate text from a run directory, printing tokens as they come. Several "
+                                   "prompts (--prompt and --prompt-file, each as often as needed) or --num-samples "
+                                   "above 1 decode as one batch, printed when all rows are done.")
     p.add_argument("run_dir", help="a run directory (from `llmscratch train` or `llmscratch import`)")
-    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--prompt", action="append", help="text to continue; give it again for more prompts in one batch")
+    p.add_argument("--prompt-file", action="append", metavar="PATH",
+                   help="a UTF-8 file whose whole text is one prompt (- reads standard input); may be repeated")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with this probability mass")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
+    p.add_argument("--seed", type=int, default=1337,
+                   help="random seed (default 1337); row i of a batch (prompt by prompt, sample by sample) uses seed + i")
     p.add_argument("--num-samples", type=int, default=1,
-                   help="how many samples to draw, in one batch; sample n uses seed + n - 1 (printed when all are done)")
+                   help="how many samples to draw of each prompt, in one batch (printed when all are done)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window every step (no KV cache)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
