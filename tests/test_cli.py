@@ -295,3 +295,17 @@ def test_a_prompt_file_that_cannot_be_read_is_named(tmp_path, capsys, make, mess
 def test_standard_input_is_one_prompt(tmp_path, capsys):
     status, err = run_main(capsys, "generate", tiny_run(tmp_path / "run"), "--prompt-file", "-", "--prompt-file", "-")
     assert status == 2 and "standard input, which holds one prompt: give it once" in err
+
+
+def test_version_names_the_package_torch_and_python(capsys):
+    import platform
+    from importlib.metadata import version
+
+    import llmscratch
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == f"llmscratch {llmscratch.__version__} (torch {version('torch')}, Python {platform.python_version()})"
+    assert version("llmscratch") == llmscratch.__version__  # the installed metadata reads the one version

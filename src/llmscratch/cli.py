@@ -690,12 +690,27 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, metavar="OUT", help="write all results as JSON to this file")
 
 
+def _version() -> str:
+    """``llmscratch 0.1.0 (torch 2.13.0+cpu, Python 3.11.7)``: what a bug report needs, without importing torch."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"llmscratch {__version__} (torch {torch_version}, Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``llmscratch`` argument parser, one subcommand per ``@command`` registered above."""
     parser = argparse.ArgumentParser(
         prog="llmscratch",
         description="A GPT-style language model from first principles: attention, training, generation, inspection.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add, _ in COMMANDS.values():
