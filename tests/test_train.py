@@ -390,7 +390,7 @@ def test_end_to_end_train_then_generate_and_eval(corpus: Path, tmp_path: Path):
     many = _cli("generate", str(run), "--prompt", "And God", "--max-new-tokens", "10", "--seed", "3",
                 "--num-samples", "2", env=env)
     assert many.returncode == 0, many.stderr
-    assert many.stdout == f"--- sample 1 ---\n{g.stdout}--- sample 2 ---\n{g4.stdout}"  # one batch, seeds 3 and 4
+    assert many.stdout == f"--- sample 1 (seed 3) ---\n{g.stdout}--- sample 2 (seed 4) ---\n{g4.stdout}"  # one batch, seeds 3 and 4
     e = _cli("eval", str(run), "--data", str(corpus), env=env)
     assert e.returncode == 0, e.stderr
     assert "bits per byte" in e.stdout
