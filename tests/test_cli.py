@@ -309,3 +309,41 @@ def test_version_names_the_package_torch_and_python(capsys):
     out = capsys.readouterr().out.strip()
     assert out == f"llmscratch {llmscratch.__version__} (torch {version('torch')}, Python {platform.python_version()})"
     assert version("llmscratch") == llmscratch.__version__  # the installed metadata reads the one version
+
+
+def test_prompts_are_numbered_in_the_order_given_whichever_option_gives_them(tmp_path, capsys):
+    run = tiny_run(tmp_path / "run")
+    path = write(tmp_path / "p.txt", "god said")
+    mixed = generated(capsys, run, "--prompt-file", path, "--prompt", "the quick", "--seed", "2")
+    assert re.findall(r"^--- (.*) ---\n(god said|the quick)", mixed, re.M) == [
+        ("prompt 1 (seed 2)", "god said"), ("prompt 2 (seed 3)", "the quick")]
+
+
+def test_a_prompt_file_may_be_a_pipe(tmp_path, capsys):
+    import os
+    import threading
+
+    run = tiny_run(tmp_path / "run")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("god said", encoding="utf-8"))
+    writer.start()
+    out = generated(capsys, run, "--prompt-file", fifo, "--greedy")
+    writer.join(timeout=10)
+    assert out == generated(capsys, run, "--prompt", "god said", "--greedy")
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_is_named_in_a_batch(tmp_path, capsys):
+    run = tiny_run(tmp_path / "run")
+    status, err = run_main(capsys, "generate", run, "--prompt", "the", "--prompt", "Zürich", "--device", "cpu")
+    assert status == 2 and "--prompt 'Zürich' (prompt 2): characters not in the vocabulary: 'Z', 'ü'" in err, err
+
+
+def test_a_config_key_given_in_both_spellings_is_refused(tmp_path, capsys):
+    for content, where in [("batch_size: 4\nbatch-size: 8\n", ""),
+                           ("model:\n  drop_rate: 0.1\n  drop-rate: 0.2\n", ", under `model:`,")]:
+        path = write(tmp_path / "both.yaml", content)
+        status, err = run_main(capsys, *train_args(tmp_path, "--config", path))
+        name = "drop_rate" if where else "batch_size"
+        assert status == 2 and f"config file {path}{where} sets {name} twice, as '{name}' and " \
+                                f"'{name.replace('_', '-')}': keep one" in err, err

@@ -135,11 +135,25 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"config file {path}: `model:` must be a mapping of model options to values "
                           f"(e.g. `model: {{n_layers: 4, layer_norm_eps: 1.0e-5}}`), got {type(model).__name__} "
                           f"{model!r}")
-    data = {k.replace("-", "_"): v for k, v in data.items()}  # `batch-size:` as on the command line
+    data = _underscored(data, f"config file {path}")  # `batch-size:` as on the command line
     if model:
         _check_names(model, f"config file {path}, under `model:`,", "n_layers: 4")
-        data["model"] = {k.replace("-", "_"): v for k, v in model.items()}
+        data["model"] = _underscored(model, f"config file {path}, under `model:`,")
     return data
+
+
+def _underscored(mapping: dict, where: str) -> dict:
+    """``mapping`` with ``-`` in its keys read as ``_``; a key given both ways is an error, not a silent pick."""
+    from .errors import ConfigError
+
+    out: dict = {}
+    for key, value in mapping.items():
+        name = key.replace("-", "_")
+        if name in out:
+            both = [k for k in mapping if k.replace("-", "_") == name]
+            raise ConfigError(f"{where} sets {name} twice, as {' and '.join(map(repr, both))}: keep one")
+        out[name] = value
+    return out
 
 
 def _check_names(mapping: dict, where: str, example: str) -> None:
@@ -303,9 +317,12 @@ def read_prompt_file(path: str) -> str:
         p = Path(path)
         if p.is_dir():
             raise ConfigError(f"--prompt-file {path} is a folder: give a text file (or - for standard input)")
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(f"--prompt-file {path} does not exist")
-        data, where = p.read_bytes(), f"--prompt-file {path}"
+        try:  # a pipe, <(...) or /dev/stdin is read as a file is
+            data, where = p.read_bytes(), f"--prompt-file {path}"
+        except OSError as err:
+            raise ConfigError(f"cannot read --prompt-file {path}: {err.strerror or err}") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -322,11 +339,16 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if sum(f == "-" for f in args.prompt_file or []) > 1:
+    given = args.prompts or [("--prompt", "")]  # (option, value) in command-line order
+    if given.count(("--prompt-file", "-")) > 1:
         raise ConfigError("--prompt-file - reads standard input, which holds one prompt: give it once")
-    texts = list(args.prompt or []) + [read_prompt_file(f) for f in args.prompt_file or []] or [""]
-    for text in args.prompt or []:
-        check_utf8(text, "--prompt")
+    texts = [read_prompt_file(value) if option == "--prompt-file" else value for option, value in given]
+    for i, (option, text) in enumerate(given):  # a file's text was decoded as UTF-8 already
+        if option == "--prompt":
+            check_utf8(text, "--prompt" + (f" (prompt {i + 1})" if len(given) > 1 else ""))
+    # How an error names each prompt.
+    named = [f"--prompt-file {value}" if option == "--prompt-file" else
+             f"--prompt {value!r}" if len(value) <= 30 else f"--prompt {value[:27]!r}..." for option, value in given]
     runtime = setup_runtime(args.device, "fp32" if args.device in (None, "auto", "cpu") else "auto")
     model, tokenizer, _ = load_run(args.run_dir, device=runtime.device)
     if tokenizer is None:
@@ -337,7 +359,14 @@ def _run_generate(args: argparse.Namespace) -> int:
     if not args.no_cache:  # on a CPU: each weight shape stored or packed the way decoding multiplies it fastest (timed)
         choose_weight_layout(model, rows=len(rows))
     empty = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]  # an empty prompt starts from end-of-text
-    prompts = [tokenizer.encode(text) or empty for _, text, _ in rows]
+    encoded = []
+    for text, name in zip(texts, named):
+        try:
+            encoded.append(tokenizer.encode(text) or empty)
+        except LLMScratchError as err:
+            raise LLMScratchError(f"{name}{f' (prompt {len(encoded) + 1})' if len(texts) > 1 else ''}: {err}; "
+                                  f"leave those characters out") from None
+    prompts = [encoded[p] for p, _, _ in rows]
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -373,9 +402,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                                    "prompts (--prompt and --prompt-file, each as often as needed) or --num-samples "
                                    "above 1 decode as one batch, printed when all rows are done.")
     p.add_argument("run_dir", help="a run directory (from `llmscratch train` or `llmscratch import`)")
-    p.add_argument("--prompt", action="append", help="text to continue; give it again for more prompts in one batch")
-    p.add_argument("--prompt-file", action="append", metavar="PATH",
-                   help="a UTF-8 file whose whole text is one prompt (- reads standard input); may be repeated")
+    # Both options add to one list, so that the prompts keep the order they were given in.
+    p.add_argument("--prompt", action="append", dest="prompts", type=lambda v: ("--prompt", v), metavar="TEXT",
+                   help="text to continue; give it again for more prompts in one batch")
+    p.add_argument("--prompt-file", action="append", dest="prompts", type=lambda v: ("--prompt-file", v),
+                   metavar="PATH", help="a UTF-8 file whose whole text is one prompt (- reads standard input); "
+                                        "may be repeated; prompts are numbered in the order given")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")

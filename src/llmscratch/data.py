@@ -302,7 +302,7 @@ def check_split_sizes(splits: TokenSplits, context_length: int, val_fraction_opt
     ):
         if len(tokens) < need:
             advice = f"more text, {hint} or a shorter context" if val_fraction_option else "more text"
-            raise CorpusError(f"{corpus} is too small: its {name} split has {len(tokens)} tokens, fewer than "
+            raise CorpusError(f"{corpus} is too small: its {name} split has {len(tokens):,} token{'s' if len(tokens) != 1 else ''}, fewer than "
                               f"one window of {context_length}+1; use {advice}")
 
 

@@ -78,7 +78,7 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise ConfigError(
-                f"SamplingConfig.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}"
+                f"SamplingConfig.max_new_tokens (--max-new-tokens) must be an integer >= 0, got {self.max_new_tokens!r}"
             )
         if (
             isinstance(self.temperature, bool)
@@ -87,23 +87,23 @@ class SamplingConfig:
             or self.temperature < 0
         ):
             raise ConfigError(
-                f"SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+                f"SamplingConfig.temperature (--temperature) must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
             )
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise ConfigError(f"SamplingConfig.top_k must be None or an integer >= 1, got {self.top_k!r}")
+            raise ConfigError(f"SamplingConfig.top_k (--top-k) must be None or an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and (
             isinstance(self.top_p, bool)
             or not isinstance(self.top_p, (int, float))
             or not 0.0 < self.top_p <= 1.0
         ):
-            raise ConfigError(f"SamplingConfig.top_p must be None or in (0, 1], got {self.top_p!r}")
+            raise ConfigError(f"SamplingConfig.top_p (--top-p) must be None or in (0, 1], got {self.top_p!r}")
         if self.eos_id is not None and (not _is_int(self.eos_id) or self.eos_id < 0):
             raise ConfigError(f"SamplingConfig.eos_id must be None or a token id >= 0, got {self.eos_id!r}")
         if self.vocab_limit is not None and (not _is_int(self.vocab_limit) or self.vocab_limit < 1):
             raise ConfigError(f"SamplingConfig.vocab_limit must be None or an integer >= 1, got {self.vocab_limit!r}")
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
             raise ConfigError(
-                f"SamplingConfig.seed must be None or a 64-bit signed integer (row i uses seed + i), got {self.seed!r}"
+                f"SamplingConfig.seed (--seed) must be None or a 64-bit signed integer (row i uses seed + i), got {self.seed!r}"
             )
 
 
