@@ -158,6 +158,69 @@ def test_dashed_keys_are_read_as_the_options_at_the_top_and_under_model(tmp_path
     assert TrainConfig.from_dict(cli.load_config_file(str(path))).model == {"drop_rate": 0.25, "n_layers": 2}
 
 
+@pytest.mark.parametrize("content, message", [
+    ("n-layers: 2\n", "`n-layers`: it is a model option: put it under `model:`"),
+    ("no-progress: true\n", "`no-progress`: write `progress: false`"),
+    ("learning_rate: 0.1\n", "`learning_rate`: write `lr:`"),
+    ("stepz: 3\n", "`stepz`: did you mean `steps`?"),
+    ("zzz: 3\n", "`zzz`: known: batch_size, beta1,"),
+    ("model:\n  n_layer: 2\n", "`n_layer` under `model:`: did you mean `n_layers`?"),
+    ("model:\n  batch-size: 2\n", "`batch-size` under `model:`: it is a training option: put it at the top level"),
+    ("model:\n  no_scale_attn: true\n", "`no_scale_attn` under `model:`: write `scale_attn: false` under `model:`"),
+])
+def test_an_unknown_config_key_is_named_as_written_with_what_to_write(tmp_path, capsys, content, message):
+    path = write(tmp_path / "m.yaml", content)
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", path))
+    assert status == 2 and f"config file {path} has unknown option(s): {message}" in err, err
+
+
+def test_every_unknown_config_key_is_named_at_once(tmp_path, capsys):
+    path = write(tmp_path / "m.yaml", "nproc: 2\nmodel:\n  dropout: 0.1\n")
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", path))
+    assert status == 2
+    assert "`nproc`: --nproc launches processes: give it on the command line; `dropout` under `model:`: " \
+           "write `drop_rate:` under `model:`" in err, err
+
+
+def test_the_config_file_spellings_named_in_hints_are_options():
+    # each hint names a real spelling: a flag of `train` for the key it replaces, and the field it asks for
+    import dataclasses
+
+    from llmscratch.train import TrainConfig
+
+    actions = {o for a in cli.build_parser()._subparsers._group_actions[0].choices["train"]._actions
+               for o in a.option_strings}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(GPTConfig)}
+    for key, hint in cli._FILE_SPELLINGS.items():
+        assert key not in fields
+        for written in re.findall(r"`(\w+):", hint):
+            assert written in fields, (key, hint)
+    assert {"--no-progress", "--no-scale-attn", "--dropout", "--nproc", "--config"} <= actions
+
+
+def test_a_bad_value_from_the_config_file_names_the_file(tmp_path, capsys):
+    path = write(tmp_path / "m.yaml", "lr: abc\n")
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", path))
+    assert status == 2 and f"error: config file {path}: TrainConfig.lr (--lr) must be a finite number, got 'abc'" in err
+    # min_lr from the file against the command line's lr: the file's value is the one to change
+    path = write(tmp_path / "n.yaml", "min_lr: 0.5\n")
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", path, "--lr", "0.1"))
+    assert status == 2 and f"error: config file {path}: TrainConfig.lr (--lr) must be > 0" in err, err
+    # the command line wrong on its own: no file named, whatever the file holds
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", path, "--warmup-steps", "-1"))
+    assert status == 2 and "error: TrainConfig.warmup_steps (--warmup-steps) must be >= 0, got -1" in err, err
+    assert str(path) not in err
+
+
+def test_yaml_numbers_without_a_dot_are_saved_as_numbers(tmp_path):
+    from llmscratch.train import TrainConfig
+
+    path = write(tmp_path / "m.yaml", "lr: 3e-3\nmodel:\n  layer_norm_eps: 1e-5\n")
+    cfg = TrainConfig.from_dict(cli.load_config_file(str(path)))
+    assert (cfg.lr, cfg.model) == (3e-3, {"layer_norm_eps": 1e-5})  # train_config.json holds to_dict()
+    assert json.loads(json.dumps(cfg.to_dict()))["model"]["layer_norm_eps"] == 1e-5
+
+
 def test_a_config_path_that_is_a_folder_says_so(tmp_path, capsys):
     folder = tmp_path / "somefolder"
     folder.mkdir()

@@ -205,3 +205,13 @@ def test_data_too_short_for_an_experiment_names_the_file_before_training(tmp_pat
     assert f"the corpus {text} is too small: its validation split has" in err
     assert f"fewer than one window of {window}; use more text" in err
     assert not (tmp_path / "out" / name / "report.md").exists()
+
+
+def test_experiment_data_in_another_encoding_is_read_with_encoding(tmp_path, capsys):
+    text = tmp_path / "latin.txt"
+    text.write_bytes("café au lait. ".encode("latin-1") * 5)  # 0xe9 is no UTF-8 text
+    args = ["experiment", "heads", "--tiny", "--data", str(text), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(args) == 2
+    assert "--encoding latin-1" in capsys.readouterr().err  # the option the message suggests exists here too
+    assert main([*args, "--encoding", "latin-1"]) == 2
+    assert f"the corpus {text} is too small" in capsys.readouterr().err  # decoded: past the encoding, to the size check

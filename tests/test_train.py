@@ -465,6 +465,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus: Path, tmp_path: Path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr  # saved, then stopped as an interrupted command: `&&` goes no further
     assert "stopped by Ctrl-C" in stdout and "generated text" not in stdout
+    assert "interrupted" not in stderr  # the log has said what was saved: no bare word after it
     state = ckpt.load_training_state(out / "sig")
     assert state["step"] >= 3
     ckpt.load_model(out / "sig")  # the checkpoint loads

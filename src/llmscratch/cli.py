@@ -13,7 +13,7 @@ import re
 import sys
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from .errors import LLMScratchError
+from .errors import LLMScratchError, SavedAndStopped
 
 if TYPE_CHECKING:
     from .train import TrainConfig
@@ -135,11 +135,64 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"config file {path}: `model:` must be a mapping of model options to values "
                           f"(e.g. `model: {{n_layers: 4, layer_norm_eps: 1.0e-5}}`), got {type(model).__name__} "
                           f"{model!r}")
-    data = _underscored(data, f"config file {path}")  # `batch-size:` as on the command line
     if model:
         _check_names(model, f"config file {path}, under `model:`,", "n_layers: 4")
+    _check_known(data, model or {}, path)
+    data = _underscored(data, f"config file {path}")  # `batch-size:` as on the command line
+    if model:
         data["model"] = _underscored(model, f"config file {path}, under `model:`,")
     return data
+
+
+# Command-line flags that a config file spells another way (or cannot hold), and how.
+_FILE_SPELLINGS = {
+    "no_progress": "write `progress: false`",
+    "no_scale_attn": "write `scale_attn: false` under `model:`",
+    "dropout": "write `drop_rate:` under `model:` (--dropout sets GPTConfig.drop_rate)",
+    "nproc": "--nproc launches processes: give it on the command line",
+    "config": "a config file cannot name another one: give --config on the command line",
+    # nanoGPT's names for the same settings
+    "learning_rate": "write `lr:`",
+    "max_iters": "write `steps:`",
+    "n_embd": "write `emb_dim:` under `model:`",
+    "block_size": "write `context_length:` under `model:`",
+}
+
+
+def _check_known(data: dict, model: dict, path: str) -> None:
+    """Every key of a config file (``data``, its ``model:`` mapping) is an option, as written or with ``-`` for ``_``.
+
+    An unknown one is named as written, with what to write instead.
+    """
+    import dataclasses
+    import difflib
+
+    from .errors import ConfigError
+    from .model import GPTConfig
+    from .train import TrainConfig
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+
+    def hint(name: str, known: set[str], other: set[str], other_place: str) -> str:
+        if name in _FILE_SPELLINGS:
+            return _FILE_SPELLINGS[name]
+        if name in other:
+            return f"it is {other_place}"
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        return f"did you mean `{close[0]}`?" if close else f"known: {', '.join(sorted(known))}"
+
+    def name(key: str) -> str:
+        return key.replace("-", "_")
+
+    problems = [f"`{key}`: " + hint(name(key), train_fields, model_fields - train_fields,
+                                      "a model option: put it under `model:`")
+                for key in data if name(key) not in train_fields]
+    problems += [f"`{key}` under `model:`: " + hint(name(key), model_fields, train_fields - model_fields,
+                                                    "a training option: put it at the top level, not under `model:`")
+                 for key in model if name(key) not in model_fields]
+    if problems:
+        raise ConfigError(f"config file {path} has unknown option(s): " + "; ".join(problems))
 
 
 def _underscored(mapping: dict, where: str) -> dict:
@@ -168,14 +221,33 @@ def _check_names(mapping: dict, where: str, example: str) -> None:
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Merge defaults, the ``--config`` file and the command line (which wins)."""
+    return _train_config(train_options_from_args(args), args)
+
+
+def _train_config(options: dict, args: argparse.Namespace) -> TrainConfig:
+    """``TrainConfig.from_dict(options)``; an error that the ``--config`` file causes names the file.
+
+    The file is at fault where the command line alone gives a valid config: the message's
+    ``(--lr)`` is then no option the user typed, and the file is where to look.
+    """
+    from .errors import ConfigError
     from .train import TrainConfig
 
-    return TrainConfig.from_dict(train_options_from_args(args))
+    try:
+        return TrainConfig.from_dict(options)
+    except ConfigError as err:
+        if not args.config:
+            raise
+        try:
+            TrainConfig.from_dict(train_options_from_args(args, with_file=False))
+        except ConfigError:
+            raise err from None  # the command line is wrong on its own: its error stands as it is
+        raise ConfigError(f"config file {args.config}: {err}") from err
 
 
-def train_options_from_args(args: argparse.Namespace) -> dict:
+def train_options_from_args(args: argparse.Namespace, with_file: bool = True) -> dict:
     """The training options the user set, in the ``--config`` file or on the command line (which wins)."""
-    values: dict = load_config_file(args.config) if args.config else {}
+    values: dict = load_config_file(args.config) if args.config and with_file else {}
     model = dict(values.pop("model", {}) or {})
     for name in _TRAIN_OPTIONS:
         v = getattr(args, name, None)
@@ -209,13 +281,13 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from .distributed import launch_torchrun
 
-        TrainConfig.from_dict(options)  # a bad option is reported once, here, not by every process
+        _train_config(options, args)  # a bad option is reported once, here, not by every process
         return launch_torchrun(args.nproc, sys.argv[1:])
     from .checkpoint import load_run, read_json
     from .generate import SamplingConfig, generate
     from .train import sample_prompt_ids, train
 
-    run_dir = train(TrainConfig.from_dict(options), given=set(options))
+    run_dir = train(_train_config(options, args), given=set(options))
     cfg = TrainConfig.from_dict(read_json(run_dir / "train_config.json"))  # as run: a resumed run's own settings
     if int(os.environ.get("RANK", "0")) == 0 and cfg.sample_tokens > 0:
         model, tokenizer, _ = load_run(run_dir)
@@ -591,7 +663,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise ConfigError(f"--seed must be in [0, 2**32), as NumPy's seed, got {args.seed}")
     mode = "quick" if args.quick else "tiny" if args.tiny else "full"
-    report = run_experiment(args.name, mode, args.out, device=args.device, seed=args.seed, data=args.data)
+    report = run_experiment(args.name, mode, args.out, device=args.device, seed=args.seed, data=args.data,
+                            encoding=args.encoding)
     folder = f"{args.out}/{args.name}"
     for table in report.tables:
         print(table.markdown() + "\n")
@@ -618,6 +691,7 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--seed", type=int, default=1337, help="random seed (default 1337)")
     p.add_argument("--data", default=None, help="a text file, folder or glob to use instead of the built-in corpus")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the --data files (default utf-8)")
 
 
 # --------------------------------------------------------------------------- bench
@@ -804,8 +878,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _, run = COMMANDS[args.command]
     try:
         return int(run(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        if not isinstance(err, SavedAndStopped):  # training's Ctrl-C has said what it saved
+            print("interrupted", file=sys.stderr)
         return 130
     except LLMScratchError as err:  # bad input: a clear message, no traceback
         print(f"llmscratch {args.command}{_rank_tag()}: error: {err}", file=sys.stderr)

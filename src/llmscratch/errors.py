@@ -23,3 +23,7 @@ class TokenizerError(LLMScratchError):
 
 class CheckpointError(LLMScratchError):
     """A run directory or weights file that is missing, corrupted or does not match its config."""
+
+
+class SavedAndStopped(KeyboardInterrupt):
+    """Ctrl-C, after the work so far was saved and the log said where: the caller stops without another word."""

@@ -117,18 +117,11 @@ class GPTConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a GPTConfig is a mapping of field names to values, got {type(data).__name__} "
                               f"{data!r}")
-        fields = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in dataclasses.fields(cls)}
+        fields = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(data) - set(fields), key=str)
         if unknown:
-            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {sorted(fields)}")
-        data = dict(data)
-        for name, value in data.items():
-            if isinstance(value, str) and fields[name] == "float":
-                try:
-                    data[name] = float(value)
-                except ValueError:
-                    pass  # __post_init__ names the field and what it must be
-        return cls(**data)
+            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; known fields: {fields}")
+        return cls(**numbers_from_strings(cls, data))
 
     def to_json(self) -> str:
         """The config as ``config.json`` holds it."""
@@ -165,6 +158,27 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 ACTIVATIONS = ("gelu", "relu2")
+
+
+def numbers_from_strings(config_class: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with a string in a float field of dataclass ``config_class`` read as the number it spells.
+
+    YAML 1.1, which PyYAML reads, takes ``lr: 3e-3`` and ``layer_norm_eps: 1e-5`` (no dot) for
+    strings. A string that is no number stays, for the config's own check to name.
+    """
+    def kind(f: dataclasses.Field) -> str:
+        return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+    floats = {f.name for f in dataclasses.fields(config_class) if kind(f) in ("float", "Optional[float]")}
+    out = dict(data)
+    for name, value in data.items():
+        if name in floats and isinstance(value, str):
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
 
 def check_field_types(config: Any, message: Callable[[str, str, Any], str]) -> None:
     """Check every dataclass field of ``config`` against its annotation, first of all: a config file can hold anything.

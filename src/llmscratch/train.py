@@ -48,9 +48,9 @@ from .data import (
     token_dtype,
     window_starts,
 )
-from .errors import ConfigError, LLMScratchError, TokenizerError
+from .errors import ConfigError, LLMScratchError, SavedAndStopped, TokenizerError
 from .files import write_text_atomic
-from .model import GPT, LOSS_IMPLS, GPTConfig, PRESETS, check_field_types
+from .model import GPT, LOSS_IMPLS, GPTConfig, PRESETS, check_field_types, numbers_from_strings
 from .optim import MuonAdamW, muon_param_groups
 from .runtime import Runtime, seed_everything, setup_runtime
 from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer
@@ -191,17 +191,13 @@ class TrainConfig:
 
         YAML 1.1, which PyYAML reads, takes ``lr: 3e-3`` (no dot) for the string ``"3e-3"``.
         """
-        fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        fields = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ConfigError(f"unknown training option(s) {unknown}; known: {sorted(fields)}")
-        data = dict(data)
-        for name, value in data.items():
-            if isinstance(value, str) and fields[name] in ("float", "Optional[float]"):
-                try:
-                    data[name] = float(value)
-                except ValueError:
-                    pass  # __post_init__ names the field and what it must be
+            raise ConfigError(f"unknown training option(s) {unknown}; known: {fields}")
+        data = numbers_from_strings(cls, data)
+        if isinstance(data.get("model"), dict):  # saved as numbers in train_config.json too
+            data["model"] = numbers_from_strings(GPTConfig, data["model"])
         return cls(**data)
 
 
@@ -463,8 +459,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
 
     A new run that fails (or is stopped) before its first checkpoint leaves no folder behind
     (:class:`_NewRun`); ``<out_dir>/latest`` moves to a new run at its first checkpoint. Ctrl-C
-    saves a checkpoint at the end of the step and then raises KeyboardInterrupt, so that a caller
-    stops too (``llmscratch train && llmscratch generate ...`` does not go on to generate).
+    saves a checkpoint at the end of the step and then raises ``errors.SavedAndStopped`` (a
+    KeyboardInterrupt), so that a caller stops too (``llmscratch train && llmscratch generate ...``
+    does not go on to generate).
     """
     new_run = _NewRun()
     try:
@@ -823,7 +820,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
         dist.consolidate(run_dir)  # the FSDP shards → the ordinary run-directory files
         log(f"consolidated the sharded checkpoint into {run_dir}")
     if stopped_by == "Ctrl-C":
-        raise KeyboardInterrupt  # saved above; the caller stops too (the CLI exits 130, as a shell expects)
+        raise SavedAndStopped  # saved and said above; the caller stops too (the CLI exits 130, as a shell expects)
     return run_dir
 
 

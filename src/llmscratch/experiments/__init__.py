@@ -28,8 +28,11 @@ def summaries() -> dict[str, str]:
 
 
 def run_experiment(name: str, mode: str = "full", out_dir: str | Path = "experiments", device: str = "auto",
-                   seed: int = 1337, data: Optional[str] = None) -> Report:
-    """Run one experiment and return its report (also written to ``out_dir/<name>/``)."""
+                   seed: int = 1337, data: Optional[str] = None, encoding: str = "utf-8") -> Report:
+    """Run one experiment and return its report (also written to ``out_dir/<name>/``).
+
+    ``data``: a text file, folder or glob read as ``encoding`` instead of the size's own corpus.
+    """
     from ..runtime import setup_runtime
 
     if name not in NAMES:
@@ -39,4 +42,4 @@ def run_experiment(name: str, mode: str = "full", out_dir: str | Path = "experim
     check_output_folder(Path(out_dir) / name)
     runtime = setup_runtime(device, "auto")
     module = importlib.import_module(f"{__name__}.{name}")
-    return module.run(mode, Path(out_dir), runtime, seed=seed, data_path=data)
+    return module.run(mode, Path(out_dir), runtime, seed=seed, data_path=data, encoding=encoding)

@@ -63,12 +63,13 @@ def independence(model: GPT, windows: torch.Tensor, others: torch.Tensor) -> lis
     return out
 
 
-def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None) -> Report:
+def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None,
+        encoding: str = "utf-8") -> Report:
     """Train one model per batch size on the same token budget, then check batch independence; write the report."""
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)
-    data = load_data(size, Path(out_dir) / ".cache", data_path)
+    data = load_data(size, Path(out_dir) / ".cache", data_path, encoding=encoding)
     t = size.context_length
     val = validation_batches(data, t, size.eval_windows, seed)
     budget = size.steps * size.batch_size * t  # tokens seen by every model

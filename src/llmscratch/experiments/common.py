@@ -1,7 +1,7 @@
 """What every experiment shares: sizes per mode, data, a small training loop, the report.
 
 An experiment is a module with ``NAME``, ``SUMMARY`` and a function
-``run(mode, out_dir, runtime, seed, data_path) -> Report`` that trains a few small models which
+``run(mode, out_dir, runtime, seed, data_path, encoding) -> Report`` that trains a few small models which
 differ in one thing, measures them, and writes ``out_dir/<name>/``:
 
 * ``report.md``: what was run, the results tables, the plots and a few sentences of
@@ -132,14 +132,15 @@ class ExperimentData:
         return self.tokenizer.vocab_size
 
 
-def load_data(size: Size, cache_dir: Path, data: Optional[str] = None, longest: Optional[int] = None) -> ExperimentData:
-    """The corpus of ``size`` (or ``data``), its tokenizer, and token files cached under ``cache_dir``.
+def load_data(size: Size, cache_dir: Path, data: Optional[str] = None, longest: Optional[int] = None,
+              encoding: str = "utf-8") -> ExperimentData:
+    """The corpus of ``size`` (or ``data``, read as ``encoding``), its tokenizer, and token files cached under ``cache_dir``.
 
     CorpusError, naming the corpus, unless each split holds a window of ``longest`` tokens
     (default: the size's context), the longest an experiment reads.
     """
     if data is not None:
-        corpus = load_corpus(data)
+        corpus = load_corpus(data, encoding=encoding)
     elif size.corpus == "synthetic":
         corpus = synthetic_corpus()
     else:

@@ -37,12 +37,13 @@ def _diversity(model, x: torch.Tensor) -> list[float | None]:
     return [head_diversity(w) for w in weights]
 
 
-def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None) -> Report:
+def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None,
+        encoding: str = "utf-8") -> Report:
     """Train one model per head count at a fixed width on the same batches; write the report (loss, head diversity)."""
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)
-    data = load_data(size, Path(out_dir) / ".cache", data_path)
+    data = load_data(size, Path(out_dir) / ".cache", data_path, encoding=encoding)
     val = validation_batches(data, size.context_length, size.eval_windows, seed)
     probe = probe_batch(data, size.context_length, 8, seed).to(runtime.device)  # (8, T)
 

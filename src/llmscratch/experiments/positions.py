@@ -26,12 +26,13 @@ SUMMARY = "learned, sinusoidal, RoPE, ALiBi and no positions at equal size: loss
 LONGER = (2, 4)  # evaluation windows this many times the training context
 
 
-def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None) -> Report:
+def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None,
+        encoding: str = "utf-8") -> Report:
     """Train one model per position kind, evaluate it at and past the training context; write the report."""
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)
-    data = load_data(size, Path(out_dir) / ".cache", data_path, longest=max(LONGER) * size.context_length)
+    data = load_data(size, Path(out_dir) / ".cache", data_path, encoding=encoding, longest=max(LONGER) * size.context_length)
     t = size.context_length
     val = validation_batches(data, t, size.eval_windows, seed)
     # Longer windows, as many tokens in all as the normal validation set (at least 4 windows).

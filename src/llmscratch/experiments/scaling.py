@@ -39,12 +39,13 @@ def _measure(model, x) -> tuple[list[float], list[float]]:
     return stds, entropies
 
 
-def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None) -> Report:
+def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None,
+        encoding: str = "utf-8") -> Report:
     """Train each head size with and without the 1/√d_k factor from the same start; write the report."""
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)
-    data: ExperimentData = load_data(size, Path(out_dir) / ".cache", data_path)
+    data: ExperimentData = load_data(size, Path(out_dir) / ".cache", data_path, encoding=encoding)
     val = validation_batches(data, size.context_length, size.eval_windows, seed)
     probe = probe_batch(data, size.context_length, 8, seed).to(runtime.device)  # (8, T)
 
