@@ -410,3 +410,21 @@ def test_a_config_key_given_in_both_spellings_is_refused(tmp_path, capsys):
         name = "drop_rate" if where else "batch_size"
         assert status == 2 and f"config file {path}{where} sets {name} twice, as '{name}' and " \
                                 f"'{name.replace('_', '-')}': keep one" in err, err
+
+
+def test_every_command_the_readme_shows_parses():
+    # the README's examples are what users copy: a renamed or misspelt option there must fail here
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    commands = [part.strip() for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
+                for line in block.splitlines() for part in re.split(r"&&|\|", line)
+                if part.strip().startswith("llmscratch ")]
+    assert len(commands) >= 30, commands
+    parser = cli.build_parser()
+    for command in commands:
+        argv = shlex.split(re.split(r"\s+#\s", command)[0])[1:]
+        try:
+            parser.parse_args(argv)
+        except SystemExit as exit:
+            assert exit.code == 0, command  # --help and --version exit 0; a bad option exits 2
