@@ -65,7 +65,7 @@ def main() -> None:
     cfg = GPTConfig.from_preset(args.preset, drop_rate=0.0)
     built = GPT(cfg).eval()
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0)
-    print(f"preset {args.preset}: {built.num_parameters() / 1e6:.1f}M parameters, threads {torch.get_num_threads()}, "
+    print(f"preset {args.preset}: {built.num_parameters():,} parameters, threads {torch.get_num_threads()}, "
           f"prompt 8 tokens, {args.new_tokens} new tokens per row, median of {args.repeats} interleaved runs")
     print("| weights | batch | tokens/s | × as built | ways chosen |")
     print("| --- | --- | --- | --- | --- |")

@@ -55,7 +55,7 @@ def main() -> None:
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0)
     warmup = SamplingConfig(max_new_tokens=4, temperature=0.0)
 
-    print(f"preset {args.preset}: {model.num_parameters() / 1e6:.1f}M parameters, context {cfg.context_length}, "
+    print(f"preset {args.preset}: {model.num_parameters():,} parameters, context {cfg.context_length}, "
           f"device {args.device}, threads {torch.get_num_threads()}, prompt 8 tokens, "
           f"{args.new_tokens} new tokens, median of {args.repeats}")
     print(f"{'mode':<10} {'tokens/s':>10} {'first token (ms)':>17} {'total (s)':>10}")

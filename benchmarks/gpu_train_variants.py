@@ -152,20 +152,30 @@ def profile_steps(step: Step, step_ms: float, n: int = 3) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/variants"))
-    ap.add_argument("--preset", default="nanogpt-124m")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--chunk", type=int, default=1024, help="tokens per chunk of the chunked head + loss")
-    ap.add_argument("--budget", type=float, default=290, help="start no variant after this many seconds")
-    ap.add_argument("--hard", type=float, default=325, help="start none whose estimate ends past this")
-    ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/variants"),
+                    help="folder for variants.json and profile.md (default: $OUT if set, else /tmp/variants)")
+    ap.add_argument("--preset", default="nanogpt-124m", help="model preset to train (default %(default)s)")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per step (default %(default)s)")
+    ap.add_argument("--context", type=int, default=1024, help="tokens per sequence (default %(default)s)")
+    ap.add_argument("--steps", type=int, default=10,
+                    help="back-to-back steps in one timed run (default %(default)s)")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="timed runs per variant; the step time is their median (default %(default)s)")
+    ap.add_argument("--warmup", type=int, default=3,
+                    help="untimed steps before timing, compilation included (default %(default)s)")
+    ap.add_argument("--chunk", type=int, default=1024,
+                    help="tokens per chunk of the chunked head + loss (default %(default)s)")
+    ap.add_argument("--budget", type=float, default=290,
+                    help="start no variant after this many seconds since the script started (default %(default)s)")
+    ap.add_argument("--hard", type=float, default=325,
+                    help="start no variant whose estimated end is past this many seconds since the script started "
+                    "(default %(default)s)")
+    ap.add_argument("--no-peers", action="store_true",
+                    help="skip the peer models (the book's GPTModelFast, transformers' GPT-2) (default: run them)")
     ap.add_argument("--only", default="", help="comma-separated variants after the default: plain, peers, "
                     "cudagraphs, padded, batch32, cdt, chunked, again, autotune (default: all, in that order)")
-    ap.add_argument("--smoke", action="store_true", help="CPU dry run of the control flow: test preset, eager backend")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU dry run of the control flow: test preset, eager backend, tiny sizes (default: off)")
     args = ap.parse_args()
     if args.smoke:
         args.preset, args.batch, args.context, args.steps, args.repeats, args.warmup, args.chunk = "test", 2, 32, 1, 2, 2, 16

@@ -44,11 +44,15 @@ def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=16 * 1024)
-    ap.add_argument("--vocab", type=int, default=50257)
-    ap.add_argument("--padded", type=int, default=50304)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--rows", type=int, default=16 * 1024,
+                    help="tokens, i.e. rows of the logits (default %(default)s: batch 16 × context 1024)")
+    ap.add_argument("--vocab", type=int, default=50257,
+                    help="real vocabulary: targets and the loss use the first VOCAB columns (default %(default)s, GPT-2's)")
+    ap.add_argument("--padded", type=int, default=50304,
+                    help="columns of the logits, the vocabulary padded for the kernels (default %(default)s)")
+    ap.add_argument("--repeats", type=int, default=20,
+                    help="timed calls per row; the table shows their median (default %(default)s)")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file (default: none)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/loss_kernel.py needs a CUDA GPU")

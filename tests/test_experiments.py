@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -25,13 +28,20 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+PROGRESS: dict[str, list[str]] = {}  # each experiment's progress lines, filled by the `outputs` fixture
+
+
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> Path:
-    """Every experiment run once in tiny mode (batching through the CLI)."""
+    """Every experiment run once in tiny mode (batching through the CLI), its progress lines kept in PROGRESS."""
     out = tmp_path_factory.mktemp("experiments")
     for name in ("scaling", "positions", "heads"):
-        run_experiment(name, "tiny", out, device="cpu", seed=3)
-    assert main(["experiment", "batching", "--tiny", "--out", str(out), "--device", "cpu", "--seed", "3"]) == 0
+        PROGRESS[name] = []
+        run_experiment(name, "tiny", out, device="cpu", seed=3, log=PROGRESS[name].append)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["experiment", "batching", "--tiny", "--out", str(out), "--device", "cpu", "--seed", "3"]) == 0
+    PROGRESS["batching"] = [line for line in printed.getvalue().splitlines() if line.startswith("[")]
     return out
 
 
@@ -110,6 +120,47 @@ def test_batching_equal_budget_and_independent_sequences(outputs):
     control = diffs.pop(next(n for n in diffs if n.startswith("control")))
     assert len(diffs) == 4 and max(diffs.values()) < 1e-5
     assert control > 1e-3
+
+
+# What names each model in results.json's first table: the column and how the progress label writes it.
+MODEL_LABEL = {
+    "scaling": lambda row: f"d_k={row[0]} ({row[1]} head{'s' if row[1] > 1 else ''}), "
+                           f"{'scaled' if row[2] else 'unscaled'}",
+    "positions": lambda row: f"positions={row[0]}",
+    "heads": lambda row: f"heads={row[0]} (head dim {row[1]})",
+    "batching": lambda row: f"batch={row[0]}",
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_model_is_announced_as_it_starts_and_with_its_loss_as_it_ends(outputs, name):
+    table = results(outputs, name)["tables"][0]
+    rows = table["rows"]  # one row per trained model, in training order
+    column = next(i for i, c in enumerate(table["columns"]) if c in ("val loss", f"loss, T = {SIZES['tiny'].context_length}"))
+    lines = PROGRESS[name]
+    assert len(lines) == 2 * len(rows), lines
+    n = len(rows)
+    for i, row in enumerate(rows, 1):
+        start, end = lines[2 * i - 2], lines[2 * i - 1]
+        prefix = f"[{i}/{n}] {MODEL_LABEL[name](row)}: "
+        assert start.startswith(prefix) and start.endswith(" ...") and "training" in start, start
+        match = re.fullmatch(re.escape(prefix) + r"val loss (\d+\.\d{4}), (\d+\.\d) s", end)
+        assert match, end
+        assert float(match.group(1)) == pytest.approx(row[column], abs=1e-9)  # the loss the report shows
+
+
+def test_the_cli_prints_progress_before_the_tables_and_a_library_caller_can_silence_it(tmp_path, capsys):
+    assert main(["experiment", "heads", "--tiny", "--out", str(tmp_path), "--device", "cpu", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    n_models = len(results(tmp_path, "heads")["tables"][0]["rows"])
+    started = [line for line in out.splitlines() if re.match(r"\[\d+/\d+\] heads=\d+ .*: training ", line)]
+    ended = [line for line in out.splitlines() if re.match(r"\[\d+/\d+\] heads=\d+ .*: val loss ", line)]
+    assert len(started) == len(ended) == n_models
+    assert out.index(ended[-1]) < out.index("**Validation loss") < out.index("findings:")  # the tables come after
+    assert f"report: {tmp_path}/heads/report.md" in out
+
+    run_experiment("heads", "tiny", tmp_path / "quiet", device="cpu", seed=3, log=None)
+    assert capsys.readouterr().out == ""
 
 
 def test_training_is_seeded():

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
-from .common import MODES, Report, check_output_folder
+from .common import MODES, Log, Report, check_output_folder, print_progress
 
 NAMES = ("scaling", "positions", "heads", "batching")
 
@@ -28,10 +28,13 @@ def summaries() -> dict[str, str]:
 
 
 def run_experiment(name: str, mode: str = "full", out_dir: str | Path = "experiments", device: str = "auto",
-                   seed: int = 1337, data: Optional[str] = None, encoding: str = "utf-8") -> Report:
+                   seed: int = 1337, data: Optional[str] = None, encoding: str = "utf-8",
+                   log: Optional[Log] = print_progress) -> Report:
     """Run one experiment and return its report (also written to ``out_dir/<name>/``).
 
     ``data``: a text file, folder or glob read as ``encoding`` instead of the size's own corpus.
+    ``log``: where the progress lines go (one as each model starts training, one as it ends);
+    stdout by default, ``None`` to run silently.
     """
     from ..runtime import setup_runtime
 
@@ -42,4 +45,4 @@ def run_experiment(name: str, mode: str = "full", out_dir: str | Path = "experim
     check_output_folder(Path(out_dir) / name)
     runtime = setup_runtime(device, "auto")
     module = importlib.import_module(f"{__name__}.{name}")
-    return module.run(mode, Path(out_dir), runtime, seed=seed, data_path=data, encoding=encoding)
+    return module.run(mode, Path(out_dir), runtime, seed=seed, data_path=data, encoding=encoding, log=log)

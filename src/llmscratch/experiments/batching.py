@@ -15,15 +15,15 @@ copies. Two questions:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from ..model import GPT
 from ..runtime import Runtime
 from .common import (
-    Report, Table, base_settings, check_mode, fresh_model, load_data, plot_loss_curves, probe_batch, pyplot, r4,
-    save_figure, sig, train_model, validation_batches,
+    Log, Progress, Report, Table, base_settings, check_mode, fresh_model, load_data, plot_loss_curves,
+    print_progress, probe_batch, pyplot, r4, save_figure, sig, train_model, validation_batches,
 )
 
 NAME = "batching"
@@ -64,8 +64,11 @@ def independence(model: GPT, windows: torch.Tensor, others: torch.Tensor) -> lis
 
 
 def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None,
-        encoding: str = "utf-8") -> Report:
-    """Train one model per batch size on the same token budget, then check batch independence; write the report."""
+        encoding: str = "utf-8", log: Optional[Log] = print_progress) -> Report:
+    """Train one model per batch size on the same token budget, then check batch independence; write the report.
+
+    ``log`` gets a line as each model starts and ends (None: silent).
+    """
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,16 +79,18 @@ def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path:
 
     runs: list[dict[str, Any]] = []
     model = None
+    progress = Progress(len(BATCH_SIZES[mode]), log)
     for b in BATCH_SIZES[mode]:
         steps = max(1, budget // (b * t))
         cfg = size.model_config(data.vocab_size)
         model = fresh_model(cfg, seed, runtime)
-        log = train_model(model, data, runtime, steps=steps, batch_size=b, lr=size.lr, seed=seed,
-                          eval_every=max(1, steps // 8), val_batches=val)
+        history = train_model(model, data, runtime, steps=steps, batch_size=b, lr=size.lr, seed=seed,
+                              eval_every=max(1, steps // 8), val_batches=val, progress=progress,
+                              label=f"batch={b}")
         runs.append({
-            "batch": b, "steps": steps, "tokens": log.tokens, "val_loss": r4(log.final_val_loss),
-            "tok_s": int(round(log.tokens_per_second)), "step_ms": sig(1000 * log.train_seconds / steps),
-            "curve": ([s * b * t for s in log.eval_steps], log.val_losses),
+            "batch": b, "steps": steps, "tokens": history.tokens, "val_loss": r4(history.final_val_loss),
+            "tok_s": int(round(history.tokens_per_second)), "step_ms": sig(1000 * history.train_seconds / steps),
+            "curve": ([s * b * t for s in history.eval_steps], history.val_losses),
         })
 
     windows = probe_batch(data, t, 8, seed).to(runtime.device)  # (8, T)

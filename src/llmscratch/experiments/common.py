@@ -1,8 +1,8 @@
 """What every experiment shares: sizes per mode, data, a small training loop, the report.
 
 An experiment is a module with ``NAME``, ``SUMMARY`` and a function
-``run(mode, out_dir, runtime, seed, data_path, encoding) -> Report`` that trains a few small models which
-differ in one thing, measures them, and writes ``out_dir/<name>/``:
+``run(mode, out_dir, runtime, seed, data_path, encoding, log) -> Report`` that trains a few small models
+which differ in one thing, measures them, and writes ``out_dir/<name>/``:
 
 * ``report.md``: what was run, the results tables, the plots and a few sentences of
   findings written from the numbers (never canned);
@@ -10,6 +10,9 @@ differ in one thing, measures them, and writes ``out_dir/<name>/``:
   shows, stored already rounded so the two agree digit for digit), plus the series the
   plots draw;
 * the PNG plots.
+
+While it trains it reports each model as it starts and as it ends (``Progress``: a line to
+``log``, stdout by default, ``None`` for silence), since a run lasts minutes before the report.
 
 Three sizes (``mode``): ``tiny`` (seconds, a synthetic corpus; the tests use it),
 ``quick`` (a few minutes on a 2-core CPU, the built-in corpus with a character tokenizer)
@@ -183,6 +186,41 @@ class TrainLog:
         return self.tokens / max(self.train_seconds, 1e-9)
 
 
+Log = Callable[[str], None]  # where progress lines go; None: nowhere
+
+
+def print_progress(line: str) -> None:
+    """The default ``log``: ``line`` on stdout at once (flushed), so a run of minutes shows it is alive."""
+    print(line, flush=True)
+
+
+class Progress:
+    """Numbers an experiment's training runs and reports each one's start and end as a line.
+
+    Each run of ``train_model`` writes ``[i/total] label: training N steps of B windows ...``
+    as it starts and ``[i/total] label: val loss L, S s`` as it ends (S: wall-clock seconds
+    of the run, evaluations included), through ``log``; ``log=None`` keeps it silent.
+    """
+
+    def __init__(self, total: int, log: Optional[Log] = print_progress) -> None:
+        self.total = total
+        self.log = log
+        self.started = 0
+
+    def start(self, label: str, steps: int, batch_size: int) -> str:
+        """Announce the next run; return its numbered label for :meth:`finish`."""
+        self.started += 1
+        numbered = f"[{self.started}/{self.total}] {label}"
+        if self.log is not None:
+            self.log(f"{numbered}: training {steps} steps of {batch_size} windows ...")
+        return numbered
+
+    def finish(self, numbered: str, val_loss: float, seconds: float) -> None:
+        """Report how the run ended: its final validation loss and wall-clock seconds."""
+        if self.log is not None:
+            self.log(f"{numbered}: val loss {val_loss:.4f}, {seconds:.1f} s")
+
+
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], runtime: Runtime) -> float:
     """Mean next-token cross-entropy (nats per token) over ``batches``."""
@@ -237,6 +275,8 @@ def train_model(
     seed: int,
     eval_every: int,
     val_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    progress: Optional[Progress] = None,
+    label: str = "model",
 ) -> TrainLog:
     """Train ``model`` on random training windows with AdamW and the project's schedule.
 
@@ -244,7 +284,8 @@ def train_model(
     ``lr_at``: warmup then cosine decay to lr/10), gradients are clipped to 1.0. The batch
     order depends on ``seed`` only, so models trained with the same seed and batch size
     see the same windows. Validation loss is measured every ``eval_every`` steps and at
-    the end; the gradient norm (before clipping) is logged every step.
+    the end; the gradient norm (before clipping) is logged every step. With ``progress``,
+    the run is announced under ``label`` (e.g. ``heads=4``) as it starts and ends.
     """
     from ..train import TrainConfig, build_optimizer, lr_at
 
@@ -255,6 +296,8 @@ def train_model(
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10,
                       warmup_steps=max(1, steps // 20), grad_clip=1.0,
                       optimizer="adamw", weight_decay=0.1, beta1=0.9, beta2=0.95)
+    numbered = progress.start(label, steps, batch_size) if progress is not None else label
+    t_start = time.perf_counter()
     model.to(runtime.device).train()
     optimizer = build_optimizer(model, cfg, runtime.device)
     qkv_params = [block.attn.qkv.weight for block in model.blocks]
@@ -284,6 +327,8 @@ def train_model(
             log.eval_steps.append(step + 1)
             log.val_losses.append(mean_loss(model, val_batches, runtime))
     model.eval()
+    if progress is not None:
+        progress.finish(numbered, log.final_val_loss, time.perf_counter() - t_start)
     return log
 
 

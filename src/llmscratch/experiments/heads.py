@@ -12,16 +12,15 @@ pairwise Jensen–Shannon divergence between the heads' attention distributions 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from ..inspect import head_diversity
 from ..runtime import Runtime
 from .common import (
-    Report, Table, base_settings, check_mode, fresh_model, load_data, plot_loss_curves, probe_batch, pyplot, r4,
-    save_figure,
-    train_model, validation_batches,
+    Log, Progress, Report, Table, base_settings, check_mode, fresh_model, load_data, plot_loss_curves,
+    print_progress, probe_batch, pyplot, r4, save_figure, train_model, validation_batches,
 )
 
 NAME = "heads"
@@ -38,8 +37,11 @@ def _diversity(model, x: torch.Tensor) -> list[float | None]:
 
 
 def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None,
-        encoding: str = "utf-8") -> Report:
-    """Train one model per head count at a fixed width on the same batches; write the report (loss, head diversity)."""
+        encoding: str = "utf-8", log: Optional[Log] = print_progress) -> Report:
+    """Train one model per head count at a fixed width on the same batches; write the report (loss, head diversity).
+
+    ``log`` gets a line as each model starts and ends (None: silent).
+    """
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)
@@ -48,20 +50,22 @@ def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path:
     probe = probe_batch(data, size.context_length, 8, seed).to(runtime.device)  # (8, T)
 
     runs: list[dict[str, Any]] = []
+    progress = Progress(len(HEAD_COUNTS[mode]), log)
     for n_heads in HEAD_COUNTS[mode]:
         cfg = size.model_config(data.vocab_size, n_heads=n_heads)
         model = fresh_model(cfg, seed, runtime)
         div0 = _diversity(model, probe)
-        log = train_model(model, data, runtime, steps=size.steps, batch_size=size.batch_size, lr=size.lr,
-                          seed=seed, eval_every=size.eval_every, val_batches=val)
+        history = train_model(model, data, runtime, steps=size.steps, batch_size=size.batch_size, lr=size.lr,
+                              seed=seed, eval_every=size.eval_every, val_batches=val, progress=progress,
+                              label=f"heads={n_heads} (head dim {size.emb_dim // n_heads})")
         div1 = _diversity(model, probe)
         mean = None if n_heads == 1 else r4(sum(div1) / len(div1))
         runs.append({
             "n_heads": n_heads, "head_dim": size.emb_dim // n_heads, "params": model.num_parameters(),
-            "val_loss": r4(log.final_val_loss),
+            "val_loss": r4(history.final_val_loss),
             "div_init": None if n_heads == 1 else r4(sum(div0) / len(div0)), "div_end": mean,
             "layers": [None if d is None else r4(d) for d in div1],
-            "curve": (log.eval_steps, log.val_losses),
+            "curve": (history.eval_steps, history.val_losses),
         })
 
     n_layers = size.n_layers

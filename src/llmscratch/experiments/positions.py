@@ -11,13 +11,13 @@ others can, and the loss at each position shows whether they still work past T.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..positions import POSITION_KINDS
 from ..runtime import Runtime
 from .common import (
-    Report, Table, base_settings, check_mode, fresh_model, load_data, loss_by_position, mean_loss, pyplot, r4,
-    plot_loss_curves, save_figure, train_model, validation_batches,
+    Log, Progress, Report, Table, base_settings, check_mode, fresh_model, load_data, loss_by_position, mean_loss,
+    print_progress, pyplot, r4, plot_loss_curves, save_figure, train_model, validation_batches,
 )
 
 NAME = "positions"
@@ -27,8 +27,11 @@ LONGER = (2, 4)  # evaluation windows this many times the training context
 
 
 def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None,
-        encoding: str = "utf-8") -> Report:
-    """Train one model per position kind, evaluate it at and past the training context; write the report."""
+        encoding: str = "utf-8", log: Optional[Log] = print_progress) -> Report:
+    """Train one model per position kind, evaluate it at and past the training context; write the report.
+
+    ``log`` gets a line as each model starts and ends (None: silent).
+    """
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)
@@ -39,13 +42,15 @@ def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path:
     longer = {k: validation_batches(data, k * t, max(4, size.eval_windows // k), seed) for k in LONGER}
 
     runs: list[dict[str, Any]] = []
+    progress = Progress(len(POSITION_KINDS), log)
     for kind in POSITION_KINDS:
         cfg = size.model_config(data.vocab_size, pos_emb=kind)
         model = fresh_model(cfg, seed, runtime)
-        log = train_model(model, data, runtime, steps=size.steps, batch_size=size.batch_size, lr=size.lr,
-                          seed=seed, eval_every=size.eval_every, val_batches=val)
-        row: dict[str, Any] = {"kind": kind, "params": model.num_parameters(), "val_loss": r4(log.final_val_loss),
-                               "curve": (log.eval_steps, log.val_losses)}
+        history = train_model(model, data, runtime, steps=size.steps, batch_size=size.batch_size, lr=size.lr,
+                              seed=seed, eval_every=size.eval_every, val_batches=val, progress=progress,
+                              label=f"positions={kind}")
+        row: dict[str, Any] = {"kind": kind, "params": model.num_parameters(), "val_loss": r4(history.final_val_loss),
+                               "curve": (history.eval_steps, history.val_losses)}
         for k in LONGER:
             row[f"loss_{k}x"] = None if kind == "learned" else r4(mean_loss(model, longer[k], runtime))
         if kind == "learned":

@@ -16,13 +16,13 @@ attention weights per layer (how close softmax is to one-hot) and the gradient n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from ..inspect import attention_entropy, attention_scores, score_std, uniform_entropy
 from ..runtime import Runtime
 from .common import (
-    ExperimentData, Report, Table, base_settings, check_mode, fresh_model, load_data, pct, probe_batch,
-    pyplot, r4, save_figure, sig, train_model, validation_batches,
+    ExperimentData, Log, Progress, Report, Table, base_settings, check_mode, fresh_model, load_data, pct,
+    print_progress, probe_batch, pyplot, r4, save_figure, sig, train_model, validation_batches,
 )
 
 NAME = "scaling"
@@ -40,8 +40,11 @@ def _measure(model, x) -> tuple[list[float], list[float]]:
 
 
 def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path: str | None = None,
-        encoding: str = "utf-8") -> Report:
-    """Train each head size with and without the 1/√d_k factor from the same start; write the report."""
+        encoding: str = "utf-8", log: Optional[Log] = print_progress) -> Report:
+    """Train each head size with and without the 1/√d_k factor from the same start; write the report.
+
+    ``log`` gets a line as each model starts and ends (None: silent).
+    """
     size = check_mode(mode)
     folder = Path(out_dir) / NAME
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,26 +53,29 @@ def run(mode: str, out_dir: Path, runtime: Runtime, seed: int = 1337, data_path:
     probe = probe_batch(data, size.context_length, 8, seed).to(runtime.device)  # (8, T)
 
     runs: list[dict[str, Any]] = []
+    progress = Progress(2 * len(HEAD_DIMS[mode]), log)
     for head_dim in HEAD_DIMS[mode]:
         n_heads = size.emb_dim // head_dim
         for scaled in (True, False):
             cfg = size.model_config(data.vocab_size, n_heads=n_heads, scale_attn=scaled)
             model = fresh_model(cfg, seed, runtime)
             std0, _ = _measure(model, probe)
-            log = train_model(model, data, runtime, steps=size.steps, batch_size=size.batch_size, lr=size.lr,
-                              seed=seed, eval_every=size.eval_every, val_batches=val)
+            history = train_model(model, data, runtime, steps=size.steps, batch_size=size.batch_size, lr=size.lr,
+                                  seed=seed, eval_every=size.eval_every, val_batches=val, progress=progress,
+                                  label=f"d_k={head_dim} ({n_heads} head{'s' if n_heads > 1 else ''}), "
+                                        f"{'scaled' if scaled else 'unscaled'}")
             std1, ent1 = _measure(model, probe)
-            half = len(log.grad_norms) // 2
+            half = len(history.grad_norms) // 2
             runs.append({
                 "head_dim": head_dim, "n_heads": n_heads, "scaled": scaled,
-                "val_loss": r4(log.final_val_loss),
+                "val_loss": r4(history.final_val_loss),
                 "std_init": sig(sum(std0) / len(std0)), "std_end": sig(sum(std1) / len(std1)),
                 "entropy": r4(sum(ent1) / len(ent1)),
-                "grad_norm": sig(sum(log.grad_norms[half:]) / max(1, len(log.grad_norms) - half)),
-                "qkv_grad_norm": sig(sum(log.qkv_grad_norms[half:]) / max(1, len(log.qkv_grad_norms) - half)),
+                "grad_norm": sig(sum(history.grad_norms[half:]) / max(1, len(history.grad_norms) - half)),
+                "qkv_grad_norm": sig(sum(history.qkv_grad_norms[half:]) / max(1, len(history.qkv_grad_norms) - half)),
                 "layers": [(i, sig(s), r4(e)) for i, (s, e) in enumerate(zip(std1, ent1))],
-                "curve": (log.eval_steps, log.val_losses),
-                "grad_curve": log.grad_norms, "qkv_grad_curve": log.qkv_grad_norms,
+                "curve": (history.eval_steps, history.val_losses),
+                "grad_curve": history.grad_norms, "qkv_grad_curve": history.qkv_grad_norms,
             })
 
     uniform = r4(uniform_entropy(size.context_length))
