@@ -31,7 +31,7 @@ from llmscratch.checkpoint import (
     save_run,
     save_training_state,
 )
-from llmscratch.errors import CheckpointError
+from llmscratch.errors import CheckpointError, LLMScratchError
 from llmscratch.model import GPT, GPTConfig
 from llmscratch.positions import POSITION_KINDS
 from tiny_files import write_tiny_gpt2_files
@@ -198,6 +198,81 @@ def test_missing_directory_and_files(tmp_path):
         load_model(tmp_path)
 
 
+def _killed_run(run: Path) -> Path:
+    """What a training run killed (SIGKILL) before its first checkpoint leaves: no config.json, no weights."""
+    from llmscratch.tokenizer import CharTokenizer
+
+    CharTokenizer.from_text("hello world").save(run)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n')
+    (run / "train_config.json").write_text('{"steps": 100}\n')
+    return run
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_so_not_that_config_json_is_missing(tmp_path):
+    run = _killed_run(tmp_path / "run")
+    for load in (load_config, load_model, load_run, checkpoint.load_pretrained,
+                 lambda d: export_checkpoint(d, tmp_path / "out", "hf")):
+        with pytest.raises(CheckpointError) as err:
+            load(run)
+        message = str(err.value)
+        assert message.startswith(f"{run} holds a training run that stopped before its first checkpoint"), message
+        assert "no weights, so there is nothing to load" in message and "train it again" in message
+        assert "save_model" not in message and "llmscratch import" not in message
+    save_model(run / "best", tiny())  # the best weights are saved before the first checkpoint
+    with pytest.raises(CheckpointError, match=f"load the best weights it saved, in {run / 'best'}, or train it again"):
+        load_model(run)
+    save_model(tmp_path / "cut", tiny())  # killed between writing the weights and config.json
+    (tmp_path / "cut" / "train_config.json").write_text("{}")
+    (tmp_path / "cut" / CONFIG_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"config.json is missing beside .*model.safetensors: the training "
+                                              r"run's first checkpoint was cut short"):
+        load_model(tmp_path / "cut")
+    with pytest.raises(CheckpointError) as err:  # any other folder: no internal function names
+        load_model(tmp_path)
+    assert "is not a run directory" in str(err.value) and "save_model" not in str(err.value)
+
+
+def test_a_dangling_latest_link_names_its_missing_target(tmp_path):
+    import shutil
+
+    save_run(tmp_path / "runs" / "r1", tiny())
+    (tmp_path / "runs" / "latest").symlink_to("r1")
+    (tmp_path / "runs" / "link").symlink_to(tmp_path / "gone")
+    shutil.rmtree(tmp_path / "runs" / "r1")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "runs" / "latest")
+    assert str(err.value) == (
+        f"run directory {tmp_path / 'runs' / 'latest'} is a link to {tmp_path / 'runs' / 'r1'}, which no longer "
+        f"exists (deleted or moved); `latest` points at the newest run in {tmp_path / 'runs'} that saved a "
+        f"checkpoint: give another run there by its own name (ls {tmp_path / 'runs'}), or train a new one")
+    with pytest.raises(CheckpointError, match=f"is a link to {tmp_path / 'gone'}, which does not exist"):
+        load_run(tmp_path / "runs" / "link")
+
+
+def test_load_run_that_needs_a_tokenizer_says_which_files_are_missing_and_what_to_do(tmp_path):
+    save_run(tmp_path / "run", tiny())
+    assert load_run(tmp_path / "run")[1] is None  # optional unless asked for
+    with pytest.raises(CheckpointError) as err:
+        load_run(tmp_path / "run", need_tokenizer="the prompt")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'run'} has no tokenizer files (tokenizer_config.json with "
+                              "tokenizer.json, chars.json or vocab.bpe + encoder.json; or vocab.json + merges.txt), "
+                              "so the prompt cannot be turned into tokens; copy them from"), message
+    assert f"`llmscratch import SOURCE {tmp_path / 'run'} --force`, without --no-tokenizer" in message
+
+
+def test_a_run_whose_tokenizer_json_is_missing_names_it_and_says_what_to_do(tmp_path):
+    from llmscratch.tokenizer import BPETokenizer
+
+    save_run(tmp_path / "run", tiny(vocab_size=300), BPETokenizer.train("the heaven and the earth " * 20, 300))
+    (tmp_path / "run" / "tokenizer.json").unlink()
+    with pytest.raises(LLMScratchError) as err:
+        load_run(tmp_path / "run")
+    assert str(err.value).startswith(f"{tmp_path / 'run' / 'tokenizer.json'} is missing: "
+                                     f"{tmp_path / 'run' / 'tokenizer_config.json'} says the tokenizer is 'bpe'")
+    assert "copy the tokenizer's files (tokenizer.json, tokenizer_config.json)" in str(err.value)
+
+
 @pytest.mark.parametrize("text, message", [
     ("{not json", r"config.json is not valid JSON \(line 1, column 2"),
     ("[1, 2]", r"config.json must hold a JSON object"),
@@ -312,6 +387,19 @@ def test_pickled_objects_are_refused_in_training_state(tmp_path):
     torch.save({"step": 1, "path": Path("x")}, tmp_path / TRAINING_STATE_FILE)
     with pytest.raises(CheckpointError, match="weights_only=True"):
         load_training_state(tmp_path)
+
+
+def test_a_training_state_that_is_not_a_torch_file_says_so_without_unsafe_advice(tmp_path):
+    (tmp_path / TRAINING_STATE_FILE).write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"training_state.pt could not be read as a training state: it is "
+                                              r"not a file torch.save wrote \(it is text \(it begins 'not a "
+                                              r"checkpoint'\)\)"):
+        load_training_state(tmp_path)
+    torch.save({"step": 1, "thing": Path("x")}, tmp_path / TRAINING_STATE_FILE)
+    with pytest.raises(CheckpointError, match=r"\(UnpicklingError: Unsupported global: GLOBAL pathlib.PosixPath "
+                                              r"was not an allowed global by default.\)") as err:
+        load_training_state(tmp_path)
+    assert "weights_only` set to `False" not in str(err.value) and "Re-running" not in str(err.value)
 
 
 # --------------------------------------------------------------------------- import: tokenizers
@@ -453,6 +541,39 @@ def test_unknown_source(tmp_path):
         import_checkpoint(tmp_path / "missing.pth", tmp_path / "run")
 
 
+@pytest.mark.parametrize("content, looks", [
+    (bytes(range(7, 250)) * 9, "it begins with the bytes 07 08 09 0a 0b 0c 0d 0e, as neither format does"),
+    (b"hello there\n", "it is text (it begins 'hello there\\n')"),
+    (b"", "it is empty"),
+], ids=["binary", "text", "empty"])
+@pytest.mark.parametrize("heads", [None, 4])
+def test_book_import_of_a_file_that_is_no_checkpoint_says_so_before_asking_for_heads(tmp_path, content, looks, heads):
+    (tmp_path / "binary.bin").write_bytes(content)
+    with pytest.raises(CheckpointError) as err:
+        import_checkpoint(tmp_path / "binary.bin", tmp_path / "run", heads=heads, no_tokenizer=True)
+    assert str(err.value) == (
+        f"{tmp_path / 'binary.bin'} is not a PyTorch checkpoint (.pth/.pt state dict) or safetensors file: {looks}; "
+        "give the file torch.save(model.state_dict()) wrote for the book's GPTModel, or a Hugging Face GPT-2 directory")
+    assert not (tmp_path / "run").exists()
+
+
+def test_book_import_of_a_pickle_with_code_never_suggests_weights_only_false(tmp_path):
+    (tmp_path / "evil.pth").write_bytes(b"\x80\x04" + bytes(range(60, 120)) * 5)  # a pickle's start, then garbage
+    torch.save({"model": Path("x")}, tmp_path / "objects.pth")  # an object that weights_only refuses
+    for name in ("evil.pth", "objects.pth"):
+        with pytest.raises(CheckpointError, match=f"{tmp_path / name} could not be read as the book's state") as err:
+            import_checkpoint(tmp_path / name, tmp_path / "run", heads=2, no_tokenizer=True)
+        assert "weights_only` set to `False" not in str(err.value) and "Re-running" not in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+def test_book_import_reads_a_safetensors_file_whatever_its_name(tmp_path):
+    model = tiny(vocab_size=260, tie_weights=False)
+    checkpoint._write_safetensors(tmp_path / "book.bin", checkpoint.ours_to_book(model, model.cfg))
+    imported, _ = import_checkpoint(tmp_path / "book.bin", tmp_path / "run", heads=2, no_tokenizer=True)
+    assert torch.equal(imported.tok_emb.weight, model.tok_emb.weight)
+
+
 def test_hf_export_carries_gpt2_tokenizer_files(tmp_path):
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
@@ -569,6 +690,17 @@ def test_cli_import_gpt2_offline_says_how_to_use_a_local_directory(tmp_path):
     assert "could not download gpt2 from the Hugging Face hub" in done.stderr
     assert "llmscratch import DIR RUN_DIR" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_commands_on_a_run_killed_before_its_first_checkpoint(tmp_path):
+    run = _killed_run(tmp_path / "run")
+    for args in (["generate", str(run), "--prompt", "hi"], ["info", str(run)],
+                 ["export", str(run), str(tmp_path / "out")]):
+        done = _cli(*args)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == (f"llmscratch {args[0]}: error: {run} holds a training run that stopped before its first "
+                               f"checkpoint: it has train_config.json but no config.json and no weights, so there is "
+                               f"nothing to load here; train it again (delete {run}, or choose another --name)\n")
 
 
 def test_cli_help():

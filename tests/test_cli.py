@@ -428,3 +428,60 @@ def test_every_command_the_readme_shows_parses():
             parser.parse_args(argv)
         except SystemExit as exit:
             assert exit.code == 0, command  # --help and --version exit 0; a bad option exits 2
+
+
+def test_the_defaults_train_help_states_are_the_configs():
+    from llmscratch.train import TrainConfig
+
+    defaults = TrainConfig()
+    parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    checked = 0
+    for action in parser._actions:
+        found = re.search(r'\(default (?:"([^"]*)"|([^;:),\s]+))', action.help or "")
+        if not found or action.dest not in cli._TRAIN_OPTIONS or found.group(0).startswith("(default --"):
+            continue  # "(default --batch-size)": another option's value
+        stated, actual = found.group(1) if found.group(1) is not None else found.group(2), getattr(defaults, action.dest)
+        if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+            assert float(stated) == actual, (action.dest, stated, actual)
+        else:
+            assert stated == actual, (action.dest, stated, actual)
+        checked += 1
+    assert checked >= 20, checked
+
+
+def test_greedy_with_a_temperature_is_refused(tmp_path, capsys):
+    run = tiny_run(tmp_path / "run")
+    status, err = run_main(capsys, "generate", run, "--prompt", "the", "--greedy", "--temperature", "0.5")
+    assert status == 2 and "--greedy is temperature 0 (always the most likely token), so --temperature 0.5" in err
+
+
+def test_greedy_equals_temperature_zero(tmp_path, capsys):
+    run = tiny_run(tmp_path / "run")
+    outputs = []
+    for option in (["--greedy"], ["--temperature", "0"]):
+        assert cli.main(["generate", str(run), "--prompt", "the", "--max-new-tokens", "8", "--device", "cpu",
+                         "--seed", str(len(outputs)), *option]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
+def test_a_config_file_of_another_kind_is_named(tmp_path, capsys):
+    path = write(tmp_path / "c.toml", "steps = 3\n")
+    status, err = run_main(capsys, *train_args(tmp_path, "--config", path))
+    assert status == 2 and f"config file {path}: a config file is YAML (.yaml, .yml) or JSON (.json)" in err
+
+
+def test_the_package_s_own_warnings_are_one_line(capsys):
+    import warnings
+
+    shown = []
+    before = warnings.showwarning
+    warnings.showwarning = lambda message, category, filename, lineno, *rest: shown.append((message, filename))
+    try:
+        cli._one_line_warnings("train")
+        warnings.showwarning("the cache was damaged", UserWarning, cli.__file__, 12)
+        assert capsys.readouterr().err == "llmscratch train: warning: the cache was damaged\n"
+        warnings.showwarning("from elsewhere", UserWarning, "/elsewhere/lib.py", 3)
+        assert shown == [("from elsewhere", "/elsewhere/lib.py")]  # passed on to the handler it replaced
+    finally:
+        warnings.showwarning = before

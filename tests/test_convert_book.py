@@ -163,7 +163,7 @@ def test_not_a_state_dict(tmp_path):
     with pytest.raises(CheckpointError, match="does not hold a state dict"):
         import_checkpoint(tmp_path / "list.pth", tmp_path / "run", heads=1, no_tokenizer=True)
     (tmp_path / "garbage.pth").write_bytes(b"\x00not a pickle" * 10)
-    with pytest.raises(CheckpointError, match="garbage.pth could not be read"):
+    with pytest.raises(CheckpointError, match=r"garbage.pth is not a PyTorch checkpoint \(.pth/.pt state dict\) or safetensors"):
         import_checkpoint(tmp_path / "garbage.pth", tmp_path / "run", heads=1, no_tokenizer=True)
 
 

@@ -332,6 +332,31 @@ def test_load_tokenizer_on_a_folder_without_one(tmp_path):
         load_tokenizer(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("kind", ["char", "bpe", "gpt2"])
+def test_a_saved_tokenizer_whose_files_are_missing_names_them_and_says_what_to_do(kind, bpe, openai_dir, tmp_path):
+    tok = {"char": lambda: CharTokenizer.from_text(TRAIN_TEXT), "bpe": lambda: bpe,
+           "gpt2": lambda: GPT2Tokenizer.find(openai_dir)}[kind]()
+    run = tmp_path / "half2"
+    tok.save(run)
+    files = {"char": ["chars.json"], "bpe": ["tokenizer.json"], "gpt2": ["vocab.bpe", "encoder.json"]}[kind]
+    for name in files:
+        (run / name).unlink()
+    with pytest.raises(TokenizerError) as err:
+        load_tokenizer(run)
+    missing = " and ".join(str(run / name) for name in files)
+    assert str(err.value) == (
+        f"{missing} {'is' if len(files) == 1 else 'are'} missing: {run / 'tokenizer_config.json'} says the tokenizer "
+        f"is {kind!r}, whose vocabulary is kept in {' + '.join(files)}; copy the tokenizer's files "
+        f"({', '.join(files)}, tokenizer_config.json) into {run} from the run it came from, or train or import the "
+        "run again")
+
+
+def test_bpe_load_of_a_missing_file_says_what_to_give(tmp_path):
+    with pytest.raises(TokenizerError, match=f"^{tmp_path / 'tokenizer.json'} is missing; give a tokenizer.json "
+                                             r"\(ours or a Hugging Face one\) or the folder that holds it$"):
+        BPETokenizer.load(tmp_path)
+
+
 # --------------------------------------------------------------------------- text that is not UTF-8
 
 # Bytes that are not UTF-8 in a command-line argument (`--prompt $'the \xff'`) reach Python as

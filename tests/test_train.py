@@ -142,8 +142,9 @@ def test_every_loss_implementation_trains_to_the_same_weights(corpus: Path, tmp_
     for loss in ("chunked", "kernel"):
         for name, value in ckpt.load_model(runs[loss]).state_dict().items():
             torch.testing.assert_close(value, plain[name], rtol=1e-4, atol=1e-5, msg=f"{loss}: {name}")
-    assert [loss for loss in ("plain", "chunked", "kernel") if any(f"positions, {loss} loss)" in m for m in logs)] \
-        == ["plain", "chunked", "kernel"]  # the startup line names it
+    named = [loss for loss in ("plain", "chunked", "kernel") if any(f"positions, {loss} loss" in m for m in logs)]
+    assert named == ["plain", "chunked", "kernel"]  # the startup line names it; the kernel as its CPU reference:
+    assert any("kernel loss (its PyTorch reference: Triton kernels run on CUDA)" in m for m in logs)
 
 
 def test_training_lowers_loss_and_writes_the_run(corpus: Path, tmp_path: Path):
@@ -601,3 +602,74 @@ def test_a_bad_option_in_a_runs_train_config_is_reported_with_that_file(corpus, 
 def test_init_from_a_folder_that_does_not_exist_names_it(corpus, tmp_path):
     with pytest.raises(ConfigError, match=r"--init-from .*nowhere: no such folder; give a run directory"):
         train(TrainConfig(init_from=str(tmp_path / "nowhere"), out_dir=str(tmp_path), progress=False))
+
+
+def _kill_self_on(marker: str, signum: int = signal.SIGTERM):
+    """A log function that sends this process ``signum`` when a line starts with ``marker``."""
+    lines: list[str] = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.startswith(marker):
+            os.kill(os.getpid(), signum)
+
+    return log, lines
+
+
+def test_sigterm_in_the_loop_saves_at_the_end_of_the_step_and_stops(corpus, tmp_path):
+    from llmscratch.errors import Stopped
+
+    log, lines = _kill_self_on("step 4: train loss")  # without a bar the loss is logged: the loop is running
+    with pytest.raises(Stopped) as stopped:
+        train(tiny_config(corpus, tmp_path, steps=50, checkpoint_interval=100, eval_interval=100, name="term"),
+              log=log)
+    assert (stopped.value.signum, stopped.value.saved) == (signal.SIGTERM, True)
+    assert any(line.startswith("stopped by SIGTERM at step 5; checkpoint saved") for line in lines), "\n".join(lines)
+    assert ckpt.load_training_state(tmp_path / "term")["step"] == 5  # the flag is read at the next step's end
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+
+
+def test_sigterm_before_the_first_checkpoint_removes_the_new_run(corpus, tmp_path):
+    from llmscratch.errors import Stopped
+
+    log, _ = _kill_self_on("run directory:")  # the folder is written, training has not started
+    with pytest.raises(Stopped) as stopped:
+        train(tiny_config(corpus, tmp_path, steps=50, name="gone"), log=log)
+    assert (stopped.value.signum, stopped.value.saved) == (signal.SIGTERM, False)
+    assert not (tmp_path / "gone").exists()  # no half-written run directory left behind
+
+
+def test_the_training_loss_is_logged_without_a_progress_bar(corpus, tmp_path):
+    lines: list[str] = []
+    train(tiny_config(corpus, tmp_path, steps=4, log_interval=2, name="quiet"), log=lines.append)
+    logged = [line for line in lines if " train loss " in line]
+    records = [json.loads(r) for r in (tmp_path / "quiet" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert [line.split(":")[0] for line in logged] == ["step 2", "step 4"]
+    assert [float(line.split("train loss ")[1].split(",")[0]) for line in logged] == pytest.approx(losses, abs=1e-4)
+
+
+def test_stop_at_past_the_last_step_is_refused():
+    with pytest.raises(ConfigError, match=r"TrainConfig.stop_at \(--stop-at\) 40 is past the run's last step"):
+        TrainConfig(steps=30, stop_at=40)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "imported"])
+def test_resume_of_something_that_is_no_run_says_what_it_is(corpus, tmp_path, kind):
+    target = tmp_path / "x"
+    if kind == "file":
+        target.write_text("{}")
+    elif kind == "imported":
+        from llmscratch.checkpoint import save_run
+
+        save_run(target, GPT(GPTConfig.from_preset("test")), None)
+    message = {"missing": "no such folder", "file": "is a file; give the run directory",
+               "imported": "were not trained by `llmscratch train`.*--init-from"}[kind]
+    with pytest.raises(ConfigError, match=message):
+        train(TrainConfig(resume=str(target), progress=False))
+
+
+def test_an_out_dir_that_is_a_file_is_named(corpus, tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="--out-dir .*afile is a file"):
+        train(tiny_config(corpus, tmp_path / "afile", name="n"))

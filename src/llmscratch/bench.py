@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, loss_label
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0,
@@ -178,7 +178,8 @@ CONTENDER_LABELS = {"ours": "llmscratch", "book": "book GPTModel", "book-fast": 
                     "hf": "transformers GPT2LMHeadModel (sdpa)"}
 
 
-def contender_label(name: str, compiled: bool = False, as_peers: bool = False, loss_impl: str = "auto") -> str:
+def contender_label(name: str, compiled: bool = False, as_peers: bool = False, loss_impl: str = "auto",
+                    device: torch.device = torch.device("cuda")) -> str:
     """The row name of contender ``name`` (a key of :data:`CONTENDER_LABELS`), as tables and JSON show it."""
     label = CONTENDER_LABELS.get(name, name)
     if name != "ours":
@@ -186,7 +187,7 @@ def contender_label(name: str, compiled: bool = False, as_peers: bool = False, l
     if as_peers:
         return f"{label} ({'compiled, ' if compiled else ''}as the peers: gelu, learned pos.)"
     label += " (compiled)" if compiled else ""
-    return label + (f", {loss_impl} loss" if loss_impl != "auto" else "")
+    return label + (f", {loss_label(loss_impl, device)}" if loss_impl != "auto" else "")
 
 
 def build_contender(name: str, cfg: GPTConfig, device: torch.device, compile: bool = False,
@@ -395,7 +396,8 @@ def bench_train(
                 plan.append((name, True, same))
 
     def label(name: str, compiled: bool, config: GPTConfig) -> str:
-        return contender_label(name, compiled, as_peers=name == "ours" and config != cfg, loss_impl=loss_impl)
+        return contender_label(name, compiled, as_peers=name == "ours" and config != cfg, loss_impl=loss_impl,
+                               device=device)
 
     def setup(name: str, compiled: bool, config: GPTConfig) -> tuple[Contender, _TrainStep]:
         torch.manual_seed(0)

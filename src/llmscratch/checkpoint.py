@@ -112,6 +112,15 @@ def read_json(path: PathLike) -> dict[str, Any]:
 
 def _require_dir(directory: Path, what: str = "run directory") -> None:
     if not directory.exists():
+        if directory.is_symlink():  # a link whose target was deleted or moved
+            target = Path(os.path.normpath(directory.parent / os.readlink(directory)))
+            if directory.name == "latest":
+                raise CheckpointError(
+                    f"{what} {directory} is a link to {target}, which no longer exists (deleted or moved); "
+                    f"`latest` points at the newest run in {directory.parent} that saved a checkpoint: give "
+                    f"another run there by its own name (ls {directory.parent}), or train a new one")
+            raise CheckpointError(f"{what} {directory} is a link to {target}, which does not exist (deleted or "
+                                  "moved); give the run's own path, or point the link at an existing run")
         raise CheckpointError(f"{what} {directory} does not exist; check the path")
     if not directory.is_dir():
         raise CheckpointError(f"{what} {directory} is a file, not a directory")
@@ -162,19 +171,64 @@ def read_safetensors(path: PathLike) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def _torch_load(path: Path, what: str) -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError."""
+def _sniff(path: Path) -> tuple[Optional[str], str]:
+    """``("torch" | "safetensors" | None, what the file looks like)``, from its first bytes.
+
+    ``torch.save`` writes a zip archive (it begins ``PK``, 3, 4) or, in its old format, a
+    pickle (byte 0x80, the protocol opcode); a safetensors file begins with its header's
+    length (8 bytes) and the header's ``{``.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as err:
+        raise CheckpointError(f"{path} cannot be read ({err.strerror}); check that it is a file you may read") from err
+    if not head:
+        return None, "it is empty"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8:
+        return "safetensors", ""  # first: a header length can begin with the byte 0x80
+    if head.startswith(b"PK\x03\x04") or head[0] == 0x80:
+        return "torch", ""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a character cut in two at byte 64 still makes text
+        text = head[:err.start].decode("utf-8") if len(head) == 64 and err.start >= 61 else ""
+    if text.strip() and all(c.isprintable() or c.isspace() for c in text):
+        return None, f"it is text (it begins {text[:24]!r})"
+    return None, f"it begins with the bytes {head[:8].hex(' ')}, as neither format does"
+
+
+def _torch_error_reason(err: Exception) -> str:
+    """What went wrong in ``torch.load``, in one line, without its advice to load with weights_only=False
+    (which runs whatever code the file holds: never worth it for a checkpoint)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # weights_only refused something: keep only what it refused
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        text = re.split(r"\s*(?:Please use|Check the documentation)", text)[0]
+    text = " ".join(text.split())
+    # Drop torch's own advice (bug reports, documentation links, the unsafe weights_only=False).
+    text = re.split(r"(?<=\.) (?=This is an internal|If you are seeing|In PyTorch|Please |Re-running|Check the)",
+                    text)[0]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _torch_load(path: Path, what: str, fix: str = "save it again or restore a good copy") -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into a CheckpointError (``fix``: what to do)."""
+    kind, looks = _sniff(path)
+    if kind != "torch":
+        raise CheckpointError(f"{path} could not be read as {what}: it is not a file torch.save wrote "
+                              f"({looks or 'it is a safetensors file'}); {fix}")
     try:
         with warnings.catch_warnings():  # garbage bytes can look like an unusual pickle protocol
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        first_line = (str(err).splitlines() or [""])[0]
         raise CheckpointError(
-            f"{path} could not be read as {what} ({type(err).__name__}: {first_line}); "
+            f"{path} could not be read as {what} ({_torch_error_reason(err)}); "
             "it is truncated, corrupted, or holds objects other than tensors and plain Python "
-            "values (only those load with weights_only=True)"
-        ) from err
+            f"values (only those load with weights_only=True, which runs no code from the file); {fix}"
+        ) from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -234,8 +288,9 @@ def load_config(run_dir: PathLike) -> GPTConfig:
     run_dir = Path(run_dir)
     _require_dir(run_dir)
     path = run_dir / CONFIG_FILE
-    _require_file(path, "a run directory needs the config.json written by save_model; "
-                        "to use Hugging Face or book weights run `llmscratch import` first")
+    if not path.exists() and not path.is_symlink():
+        _no_config(run_dir)
+    _require_file(path, "restore it from a backup, or train or import the run again")
     data = _read_json(path)
     if data.get("model_type") == "gpt2":
         raise CheckpointError(f"{path} is a Hugging Face GPT-2 config, not a run's: turn {run_dir} into a run "
@@ -244,6 +299,27 @@ def load_config(run_dir: PathLike) -> GPTConfig:
         return GPTConfig.from_dict(data)
     except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path} has a bad field: {err}") from err
+
+
+def _no_config(run_dir: Path) -> None:
+    """Raise the CheckpointError for a folder without ``config.json``, saying what the folder is instead."""
+    path = run_dir / CONFIG_FILE
+    best = run_dir / "best"
+    if (run_dir / "train_config.json").is_file():
+        if (run_dir / WEIGHTS_FILE).exists():
+            raise CheckpointError(
+                f"{path} is missing beside {run_dir / WEIGHTS_FILE}: the training run's first checkpoint was cut "
+                f"short (or config.json was deleted); restore it from a backup, or train the run again "
+                f"(delete {run_dir}, or choose another --name)")
+        best_saved = (best / CONFIG_FILE).is_file()
+        raise CheckpointError(
+            f"{run_dir} holds a training run that stopped before its first checkpoint: it has train_config.json "
+            f"but no {CONFIG_FILE} and no weights, so there is nothing to load here; "
+            + (f"load the best weights it saved, in {best}, or " if best_saved else "")
+            + f"train it again (delete {run_dir}, or choose another --name)")
+    raise CheckpointError(
+        f"{path} is missing, so {run_dir} is not a run directory (which `llmscratch train` or `llmscratch import` "
+        "writes); give the run's folder, or turn Hugging Face or book weights into one with `llmscratch import`")
 
 
 def _infer_ours(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, Any, str]]:
@@ -501,14 +577,31 @@ def has_tokenizer_files(directory: PathLike) -> bool:
     return any(directory.glob("tokenizer*")) or any((directory / n).exists() for n in names)
 
 
-def load_run(run_dir: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[GPT, Any, Optional[dict]]:
-    """``(model, tokenizer or None, training state or None)`` from a run directory."""
+def no_tokenizer_error(run_dir: PathLike, purpose: str = "text") -> CheckpointError:
+    """The error for a run without tokenizer files, when ``purpose`` (e.g. "the prompt") must become tokens."""
+    return CheckpointError(
+        f"{run_dir} has no tokenizer files (tokenizer_config.json with tokenizer.json, chars.json or "
+        f"vocab.bpe + encoder.json; or vocab.json + merges.txt), so {purpose} cannot be turned into tokens; "
+        "copy them from the run or Hugging Face directory the weights came from, or import the weights again "
+        f"with their tokenizer (`llmscratch import SOURCE {run_dir} --force`, without --no-tokenizer; "
+        "--tokenizer-dir DIR for the book's format)")
+
+
+def load_run(run_dir: PathLike, device: Union[str, torch.device] = "cpu", *,
+             need_tokenizer: Optional[str] = None) -> tuple[GPT, Any, Optional[dict]]:
+    """``(model, tokenizer or None, training state or None)`` from a run directory.
+
+    ``need_tokenizer``: what the tokenizer is for (e.g. ``"the prompt"``); then a run without
+    tokenizer files raises :func:`no_tokenizer_error` instead of giving ``None``.
+    """
     model = load_model(run_dir, device=device)
     tokenizer = None
     if has_tokenizer_files(run_dir):
         from .tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(Path(run_dir))
+    elif need_tokenizer is not None:
+        raise no_tokenizer_error(run_dir, need_tokenizer)
     return model, tokenizer, load_training_state(run_dir)
 
 
@@ -968,10 +1061,15 @@ def read_book_file(path: PathLike) -> dict[str, torch.Tensor]:
     ``"model_state_dict"`` (the book's training checkpoints), or a ``.safetensors`` file."""
     path = Path(path)
     _require_file(path, "give the path of a torch.save(model.state_dict()) file of the book's GPTModel")
-    if path.suffix == ".safetensors":
+    kind, looks = _sniff(path)
+    if path.suffix == ".safetensors" or kind == "safetensors":
         obj = read_safetensors(path)
+    elif kind is None:
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (.pth/.pt state dict) or safetensors file: {looks}; give the file "
+            "torch.save(model.state_dict()) wrote for the book's GPTModel, or a Hugging Face GPT-2 directory")
     else:
-        obj = _torch_load(path, "the book's state dict")
+        obj = _torch_load(path, "the book's state dict", "give a good copy of the file")
         if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
             obj = obj["model_state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -1112,13 +1210,13 @@ def import_checkpoint(
                 ) from err
             _check_tokenizer_fits(tokenizer, model.cfg, str(path))
     elif path.is_file():
+        sd = read_book_file(path)  # first: a file that is no state dict needs no head count
         if heads is None and preset is None:
             raise CheckpointError(
                 f"{path}: the book's format does not record the number of attention heads; give --heads N "
                 "or --preset NAME (the book's GPT-2 sizes: gpt2-124m = 12 heads, gpt2-medium = 16, "
                 "gpt2-large = 20, gpt2-xl = 25)"
             )
-        sd = read_book_file(path)
         drop_rate = 0.1
         if preset is not None:
             try:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-from .errors import LLMScratchError, SavedAndStopped
+from .errors import LLMScratchError
 
 if TYPE_CHECKING:
     from .train import TrainConfig
@@ -112,6 +113,9 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"config file {path} is a folder: give the path of a YAML or JSON file (--config)")
     if not p.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if p.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"config file {path}: a config file is YAML (.yaml, .yml) or JSON (.json), "
+                          f"told apart by its name's ending; rename it")
     data_bytes = p.read_bytes()
     try:
         text = data_bytes.decode("utf-8-sig")  # a byte-order mark, as some editors write, is not part of the text
@@ -119,12 +123,12 @@ def load_config_file(path: str) -> dict:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{data_bytes[err.start]:02x} at offset "
                           f"{err.start}): save it as UTF-8") from None
     try:
-        if p.suffix.lower() in (".yaml", ".yml"):
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
             import yaml
 
             data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
     except Exception as err:
         raise ConfigError(f"config file {path} could not be parsed: {err}") from err
     if not isinstance(data, dict):
@@ -333,8 +337,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="windows per forward pass on each process (default --batch-size); the global batch "
                    "stays batch-size × grad-accum and accumulation adapts to the number of processes")
     g.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
-    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay")
-    g.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    g.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay (default 1e-4)")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 30)")
     g.add_argument("--weight-decay", type=float, help="decoupled weight decay on matrices (default 0.6)")
     g.add_argument("--beta1", type=float, help="AdamW's first-moment decay, for the parameters AdamW updates (default 0.8)")
     g.add_argument("--beta2", type=float, help="AdamW's second-moment decay (default 0.999)")
@@ -344,28 +348,33 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    "and biases; adamw: AdamW on everything (needed with --fsdp)")
     g.add_argument("--muon-momentum", type=float, help="Muon's momentum (default 0.9)")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-interval", type=int, help="evaluate every N steps")
-    g.add_argument("--eval-windows", type=int, help="validation windows per evaluation during training")
-    g.add_argument("--log-interval", type=int, help="log the training loss every N steps")
-    g.add_argument("--checkpoint-interval", type=int, help="save a checkpoint every N steps")
-    g.add_argument("--sample-tokens", type=int, help="tokens of sample text printed at each evaluation (0: none)")
-    g.add_argument("--sample-prompt", help="prompt of the printed samples")
+    g.add_argument("--eval-interval", type=int, help="evaluate every N steps (default 350)")
+    g.add_argument("--eval-windows", type=int, help="validation windows per evaluation during training (default 64)")
+    g.add_argument("--log-interval", type=int, help="log the training loss every N steps (default 20): on the progress "
+                   "bar, or as a line without one (--no-progress, or output not a terminal); always in metrics.jsonl")
+    g.add_argument("--checkpoint-interval", type=int, help="save a checkpoint every N steps (default 700), and at the end")
+    g.add_argument("--sample-tokens", type=int, help="tokens of sample text printed at each evaluation (default 48; 0: none)")
+    g.add_argument("--sample-prompt", help="prompt of the printed samples (default \"And God said\")")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
     g.add_argument("--loss", choices=["auto", "plain", "chunked", "kernel"],
                    help="how the head and loss are computed: plain (logits, then F.cross_entropy: the readable "
-                        "path), chunked (fused, a chunk of tokens at a time), kernel (our Triton kernel, CUDA); "
+                        "path), chunked (fused, a chunk of tokens at a time), kernel (our Triton kernel on CUDA; on "
+                        "the CPU its PyTorch reference); "
                         "auto (default): chunked on the CPU, kernel on CUDA with Triton, else plain")
     g.add_argument("--seed", type=int, help="random seed (default 1337)")
-    g.add_argument("--time-budget", type=float, help="stop (and save) after this many seconds")
-    g.add_argument("--stop-at", type=int, help="stop (and save) at this step as if interrupted; --resume continues")
+    g.add_argument("--time-budget", type=float,
+                   help="stop (and save) once this many seconds have passed since the command started (data "
+                   "preparation included: a budget for the whole job)")
+    g.add_argument("--stop-at", type=int, help="stop (and save) at this step (at most --steps) as if interrupted; --resume continues")
     g.add_argument("--nproc", type=int, help="launch this many processes with torchrun (DDP) on this machine")
     g.add_argument("--fsdp", action="store_const", const=True,
                    help="under torchrun: shard weights, gradients and optimizer state with FSDP instead of DDP "
                    "(see docs/distributed.md)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: the training loss is printed every --log-interval steps instead")
     g = p.add_argument_group("run directory")
     g.add_argument("--out-dir", help="parent folder of run directories (default runs)")
     g.add_argument("--name", help="run name (default: date and time)")
@@ -411,6 +420,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.greedy and args.temperature is not None:  # (--top-k and --top-p agree with it: the top token is in both)
+        raise ConfigError(f"--greedy is temperature 0 (always the most likely token), so --temperature "
+                          f"{args.temperature} contradicts it: give one of them")
     given = args.prompts or [("--prompt", "")]  # (option, value) in command-line order
     if given.count(("--prompt-file", "-")) > 1:
         raise ConfigError("--prompt-file - reads standard input, which holds one prompt: give it once")
@@ -422,9 +434,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     named = [f"--prompt-file {value}" if option == "--prompt-file" else
              f"--prompt {value!r}" if len(value) <= 30 else f"--prompt {value[:27]!r}..." for option, value in given]
     runtime = setup_runtime(args.device, "fp32" if args.device in (None, "auto", "cpu") else "auto")
-    model, tokenizer, _ = load_run(args.run_dir, device=runtime.device)
-    if tokenizer is None:
-        raise LLMScratchError(f"{args.run_dir} has no tokenizer files; cannot turn the prompt into tokens")
+    model, tokenizer, _ = load_run(args.run_dir, device=runtime.device, need_tokenizer="the prompt")
     # One row per prompt and sample, prompt by prompt: row i samples with seed + i, so each row
     # prints exactly what a run of its prompt alone with --seed (seed + i) prints.
     rows = [(p, text, n) for p, text in enumerate(texts) for n in range(args.num_samples)]
@@ -440,7 +450,8 @@ def _run_generate(args: argparse.Namespace) -> int:
                                   f"leave those characters out") from None
     prompts = [encoded[p] for p, _, _ in rows]
     sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.0 if args.greedy else 0.8 if args.temperature is None else args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         eos_id=None if args.ignore_eos else tokenizer.eot_id,
         vocab_limit=tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None,
@@ -476,15 +487,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="a run directory (from `llmscratch train` or `llmscratch import`)")
     # Both options add to one list, so that the prompts keep the order they were given in.
     p.add_argument("--prompt", action="append", dest="prompts", type=lambda v: ("--prompt", v), metavar="TEXT",
-                   help="text to continue; give it again for more prompts in one batch")
+                   help="text to continue; give it again for more prompts in one batch (none: the text "
+                        "starts from the end-of-text token, as GPT-2's unconditional samples)")
     p.add_argument("--prompt-file", action="append", dest="prompts", type=lambda v: ("--prompt-file", v),
                    metavar="PATH", help="a UTF-8 file whose whole text is one prompt (- reads standard input); "
                                         "may be repeated; prompts are numbered in the order given")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with this probability mass")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
     p.add_argument("--seed", type=int, default=1337,
                    help="random seed (default 1337); row i of a batch (prompt by prompt, sample by sample) uses seed + i")
     p.add_argument("--num-samples", type=int, default=1,
@@ -871,17 +883,39 @@ def _out_of_memory(err: BaseException, command: str) -> Optional[str]:
     return f"out of memory on {where}: the sizes asked for do not fit this machine; try {smaller}"
 
 
+def _one_line_warnings(command: str) -> Callable[..., None]:
+    """Show this package's own warnings (a damaged cache rebuilt, say) as one line, as errors are
+    shown; other libraries' keep Python's format. Returns the handler it replaced."""
+    import warnings
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if os.path.abspath(filename).startswith(package):
+            print(f"llmscratch {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    return previous
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one subcommand and return its exit status: bad input gives a one-line error and 2, not a traceback."""
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     _, run = COMMANDS[args.command]
+    previous_warnings = _one_line_warnings(args.command)
     try:
         return int(run(args) or 0)
-    except KeyboardInterrupt as err:
-        if not isinstance(err, SavedAndStopped):  # training's Ctrl-C has said what it saved
-            print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C; or errors.Stopped, which training raises for SIGTERM too
+        signum = getattr(err, "signum", signal.SIGINT)
+        if not getattr(err, "saved", False):  # a training run that saved has said where
+            print("interrupted" if signum == signal.SIGINT else "terminated", file=sys.stderr)
+        return 128 + signum  # as a shell reports a command that the signal ended: 130, 143
     except LLMScratchError as err:  # bad input: a clear message, no traceback
         print(f"llmscratch {args.command}{_rank_tag()}: error: {err}", file=sys.stderr)
         return 2
@@ -897,6 +931,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise  # any other RuntimeError is a bug: keep its traceback
         print(f"llmscratch {args.command}{_rank_tag()}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = previous_warnings
 
 
 if __name__ == "__main__":

@@ -25,5 +25,14 @@ class CheckpointError(LLMScratchError):
     """A run directory or weights file that is missing, corrupted or does not match its config."""
 
 
-class SavedAndStopped(KeyboardInterrupt):
-    """Ctrl-C, after the work so far was saved and the log said where: the caller stops without another word."""
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped the work; ``saved``: the log has already said where it is saved.
+
+    A KeyboardInterrupt, so a caller stops too; the command line exits with ``128 + signum``,
+    as a shell reports a command the signal ended.
+    """
+
+    def __init__(self, signum: int, saved: bool = False):
+        super().__init__(signum)
+        self.signum, self.saved = signum, saved
+

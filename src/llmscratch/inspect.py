@@ -268,9 +268,7 @@ def trace_run(run_dir: str | Path, sentence: str) -> tuple[list[list[str]], list
     from .model import INIT_STD
     from .positions import alibi_bias, apply_rope, rope_cos_sin, sinusoidal_embedding
 
-    model, tokenizer, _ = load_run(run_dir)
-    if tokenizer is None:
-        raise ConfigError(f"{run_dir} has no tokenizer files, so the sentence cannot be turned into tokens")
+    model, tokenizer, _ = load_run(run_dir, need_tokenizer="the sentence")
     cfg = model.cfg
     ids = tokenizer.encode(sentence)
     if not ids:

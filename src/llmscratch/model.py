@@ -704,6 +704,13 @@ class GPT(nn.Module):
         return impl
 
 
+def loss_label(impl: str, device: torch.device) -> str:
+    """How logs and tables name the loss :meth:`GPT.loss_implementation` resolved to on ``device``."""
+    if impl == "kernel" and device.type == "cpu":  # the custom operator's CPU implementation: the same math
+        return "kernel loss (its PyTorch reference: Triton kernels run on CUDA)"
+    return f"{impl} loss"
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``x @ wᵀ`` whose forward pass also computes both gradients.
 

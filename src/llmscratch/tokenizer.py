@@ -342,6 +342,9 @@ class BPETokenizer(Tokenizer):
         path = Path(directory_or_file)
         if path.is_dir():
             path = path / cls.FILE
+        if not path.is_file():
+            raise TokenizerError(f"{path} is {'a directory' if path.is_dir() else 'missing'}; give a tokenizer.json "
+                                 "(ours or a Hugging Face one) or the folder that holds it")
         try:
             return cls(Backend.from_file(str(path)))
         except Exception as e:  # the library raises a bare Exception for bad files
@@ -520,6 +523,23 @@ def build_tokenizer(
     return BPETokenizer.train(text, vocab_size=vocab_size)
 
 
+# The files each kind's save() writes beside tokenizer_config.json.
+KIND_FILES = {"char": (CharTokenizer.FILE,), "bpe": (BPETokenizer.FILE,), "gpt2": GPT2Tokenizer.FILES}
+
+
+def _check_kind_files(directory: Path, kind: object) -> None:
+    """Raise a TokenizerError naming the files of ``kind`` missing from ``directory`` and what to do."""
+    files = KIND_FILES.get(kind) if isinstance(kind, str) else None
+    missing = [directory / name for name in files or () if not (directory / name).is_file()]
+    if missing:
+        names = " and ".join(map(str, missing))
+        raise TokenizerError(
+            f"{names} {'is' if len(missing) == 1 else 'are'} missing: {directory / CONFIG_FILE} "
+            f"says the tokenizer is {kind!r}, whose vocabulary is kept in {' + '.join(files)}; copy the tokenizer's "
+            f"files ({', '.join(files)}, {CONFIG_FILE}) into {directory} from the run it came from, or train or "
+            "import the run again")
+
+
 def load_tokenizer(directory: PathLike) -> Tokenizer:
     """Read a tokenizer back from a directory.
 
@@ -538,6 +558,7 @@ def load_tokenizer(directory: PathLike) -> Tokenizer:
             raise TokenizerError(f"{config_path} is not valid JSON: {e}") from e
         # A Hugging Face tokenizer_config.json has no "kind" of ours: then go by its files below.
         kind = config.get("kind") if isinstance(config, dict) else None
+        _check_kind_files(directory, kind)
         if kind == "char":
             return CharTokenizer.load(directory)
         if kind == "bpe":

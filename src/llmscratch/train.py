@@ -48,9 +48,10 @@ from .data import (
     token_dtype,
     window_starts,
 )
-from .errors import ConfigError, LLMScratchError, SavedAndStopped, TokenizerError
+from .errors import ConfigError, LLMScratchError, Stopped, TokenizerError
 from .files import write_text_atomic
 from .model import GPT, LOSS_IMPLS, GPTConfig, PRESETS, check_field_types, numbers_from_strings
+from .model import loss_label as model_loss_label
 from .optim import MuonAdamW, muon_param_groups
 from .runtime import Runtime, seed_everything, setup_runtime
 from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer
@@ -150,6 +151,9 @@ class TrainConfig:
             raise ConfigError(f"{_named('seed')} must be in [0, 2**32), as NumPy's seed, got {self.seed}")
         if self.stop_at is not None and self.stop_at < 1:
             raise ConfigError(f"{_named('stop_at')} must be a step >= 1, got {self.stop_at}")
+        if self.stop_at is not None and self.stop_at > self.steps:
+            raise ConfigError(f"{_named('stop_at')} {self.stop_at} is past the run's last step ({_named('steps')} "
+                              f"{self.steps}): it would never stop there; give a step up to {self.steps}")
         if self.warmup_steps < 0:
             raise ConfigError(f"{_named('warmup_steps')} must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -298,6 +302,8 @@ def sample_prompt_ids(tokenizer: Tokenizer, text: str, warn: Optional[Callable[[
 
 def _new_run_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out-dir {out} is a file: give the folder that holds run directories (default runs)")
     name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
     run_dir = out / name
     if cfg.name is not None and run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -311,6 +317,18 @@ def _new_run_dir(cfg: TrainConfig) -> Path:
         suffix += 1
         run_dir = out / f"{name}-{suffix}"
     return run_dir
+
+
+def _check_resumable(run_dir: Path) -> None:
+    """A clear error unless ``run_dir`` is a folder a training run wrote its settings in."""
+    if not run_dir.exists():
+        raise ConfigError(f"--resume {run_dir}: no such folder; give a run directory (runs/NAME, or runs/latest)")
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {run_dir} is a file; give the run directory that holds it ({run_dir.parent})")
+    if not (run_dir / "train_config.json").is_file() and (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: these weights were not trained by `llmscratch train` (no "
+                          f"train_config.json: imported?), so there is no run to continue; start one from them "
+                          f"with --init-from {run_dir}")
 
 
 def _point_latest(run_dir: Path) -> None:
@@ -363,30 +381,69 @@ def _prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: "
     return load_tokenizer(tok_dir)
 
 
+def _under_torchrun() -> bool:
+    """Whether torchrun started this process: it sends its ranks SIGTERM itself, to end them."""
+    return "LOCAL_RANK" in os.environ
+
+
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
 class _StopFlag:
-    """Turns the first Ctrl-C (SIGINT) into a request to save and stop at the next step."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (``kill``, ``timeout``, a job scheduler) into a
+    request to save and stop at the end of the step; a second one stops at once.
+
+    Under torchrun only Ctrl-C: torchrun's own SIGTERM ends ranks when another one failed, and
+    a rank waiting on a dead peer to save with it would hang.
+    """
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+        self.signum: Optional[int] = None  # the signal that asked to stop
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> "_StopFlag":
         def handler(signum, frame):
-            if self.requested:  # a second Ctrl-C: stop now
-                raise KeyboardInterrupt
-            self.requested = True
-            print("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort)",
-                  file=sys.stderr, flush=True)
+            if self.requested:  # a second signal: stop now
+                raise Stopped(signum)
+            self.signum = signum
+            print(f"\n{SIGNAL_NAMES[signum]}: saving a checkpoint at the end of this step "
+                  f"({SIGNAL_NAMES[signum]} again to abort)", file=sys.stderr, flush=True)
 
+        signals = [signal.SIGINT] if _under_torchrun() else [signal.SIGINT, signal.SIGTERM]
         try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not in the main thread
-            self._previous = None
+            self._previous = {signum: signal.signal(signum, handler) for signum in signals}
+        except ValueError:  # not in the main thread: no handlers
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+class _TermAsInterrupt:
+    """SIGTERM outside the training loop (preparing data, say) raises :class:`Stopped` as Ctrl-C
+    raises KeyboardInterrupt, so that a new run with nothing saved removes its folder."""
+
+    def __enter__(self) -> "_TermAsInterrupt":
+        def handler(signum, frame):
+            raise Stopped(signum)
+
+        self._previous = None
+        if not _under_torchrun():
+            try:
+                self._previous = signal.signal(signal.SIGTERM, handler)
+            except ValueError:  # not in the main thread
+                pass
         return self
 
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _rng_state(batch_gen: torch.Generator, runtime: Runtime) -> dict[str, Any]:
@@ -459,16 +516,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
 
     A new run that fails (or is stopped) before its first checkpoint leaves no folder behind
     (:class:`_NewRun`); ``<out_dir>/latest`` moves to a new run at its first checkpoint. Ctrl-C
-    saves a checkpoint at the end of the step and then raises ``errors.SavedAndStopped`` (a
-    KeyboardInterrupt), so that a caller stops too (``llmscratch train && llmscratch generate ...``
-    does not go on to generate).
+    (or SIGTERM, outside torchrun) saves a checkpoint at the end of the step and then raises
+    :class:`errors.Stopped` (a KeyboardInterrupt), so that a caller stops too
+    (``llmscratch train && llmscratch generate ...`` does not go on to generate).
     """
     new_run = _NewRun()
-    try:
-        return _train(cfg, log, given, new_run)
-    except BaseException:
-        new_run.remove_if_nothing_saved(log)
-        raise
+    with _TermAsInterrupt():
+        try:
+            return _train(cfg, log, given, new_run)
+        except BaseException:
+            new_run.remove_if_nothing_saved(log)
+            raise
 
 
 def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str]], new_run: _NewRun) -> Path:
@@ -481,6 +539,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     state: Optional[dict[str, Any]] = None
     if cfg.resume:
         run_dir = Path(cfg.resume)
+        _check_resumable(run_dir)
         saved = ckpt.read_json(run_dir / "train_config.json")
         saved.setdefault("optimizer", "adamw")  # runs saved before the option existed trained with AdamW
         now, defaults = cfg.to_dict(), TrainConfig().to_dict()
@@ -586,6 +645,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
         loss_impl = model.loss_implementation(runtime.device)
     except ValueError as err:
         raise ConfigError(f"--loss {cfg.loss}: {err}") from err
+    loss_label = model_loss_label(loss_impl, runtime.device)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"the model's vocabulary ({model_cfg.vocab_size}) is smaller than the "
                           f"tokenizer's ({tokenizer.vocab_size}); they do not belong together")
@@ -630,7 +690,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
             "whole and trained as without it (launch with --nproc N or torchrun to shard)")
     log(f"device {runtime.device} ({runtime.precision}), {group.world_size} process(es); "
         f"model {model.num_parameters():,} parameters ({model_cfg.n_layers} layers, {model_cfg.n_heads} heads, "
-        f"{model_cfg.emb_dim} dims, context {context}, {model_cfg.pos_emb} positions, {loss_impl} loss); "
+        f"{model_cfg.emb_dim} dims, context {context}, {model_cfg.pos_emb} positions, {loss_label}); "
         f"tokenizer {tokenizer.kind} ({tokenizer.vocab_size} tokens); "
         f"{len(splits.train):,} training / {len(splits.val):,} validation tokens; "
         f"{cfg.batch_size * cfg.grad_accum} windows per step, {micro_size} per forward pass on each process")
@@ -679,8 +739,10 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     # ---------------------------------------------------------------- the loop
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and group.is_main),
-               dynamic_ncols=True, unit="step")
+    # The bar only on a terminal: piped into a file its carriage returns run into the log lines.
+    # Without it, the training loss is logged every --log-interval steps instead.
+    show_bar = cfg.progress and group.is_main and sys.stderr.isatty()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not show_bar, dynamic_ncols=True, unit="step")
     bad_step = torch.full((), -1, dtype=torch.int64, device=runtime.device)  # first step with a non-finite loss
     loss_sum = torch.zeros((), device=runtime.device)
     loss_count = 0
@@ -760,6 +822,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
                 elapsed = time.time() - t_log
                 tok_s = tokens_since_log / max(elapsed, 1e-9)
                 bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                if not show_bar:
+                    log(f"step {step}: train loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tokens/s")
                 write_metrics({"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
                                "elapsed_s": time.time() - t_start})
                 loss_sum.zero_()
@@ -777,7 +841,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
                         msg += f"\n  sample: {sample_text()!r}"
                     except Exception as err:  # a sample must never cost the checkpoint saved below
                         msg += f"\n  (no sample: {err})"
-                if group.is_main and cfg.progress:
+                if show_bar:
                     bar.write(msg)  # above the progress bar
                 else:
                     log(msg)
@@ -790,7 +854,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
                 save_checkpoint(step)
                 last_good = step
             if stop_now:
-                stopped_by = "Ctrl-C"
+                stopped_by = SIGNAL_NAMES[stop.signum or signal.SIGINT]  # another rank's Ctrl-C: no signal here
                 break
             if out_of_time:
                 stopped_by = "--stop-at" if cfg.stop_at is not None and step >= cfg.stop_at else "time budget"
@@ -819,8 +883,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     if group.is_main and dist.latest_is_sharded(run_dir):
         dist.consolidate(run_dir)  # the FSDP shards → the ordinary run-directory files
         log(f"consolidated the sharded checkpoint into {run_dir}")
-    if stopped_by == "Ctrl-C":
-        raise SavedAndStopped  # saved and said above; the caller stops too (the CLI exits 130, as a shell expects)
+    if stopped_by in SIGNAL_NAMES.values():  # saved and said above; the caller stops too (the CLI exits 128 + signum)
+        raise Stopped(stop.signum or signal.SIGINT, saved=True)
     return run_dir
 
 
@@ -874,9 +938,7 @@ def evaluate_text(run_dir: str | Path, data: str, encoding: str = "utf-8", devic
         raise ConfigError(f"the evaluation batch size (--batch-size) must be a positive integer, got {batch_size!r}")
     corpus = load_corpus(data, encoding=encoding)
     runtime = setup_runtime(device, "auto")
-    model, tokenizer, _ = ckpt.load_run(run_dir, device=runtime.device)
-    if tokenizer is None:
-        raise ckpt.CheckpointError(f"{run_dir} has no tokenizer files; cannot tokenize {data}")
+    model, tokenizer, _ = ckpt.load_run(run_dir, device=runtime.device, need_tokenizer=data)
     ids = encode_text(corpus.text, tokenizer, token_dtype(tokenizer.vocab_size)).astype(np.int64)
     if len(ids) < 2:
         raise ConfigError(f"{data} is too short to evaluate: it has {len(ids)} token(s), at least 2 are needed")
