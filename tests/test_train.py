@@ -673,3 +673,13 @@ def test_an_out_dir_that_is_a_file_is_named(corpus, tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigError, match="--out-dir .*afile is a file"):
         train(tiny_config(corpus, tmp_path / "afile", name="n"))
+
+
+def test_a_bpe_vocabulary_smaller_than_asked_for_is_said(corpus, tmp_path):
+    lines: list[str] = []
+    run = train(tiny_config(corpus, tmp_path, steps=1, name="small", tokenizer="bpe", vocab_size=5000),
+                log=lines.append)
+    size = ckpt.load_run(run)[1].vocab_size
+    assert size < 5000  # this little text has far fewer merges to learn
+    assert f"note: --vocab-size 5000 asks for more tokens than BPE finds merges for in this corpus: the tokenizer " \
+           f"has {size}" in "\n".join(lines)

@@ -610,6 +610,9 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
         tokenizer = load_tokenizer(cfg.init_from)
     else:
         tokenizer = _prepare_tokenizer(cfg, corpus.text, cache, group)
+        if cfg.tokenizer == "bpe" and tokenizer.vocab_size < cfg.vocab_size:
+            log(f"note: --vocab-size {cfg.vocab_size} asks for more tokens than BPE finds merges for in this corpus: "
+                f"the tokenizer has {tokenizer.vocab_size} (more text gives more)")
     if group.is_main:  # rank 0 writes the token cache; then every rank (rank 0 again) reads it
         prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction)
     group.barrier()
