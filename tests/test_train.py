@@ -683,3 +683,14 @@ def test_a_bpe_vocabulary_smaller_than_asked_for_is_said(corpus, tmp_path):
     assert size < 5000  # this little text has far fewer merges to learn
     assert f"note: --vocab-size 5000 asks for more tokens than BPE finds merges for in this corpus: the tokenizer " \
            f"has {size}" in "\n".join(lines)
+
+
+def test_info_says_why_a_tokenizer_cannot_be_loaded(corpus, tmp_path):
+    from llmscratch.checkpoint import save_run
+
+    run = train(tiny_config(corpus, tmp_path, steps=1, name="t"))
+    assert "tokenizer: char, " in describe_run(run)
+    (run / "chars.json").unlink()  # the char tokenizer's vocabulary
+    assert "tokenizer: cannot be loaded (" in describe_run(run) and "chars.json" in describe_run(run)
+    save_run(tmp_path / "bare", GPT(GPTConfig.from_preset("test")), None)
+    assert "tokenizer: none (no tokenizer files" in describe_run(tmp_path / "bare")

@@ -964,11 +964,14 @@ def describe_run(run_dir: str | Path) -> str:
                  f"({model.num_parameters(exclude_embeddings=True):,} without embeddings)")
     lines.append("model config:")
     lines += [f"  {k}: {v}" for k, v in sorted(cfg.to_dict().items())]
-    try:
-        tok = load_tokenizer(run_dir)
-        lines.append(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens")
-    except LLMScratchError:
-        lines.append("tokenizer: none")
+    if not ckpt.has_tokenizer_files(run_dir):
+        lines.append("tokenizer: none (no tokenizer files: text prompts cannot be used)")
+    else:
+        try:
+            tok = load_tokenizer(run_dir)
+            lines.append(f"tokenizer: {tok.kind}, {tok.vocab_size} tokens")
+        except LLMScratchError as err:  # info describes a damaged run too: say what is wrong, go on
+            lines.append(f"tokenizer: cannot be loaded ({err})")
     weights = run_dir / ckpt.WEIGHTS_FILE
     if not weights.is_file():
         lines.append(f"weights: none ({weights.name} is missing)")
