@@ -102,6 +102,35 @@ def test_linear_cross_entropy_equals_logits_then_cross_entropy():
     torch.testing.assert_close((x.grad, w.grad), ref_grads)
 
 
+def test_the_heads_forward_product_equals_the_matrix_product_on_either_library():
+    import platform
+
+    import llmscratch.model as model_module
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(300, 32, generator=gen), torch.randn(500, 32, generator=gen)
+    exact = (x.double() @ w.double().t()).float()
+    torch.testing.assert_close(model_module._logits_product(x, w), exact, rtol=1e-5, atol=1e-5)
+    w_t = w.t().contiguous().t()  # the same matrix stored column-major: the plain product
+    torch.testing.assert_close(model_module._logits_product(x, w_t), x @ w_t.t(), rtol=0, atol=0)
+    x64, w64 = x.double(), w.double()  # oneDNN only for float32
+    torch.testing.assert_close(model_module._logits_product(x64, w64), x64 @ w64.t(), rtol=0, atol=0)
+    if platform.machine().lower() in ("x86_64", "amd64") and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        assert model_module._onednn_logits()  # so the first check above ran through oneDNN
+
+
+def test_the_chunked_loss_in_float32_matches_f_cross_entropy():
+    torch.manual_seed(0)
+    x = torch.randn(70, 24, requires_grad=True)
+    w = torch.randn(300, 24, requires_grad=True)
+    y = torch.randint(0, 300, (70,))
+    ref = torch.nn.functional.cross_entropy(x @ w.t(), y)
+    ref_grads = torch.autograd.grad(ref, (x, w))
+    fused = linear_cross_entropy(x, w, y, vocab=300, chunk=32)
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(fused, (x, w)), ref_grads, rtol=1e-4, atol=1e-6)
+
+
 def test_linear_cross_entropy_is_exact_where_the_target_probability_underflows():
     # A target logit 200 below the best one: p(target) = e^-200 underflows float32 to 0, so
     # -log p(target) would be inf; the loss must still be the true 200-odd (as F.cross_entropy).
