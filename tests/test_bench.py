@@ -46,6 +46,17 @@ def test_train_rows_have_the_numbers_and_the_ratio():
     assert "tokens/s" in bench.format_train(rows)
 
 
+def test_train_rows_keep_every_run_and_the_median_of_them():
+    cfg = GPTConfig.from_preset("test")
+    rows = bench.bench_train(cfg, CPU, batch=2, context=16, precision="fp32", names=["ours"],
+                             steps=1, repeats=3, warmup=1, log=lambda _: None)
+    (row,) = rows
+    runs = row["step_ms_runs"]
+    assert len(runs) == 3 and all(ms > 0 for ms in runs)
+    assert row["step_ms"] == sorted(runs)[1]
+    assert row["tokens_per_s"] == pytest.approx(2 * 16 / (row["step_ms"] / 1000))
+
+
 def test_mfu_is_nanogpt_s_flops_per_token_times_tokens_per_second_over_the_peak(monkeypatch):
     monkeypatch.setattr(bench, "datasheet_tflops", lambda device: 2.0)  # a made-up 2 TFLOP/s "datasheet"
     cfg = GPTConfig.from_preset("test")  # learned positions: their table does no matrix product

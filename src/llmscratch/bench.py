@@ -413,7 +413,9 @@ def bench_train(
         tps = batch * context / seconds
         fpt = flops_per_token(cfg, c.matmul_params, context)  # positions and activation change no matmul
         loss = float(step.last_loss) if step.last_loss is not None else float("nan")
-        return {"model": c.name, "same_as_peers": c.same_as_peers, "compiled": c.compiled, "tokens_per_s": tps, "step_ms": 1000 * seconds, "loss": loss,
+        return {"model": c.name, "same_as_peers": c.same_as_peers, "compiled": c.compiled, "tokens_per_s": tps, "step_ms": 1000 * seconds,
+                "step_ms_runs": [1000 * t for t in times],  # one per repeat; interleaved: run i of every row is round i
+                "loss": loss,
                 "params": sum(p.numel() for p in c.model.parameters()), "flops_per_token": fpt,
                 "mfu_measured_peak": tps * fpt / (peak * 1e12) if peak else None,
                 "mfu_datasheet": tps * fpt / (sheet * 1e12) if sheet else None,
