@@ -43,13 +43,13 @@ SHAPES = [
 ]
 
 
-def tiny_hf(vocab, ctx, dim, heads, layers, tied=True, scaled=True, seed=0) -> GPT2LMHeadModel:
+def tiny_hf(vocab, ctx, dim, heads, layers, tied=True, scaled=True, seed=0, eps=1e-5) -> GPT2LMHeadModel:
     """A GPT-2 with every parameter random (biases and LayerNorms included), dropout off."""
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=vocab, n_positions=ctx, n_embd=dim, n_head=heads, n_layer=layers,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied,
-        scale_attn_weights=scaled, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+        scale_attn_weights=scaled, bos_token_id=vocab - 1, eos_token_id=vocab - 1, layer_norm_epsilon=eps,
     )
     model = GPT2LMHeadModel(config)
     with torch.no_grad():
@@ -98,6 +98,16 @@ def test_save_pretrained_import_matches_transformers(tmp_path, shape):
     # The run directory reloads to the same model, with either attention backend.
     for backend in ("fused", "explicit"):
         assert_same_model(load_model(tmp_path / "run", attn_backend=backend), ref, vocab, ctx)
+
+
+def test_layer_norm_epsilon_reaches_the_arithmetic(tmp_path):
+    # 1e-2 against activations of variance ~0.04: a model that kept 1e-5 would be visibly off.
+    ref = tiny_hf(50, 8, 16, 2, 2, eps=1e-2)
+    ref.save_pretrained(tmp_path / "hf")
+    model, _ = import_checkpoint(tmp_path / "hf", tmp_path / "run", no_tokenizer=True)
+    assert model.cfg.layer_norm_eps == 1e-2
+    assert_same_model(model, ref, 50, 8)
+    assert_same_model(load_model(tmp_path / "run"), ref, 50, 8)
 
 
 @pytest.mark.parametrize("writer", ["safetensors", "torch.save"])

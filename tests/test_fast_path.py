@@ -264,6 +264,33 @@ def test_fused_loss_on_cuda_in_bf16_matches_the_plain_loss():
         assert rel < 3e-2, f"gradient of {name} differs by {rel:.3g} (relative)"  # 1.1 % on a CPU in bf16
 
 
+@pytest.mark.parametrize("loss_impl", ["plain", "chunked", "kernel"])  # kernel: its PyTorch reference on a CPU
+def test_a_padded_head_computes_what_the_unpadded_one_does(monkeypatch, loss_impl):
+    """The CUDA-only padding of the head (250 → 256 rows), forced on the CPU: the same logits,
+    loss and gradients as without it, and no padded id ever sampled."""
+    cfg = GPTConfig.from_preset("test", vocab_size=250)
+    torch.manual_seed(0)
+    idx, targets = torch.randint(0, 250, (2, 16)), torch.randint(0, 250, (2, 16))
+    results = []
+    for padded in (False, True):
+        monkeypatch.setattr(model_module, "pads_vocabulary", lambda device: padded)
+        model = sharp_model(cfg)
+        model.loss_impl = loss_impl
+        assert model._head_weight(idx).shape[0] == (256 if padded else 250)
+        with torch.no_grad():
+            logits = model(idx)
+        loss = model(idx, targets)
+        loss.backward()
+        sampled = generate(model, idx[:, :4].tolist(), SamplingConfig(max_new_tokens=40, temperature=3.0, seed=0))
+        results.append((logits, loss.detach(), [p.grad for p in model.parameters()], sampled))
+    (logits, loss, grads, sampled), (p_logits, p_loss, p_grads, p_sampled) = results
+    assert p_logits.shape == (2, 16, 250)
+    torch.testing.assert_close(p_logits, logits)
+    torch.testing.assert_close(p_loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 250), targets.reshape(-1)))
+    torch.testing.assert_close(p_grads, grads)
+    assert p_sampled == sampled and all(0 <= t < 250 for row in p_sampled for t in row)
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_padded_vocabulary_never_leaves_the_model():

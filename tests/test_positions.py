@@ -45,6 +45,38 @@ def test_rope_matches_complex_rotation():
     torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("base", [500.0, 500000.0])
+def test_rope_base_sets_the_rotation_frequencies(base):
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 9, 16)  # (B, H, T, d)
+    positions = torch.arange(9)
+    cos, sin = rope_cos_sin(positions, 16, base=base)
+    torch.testing.assert_close(apply_rope(x, cos, sin), rope_complex(x, positions, base=base), atol=1e-5, rtol=1e-5)
+
+
+def test_the_models_rope_base_reaches_its_attention():
+    """A model built with ``rope_base`` rotates its queries and keys with that base: its attention
+    weights are those of Q and K rotated by the independent complex RoPE with the same base."""
+    from llmscratch.model import GPT, GPTConfig
+
+    torch.manual_seed(4)
+    cfg = GPTConfig.from_preset("test", pos_emb="rope", rope_base=500.0)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 10))
+    seen = []
+    handle = model.blocks[0].attn.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        _, weights = model(idx, need_weights=True)
+        handle.remove()
+        h, d = cfg.n_heads, cfg.head_dim
+        qkv = model.blocks[0].attn.qkv(seen[0]).view(2, 10, 3, h, d)  # (B, T, 3, H, d)
+        q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)  # (B, H, T, d) each
+        q, k = rope_complex(q, torch.arange(10), base=500.0), rope_complex(k, torch.arange(10), base=500.0)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(d)  # (B, H, T, T)
+        scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(weights[0], scores.softmax(dim=-1), atol=1e-5, rtol=1e-4)
+
+
 def test_rope_per_row_positions_broadcast_over_heads():
     torch.manual_seed(1)
     x = torch.randn(2, 3, 4, 8)  # (B, H, T, d)

@@ -168,16 +168,62 @@ def test_training_lowers_loss_and_writes_the_run(corpus: Path, tmp_path: Path):
     assert "step 40 of 40" in info and "muon" in info and "bits/byte" in info
 
 
-def test_resume_is_bit_exact(corpus: Path, tmp_path: Path):
-    full = train(tiny_config(corpus, tmp_path / "a", steps=8, name="full"))
-    half = train(tiny_config(corpus, tmp_path / "b", steps=8, stop_at=4, name="half"))
+@pytest.mark.parametrize("drop_rate", [0.0, 0.1])  # with dropout, torch's own generator must come back too
+def test_resume_is_bit_exact(corpus: Path, tmp_path: Path, drop_rate: float):
+    model = {"context_length": 16, "drop_rate": drop_rate}
+    full = train(tiny_config(corpus, tmp_path / "a", steps=8, name="full", model=model))
+    half = train(tiny_config(corpus, tmp_path / "b", steps=8, stop_at=4, name="half", model=model))
     assert ckpt.load_training_state(half)["step"] == 4
+    torch.manual_seed(999)  # whatever the process did before, the resumed run draws what the full one drew
     resumed = train(TrainConfig(resume=str(half), progress=False))
     assert resumed == half
     m_full, m_res = ckpt.load_model(full), ckpt.load_model(resumed)
     for (name, a), (_, b) in zip(m_full.state_dict().items(), m_res.state_dict().items()):
         assert torch.equal(a, b), name
     assert ckpt.load_training_state(resumed)["step"] == 8
+
+    def losses(run: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["train_loss"] for r in records if "train_loss" in r}
+
+    assert losses(resumed) == losses(full) and max(losses(full)) == 8
+
+
+def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(corpus: Path, tmp_path: Path, monkeypatch):
+    """The mean of micro-batch means is the mean over the batch: split or not, the same gradient and loss.
+
+    Compared before any clipping or optimizer could hide a wrongly scaled gradient (Muon
+    normalises its update, AdamW divides by the gradient's size).
+    """
+    import llmscratch.train as train_module
+
+    real_build = train_module.build_optimizer
+
+    def first_step(name: str, **kw) -> tuple[list[torch.Tensor], list[float]]:
+        grads: list[list[torch.Tensor]] = []
+
+        def recording_optimizer(model, cfg, device):
+            opt = real_build(model, cfg, device)
+            step = opt.step
+
+            def recorded_step(*args, **kwargs):
+                grads.append([p.grad.clone() for p in model.parameters()])
+                return step(*args, **kwargs)
+
+            opt.step = recorded_step
+            return opt
+
+        monkeypatch.setattr(train_module, "build_optimizer", recording_optimizer)
+        run = train(tiny_config(corpus, tmp_path, steps=2, log_interval=1, grad_clip=0.0, name=name, **kw))
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return grads[0], [r["train_loss"] for r in records if "train_loss" in r]
+
+    whole, whole_losses = first_step("whole", batch_size=4)
+    for name, kw in [("micro", dict(batch_size=4, micro_batch=1)), ("accum", dict(batch_size=2, grad_accum=2))]:
+        grads, losses = first_step(name, **kw)
+        for a, b in zip(grads, whole):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert losses == pytest.approx(whole_losses, rel=1e-5), name
 
 
 def test_a_kill_between_the_two_renames_of_a_save_is_finished_on_resume(corpus: Path, tmp_path: Path, monkeypatch):

@@ -414,6 +414,12 @@ class StaticKVCache:
         return self.k[layer], self.v[layer]  # (B, H, T_max, d) each
 
 
+def pads_vocabulary(device: torch.device) -> bool:
+    """Whether the head's weight is padded to ``pad_vocab_multiple`` rows on ``device``: on CUDA,
+    whose matrix units run multiples of 64 faster; on a CPU the extra rows would only add work."""
+    return device.type == "cuda"
+
+
 @dataclass
 class _Step:
     """What every layer needs to know about the current call (built once per forward)."""
@@ -652,7 +658,7 @@ class GPT(nn.Module):
         """The LM head's weight, padded to a multiple of ``pad_vocab_multiple`` rows on CUDA."""
         w = self.out_head.weight  # (V, C)
         pad = -self.cfg.vocab_size % self.cfg.pad_vocab_multiple  # rows up to the next multiple
-        if pad and x.is_cuda:
+        if pad and pads_vocabulary(x.device):
             w = F.pad(w, (0, 0, 0, pad))  # (V_pad, C); the extra rows are zeros
         return w
 
