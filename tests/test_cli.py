@@ -165,6 +165,8 @@ def test_dashed_keys_are_read_as_the_options_at_the_top_and_under_model(tmp_path
     ("stepz: 3\n", "`stepz`: did you mean `steps`?"),
     ("zzz: 3\n", "`zzz`: known: batch_size, beta1,"),
     ("model:\n  n_layer: 2\n", "`n_layer` under `model:`: did you mean `n_layers`?"),
+    ("n_layer: 2\n", "`n_layer`: did you mean `n_layers` under `model:`?"),  # misspelt and misplaced
+    ("model:\n  batch_sise: 2\n", "`batch_sise` under `model:`: did you mean `batch_size` at the top level?"),
     ("model:\n  batch-size: 2\n", "`batch-size` under `model:`: it is a training option: put it at the top level"),
     ("model:\n  no_scale_attn: true\n", "`no_scale_attn` under `model:`: write `scale_attn: false` under `model:`"),
 ])
@@ -297,6 +299,19 @@ def test_nproc_below_one_is_refused(tmp_path, capsys, nproc):
     status, err = run_main(capsys, *train_args(tmp_path, "--nproc", nproc))
     assert status == 2
     assert err == f"llmscratch train: error: --nproc is the number of processes to launch: at least 1, got {nproc}\n"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--nproc", "3"], "the global batch of 2 windows (batch_size 2 × grad_accum 1) does not split evenly over 3 processes"),
+    (["--nproc", "2", "--batch-size", "8", "--micro-batch", "3"], "gets 4 windows per step, which micro-batches of 3"),
+])
+def test_a_batch_the_processes_cannot_share_is_refused_before_launching(tmp_path, capsys, monkeypatch, extra, message):
+    import llmscratch.distributed as dist
+
+    monkeypatch.setattr(dist, "launch_torchrun", lambda *a, **k: pytest.fail("launched"))
+    status, err = run_main(capsys, *train_args(tmp_path, *extra))
+    assert status == 2 and err.count(message) == 1, err
     assert not (tmp_path / "runs").exists()
 
 

@@ -266,3 +266,9 @@ def test_experiment_data_in_another_encoding_is_read_with_encoding(tmp_path, cap
     assert "--encoding latin-1" in capsys.readouterr().err  # the option the message suggests exists here too
     assert main([*args, "--encoding", "latin-1"]) == 2
     assert f"the corpus {text} is too small" in capsys.readouterr().err  # decoded: past the encoding, to the size check
+    text.write_bytes("café au lait. ".encode("latin-1") * 3000)  # enough text: the run goes through
+    assert main([*args, "--encoding", "latin-1", "--seed", "5"]) == 0
+    report = (tmp_path / "out" / "heads" / "report.md").read_text(encoding="utf-8")
+    rerun = f"llmscratch experiment heads --tiny --data {text} --encoding latin-1 --seed 5"
+    assert f"Rerun: `{rerun}`" in report  # the command that reads the same text the same way
+    assert f"- data: {text}" in report and "- encoding: latin-1" in report

@@ -29,6 +29,22 @@ def test_unknown_or_missing_devices_are_named():
             resolve_device("cuda")
 
 
+def test_llmscratch_device_is_what_auto_means(monkeypatch):
+    monkeypatch.setenv("LLMSCRATCH_DEVICE", "cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")  # a named device is not overridden
+    monkeypatch.setenv("LLMSCRATCH_DEVICE", "auto")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    monkeypatch.setenv("LLMSCRATCH_DEVICE", "tpu9")
+    with pytest.raises(ConfigError, match="LLMSCRATCH_DEVICE=tpu9: unknown device 'tpu9'"):
+        resolve_device("auto")
+    resolve_device("cpu")  # only `auto` reads the variable
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("LLMSCRATCH_DEVICE", "cuda")
+        with pytest.raises(ConfigError, match="LLMSCRATCH_DEVICE=cuda: .*no CUDA GPU"):
+            resolve_device("auto")
+
+
 # A fresh process per setting: malloc's settings are process-wide and cannot be undone.
 FAULTS = """
 import resource, sys, torch

@@ -174,6 +174,7 @@ def test_resume_is_bit_exact(corpus: Path, tmp_path: Path, drop_rate: float):
     full = train(tiny_config(corpus, tmp_path / "a", steps=8, name="full", model=model))
     half = train(tiny_config(corpus, tmp_path / "b", steps=8, stop_at=4, name="half", model=model))
     assert ckpt.load_training_state(half)["step"] == 4
+    assert (half / "loss.png").stat().st_size > 0  # the curve so far, drawn at a stop too
     torch.manual_seed(999)  # whatever the process did before, the resumed run draws what the full one drew
     resumed = train(TrainConfig(resume=str(half), progress=False))
     assert resumed == half

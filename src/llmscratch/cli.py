@@ -178,22 +178,25 @@ def _check_known(data: dict, model: dict, path: str) -> None:
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
 
-    def hint(name: str, known: set[str], other: set[str], other_place: str) -> str:
+    def hint(name: str, known: set[str], other: set[str], other_place: str, other_where: str) -> str:
         if name in _FILE_SPELLINGS:
             return _FILE_SPELLINGS[name]
         if name in other:
             return f"it is {other_place}"
-        close = difflib.get_close_matches(name, sorted(known), n=1)
-        return f"did you mean `{close[0]}`?" if close else f"known: {', '.join(sorted(known))}"
+        close = difflib.get_close_matches(name, sorted(known | other), n=1)  # a misspelling in either place
+        if close:
+            return f"did you mean `{close[0]}`{'' if close[0] in known else ' ' + other_where}?"
+        return f"known: {', '.join(sorted(known))}"
 
     def name(key: str) -> str:
         return key.replace("-", "_")
 
     problems = [f"`{key}`: " + hint(name(key), train_fields, model_fields - train_fields,
-                                      "a model option: put it under `model:`")
+                                      "a model option: put it under `model:`", "under `model:`")
                 for key in data if name(key) not in train_fields]
     problems += [f"`{key}` under `model:`: " + hint(name(key), model_fields, train_fields - model_fields,
-                                                    "a training option: put it at the top level, not under `model:`")
+                                                    "a training option: put it at the top level, not under `model:`",
+                                                    "at the top level")
                  for key in model if name(key) not in model_fields]
     if problems:
         raise ConfigError(f"config file {path} has unknown option(s): " + "; ".join(problems))
@@ -283,9 +286,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
         check_utf8(options["sample_prompt"], "--sample-prompt")
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from .distributed import launch_torchrun
+        from .distributed import launch_torchrun, micro_batch_size
 
-        _train_config(options, args)  # a bad option is reported once, here, not by every process
+        cfg = _train_config(options, args)  # a bad option is reported once, here, not by every process
+        if not cfg.resume:  # (a resumed run's batch is its own, read by each process)
+            micro_batch_size(cfg.batch_size, cfg.grad_accum, args.nproc, cfg.micro_batch)
         return launch_torchrun(args.nproc, sys.argv[1:])
     from .checkpoint import load_run, read_json
     from .generate import SamplingConfig, generate

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -58,7 +59,13 @@ class Runtime:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → cuda, then mps, then cpu; otherwise the named device, checked to exist."""
+    """``auto`` → ``$LLMSCRATCH_DEVICE`` where set, else cuda, then mps, then cpu; otherwise the
+    named device, checked to exist."""
+    if name == "auto" and os.environ.get("LLMSCRATCH_DEVICE", "auto") != "auto":
+        try:
+            return resolve_device(os.environ["LLMSCRATCH_DEVICE"])
+        except ConfigError as err:
+            raise ConfigError(f"LLMSCRATCH_DEVICE={os.environ['LLMSCRATCH_DEVICE']}: {err}") from err
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

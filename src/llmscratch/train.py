@@ -877,11 +877,11 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
                        "val_bpb": final["bpb"], "val_tokens": final["tokens"], "elapsed_s": time.time() - t_start})
         log(f"final (whole validation split, {final['tokens']:,} tokens): loss {final['loss']:.4f}, "
             f"ppl {final['ppl']:.2f}, {final['bpb']:.4f} bits/byte; {time.time() - t_start:.0f} s in all")
-        if group.is_main:
-            try:
-                plot_metrics(metrics_path, run_dir / "loss.png")
-            except Exception as err:  # a plot must never lose a finished run
-                log(f"(could not draw loss.png: {err})")
+    if group.is_main:  # also after a stop: the curve so far (a resumed run redraws it whole)
+        try:
+            plot_metrics(metrics_path, run_dir / "loss.png")
+        except Exception as err:  # a plot must never lose a run
+            log(f"(could not draw loss.png: {err})")
     dist.cleanup(group)
     if group.is_main and dist.latest_is_sharded(run_dir):
         dist.consolidate(run_dir)  # the FSDP shards → the ordinary run-directory files

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shlex
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MODES = ("tiny", "quick", "full")
+DEFAULT_SEED = 1337  # `llmscratch experiment`'s --seed when none is given
 REPORT_FILES = ("report.md", "results.json")  # written into out_dir/<name>/, with the plots
 
 
@@ -129,6 +131,8 @@ class ExperimentData:
     tokenizer: Tokenizer
     byte_lengths: torch.Tensor  # (vocab_size,) int64
     corpus_name: str
+    source: Optional[str] = None  # the --data path, where one was given
+    encoding: str = "utf-8"  # how the --data files were read
 
     @property
     def vocab_size(self) -> int:
@@ -152,7 +156,7 @@ def load_data(size: Size, cache_dir: Path, data: Optional[str] = None, longest: 
     splits = prepare_tokens(corpus, tokenizer, cache_dir, val_fraction=0.1)
     check_split_sizes(splits, longest or size.context_length, val_fraction_option=False)
     lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.int64)
-    return ExperimentData(splits, tokenizer, lengths, corpus.name)
+    return ExperimentData(splits, tokenizer, lengths, corpus.name, source=data, encoding=encoding)
 
 
 def validation_batches(data: ExperimentData, context_length: int, n_windows: int, seed: int,
@@ -425,9 +429,19 @@ class Report:
             parts += [f"![{caption}]({file})", "", f"*{caption}*", ""]
         parts += ["## Findings", ""]
         parts += [f"- {f}" for f in self.findings]
-        parts += ["", f"Rerun: `llmscratch experiment {self.name}"
-                  + {"quick": " --quick", "tiny": " --tiny", "full": ""}[self.settings.get("mode", "full")] + "`", ""]
+        parts += ["", f"Rerun: `{self.rerun_command()}`", ""]
         return "\n".join(parts)
+
+    def rerun_command(self) -> str:
+        """The ``llmscratch experiment`` command line that runs this report's settings again."""
+        words = ["llmscratch", "experiment", self.name]
+        words += {"quick": ["--quick"], "tiny": ["--tiny"], "full": []}[self.settings.get("mode", "full")]
+        for option in ("data", "encoding"):
+            if option in self.settings:
+                words += [f"--{option}", str(self.settings[option])]
+        if self.settings.get("seed", DEFAULT_SEED) != DEFAULT_SEED:
+            words += ["--seed", str(self.settings["seed"])]
+        return shlex.join(words)
 
     def to_dict(self) -> dict[str, Any]:
         """``results.json``: the report's settings, tables and findings, plus the series behind its plots."""
@@ -464,8 +478,12 @@ def check_output_folder(folder: Path) -> None:
 
 def base_settings(mode: str, size: Size, data: ExperimentData, runtime: Runtime, seed: int) -> dict[str, Any]:
     """The settings every report lists: mode, data, model size, training length, device."""
+    given = {"data": data.source} if data.source is not None else {}  # named so the report's rerun line has it
+    if data.source is not None and data.encoding != "utf-8":
+        given["encoding"] = data.encoding
     return {
         "mode": mode,
+        **given,
         "corpus": f"{data.corpus_name} ({len(data.splits.train):,} training / {len(data.splits.val):,} validation tokens)",
         "tokenizer": f"{data.tokenizer.kind} ({data.vocab_size} tokens)",
         "model": f"{size.n_layers} layers, {size.emb_dim} dims, context {size.context_length}, no dropout, tied embeddings",
