@@ -399,16 +399,18 @@ def test_fsdp_matches_one_process_consolidates_and_resumes_on_any_world_size(spa
 # =========================================================================== failures
 
 
-def test_ctrl_c_in_the_terminal_saves_one_checkpoint_for_all_ranks_and_it_resumes(space):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_in_the_terminal_saves_one_checkpoint_for_all_ranks_and_it_resumes(space, how):
     """`llmscratch train --nproc 2`, then Ctrl-C as a terminal sends it: SIGINT to the launcher's
     whole process group (llmscratch and torchrun; torchrun starts the ranks in sessions of their
     own and passes the signal on). Every rank stops at the same step, one checkpoint of that step
-    is saved, the launcher waits for it, and one process resumes it."""
-    name = "ctrl-c"
+    is saved, the launcher waits for it, and one process resumes it. Or SIGTERM to the launcher
+    alone (`kill`, `timeout`, a job scheduler), which it passes on to torchrun as that Ctrl-C."""
+    name = how
     run = space["root"] / "runs" / name
     args = cli_args(space, name, steps=100_000, log_interval=1, eval_interval=100_000,
                     checkpoint_interval=100_000) + ["--nproc", "2"]
-    log = space["root"] / "ctrl-c.log"
+    log = space["root"] / f"{how}.log"
     with open(log, "w") as out:
         launcher = subprocess.Popen([sys.executable, "-m", "llmscratch", *args], stdout=out, stderr=subprocess.STDOUT,
                                     env=environment(), start_new_session=True)
@@ -418,16 +420,20 @@ def test_ctrl_c_in_the_terminal_saves_one_checkpoint_for_all_ranks_and_it_resume
             while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
                 assert launcher.poll() is None and time.time() < deadline, log.read_text()[-5000:]
                 time.sleep(0.1)
-            os.killpg(launcher.pid, signal.SIGINT)
+            if how == "ctrl-c":
+                os.killpg(launcher.pid, signal.SIGINT)
+            else:
+                os.kill(launcher.pid, signal.SIGTERM)
             rc = launcher.wait(timeout=TIMEOUT)
         finally:
             if launcher.poll() is None:  # a failed test must not leave a job running: torchrun stops its ranks on SIGTERM
                 os.killpg(launcher.pid, signal.SIGTERM)
                 launcher.wait(timeout=60)
     text = log.read_text()
-    assert rc == 130, text[-5000:]
+    assert rc == (130 if how == "ctrl-c" else 143), text[-5000:]
     assert text.count("Ctrl-C: saving a checkpoint") == 2  # once per rank: no rank saw it twice
-    assert "waiting for the processes to save a checkpoint" in text
+    assert ("waiting for the processes to save a checkpoint" if how == "ctrl-c" else
+            "SIGTERM: the processes save a checkpoint and stop") in text
     step = int(re.search(r"stopped by Ctrl-C at step (\d+); checkpoint saved", text).group(1))
     state = ckpt.load_training_state(run)
     assert state["step"] == step >= 5

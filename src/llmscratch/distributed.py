@@ -30,7 +30,9 @@ import contextlib
 import datetime
 import os
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -502,9 +504,12 @@ def launch_torchrun(nproc: int, argv: list[str], program: Sequence[str] = ("-m",
 
     Ctrl-C reaches torchrun too (the same process group), which passes it on to every rank:
     they agree on a step, save a checkpoint and stop. So the first Ctrl-C here only waits for
-    that (torchrun kills ranks that take over 30 s); a second one stops waiting. Should this
-    process be killed outright, torchrun and then the ranks get SIGTERM (:func:`die_with_parent`)
-    rather than train on unseen.
+    that (torchrun kills ranks that take over 30 s); a second one stops waiting. SIGTERM sent to
+    this process alone (``kill``, ``timeout``, a job scheduler) is turned into that Ctrl-C for
+    torchrun, so it too saves and stops (exit status 143); a second SIGTERM stops waiting. Under
+    torchrun a rank does not take SIGTERM as "save and stop": torchrun itself ends ranks with it
+    after a failure. Should this process be killed outright, torchrun and then the ranks get
+    SIGTERM (:func:`die_with_parent`) rather than train on unseen.
 
     ``program``: what each process runs (``-m llmscratch``, or a script: the tests' failing rank).
     """
@@ -528,18 +533,37 @@ def launch_torchrun(nproc: int, argv: list[str], program: Sequence[str] = ("-m",
         env["OMP_NUM_THREADS"] = str(max(1, cores // nproc))
     print(f"launching: torchrun {' '.join(torchrun_args)}  (OMP_NUM_THREADS={env['OMP_NUM_THREADS']})", flush=True)
     proc = subprocess.Popen([sys.executable, "-m", "llmscratch.distributed", *torchrun_args], env=env)
+    terms = []  # the SIGTERMs received
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        terms.append(signum)
+        if len(terms) == 1:
+            print("SIGTERM: the processes save a checkpoint and stop (SIGTERM again to stop waiting)",
+                  file=sys.stderr, flush=True)
+            proc.send_signal(signal.SIGINT)  # what torchrun passes on as Ctrl-C
+        else:
+            proc.terminate()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
-        rc = proc.wait()
-        return rc if rc >= 0 else 128 - rc  # killed by a signal: the shell's convention
-    except KeyboardInterrupt:
-        print("waiting for the processes to save a checkpoint (Ctrl-C again to stop waiting)",
-              file=sys.stderr, flush=True)
-    try:
-        proc.wait()
-        return 130
-    except KeyboardInterrupt:
-        proc.terminate()
-        raise
+        try:
+            rc = proc.wait()
+            if terms:
+                return 128 + signal.SIGTERM
+            return rc if rc >= 0 else 128 - rc  # killed by a signal: the shell's convention
+        except KeyboardInterrupt:
+            print("waiting for the processes to save a checkpoint (Ctrl-C again to stop waiting)",
+                  file=sys.stderr, flush=True)
+        try:
+            proc.wait()
+            return 130
+        except KeyboardInterrupt:
+            proc.terminate()
+            raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def die_with_parent(parent_pid: Optional[int] = None) -> bool:
@@ -554,7 +578,6 @@ def die_with_parent(parent_pid: Optional[int] = None) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
-    import signal
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
