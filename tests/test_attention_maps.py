@@ -123,6 +123,14 @@ def test_png_grid_and_head_pictures(tmp_path):
     assert (tmp_path / "a_file.txt").read_text() == "keep me"
 
 
+def test_a_title_with_dollar_signs_is_drawn_as_text(tmp_path):
+    # `Attention of RUN on PROMPT`: matplotlib reads $…$ as mathtext, and `$\\nosuch$` does not parse
+    model, tokenizer, _ = load_run(tiny_run(tmp_path))
+    maps = attention_maps(model, tokenizer, "the earth")
+    write_attention_outputs(maps, tmp_path / "out", layers=[0], heads=[0], title=r"Attention of a$\nosuch$b")
+    assert png_size(tmp_path / "out" / "grid.png")[0] > 0
+
+
 def test_long_prompts_get_subsampled_labels(tmp_path):
     import matplotlib
 

@@ -291,6 +291,18 @@ def test_other_runtime_errors_keep_their_traceback(monkeypatch, capsys):
         cli.main(["eval", "RUN", "--data", "x.txt"])
 
 
+def test_a_model_vocabulary_larger_than_the_tokenizers_samples_only_ids_it_can_decode(tmp_path, capsys):
+    """Allowed on purpose (nanoGPT pads GPT-2's 50,257 to 50,304): the samples during and after
+    training draw only the tokenizer's ids, and the finished run exits 0."""
+    path = write(tmp_path / "big.yaml", "model:\n  vocab_size: 400\n")
+    status = cli.main([str(a) for a in train_args(tmp_path, "--config", path, "--steps", "2", "--sample-tokens", "12",
+                                                  "--name", "big")])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "no sample" not in out + err and "outside the vocabulary" not in out + err
+    assert "--- generated text ---" in out and "saved in" in out
+
+
 # --------------------------------------------------------------------------- --nproc
 
 

@@ -75,6 +75,14 @@ def test_folder_of_txt_files_sorted_and_joined(tmp_path):
     assert [p.name for p in corpus.sources] == ["a.txt", "b.txt", "c.txt"]
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "UTF8", "utf_8"])
+def test_a_utf8_byte_order_mark_is_not_text(tmp_path, encoding):
+    (tmp_path / "a.txt").write_bytes("\ufefffirst".encode("utf-8"))  # as some Windows editors save
+    (tmp_path / "b.txt").write_bytes("\ufeffsecond \ufeff inside".encode("utf-8"))  # one inside the text stays
+    assert load_corpus(tmp_path, encoding=encoding).text == "first\n\nsecond \ufeff inside"
+    assert load_corpus(tmp_path / "a.txt", encoding="latin-1").text == "ï»¿first"  # other encodings: as decoded
+
+
 def test_glob_pattern(tmp_path):
     for name in ("x1.txt", "x2.txt", "y.txt"):
         (tmp_path / name).write_text(name, encoding="utf-8")

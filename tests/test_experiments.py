@@ -183,6 +183,24 @@ def test_training_is_seeded():
     assert logs[0].val_losses[-1] < untrained - 0.05  # four steps lowered it
 
 
+def test_a_bpe_tokenizer_learns_its_merges_from_the_training_part_only(monkeypatch, tmp_path):
+    import dataclasses
+
+    import llmscratch.experiments.common as common
+    from llmscratch.data import split_text
+
+    seen = []
+    real = common.build_tokenizer
+    monkeypatch.setattr(common, "build_tokenizer", lambda kind, text, **kw: seen.append((kind, text)) or real(kind, text, **kw))
+    size = dataclasses.replace(SIZES["tiny"], tokenizer="bpe", vocab_size=300)
+    data = load_data(size, tmp_path)
+    train_text, val_text = split_text(synthetic_corpus().text, 0.1)
+    assert seen == [("bpe", train_text)]  # the held-out tail is never seen, as in `llmscratch train`
+    assert data.tokenizer.decode(data.tokenizer.encode(val_text)) == val_text  # byte-level: it still encodes it
+    load_data(SIZES["tiny"], tmp_path)
+    assert seen[1] == ("char", synthetic_corpus().text)  # characters: the whole corpus, or some could not be encoded
+
+
 def test_synthetic_corpus_is_deterministic():
     assert synthetic_corpus(2000, seed=1).text == synthetic_corpus(2000, seed=1).text
     assert synthetic_corpus(2000, seed=1).text != synthetic_corpus(2000, seed=2).text

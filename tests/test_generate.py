@@ -460,8 +460,9 @@ def test_a_tiny_temperature_is_greedy_not_nan():
     from llmscratch.generate import sample_next
 
     logits = torch.randn(3, 50) * 30
-    picked = sample_next(logits, SamplingConfig(temperature=1e-42, seed=0))
-    assert torch.equal(picked, logits.argmax(dim=-1))
+    for temperature in (1e-42, 1e-50, 5e-324):  # the last two round to 0 in float32
+        picked = sample_next(logits, SamplingConfig(temperature=temperature, seed=0))
+        assert torch.equal(picked, logits.argmax(dim=-1)), temperature
 
 
 def test_broken_weights_and_bad_prompts_are_named_not_sampled_from():

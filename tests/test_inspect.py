@@ -251,6 +251,8 @@ def test_out_none_prints_nothing(capsys):
         (dict(heads=0), r"heads must be at least 1, got 0"),
         (dict(d_out=0), r"d_out must be at least 1, got 0"),
         (dict(batch=0), r"batch must be at least 1, got 0"),
+        (dict(seed=2**64), r"seed \(--seed\) must be a 64-bit integer, from -2\*\*63 to 2\*\*64 - 1, got 18446744073709551616"),
+        (dict(seed=-(2**63) - 1), r"seed \(--seed\) must be a 64-bit integer"),
     ],
 )
 def test_bad_settings_raise_config_error(kwargs, pattern):

@@ -325,6 +325,22 @@ def test_gpt2_mismatched_files_raise(openai_dir):
         GPT2Tokenizer.find(openai_dir)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda vocab: [], "must be a JSON object of tokens and their integer ids"),
+    (lambda vocab: {**vocab, "<|endoftext|>": "x"}, "must be a JSON object of tokens and their integer ids"),
+    (lambda vocab: {**vocab, "<|endoftext|>": None}, "must be a JSON object of tokens and their integer ids"),
+    (lambda vocab: {**vocab, "<|endoftext|>": True}, "must be a JSON object of tokens and their integer ids"),
+    (lambda vocab: {**vocab, "<|endoftext|>": len(vocab) + 500}, "must come right after the"),  # a gap of ids
+    (lambda vocab: {**vocab, "<|endoftext|>": 3}, "must come right after the"),  # a merge's id
+])
+def test_a_damaged_gpt2_vocabulary_is_named_not_a_python_error(openai_dir, damage, message):
+    vocab = json.loads((openai_dir / "encoder.json").read_text(encoding="utf-8"))
+    (openai_dir / "encoder.json").write_text(json.dumps(damage(vocab)), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=message) as err:
+        GPT2Tokenizer.find(openai_dir)
+    assert "encoder.json" in str(err.value)
+
+
 def test_load_tokenizer_on_a_folder_without_one(tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer in"):
         load_tokenizer(tmp_path)

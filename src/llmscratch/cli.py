@@ -293,7 +293,8 @@ def _run_train(args: argparse.Namespace) -> int:
             micro_batch_size(cfg.batch_size, cfg.grad_accum, args.nproc, cfg.micro_batch)
         return launch_torchrun(args.nproc, sys.argv[1:])
     from .checkpoint import load_run, read_json
-    from .generate import SamplingConfig, generate
+    from .errors import LLMScratchError
+    from .generate import SamplingConfig, decodable_limit, generate
     from .train import sample_prompt_ids, train
 
     run_dir = train(_train_config(options, args), given=set(options))
@@ -301,10 +302,13 @@ def _run_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0 and cfg.sample_tokens > 0:
         model, tokenizer, _ = load_run(run_dir)
         prompt = sample_prompt_ids(tokenizer, cfg.sample_prompt)[-(model.cfg.context_length // 2):]
-        new = generate(model, [prompt], SamplingConfig(max_new_tokens=120, temperature=0.8, top_k=50, seed=cfg.seed))[0]
-        print("\n--- generated text ---")
-        print(tokenizer.decode(prompt + new))
-        print("----------------------")
+        sampling = SamplingConfig(max_new_tokens=120, temperature=0.8, top_k=50, seed=cfg.seed,
+                                  vocab_limit=decodable_limit(tokenizer.vocab_size, model.cfg.vocab_size))
+        try:  # the run is saved: a sample that fails must not make the command fail
+            text = tokenizer.decode(prompt + generate(model, [prompt], sampling)[0])
+            print(f"\n--- generated text ---\n{text}\n----------------------")
+        except LLMScratchError as err:
+            print(f"(no sample: {err})")
         print(f"saved in {run_dir}  (generate more: llmscratch generate {run_dir} --prompt \"...\")")
     return 0
 
@@ -419,7 +423,7 @@ def read_prompt_file(path: str) -> str:
 def _run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_run
     from .errors import ConfigError, LLMScratchError
-    from .generate import SamplingConfig, choose_weight_layout, generate, stream
+    from .generate import SamplingConfig, choose_weight_layout, decodable_limit, generate, stream
     from .runtime import setup_runtime
     from .tokenizer import check_utf8
 
@@ -459,7 +463,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         temperature=0.0 if args.greedy else 0.8 if args.temperature is None else args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         eos_id=None if args.ignore_eos else tokenizer.eot_id,
-        vocab_limit=tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None,
+        vocab_limit=decodable_limit(tokenizer.vocab_size, model.cfg.vocab_size),
     )
     if len(rows) > 1:  # one batch (prompts of different lengths are left-padded), printed when all are done
         outputs = generate(model, prompts, sampling, use_cache=not args.no_cache)

@@ -17,6 +17,7 @@ next token at each position.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import importlib.util
@@ -88,13 +89,16 @@ def read_builtin_corpus() -> str:
 
 
 def _read_text(path: Path, encoding: str) -> str:
-    """One file's text; an undecodable byte names the file and offset and suggests --encoding."""
+    """One file's text; an undecodable byte names the file and offset and suggests --encoding.
+
+    A UTF-8 file's byte-order mark (which some editors write first) is not part of its text.
+    """
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise CorpusError(f"cannot read {path}: {e.strerror or e}") from e
     try:
-        return raw.decode(encoding)
+        return raw.decode("utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding)
     except LookupError:
         raise CorpusError(f"unknown text encoding {encoding!r} (for {path}); use a Python codec name such as utf-8 or latin-1") from None
     except UnicodeDecodeError as e:

@@ -48,6 +48,12 @@ from .errors import ConfigError
 from .model import GPT, WEIGHT_LAYOUTS, KVCache, StaticKVCache, store_weight
 
 
+def decodable_limit(tokenizer_vocab: int, model_vocab: int) -> Optional[int]:
+    """The :class:`SamplingConfig` ``vocab_limit`` that keeps sampling to the ids a tokenizer of
+    ``tokenizer_vocab`` ids can decode, on a model of ``model_vocab``; ``None`` where it decodes all."""
+    return tokenizer_vocab if tokenizer_vocab < model_vocab else None
+
+
 @dataclass
 class SamplingConfig:
     """How to pick tokens and when to stop.
@@ -118,8 +124,11 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Divide the logits by a temperature > 0: below 1 sharpens, above 1 flattens.
 
     Each row's largest logit is taken off first (the softmax is the same), so that a tiny
-    temperature gives -inf for the others, not an overflow to +inf and a NaN softmax.
+    temperature gives -inf for the others, not an overflow to +inf and a NaN softmax. A
+    temperature below the logits' smallest normal number counts as that number: in float32 it
+    would round to 0, and the top logit would become 0 / 0.
     """
+    temperature = max(temperature, torch.finfo(logits.dtype).tiny)
     return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
 
 

@@ -107,6 +107,8 @@ def build_traced_attention(d_out: int, heads: int, context_length: int, seed: in
         raise ConfigError(f"heads must be at least 1, got {heads}")
     if d_out < 1:
         raise ConfigError(f"d_out must be at least 1, got {d_out}")
+    if not -(2**63) <= seed < 2**64:  # what torch.manual_seed takes
+        raise ConfigError(f"seed (--seed) must be a 64-bit integer, from -2**63 to 2**64 - 1, got {seed}")
     if d_out % heads != 0:
         suggestion = heads * max(1, round(d_out / heads))
         raise ConfigError(
@@ -662,6 +664,7 @@ def plot_attention_grid(maps: AttentionMaps, path: str | Path, title: str = "") 
             _draw_head(ax, maps.head(layer, head), maps.tokens, room,
                        x_labels=layer == n_l - 1, y_labels=head == 0, fontsize=6)
             ax.set_title(f"layer {layer}, head {head}", fontsize=8)
+    title = title.replace("$", r"\$")  # a prompt or path with $…$ is text, not mathtext
     fig.suptitle(title or f"attention weights: {n_l} layers × {n_h} heads, {t} tokens (rows: queries, columns: keys)",
                  fontsize=10)
     fig.tight_layout()

@@ -445,8 +445,14 @@ class GPT2Tokenizer(Tokenizer):
             vocab = json.loads(vocab_text)
         except ValueError as e:
             raise TokenizerError(f"{where}: the vocabulary is not valid JSON: {e}") from e
+        if not isinstance(vocab, dict) or not all(isinstance(k, str) and type(v) is int for k, v in vocab.items()):
+            raise TokenizerError(f"{where}: the vocabulary must be a JSON object of tokens and their integer ids, "
+                                 "as GPT-2's encoder.json")
         ranks = _ranks_from_gpt2_files(merges_text, vocab, where)
-        self.eot_id = int(vocab.get(EOT, len(ranks)))
+        self.eot_id = vocab.get(EOT, len(ranks))
+        if self.eot_id != len(ranks):  # an id in the merges' range, or past a gap that no id could decode
+            raise TokenizerError(f"{where}: {EOT} has the id {self.eot_id}; it must come right after the "
+                                 f"{len(ranks)} tokens of the merges (id {len(ranks)}, as in GPT-2)")
         self.merges_text, self.vocab_text = merges_text, vocab_text
         self.encoding = tiktoken.Encoding(
             name=f"llmscratch-gpt2-{len(ranks)}",

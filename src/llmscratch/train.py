@@ -732,10 +732,11 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     sample_prompt = sample_prompt_ids(tokenizer, cfg.sample_prompt, log if cfg.sample_tokens and group.is_main else None)
 
     def sample_text() -> str:
-        from .generate import SamplingConfig, generate
+        from .generate import SamplingConfig, decodable_limit, generate
 
         prompt = sample_prompt[-(context // 2):]  # the last half-context of the prompt
-        sampling = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+        sampling = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed,
+                                  vocab_limit=decodable_limit(tokenizer.vocab_size, model_cfg.vocab_size))
         new = generate(model, [prompt], sampling)[0]
         return tokenizer.decode(prompt + new)
 

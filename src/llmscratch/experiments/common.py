@@ -35,7 +35,8 @@ import torch
 import torch.nn as nn
 
 from ..files import write_atomic, write_text_atomic
-from ..data import check_split_sizes, eval_windows, gather_windows, load_corpus, prepare_tokens, window_starts, Corpus, TokenSplits
+from ..data import (check_split_sizes, eval_windows, gather_windows, load_corpus, prepare_tokens, split_text,
+                    window_starts, Corpus, TokenSplits)
 from ..errors import ConfigError
 from ..model import GPT, GPTConfig
 from ..runtime import Runtime, seed_everything
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 MODES = ("tiny", "quick", "full")
 DEFAULT_SEED = 1337  # `llmscratch experiment`'s --seed when none is given
+VAL_FRACTION = 0.1  # the held-out tail of the corpus
 REPORT_FILES = ("report.md", "results.json")  # written into out_dir/<name>/, with the plots
 
 
@@ -152,8 +154,11 @@ def load_data(size: Size, cache_dir: Path, data: Optional[str] = None, longest: 
         corpus = synthetic_corpus()
     else:
         corpus = load_corpus(None)
-    tokenizer = build_tokenizer(size.tokenizer, corpus.text, vocab_size=size.vocab_size or 4096)
-    splits = prepare_tokens(corpus, tokenizer, cache_dir, val_fraction=0.1)
+    # As `llmscratch train`: BPE merges are learned from the training part only, so the held-out
+    # text stays unseen; a character vocabulary must cover every character of the corpus.
+    text = split_text(corpus.text, VAL_FRACTION)[0] if size.tokenizer == "bpe" else corpus.text
+    tokenizer = build_tokenizer(size.tokenizer, text, vocab_size=size.vocab_size or 4096)
+    splits = prepare_tokens(corpus, tokenizer, cache_dir, val_fraction=VAL_FRACTION)
     check_split_sizes(splits, longest or size.context_length, val_fraction_option=False)
     lengths = torch.as_tensor(tokenizer.token_byte_lengths(), dtype=torch.int64)
     return ExperimentData(splits, tokenizer, lengths, corpus.name, source=data, encoding=encoding)
