@@ -7,6 +7,7 @@ References used: the book's own numbers (chapter 3), a naive loop written here i
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -257,6 +258,26 @@ def test_explicit_equals_naive_loop(size, causal):
     kpm = _padding(b, tk, seed=2)
     out, _ = attend(q, k, v, causal=causal, key_padding_mask=kpm, scale=0.7, backend="explicit")
     torch.testing.assert_close(out, naive_attention(q, k, v, causal=causal, key_padding_mask=kpm, factor=0.7))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_explicit_bf16_keeps_its_scores_in_float32_as_sdpa_does(autocast):
+    # Scores of size ~9: rounded to bf16 before the softmax, the explicit path was 8× further from
+    # float64 than SDPA on the same bf16 inputs; in float32 it is as close as SDPA.
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 128, 64, generator=gen) for _ in range(3))
+    q, k = 3 * q, 3 * k  # scaled scores q·k/√64 with a spread of 3² = 9 (a sharp softmax)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    exact = naive_attention(q.double(), k.double(), v.double(), causal=True, key_padding_mask=None,
+                            factor=1 / math.sqrt(64))
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        explicit, _ = attend(q, k, v, backend="explicit")
+    fused, _ = attend(q, k, v, backend="fused")
+    err_explicit = (explicit.double() - exact).abs().max().item()
+    err_fused = (fused.double() - exact).abs().max().item()
+    assert explicit.dtype == torch.bfloat16
+    assert err_explicit < 2 * err_fused, (err_explicit, err_fused)
 
 
 @pytest.mark.parametrize(

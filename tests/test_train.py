@@ -732,6 +732,16 @@ def test_a_bpe_vocabulary_smaller_than_asked_for_is_said(corpus, tmp_path):
            f"has {size}" in "\n".join(lines)
 
 
+def test_a_warmup_as_long_as_the_run_is_said(corpus, tmp_path):
+    lines: list[str] = []
+    train(tiny_config(corpus, tmp_path, steps=4, warmup_steps=10, lr=1e-3, name="long-warmup"), log=lines.append)
+    assert "note: the warmup (--warmup-steps 10) is as long as the run (--steps 4): the learning rate rises to " \
+           "0.0004, never to --lr 0.001, and never decays" in "\n".join(lines)  # 1e-3 · 4/10 at the last step
+    lines.clear()
+    train(tiny_config(corpus, tmp_path, steps=4, warmup_steps=2, name="short-warmup"), log=lines.append)
+    assert "note: the warmup" not in "\n".join(lines)
+
+
 def test_info_says_why_a_tokenizer_cannot_be_loaded(corpus, tmp_path):
     from llmscratch.checkpoint import save_run
 

@@ -375,7 +375,10 @@ class StaticKVCache:
     are ``(B, H, T_max, d)`` tensors, the new ones are written with ``index_copy_`` at the
     slots given by a position *tensor* (no Python int, so no host sync), and attention runs
     over the whole preallocated cache with a mask ``key slot <= query position`` that hides
-    the slots not written yet. The caller keeps the positions (and keeps them below
+    the slots not written yet. That holds when the positions fill the slots from 0 with no
+    gap, as :class:`~llmscratch.generate.StaticDecoder` writes them (a prompt at 0 … T-1, then
+    one slot a step): a slot below a query's position that was never written would be seen,
+    as a zero key and value. The caller keeps the positions (and keeps them below
     ``max_len``): this cache holds no length.
 
     On CUDA the tensors are marked as static addresses, so a CUDA graph of the decode step
@@ -595,7 +598,8 @@ class GPT(nn.Module):
             key_padding_mask: ``(B, T_total)`` bool over every key (cached + new), ``False`` = padding.
             cache: a :class:`KVCache` (the new keys and values are appended to it) or a
                 :class:`StaticKVCache` (written at ``positions``, which it then requires as a
-                ``(T,)`` tensor; no range check, so no host sync: the caller keeps them in range).
+                ``(T,)`` tensor; no range check, so no host sync: the caller keeps them in range
+                and fills the slots from 0 with no gap).
             need_weights: also return the per-layer attention weights (explicit backend).
 
         Returns:

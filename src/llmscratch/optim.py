@@ -13,6 +13,9 @@ matrices only: embeddings, the output head and the gains and biases stay on Adam
 split as Muon's authors and Moonshot's "Muon is Scalable for LLM Training" (2025). Following
 Moonshot, the orthogonal update is scaled by 0.2·√max(rows, cols), which gives it the root mean
 square of a typical AdamW step, so one learning rate and one weight decay serve both kinds.
+Each parameter is one matrix to Muon, as to ``torch.optim.Muon``: the attention's fused ``qkv``
+weight (3C × C) is orthogonalized whole, so Q, K and V share one set of singular directions
+(modded-nanogpt orthogonalizes the three apart; not measured here).
 """
 
 from __future__ import annotations

@@ -691,6 +691,10 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     if cfg.fsdp and not group.active:
         log("note: --fsdp shards over the processes torchrun starts; this is one process, so the model is "
             "whole and trained as without it (launch with --nproc N or torchrun to shard)")
+    if cfg.warmup_steps >= cfg.steps:
+        log(f"note: the warmup (--warmup-steps {cfg.warmup_steps}) is as long as the run (--steps {cfg.steps}): "
+            f"the learning rate rises to {lr_at(cfg.steps - 1, cfg):.3g}, never to --lr {cfg.lr:g}, and never "
+            "decays; give a warmup shorter than the run")
     log(f"device {runtime.device} ({runtime.precision}), {group.world_size} process(es); "
         f"model {model.num_parameters():,} parameters ({model_cfg.n_layers} layers, {model_cfg.n_heads} heads, "
         f"{model_cfg.emb_dim} dims, context {context}, {model_cfg.pos_emb} positions, {loss_label}); "
