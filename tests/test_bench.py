@@ -189,6 +189,12 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert record["environment"]["torch"] == torch.__version__
     assert record["attention"][0]["variant"] == "explicit"
     assert "fwd+bwd" in capsys.readouterr().out
+    code = main(["bench", "attention", "--preset", "test", "--batch", "1", "--device", "cpu", "--precision", "bf16",
+                 "--repeats", "1", "--json", str(tmp_path / "bf16.json")])
+    record = json.loads((tmp_path / "bf16.json").read_text())
+    assert code == 0 and record["precision"] == "bf16"
+    assert {row["dtype"] for row in record["attention"]} == {"torch.bfloat16"}  # what the record says it measured
+    assert "causal, bf16, fwd+bwd" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

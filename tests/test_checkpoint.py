@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -572,6 +573,28 @@ def test_book_import_reads_a_safetensors_file_whatever_its_name(tmp_path):
     checkpoint._write_safetensors(tmp_path / "book.bin", checkpoint.ours_to_book(model, model.cfg))
     imported, _ = import_checkpoint(tmp_path / "book.bin", tmp_path / "run", heads=2, no_tokenizer=True)
     assert torch.equal(imported.tok_emb.weight, model.tok_emb.weight)
+
+
+def test_export_as_a_run_needs_a_run_and_a_place_outside_it(tmp_path):
+    import_checkpoint(_book_file(tmp_path / "model.pth"), tmp_path / "run", heads=2, no_tokenizer=True)
+    run = tmp_path / "run"
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(CheckpointError, match="is inside the run"):  # copytree would recurse into its own copy
+        export_checkpoint(run, run / "exported" / "full", "run")
+    with pytest.raises(CheckpointError, match="is the run being exported"):
+        export_checkpoint(run, tmp_path / "run" / ".." / "run", "run")
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing created inside it
+    (tmp_path / "empty").mkdir()
+    for not_a_run in (tmp_path / "empty", tmp_path / "missing", tmp_path):
+        with pytest.raises(CheckpointError):
+            export_checkpoint(not_a_run, tmp_path / "out", "run")
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "half").mkdir()
+    shutil.copyfile(run / CONFIG_FILE, tmp_path / "half" / CONFIG_FILE)  # a config, no weights
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        export_checkpoint(tmp_path / "half", tmp_path / "out", "run")
+    export_checkpoint(run, tmp_path / "copy", "run")
+    assert torch.equal(load_model(tmp_path / "copy").tok_emb.weight, load_model(run).tok_emb.weight)
 
 
 def test_hf_export_carries_gpt2_tokenizer_files(tmp_path):

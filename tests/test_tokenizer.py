@@ -315,6 +315,10 @@ def test_gpt2_offline_without_files_says_where_to_put_them(tmp_path, monkeypatch
     for needle in ("vocab.bpe", "encoder.json", "merges.txt", "vocab.json", "LLMSCRATCH_GPT2_DIR",
                    "openaipublic.blob.core.windows.net", str(tmp_path), "no_cache"):
         assert needle in message, needle
+    assert f"(or put them in {tmp_path})" in message
+    with pytest.raises(TokenizerError) as info:
+        build_tokenizer("gpt2")  # as `train` asks: no run directory to put them in, so none is suggested
+    assert "put them in" not in str(info.value) and "LLMSCRATCH_GPT2_DIR=/that/folder." in str(info.value)
 
 
 def test_gpt2_mismatched_files_raise(openai_dir):

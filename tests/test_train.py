@@ -166,6 +166,9 @@ def test_training_lowers_loss_and_writes_the_run(corpus: Path, tmp_path: Path):
     assert (run.parent / "latest").resolve() == run.resolve()
     info = describe_run(run)
     assert "step 40 of 40" in info and "muon" in info and "bits/byte" in info
+    best = min(evals, key=lambda r: r["val_bpb"])
+    assert f"training: the best validation weights of the run in {run}, from step {best['step']} " \
+           f"({best['val_bpb']:.4f} bits/byte)" in describe_run(run / "best")
 
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.1])  # with dropout, torch's own generator must come back too

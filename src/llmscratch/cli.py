@@ -754,9 +754,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     what = args.what
     if what in ("attention", "all"):
         shape = (args.batch, cfg.n_heads, context, cfg.head_dim)
-        rows = bench.bench_attention(device, *shape, repeats=args.repeats)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        rows = bench.bench_attention(device, *shape, dtype=dtype, repeats=args.repeats)
         record["attention"] = rows
-        print(f"\nattention op, B {shape[0]}, {shape[1]} heads, T {shape[2]}, d {shape[3]}, causal, fwd+bwd:")
+        print(f"\nattention op, B {shape[0]}, {shape[1]} heads, T {shape[2]}, d {shape[3]}, causal, {precision}, "
+              "fwd+bwd:")
         print(bench.format_attention(rows))
         if args.json:  # after every section's table, so a run cut short or a failed write keeps it
             bench.write_json(args.json, record)
@@ -802,7 +804,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=16, help="training (and attention) batch size (default 16)")
     p.add_argument("--context", type=int, default=None, help="training context length (default: the preset's)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="training precision (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="precision of training and of the attention op (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--peers", action="store_true", help="also measure the installed peers, reported as ratios")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also train a torch.compile'd llmscratch model (default: on CUDA only)")

@@ -473,7 +473,15 @@ def consolidate(run_dir: Union[str, Path], out_dir: Optional[Union[str, Path]] =
     """
     run_dir = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir
+    ckpt.load_config(run_dir)  # a missing path, or a folder with no config of ours, is named here
+    if not (latest_is_sharded(run_dir) or (run_dir / ckpt.WEIGHTS_FILE).is_file()):
+        raise CheckpointError(f"{run_dir} holds no checkpoint ({ckpt.WEIGHTS_FILE} or {SHARDED_DIR}/): "
+                              "nothing to export; give a training run's directory")
     if out != run_dir:
+        if out.resolve() == run_dir.resolve():
+            raise CheckpointError(f"{out} is the run being exported; give a new path for the export")
+        if out.resolve().is_relative_to(run_dir.resolve()):  # a copy into itself would never end
+            raise CheckpointError(f"{out} is inside the run {run_dir}; export to a directory outside it")
         if out.exists() and any(out.iterdir()):
             raise CheckpointError(f"{out} exists and is not empty; choose a new directory for the exported run")
         out.parent.mkdir(parents=True, exist_ok=True)

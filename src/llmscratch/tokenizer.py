@@ -420,8 +420,9 @@ def find_gpt2_files(directory: Optional[PathLike] = None, run_dir: Optional[Path
         "GPT-2's tokenizer files were not found (this tool never downloads at run time). Looked in: "
         + "; ".join(looked)
         + f". Put vocab.bpe and encoder.json (OpenAI's names) or merges.txt and vocab.json "
-        f"(Hugging Face's names) in one folder and set {GPT2_ENV}=/that/folder (or put them in the run "
-        f"directory). Get them from {GPT2_URLS['vocab.bpe']} and {GPT2_URLS['encoder.json']}, or from "
+        f"(Hugging Face's names) in one folder and set {GPT2_ENV}=/that/folder"
+        + (f" (or put them in {run_dir})" if run_dir else "")
+        + f". Get them from {GPT2_URLS['vocab.bpe']} and {GPT2_URLS['encoder.json']}, or from "
         f"{GPT2_HF_PAGE}; or run `python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"` once while "
         f"online to fill tiktoken's cache ({cache})."
     )

@@ -1003,6 +1003,12 @@ def describe_run(run_dir: str | Path) -> str:
         if "optimizer" not in state:
             lines.append(f"  (that step's checkpoint is sharded ({ckpt.SHARDED_DIR}/, from --fsdp): "
                          f"`llmscratch export {run_dir} OUT_DIR --format run` makes it whole)")
+    elif run_dir.name == "best" and (run_dir.parent / "train_config.json").is_file():
+        evals = [r for r in read_metrics(run_dir.parent / "metrics.jsonl") if "val_bpb" in r and not r.get("final")] \
+            if (run_dir.parent / "metrics.jsonl").is_file() else []
+        best = min(evals, key=lambda r: r["val_bpb"], default=None)
+        lines.append(f"training: the best validation weights of the run in {run_dir.parent}"
+                     + (f", from step {best['step']} ({best['val_bpb']:.4f} bits/byte)" if best else ""))
     elif not lines[-1].startswith("training:"):
         lines.append("training: none recorded (imported or exported weights)")
     metrics = run_dir / "metrics.jsonl"
