@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6, in one call of at most 10 minutes:
+# The GPU check, in one call of at most 10 minutes:
 #   1. the fast path's correctness checks on the GPU (tests marked `gpu`),
 #   2. the loss alone: our Triton kernel against F.cross_entropy (benchmarks/loss_kernel.py),
 #   3. the training-step variants side by side (benchmarks/gpu_train_variants.py: the default

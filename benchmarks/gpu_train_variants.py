@@ -1,4 +1,4 @@
-"""Variants of the compiled training step, side by side, in one GPU call (issue 6's 520k tokens/s bar).
+"""Variants of the compiled training step, side by side, in one GPU call.
 
 nanoGPT's GPT-2 small shape (``nanogpt-124m``), batch 16, context 1024, bf16 autocast, fused
 AdamW, gradient clipping: the step of ``llmscratch bench train`` (``bench._TrainStep``), timed

@@ -1,6 +1,6 @@
 """The benchmark scripts keep running: the GPU check's calls, and CPU dry runs of the scripts.
 
-A GPU session has minutes of device time, so ``benchmarks/gpu_check.sh`` must not be the first
+A GPU machine is lent for minutes at a time, so ``benchmarks/gpu_check.sh`` must not be the first
 place a renamed option or a broken import shows up. These tests check, on the CPU, that the
 script is valid bash, that every option it passes exists, that it selects GPU tests, and they
 run the benchmark scripts at tiny sizes.

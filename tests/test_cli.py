@@ -439,15 +439,20 @@ def test_a_config_key_given_in_both_spellings_is_refused(tmp_path, capsys):
                                 f"'{name.replace('_', '-')}': keep one" in err, err
 
 
-def test_every_command_the_readme_shows_parses():
-    # the README's examples are what users copy: a renamed or misspelt option there must fail here
+def test_every_command_the_readme_and_docs_show_parses():
+    # the README's and the docs' examples are what users copy: a renamed or misspelt option there must fail here
     import shlex
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    commands = [part.strip() for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
-                for line in block.splitlines() for part in re.split(r"&&|\|", line)
-                if part.strip().startswith("llmscratch ")]
-    assert len(commands) >= 30, commands
+    root = Path(__file__).resolve().parents[1]
+    commands_in = {}
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        commands_in[page.name] = [part.strip() for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S)
+                                  for line in block.splitlines() for part in re.split(r"&&|\|", line)
+                                  if part.strip().startswith("llmscratch ")]
+    assert len(commands_in["README.md"]) >= 15, commands_in["README.md"]
+    commands = [command for page in commands_in.values() for command in page]
+    assert len(commands) >= 40, commands
     parser = cli.build_parser()
     for command in commands:
         argv = shlex.split(re.split(r"\s+#\s", command)[0])[1:]
