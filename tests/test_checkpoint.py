@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -274,12 +275,17 @@ def test_a_run_whose_tokenizer_json_is_missing_names_it_and_says_what_to_do(tmp_
     assert "copy the tokenizer's files (tokenizer.json, tokenizer_config.json)" in str(err.value)
 
 
+def _complete(**changes) -> str:
+    """The config.json of :func:`tiny` with ``changes``."""
+    return json.dumps({**tiny().cfg.to_dict(), **changes})
+
+
 @pytest.mark.parametrize("text, message", [
     ("{not json", r"config.json is not valid JSON \(line 1, column 2"),
     ("[1, 2]", r"config.json must hold a JSON object"),
-    ('{"emb_dim": -4}', r"config.json has a bad field: GPTConfig.emb_dim must be a positive integer"),
+    (_complete(emb_dim=-4), r"config.json has a bad field: GPTConfig.emb_dim must be a positive integer"),
     ('{"n_embd": 8}', r"config.json has a bad field: unknown GPTConfig field\(s\) \['n_embd'\]"),
-    ('{"emb_dim": 30, "n_heads": 4}', r"has a bad field: .*emb_dim \(30\) must be divisible by n_heads \(4\)"),
+    (_complete(emb_dim=30, n_heads=4), r"has a bad field: .*emb_dim \(30\) must be divisible by n_heads \(4\)"),
 ])
 def test_bad_config_json(tmp_path, text, message):
     save_model(tmp_path, tiny())
@@ -468,9 +474,11 @@ def test_book_import_without_gpt2_files_says_where_to_put_them(tmp_path, no_gpt2
     source = _book_file(tmp_path / "model.pth")
     with pytest.raises(CheckpointError) as err:
         import_checkpoint(source, tmp_path / "run", heads=2)
-    for part in ("the book's format carries no tokenizer", "--tokenizer-dir DIR", "LLMSCRATCH_GPT2_DIR",
-                 "--no-tokenizer", "empty-cache"):
-        assert part in str(err.value), part
+    assert str(err.value) == (
+        f"the book's format carries no tokenizer, and GPT-2's tokenizer files are not in tiktoken's cache "
+        f"({tmp_path / 'empty-cache'}): give the folder that holds them (encoder.json + vocab.bpe, or vocab.json + "
+        f"merges.txt) with --tokenizer-dir, e.g. `llmscratch import {source} {tmp_path / 'run'} --heads 2 "
+        f"--tokenizer-dir DIR`, or import without a tokenizer (--no-tokenizer)")  # one line, not a paragraph
     assert not (tmp_path / "run").exists()
     model, tokenizer = import_checkpoint(source, tmp_path / "run", heads=2, no_tokenizer=True)
     assert tokenizer is None and (tmp_path / "run" / WEIGHTS_FILE).exists()
@@ -617,7 +625,7 @@ def test_hf_export_carries_gpt2_tokenizer_files(tmp_path):
 
 def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llmscratch", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=1800)  # only a guard against a hang
 
 
 def test_cli_import_and_export(tmp_path):
@@ -730,3 +738,272 @@ def test_cli_help():
     for name in ("import", "export"):
         done = _cli(name, "--help")
         assert done.returncode == 0 and "usage: llmscratch " + name in done.stdout
+
+
+# --------------------------------------------------------------------------- config.json must be complete
+
+
+def _drop_from_config(run: Path, *names: str) -> None:
+    config = json.loads((run / CONFIG_FILE).read_text())
+    for name in names:
+        del config[name]
+    (run / CONFIG_FILE).write_text(json.dumps(config))
+
+
+def test_a_config_without_its_activation_is_refused_not_run_as_gelu(tmp_path, capsys):
+    from llmscratch.cli import main
+
+    model = tiny(activation="relu2")
+    write_tiny_gpt2_files(tmp_path / "run")  # a tokenizer, so that generate gets as far as the model
+    save_model(tmp_path / "run", model)
+    _drop_from_config(tmp_path / "run", "activation")
+    message = (f"{tmp_path / 'run' / CONFIG_FILE} lacks 'activation', which the weights cannot show: add "
+               f"\"activation\": \"gelu\" or \"relu2\" (train's --activation; runs saved before the field existed "
+               f"used \"gelu\")")
+    with pytest.raises(CheckpointError) as err:
+        load_model(tmp_path / "run")
+    assert str(err.value).startswith(message) and "restore config.json from a backup" in str(err.value)
+    (tmp_path / "text.txt").write_text("the theory of the thing " * 20)
+    for args in (["generate", str(tmp_path / "run"), "--prompt", " the", "--max-new-tokens", "2"],
+                 ["eval", str(tmp_path / "run"), "--data", str(tmp_path / "text.txt"), "--device", "cpu"],
+                 ["info", str(tmp_path / "run")]):
+        assert main(args) == 2, args
+        err_text = capsys.readouterr().err
+        assert err_text.startswith(f"llmscratch {args[0]}: error: {message}") and err_text.count("\n") == 1, err_text
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_what_the_weights_show_is_read_from_them_when_config_json_lacks_it(tmp_path, pos_emb):
+    model = tiny(pos_emb=pos_emb, qkv_bias=True, tie_weights=True, bias=False, attn_backend="explicit")
+    save_model(tmp_path, model)
+    shown = ["vocab_size", "emb_dim", "n_layers", "qkv_bias", "bias", "tie_weights"]
+    shown += ["pos_emb", "context_length", "rope_base"] if pos_emb == "learned" else []  # RoPE's base unused there
+    _drop_from_config(tmp_path, *shown, "attn_backend", "pad_vocab_multiple")  # these two change no number
+    loaded = load_model(tmp_path)
+    expected = {**model.cfg.to_dict(), "attn_backend": "fused"}
+    assert loaded.cfg.to_dict() == expected
+    idx = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx), model(idx))
+
+
+@pytest.mark.parametrize("pos_emb, dropped, named", [
+    ("rope", ["pos_emb"], ["pos_emb"]),  # no pos_emb.weight: rope, sinusoidal, alibi or none?
+    ("rope", ["pos_emb", "rope_base"], ["pos_emb", "rope_base"]),  # RoPE's base matters if it is rope
+    ("rope", ["context_length"], ["context_length"]),  # only a learned table shows it
+    ("rope", ["rope_base"], ["rope_base"]),
+    ("learned", ["n_heads", "scale_attn", "layer_norm_eps", "drop_rate"],
+     ["n_heads", "drop_rate", "scale_attn", "layer_norm_eps"]),
+])
+def test_what_the_weights_cannot_show_is_refused_by_name(tmp_path, pos_emb, dropped, named):
+    save_model(tmp_path, tiny(pos_emb=pos_emb))
+    _drop_from_config(tmp_path, *dropped)
+    with pytest.raises(CheckpointError) as err:
+        load_config(tmp_path)
+    assert str(err.value).startswith(f"{tmp_path / CONFIG_FILE} lacks {', '.join(map(repr, named))}, which the "
+                                     "weights cannot show: add ")
+    for name in named:
+        assert f'"{name}": ' in str(err.value)
+
+
+def test_a_config_from_before_the_activation_field_is_told_what_to_add(tmp_path):
+    """config.json has always held every field but `activation`, added later (those runs used GELU): such a file
+    is refused with the line to add, since it cannot be told from one that lost the key."""
+    save_model(tmp_path, tiny())
+    _drop_from_config(tmp_path, "activation")
+    with pytest.raises(CheckpointError, match=r"runs saved before the field existed used \"gelu\""):
+        load_model(tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({**config, "activation": "gelu"}))
+    assert load_model(tmp_path).cfg == tiny().cfg
+
+
+# --------------------------------------------------------------------------- weights holding NaN or infinities
+
+
+def _poison(path: Path, name: str, value: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    tensors[name].view(-1)[:3] = value
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("value, said", [(float("nan"), "NaN (3 of 768 values)"),
+                                         (float("-inf"), "infinite values (3 of 768)")])
+def test_weights_holding_nan_or_inf_name_the_file_and_tensor_and_say_what_to_load_instead(tmp_path, value, said):
+    run = tmp_path / "run"
+    save_model(run, tiny())
+    save_model(run / "best", tiny(seed=1))
+    _poison(run / WEIGHTS_FILE, "blocks.0.attn.qkv.weight", value)
+    with pytest.raises(CheckpointError) as err:
+        load_model(run)
+    assert str(err.value) == (
+        f"{run / WEIGHTS_FILE}: tensor blocks.0.attn.qkv.weight holds {said}, which no saved model does: the file is "
+        f"damaged; load the run's best weights, {run / 'best'}, instead (to train on: `llmscratch train --init-from "
+        f"{run / 'best'}`), or restore the file from a backup or a previous checkpoint")
+    load_model(run / "best")  # untouched: loads
+
+
+def test_generate_on_weights_holding_nan_says_so_in_one_line(tmp_path, capsys):
+    from llmscratch.cli import main
+
+    run = tmp_path / "run"
+    write_tiny_gpt2_files(run)
+    save_model(run, tiny(vocab_size=260))
+    _poison(run / WEIGHTS_FILE, "final_norm.weight", float("nan"))
+    assert main(["generate", str(run), "--prompt", " the", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"llmscratch generate: error: {run / WEIGHTS_FILE}: tensor final_norm.weight holds NaN")
+    assert err.count("\n") == 1 and "restore it from a backup or a previous checkpoint" in err
+
+
+def test_imports_of_weights_holding_nan_are_refused(tmp_path):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    source = _book_file(tmp_path / "model.pth")
+    sd = torch.load(source, weights_only=True)
+    sd["trf_blocks.1.ff.layers.0.weight"][0, 0] = float("nan")
+    torch.save(sd, source)
+    with pytest.raises(CheckpointError, match=r"model.pth: tensor trf_blocks.1.ff.layers.0.weight holds NaN \(1 of"):
+        import_checkpoint(source, tmp_path / "run", heads=2, no_tokenizer=True)
+    hf = tiny_hf_dir(tmp_path / "hf")
+    weights = load_file(str(hf / "model.safetensors"))
+    weights["transformer.h.0.ln_1.bias"][1] = float("inf")
+    save_file(weights, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"hf: tensor transformer.h.0.ln_1.bias holds infinite values"):
+        import_checkpoint(hf, tmp_path / "run", no_tokenizer=True)
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+def _free(n: int):
+    """A stand-in for shutil.disk_usage: a disk with ``n`` bytes free."""
+    from types import SimpleNamespace
+
+    return lambda path: SimpleNamespace(total=10**12, used=10**12 - n, free=n)
+
+
+def test_a_checkpoint_the_disk_has_no_room_for_removes_what_it_staged_and_keeps_the_previous_one(tmp_path,
+                                                                                                  monkeypatch):
+    from llmscratch.files import DiskFullError
+
+    model = tiny()
+    checkpoint.save_checkpoint(tmp_path, model, {"step": 4, "optimizer": {"m": torch.zeros(1000)}})
+    before = _snapshot(tmp_path)
+    real_save = torch.save
+
+    def no_room(obj, f, *args, **kwargs):  # torch.save's zip writer, out of room, says only this
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(checkpoint.torch, "save", no_room)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", _free(1000))
+    with pytest.raises(DiskFullError) as err:
+        checkpoint.save_checkpoint(tmp_path, tiny(seed=1), {"step": 8, "optimizer": {"m": torch.ones(1000)}})
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert re.fullmatch(
+        rf"{re.escape(str(tmp_path))}: the disk is full \(no space left on device\): the checkpoint of step 8 needs "
+        r"about [\d.]+ kB there and 1\.0 kB are free: free at least [\d.]+ kB \(delete old runs or other files\); "
+        rf"nothing was lost: the checkpoint of step 4 is still whole there; continue from it with `llmscratch train "
+        rf"--resume {re.escape(str(tmp_path))}` once there is room", str(err.value)), str(err.value)
+    assert _snapshot(tmp_path) == before  # the staged weights are gone, the step-4 pair is as it was
+    assert load_training_state(tmp_path)["step"] == 4
+
+
+_TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
+         "darkness was upon the face of the deep. And God said, Let there be light: and there was light. ") * 12
+
+
+def _train_args(tmp_path: Path, name: str, *more: str) -> list[str]:
+    """A tiny training run, seconds on a CPU, as the command line gives it."""
+    (tmp_path / "tiny.txt").write_text(_TEXT, encoding="utf-8")
+    return ["train", "--data", str(tmp_path / "tiny.txt"), "--tokenizer", "char", "--preset", "test",
+            "--context-length", "16", "--steps", "8", "--batch-size", "4", "--warmup-steps", "2", "--eval-windows", "4",
+            "--eval-interval", "100", "--checkpoint-interval", "4", "--sample-tokens", "0", "--device", "cpu",
+            "--no-progress", "--out-dir", str(tmp_path / "runs"), "--name", name, "--seed", "7", *more]
+
+
+def _fill_the_disk_at_the_checkpoint(monkeypatch, which: str) -> None:
+    """The disk fills up while a checkpoint's weights (safetensors) or training state (torch.save) is staged."""
+    import safetensors.torch
+
+    real_save_file, real_save = safetensors.torch.save_file, torch.save
+
+    def save_file(tensors, filename, *args, **kwargs):
+        if which == "weights" and checkpoint.PENDING in str(filename):
+            raise OSError(28, "No space left on device")
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    def save(obj, f, *args, **kwargs):
+        if which == "state" and checkpoint.PENDING in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", _free(2000))
+
+
+@pytest.mark.parametrize("which", ["weights", "state"])
+def test_a_resume_that_fills_the_disk_says_where_and_how_much_and_loses_nothing(tmp_path, monkeypatch, capsys, which):
+    from llmscratch.cli import main
+
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path / "cache"))
+    assert main(_train_args(tmp_path, "run", "--stop-at", "4")) == 0
+    run = tmp_path / "runs" / "run"
+    before = _snapshot(run)
+    capsys.readouterr()
+    _fill_the_disk_at_the_checkpoint(monkeypatch, which)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.fullmatch(
+        rf"llmscratch train: error: {re.escape(str(run))}: the disk is full \(no space left on device\): the "
+        r"checkpoint of step 8 needs about [\d.]+ kB there and 2\.0 kB are free: free at least [\d.]+ kB \(delete "
+        r"old runs or other files\); nothing was lost: the checkpoint of step 4 is still whole there; continue from "
+        rf"it with `llmscratch train --resume {re.escape(str(run))}` once there is room\n", err), err
+    monkeypatch.undo()
+    assert not any(p.name.startswith((checkpoint.PENDING, ".")) for p in run.iterdir())  # nothing staged is left
+    for name in (WEIGHTS_FILE, TRAINING_STATE_FILE, CONFIG_FILE):
+        assert (run / name).read_bytes() == before[name], name
+    assert checkpoint.weights_tag(run)["step"] == "4" and load_training_state(run)["step"] == 4
+    load_model(run)
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # with room again, it goes on
+    assert load_training_state(run)["step"] == 8
+
+
+def test_a_new_run_that_fills_the_disk_at_its_first_checkpoint_says_so_and_leaves_no_folder(tmp_path, monkeypatch,
+                                                                                             capsys):
+    from llmscratch.cli import main
+
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path / "cache"))
+    assert main(_train_args(tmp_path, "good", "--steps", "4")) == 0
+    _fill_the_disk_at_the_checkpoint(monkeypatch, "weights")
+    assert main(_train_args(tmp_path, "new")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"llmscratch train: error: {tmp_path / 'runs' / 'new'}: the disk is full (no space left "
+                          "on device): the checkpoint of step 4 needs about ")
+    assert err.endswith("no earlier checkpoint was there to lose; start the training again once there is room\n")
+    assert not (tmp_path / "runs" / "new").exists()  # nothing saved: the new run's folder is removed again
+    assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "runs" / "good").resolve()
+    monkeypatch.undo()
+    load_model(tmp_path / "runs" / "good")
+
+
+def test_cli_import_of_a_book_file_without_a_tokenizer_says_in_one_line_how_to_give_one(tmp_path, no_gpt2_files,
+                                                                                        capsys):
+    from llmscratch.cli import main
+
+    source = _book_file(tmp_path / "model.pth")
+    assert main(["import", str(source), str(tmp_path / "run"), "--heads", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--tokenizer-dir, e.g. `llmscratch import {source} {tmp_path / 'run'} --heads 2 --tokenizer-dir DIR`" in err
+    write_tiny_gpt2_files(tmp_path / "gpt2", names=("encoder.json", "vocab.bpe"))
+    assert main(["import", str(source), str(tmp_path / "run"), "--heads", "2", "--tokenizer-dir",
+                 str(tmp_path / "gpt2")]) == 0

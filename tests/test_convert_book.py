@@ -195,3 +195,32 @@ def test_export_refuses_what_the_book_cannot_represent(tmp_path, field, value):
     with pytest.raises(CheckpointError, match=field):
         export_checkpoint(tmp_path / "run", tmp_path / "model.pth", "book")
     assert not (tmp_path / "model.pth").exists()
+
+
+@pytest.mark.parametrize("how", ["one Parameter", "equal copies"])
+def test_a_book_model_whose_head_is_its_token_embedding_imports_tied(tmp_path, how):
+    """The book ties the head by assigning tok_emb's Parameter to it (its GPT-2 loader does too); the state
+    dict then holds the matrix under both names, which the import recognises."""
+    cfg = CONFIGS[1]
+    book = tiny_book(cfg)
+    if how == "one Parameter":
+        book.out_head.weight = book.tok_emb.weight
+    else:
+        with torch.no_grad():
+            book.out_head.weight.copy_(book.tok_emb.weight)
+    torch.save(book.state_dict(), tmp_path / "book.pth")
+    model, _ = import_checkpoint(tmp_path / "book.pth", tmp_path / "run", heads=cfg["n_heads"], no_tokenizer=True)
+    assert model.cfg.tie_weights and model.out_head.weight is model.tok_emb.weight
+    from safetensors.torch import load_file
+
+    assert "out_head.weight" not in load_file(str(tmp_path / "run" / "model.safetensors"))  # stored once
+    reloaded = load_model(tmp_path / "run")
+    assert reloaded.cfg.tie_weights and reloaded.num_parameters() == model.num_parameters()
+    idx = tokens(cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(idx), book(idx), atol=1e-5, rtol=1e-5)
+    # Exported back, the book's model gets the head as its own copy of the same values.
+    export_checkpoint(tmp_path / "run", tmp_path / "again.pth", "book")
+    again = ch04.GPTModel(cfg).eval()
+    again.load_state_dict(torch.load(tmp_path / "again.pth", weights_only=True), strict=True)
+    assert torch.equal(again.out_head.weight, book.tok_emb.weight)

@@ -289,3 +289,24 @@ def test_init_from_a_hugging_face_directory_starts_from_its_weights(tmp_path):
     idx = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(idx), ref(idx).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_without_qkv_biases_comes_back_without_them(tmp_path):
+    """GPT-2's format always stores q, k, v biases, so the export writes zeros; the import recognises them."""
+    torch.manual_seed(3)
+    cfg = GPTConfig(vocab_size=71, context_length=16, emb_dim=30, n_heads=5, n_layers=2, drop_rate=0.0,
+                    qkv_bias=False, tie_weights=False)
+    model = GPT(cfg).eval()
+    save_model(tmp_path / "run", model)
+    export_checkpoint(tmp_path / "run", tmp_path / "hf", "hf")
+    back, _ = import_checkpoint(tmp_path / "hf", tmp_path / "back", no_tokenizer=True)
+    assert not back.cfg.qkv_bias and back.cfg == load_model(tmp_path / "back").cfg
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["qkv_bias"] is False
+    assert set(back.state_dict()) == set(model.state_dict())  # no attn.qkv.bias
+    assert back.num_parameters() == model.num_parameters()
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], tensor), key
+    # A GPT-2 whose q, k, v biases are not all zero keeps them.
+    ref = tiny_hf(50, 8, 16, 2, 2)
+    ref.save_pretrained(tmp_path / "hf2")
+    assert import_checkpoint(tmp_path / "hf2", tmp_path / "back2", no_tokenizer=True)[0].cfg.qkv_bias

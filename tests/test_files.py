@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from llmscratch.files import default_file_mode, write_atomic, write_text_atomic
+from llmscratch import files
+from llmscratch.errors import LLMScratchError
+from llmscratch.files import DiskFullError, default_file_mode, write_atomic, write_text_atomic
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -21,12 +25,54 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary_file(tmp
 
     def half_then_fail(tmp: str) -> None:
         Path(tmp).write_bytes(b"half of the ne")
-        raise OSError("No space left on device")
+        raise OSError(errno.EIO, "Input/output error")
 
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="Input/output error") as err:
         write_atomic(target, half_then_fail)
+    assert not isinstance(err.value, DiskFullError)  # only a full disk is said to be one
     assert target.read_bytes() == b"the last good checkpoint"
     assert leftovers(tmp_path) == []
+
+
+def _free(n: int):
+    """A stand-in for shutil.disk_usage: a disk with ``n`` bytes free."""
+    return lambda path: SimpleNamespace(total=10**12, used=10**12 - n, free=n)
+
+
+@pytest.mark.parametrize("raised", [
+    OSError(errno.ENOSPC, "No space left on device"),  # the OS, numpy's tofile, open().write
+    RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),  # torch.save
+])
+def test_a_full_disk_names_the_folder_and_the_space_needed_and_keeps_the_previous_file(tmp_path, monkeypatch, raised):
+    target = tmp_path / "model.bin"
+    target.write_bytes(b"the last good checkpoint")
+    monkeypatch.setattr(files.shutil, "disk_usage", _free(1_200_000))
+
+    def fill_the_disk(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half of the ne")
+        raise raised
+
+    with pytest.raises(DiskFullError) as err:
+        write_atomic(target, fill_the_disk, size=5_000_000)
+    message = str(err.value)
+    assert message == (f"{tmp_path}: the disk is full (no space left on device): model.bin needs about 5.0 MB there "
+                       "and 1.2 MB are free: free at least 3.8 MB (delete old runs or other files); the files already "
+                       "there are unchanged; run the command again once there is room")
+    assert isinstance(err.value, LLMScratchError) and isinstance(err.value, OSError)  # the CLI says it in one line
+    assert (err.value.folder, err.value.needed, err.value.free) == (tmp_path, 5_000_000, 1_200_000)
+    assert target.read_bytes() == b"the last good checkpoint" and leftovers(tmp_path) == []
+
+
+def test_a_failure_that_the_space_left_explains_is_not_taken_for_a_full_disk_when_there_is_room(tmp_path, monkeypatch):
+    monkeypatch.setattr(files.shutil, "disk_usage", _free(10**9))
+
+    def fail(tmp: str) -> None:
+        raise RuntimeError("unexpected pos 576 vs 534")
+
+    with pytest.raises(RuntimeError, match="unexpected pos") as err:
+        write_atomic(tmp_path / "state.pt", fail, size=5_000_000)
+    assert not isinstance(err.value, DiskFullError)
 
 
 def test_ctrl_c_during_a_write_keeps_the_previous_file(tmp_path):

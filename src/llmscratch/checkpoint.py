@@ -12,9 +12,12 @@ Training adds ``train_config.json`` (its options), ``metrics.jsonl``, ``loss.png
 (the weights of the best validation score, with the tokenizer) and, under FSDP, ``sharded/``.
 
 Every file is written atomically (temporary file in the same directory, fsync, rename), so a
-crash mid-write leaves the previous good file in place. Every read failure (missing file,
-bad JSON, weights that do not fit the config, a truncated or corrupted file) raises
-:class:`CheckpointError` naming the file and saying what to do.
+crash mid-write leaves the previous good file in place; a full disk is said in one line with
+the folder and the space needed (:class:`files.DiskFullError`). Every read failure (missing
+file, bad JSON, weights that do not fit the config, a truncated or corrupted file, weights
+holding NaN or infinities) raises :class:`CheckpointError` naming the file and saying what to
+do. ``config.json`` must be complete: a missing field is read from the weights where they show
+it and refused where they do not (:func:`load_config`).
 
 **Foreign formats.** Each has one explicit mapping table (:data:`HF_TABLE`, :data:`BOOK_TABLE`)
 with shape checks, used in both directions:
@@ -34,9 +37,11 @@ with shape checks, used in both directions:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 import uuid
 import warnings
@@ -48,7 +53,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, ConfigError, LLMScratchError
-from .files import PathLike, sync_directory, write_atomic, write_text_atomic
+from .files import DiskFullError, PathLike, disk_full_error, sync_directory, write_atomic, write_text_atomic
 from .model import GPT, GPTConfig
 
 
@@ -73,7 +78,24 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], tag: Option
     from safetensors.torch import save_file
 
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    write_atomic(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt", **(tag or {})}))
+    write_atomic(path, lambda tmp: save_file(cpu, tmp, metadata={"format": "pt", **(tag or {})}),
+                 size=_safetensors_size(cpu))
+
+
+def _safetensors_size(tensors: Mapping[str, torch.Tensor]) -> int:
+    """About the bytes a safetensors file of ``tensors`` takes: the data and a JSON header (≈ 100 bytes a tensor)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + 100 * len(tensors) + 1024
+
+
+def _torch_size(obj: Any) -> int:
+    """About the bytes ``torch.save(obj)`` writes: its tensors' data, plus a little for everything else."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size() + 64
+    if isinstance(obj, dict):
+        return sum(_torch_size(k) + _torch_size(v) for k, v in obj.items()) + 64
+    if isinstance(obj, (list, tuple)):
+        return sum(_torch_size(v) for v in obj) + 64
+    return 16 + (len(obj) if isinstance(obj, (str, bytes)) else 0)
 
 
 def weights_tag(run_dir: PathLike) -> dict[str, str]:
@@ -90,7 +112,7 @@ def weights_tag(run_dir: PathLike) -> dict[str, str]:
 
 
 def _write_torch(path: Path, obj: Any) -> None:
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), size=_torch_size(obj))
 
 
 def read_text(path: PathLike) -> str:
@@ -284,7 +306,11 @@ def save_model(run_dir: PathLike, model: nn.Module,
 
 
 def load_config(run_dir: PathLike) -> GPTConfig:
-    """The GPTConfig in ``run_dir/config.json``; bad JSON or bad fields raise CheckpointError."""
+    """The GPTConfig in ``run_dir/config.json``; bad JSON or bad fields raise CheckpointError.
+
+    The file must be complete: a missing field is taken from the weights where their names and
+    shapes show it, and refused, by name, where they do not (see :func:`_complete_config`).
+    """
     run_dir = Path(run_dir)
     _require_dir(run_dir)
     path = run_dir / CONFIG_FILE
@@ -295,58 +321,186 @@ def load_config(run_dir: PathLike) -> GPTConfig:
     if data.get("model_type") == "gpt2":
         raise CheckpointError(f"{path} is a Hugging Face GPT-2 config, not a run's: turn {run_dir} into a run "
                               f"with `llmscratch import {run_dir} RUN_DIR`")
+    data = _complete_config(data, path, run_dir / WEIGHTS_FILE)
     try:
         return GPTConfig.from_dict(data)
     except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path} has a bad field: {err}") from err
 
 
+# A run's config.json holds every GPTConfig field: GPTConfig.to_json has always written them
+# all, and the only field added since the first version is `activation` (GELU before it
+# existed). A field the file lacks (hand-edited, damaged) is
+#   * read from the weights where their names and shapes show it (sizes, which biases and
+#     position table exist, a tied head): the model is then exactly the saved one;
+#   * given its default where it changes neither what the model computes nor how it trains:
+#     the attention backend (the two compute the same function, tested equal), the head's
+#     padding (padded rows never leave forward), RoPE's base for a model without RoPE;
+#   * refused otherwise, naming the file and the field. `activation` too, although a config
+#     from before it existed meant GELU: such a file cannot be told from one that lost the
+#     key, and running a squared-ReLU model as GELU gives wrong numbers without a word.
+#     Those early runs need "activation": "gelu" added, as the message says.
+_HARMLESS_DEFAULTS = ("attn_backend", "pad_vocab_multiple")
+
+# What to write for a field the weights cannot show: its meaning and the option that set it.
+_FIELD_HINTS = {
+    "n_heads": "the number of attention heads, which divides emb_dim (train's --n-heads)",
+    "pos_emb": "how positions are given: \"rope\", \"sinusoidal\", \"alibi\" or \"none\" (not \"learned\": the "
+               "weights hold no pos_emb.weight) (train's --pos-emb)",
+    "context_length": "the context the model was trained with (train's --context-length)",
+    "drop_rate": "the dropout it was trained with (train's --dropout; it matters only for training)",
+    "scale_attn": "true, unless it was trained with --no-scale-attn",
+    "rope_base": "RoPE's base, 10000.0 unless it was changed",
+    "activation": "\"gelu\" or \"relu2\" (train's --activation; runs saved before the field existed used \"gelu\")",
+    "layer_norm_eps": "LayerNorm's epsilon, 1e-05 unless it was changed",
+}
+
+
+def _complete_config(data: dict[str, Any], path: Path, weights: Path) -> dict[str, Any]:
+    """``data`` with every missing GPTConfig field read from the weights or harmlessly defaulted, else an error.
+
+    An unknown key is left for :meth:`GPTConfig.from_dict` to name first: a misspelt key
+    explains the missing one.
+    """
+    names = [f.name for f in dataclasses.fields(GPTConfig)]
+    missing = [n for n in names if n not in data]
+    if not missing or set(data) - set(names):
+        return data
+    shapes = _weight_shapes(weights) if weights.is_file() else None
+    found = {name: value for name, value, _ in _infer_ours(shapes)} if shapes is not None else {}
+    if found.get("pos_emb") == "not learned":
+        del found["pos_emb"]  # rope, sinusoidal, alibi or none: the weights cannot say which
+    completed = dict(data)
+    for name in missing:
+        if name in found and (name != "context_length" or completed.get("pos_emb", found.get("pos_emb")) == "learned"):
+            completed[name] = found[name]
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    for name in _HARMLESS_DEFAULTS + ("rope_base",):
+        if name in missing and (name != "rope_base" or completed.get("pos_emb", "rope") != "rope"):
+            completed[name] = defaults[name]
+    refused = [n for n in names if n not in completed]
+    if refused:
+        why = "the weights cannot show" + ("" if shapes is not None else f" ({weights.name} is missing there)")
+        raise CheckpointError(
+            f"{path} lacks {', '.join(f'{n!r}' for n in refused)}, which {why}: add "
+            + "; ".join(f'"{n}": {_FIELD_HINTS.get(n, "its value")}' for n in refused)
+            + " — the value the model was trained with (train_config.json beside it names a trained run's preset "
+            "and options) — or restore config.json from a backup")
+    return completed
+
+
+def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in a safetensors file, from its header alone (no data is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as err:  # the Rust library raises its own types; name the file instead
+        raise CheckpointError(f"{path} could not be read ({type(err).__name__}: {err}); it is truncated or "
+                              "corrupted: save it again or restore a good copy") from err
+
+
 def _no_config(run_dir: Path) -> None:
     """Raise the CheckpointError for a folder without ``config.json``, saying what the folder is instead."""
+    raise CheckpointError(_without_config(run_dir)[1])
+
+
+def _without_config(run_dir: Path) -> tuple[str, str]:
+    """What a folder without ``config.json`` is: ``(a few words for a listing, the error saying what to do)``."""
     path = run_dir / CONFIG_FILE
     best = run_dir / "best"
     if (run_dir / "train_config.json").is_file():
         if (run_dir / WEIGHTS_FILE).exists():
-            raise CheckpointError(
-                f"{path} is missing beside {run_dir / WEIGHTS_FILE}: the training run's first checkpoint was cut "
-                f"short (or config.json was deleted); restore it from a backup, or train the run again "
-                f"(delete {run_dir}, or choose another --name)")
+            return ("a training run whose first checkpoint was cut short: config.json is missing",
+                    f"{path} is missing beside {run_dir / WEIGHTS_FILE}: the training run's first checkpoint was cut "
+                    f"short (or config.json was deleted); restore it from a backup, or train the run again "
+                    f"(delete {run_dir}, or choose another --name)")
         best_saved = (best / CONFIG_FILE).is_file()
-        raise CheckpointError(
-            f"{run_dir} holds a training run that stopped before its first checkpoint: it has train_config.json "
-            f"but no {CONFIG_FILE} and no weights, so there is nothing to load here; "
-            + (f"load the best weights it saved, in {best}, or " if best_saved else "")
-            + f"train it again (delete {run_dir}, or choose another --name)")
-    raise CheckpointError(
-        f"{path} is missing, so {run_dir} is not a run directory (which `llmscratch train` or `llmscratch import` "
-        "writes); give the run's folder, or turn Hugging Face or book weights into one with `llmscratch import`")
+        return ("a training run that stopped before its first checkpoint"
+                + (", with best/ weights" if best_saved else ""),
+                f"{run_dir} holds a training run that stopped before its first checkpoint: it has train_config.json "
+                f"but no {CONFIG_FILE} and no weights, so there is nothing to load here; "
+                + (f"load the best weights it saved, in {best}, or " if best_saved else "")
+                + f"train it again (delete {run_dir}, or choose another --name)")
+    return ("not a run: no config.json",
+            f"{path} is missing, so {run_dir} is not a run directory (which `llmscratch train` or `llmscratch import` "
+            "writes); give the run's folder, or turn Hugging Face or book weights into one with `llmscratch import`")
 
 
-def _infer_ours(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, Any, str]]:
-    """What our weight names and shapes say about the config: ``(field, value, evidence)``.
+def folder_kind(directory: PathLike) -> str:
+    """What ``directory`` is, in a few words: ``"run"`` for a run whose config loads, else what it is instead.
 
-    The head count and the non-learned position kinds leave no trace in the weights.
+    For listings of a folder of runs; the same classification as the errors of
+    :func:`load_config` (a training run stopped before its first checkpoint, a Hugging Face
+    directory, a dangling link...), without their advice.
+    """
+    directory = Path(directory)
+    if directory.is_symlink() and not directory.exists():
+        return f"a link to {os.readlink(directory)}, which no longer exists"
+    if not directory.is_dir():
+        return "not a folder"
+    if not (directory / CONFIG_FILE).exists():
+        return _without_config(directory)[0]
+    try:
+        load_config(directory)
+    except CheckpointError as err:
+        if "is a Hugging Face GPT-2 config" in str(err):
+            return "a Hugging Face GPT-2 directory (`llmscratch import` makes a run of it)"
+        return f"a run that cannot be loaded (`llmscratch info {directory}` says why)"
+    return "run"
+
+
+def checkpoint_step(run_dir: PathLike) -> Optional[int]:
+    """The step of the run's newest checkpoint, or None where it has none (imported weights, say).
+
+    Read from the weights' tag (their file's header) or the small training state of a sharded
+    (FSDP) checkpoint, so a listing reads no optimizer state; only a run saved before weights
+    were tagged has its training state read whole.
+    """
+    run_dir = Path(run_dir)
+    steps = []
+    for state_dir in (run_dir, run_dir / SHARDED_DIR):
+        if not (state_dir / TRAINING_STATE_FILE).is_file():
+            continue
+        step = None
+        if state_dir == run_dir and (run_dir / WEIGHTS_FILE).is_file():
+            step = weights_tag(run_dir).get("step")
+        if step is None:
+            state = _torch_load(state_dir / TRAINING_STATE_FILE, "a training state")
+            step = state.get("step") if isinstance(state, dict) else None
+        if step is not None:
+            steps.append(int(step))
+    return max(steps) if steps else None
+
+
+def _infer_ours(shapes: Mapping[str, tuple[int, ...]]) -> list[tuple[str, Any, str]]:
+    """What our weight names and shapes (``{name: shape}``) say about the config: ``(field, value, evidence)``.
+
+    The head count, the activation, the non-learned position kinds and the scalars (dropout,
+    epsilon, RoPE's base, attention scaling) leave no trace in the weights.
     """
     facts: list[tuple[str, Any, str]] = []
-    if "tok_emb.weight" in tensors and tensors["tok_emb.weight"].dim() == 2:
-        vocab, dim = tensors["tok_emb.weight"].shape
+    if len(shapes.get("tok_emb.weight", ())) == 2:
+        vocab, dim = shapes["tok_emb.weight"]
         facts += [("vocab_size", vocab, "tok_emb.weight has %d rows" % vocab),
                   ("emb_dim", dim, "tok_emb.weight has %d columns" % dim)]
-    layers = {int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))}
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
     n_layers = max(layers) + 1 if layers else 0
     facts.append(("n_layers", n_layers, f"blocks 0..{n_layers - 1} are stored" if layers else "no blocks are stored"))
-    if "pos_emb.weight" in tensors:
+    if "pos_emb.weight" in shapes:
         facts.append(("pos_emb", "learned", "pos_emb.weight is present"))
-        facts.append(("context_length", tensors["pos_emb.weight"].shape[0],
-                      "pos_emb.weight has %d rows" % tensors["pos_emb.weight"].shape[0]))
+        if shapes["pos_emb.weight"]:
+            rows = shapes["pos_emb.weight"][0]
+            facts.append(("context_length", rows, "pos_emb.weight has %d rows" % rows))
     else:
         facts.append(("pos_emb", "not learned", "there is no pos_emb.weight"))
     if layers:
-        has = "blocks.0.attn.qkv.bias" in tensors
+        has = "blocks.0.attn.qkv.bias" in shapes
         facts.append(("qkv_bias", has, f"blocks.0.attn.qkv.bias is {'present' if has else 'absent'}"))
-    has = "final_norm.bias" in tensors
+    has = "final_norm.bias" in shapes
     facts.append(("bias", has, f"final_norm.bias is {'present' if has else 'absent'}"))
-    has = "out_head.weight" in tensors
+    has = "out_head.weight" in shapes
     facts.append(("tie_weights", not has,
                   "out_head.weight is stored separately" if has else "there is no separate out_head.weight"))
     return facts
@@ -354,7 +508,7 @@ def _infer_ours(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, Any, str
 
 def _config_disagreements(cfg: GPTConfig, tensors: Mapping[str, torch.Tensor]) -> list[str]:
     lines = []
-    for name, value, evidence in _infer_ours(tensors):
+    for name, value, evidence in _infer_ours({k: tuple(v.shape) for k, v in tensors.items()}):
         said = getattr(cfg, name)
         if name == "pos_emb":
             agrees = (said == "learned") == (value == "learned")
@@ -389,13 +543,43 @@ def _key_disagreements(expected: Mapping[str, torch.Tensor], found: Mapping[str,
     return lines
 
 
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], source: PathLike, fix: str) -> None:
+    """Raise a CheckpointError naming the first tensor of ``source`` that holds NaN or an infinity.
+
+    No trained or imported model holds one (training stops at a NaN loss before it saves), so
+    such a value means a damaged file; left in, it would surface later as a puzzling error deep
+    in sampling or as NaN losses. ``fix``: what to do instead. One pass of ``isfinite`` per
+    tensor: about as cheap as reading the file.
+    """
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan, inf, n = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum()), tensor.numel()
+            what = " and ".join(part for part in (f"NaN ({nan} of {n} values)" if nan else "",
+                                                  f"infinite values ({inf} of {n})" if inf else "") if part)
+            raise CheckpointError(f"{source}: tensor {name} holds {what}, which no saved model does: the file is "
+                                  f"damaged; {fix}")
+
+
+def _non_finite_fix(run_dir: Path) -> str:
+    """What to load instead of a run whose weights are damaged: its best/ weights, its checkpoint, a backup."""
+    if run_dir.name == "best" and (run_dir.parent / WEIGHTS_FILE).is_file():
+        return (f"load the run's last checkpoint, {run_dir.parent}, instead, or restore {run_dir / WEIGHTS_FILE} "
+                "from a backup")
+    if (run_dir / "best" / WEIGHTS_FILE).is_file():
+        return (f"load the run's best weights, {run_dir / 'best'}, instead (to train on: "
+                f"`llmscratch train --init-from {run_dir / 'best'}`), or restore the file from a backup or a "
+                "previous checkpoint")
+    return "restore it from a backup or a previous checkpoint, or train or import the model again"
+
+
 def load_model(run_dir: PathLike, device: Union[str, torch.device] = "cpu", **config_overrides: Any) -> GPT:
     """Build the GPT described by ``run_dir/config.json`` and load ``model.safetensors`` into it.
 
     ``config_overrides`` may change the runtime-only fields in :data:`RUNTIME_FIELDS`
     (for example ``attn_backend="explicit"``, ``drop_rate=0.0``). Weights that do not fit
-    the config raise a CheckpointError naming each differing field and key. The model is
-    returned in eval mode (as ``from_pretrained`` does); call ``.train()`` to train it.
+    the config raise a CheckpointError naming each differing field and key, and so do weights
+    holding NaN or infinities (:func:`refuse_non_finite`). The model is returned in eval mode
+    (as ``from_pretrained`` does); call ``.train()`` to train it.
     """
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
@@ -413,6 +597,7 @@ def load_model(run_dir: PathLike, device: Union[str, torch.device] = "cpu", **co
 
     weights_path = run_dir / WEIGHTS_FILE
     tensors = read_safetensors(weights_path)
+    refuse_non_finite(tensors, weights_path, _non_finite_fix(run_dir))
     model = GPT(cfg)
     expected = _state_dict_for_file(model)
     problems = _config_disagreements(cfg, tensors) + _key_disagreements(expected, tensors)
@@ -480,6 +665,11 @@ def save_checkpoint(run_dir: PathLike, model: nn.Module, state: dict) -> None:
     first rename leaves the previous pair; a kill between the two renames leaves the new weights
     and the new state still staged, which :func:`load_training_state` finishes renaming
     (:func:`finish_interrupted_save`). The two files carry one tag, checked on resume.
+
+    A save that fails before its first rename (a full disk, say) removes what it staged, so
+    the previous checkpoint stays whole and the space is free again; a full disk raises
+    :class:`files.DiskFullError` naming the folder, the space the checkpoint needs and what
+    is free.
     """
     if not isinstance(state, dict):
         raise TypeError(f"training state must be a dict, got {type(state).__name__}")
@@ -490,12 +680,36 @@ def save_checkpoint(run_dir: PathLike, model: nn.Module, state: dict) -> None:
     gpt = _unwrap(model)
     run_dir.mkdir(parents=True, exist_ok=True)
     staged_weights, staged_state = run_dir / (PENDING + WEIGHTS_FILE), run_dir / (PENDING + TRAINING_STATE_FILE)
-    _write_safetensors(staged_weights, _state_dict_for_file(gpt, None), tag)
-    _write_torch(staged_state, state)
-    write_text_atomic(run_dir / CONFIG_FILE, gpt.cfg.to_json() + "\n")
+    weights = _state_dict_for_file(gpt, None)
+    try:
+        _write_safetensors(staged_weights, weights, tag)
+        _write_torch(staged_state, state)
+        write_text_atomic(run_dir / CONFIG_FILE, gpt.cfg.to_json() + "\n")
+    except BaseException as err:
+        staged_weights.unlink(missing_ok=True)  # useless without its pair, and it takes the space
+        staged_state.unlink(missing_ok=True)
+        if isinstance(err, DiskFullError):
+            need = _safetensors_size(weights) + _torch_size(state)
+            raise _checkpoint_disk_full(run_dir, tag["step"], need) from err
+        raise
     os.replace(staged_weights, run_dir / WEIGHTS_FILE)
     os.replace(staged_state, run_dir / TRAINING_STATE_FILE)
     sync_directory(run_dir)
+
+
+def _checkpoint_disk_full(run_dir: Path, step: str, need: int) -> DiskFullError:
+    """The one-line error for a checkpoint the disk had no room for: what was kept, and how to go on."""
+    if (run_dir / WEIGHTS_FILE).is_file() and (run_dir / TRAINING_STATE_FILE).is_file():
+        try:
+            kept = weights_tag(run_dir).get("step")
+        except CheckpointError:
+            kept = None
+        which = f"the checkpoint of step {kept}" if kept else "the previous checkpoint"
+        after = (f"nothing was lost: {which} is still whole there; continue from it with "
+                 f"`llmscratch train --resume {run_dir}` once there is room")
+    else:
+        after = "no earlier checkpoint was there to lose; start the training again once there is room"
+    return disk_full_error(run_dir, f"the checkpoint of step {step}", need, after)
 
 
 def finish_interrupted_save(run_dir: PathLike) -> bool:
@@ -960,14 +1174,28 @@ def read_hf_dir(directory: PathLike) -> tuple[dict[str, Any], dict[str, torch.Te
 
 
 def load_hf_model(directory: PathLike) -> GPT:
-    """Our GPT with the weights of a Hugging Face GPT-2 directory."""
+    """Our GPT with the weights of a Hugging Face GPT-2 directory.
+
+    GPT-2 always stores q, k, v biases; where every one of them is zero (as an export of a model
+    without them writes, see :data:`HF_TABLE`), the model gets none (``qkv_bias=False``): the
+    same function, and a round trip gives back the model that was exported.
+    """
     directory = Path(directory)
     hf_config, hf_sd = read_hf_dir(directory)
+    refuse_non_finite(hf_sd, directory, "get a good copy of the weights (download or save them again)")
     cfg = config_from_hf(hf_config, source=str(directory / "config.json"))
+    if _all_qkv_biases_zero(_normalize_hf_keys(hf_sd), cfg):
+        cfg = dataclasses.replace(cfg, qkv_bias=False)
     model = GPT(cfg)
     sd = hf_to_ours(hf_sd, cfg, source=str(directory))
     model.load_state_dict(_with_tied_head(sd, cfg), strict=True)
     return model.eval()
+
+
+def _all_qkv_biases_zero(sd: Mapping[str, torch.Tensor], cfg: GPTConfig) -> bool:
+    """Whether every layer's ``c_attn.bias`` (save_pretrained layout) is present and all zeros."""
+    keys = [f"transformer.h.{i}.attn.c_attn.bias" for i in range(cfg.n_layers)]
+    return all(k in sd and sd[k].is_floating_point() and not bool(sd[k].any()) for k in keys)
 
 
 def save_hf(model: nn.Module, out_dir: PathLike, eot_id: Optional[int] = None) -> None:
@@ -1018,7 +1246,9 @@ def book_to_ours(sd: Mapping[str, torch.Tensor], n_heads: int, drop_rate: float 
                  source: str = "the book's state dict") -> tuple[GPTConfig, dict[str, torch.Tensor]]:
     """The book's ``GPTModel`` state dict → ``(GPTConfig, our state dict)``.
 
-    Sizes come from the tensors' shapes, ``qkv_bias`` from whether ``W_query.bias`` exists;
+    Sizes come from the tensors' shapes, ``qkv_bias`` from whether ``W_query.bias`` exists,
+    ``tie_weights`` from whether ``out_head.weight`` equals ``tok_emb.weight`` (the book ties
+    them by assigning one Parameter to both, and its state dict then holds the matrix twice);
     the head count is not in the weights and must be given.
     """
     for key in ("tok_emb.weight", "pos_emb.weight"):
@@ -1039,7 +1269,11 @@ def book_to_ours(sd: Mapping[str, torch.Tensor], n_heads: int, drop_rate: float 
     except ConfigError as err:
         raise CheckpointError(f"{source}: {err}") from err
     weights = {k: v for k, v in sd.items() if not _BOOK_MASK.match(k)}
-    return cfg, _convert_in(BOOK_TABLE, weights, cfg, source)
+    ours = _convert_in(BOOK_TABLE, weights, cfg, source)  # every shape checked, the head included
+    if torch.equal(ours["out_head.weight"], ours["tok_emb.weight"]):  # one matrix, stored twice: tied
+        cfg = dataclasses.replace(cfg, tie_weights=True)
+        del ours["out_head.weight"]  # as our files store a tied head: once, as tok_emb.weight
+    return cfg, ours
 
 
 def ours_to_book(model_or_state: Union[nn.Module, Mapping[str, torch.Tensor]],
@@ -1111,18 +1345,35 @@ def download_gpt2(name: str) -> Path:
         raise CheckpointError(f"could not download {name} from the Hugging Face hub ({state}); {how}") from err
 
 
-def _gpt2_bpe_tokenizer(tokenizer_dir: Optional[PathLike]) -> Any:
+def _gpt2_bpe_tokenizer(tokenizer_dir: Optional[PathLike], command: str) -> Any:
     """GPT-2's BPE for a model that came without a tokenizer (the book's format).
 
     Read from ``tokenizer_dir`` when given (it must hold the files), else from
-    ``$LLMSCRATCH_GPT2_DIR`` or tiktoken's cache (see ``tokenizer.find_gpt2_files``).
+    ``$LLMSCRATCH_GPT2_DIR`` or tiktoken's cache (see ``tokenizer.find_gpt2_files``). Where
+    none has them, the error is one line: the option to give and ``command`` (the import
+    as the user would type it) with that option added.
     """
-    from .tokenizer import GPT2Tokenizer, load_tokenizer
+    from .errors import TokenizerError
+    from .tokenizer import GPT2_ENV, GPT2Tokenizer, find_gpt2_files, load_tokenizer, tiktoken_cache_dir
 
     if tokenizer_dir is not None:
-        _require_dir(Path(tokenizer_dir), "tokenizer directory")
-        return load_tokenizer(tokenizer_dir)
-    return GPT2Tokenizer.find()
+        _require_dir(Path(tokenizer_dir), "--tokenizer-dir")
+        try:
+            return load_tokenizer(tokenizer_dir)
+        except LLMScratchError as err:
+            raise CheckpointError(f"--tokenizer-dir {tokenizer_dir}: {err}; give the folder that holds GPT-2's "
+                                  "encoder.json + vocab.bpe (or vocab.json + merges.txt)") from err
+    try:
+        files = find_gpt2_files()
+    except TokenizerError as err:
+        looked = ([f"${GPT2_ENV} ({os.environ[GPT2_ENV]})"] if os.environ.get(GPT2_ENV) else []) \
+            + [f"tiktoken's cache ({tiktoken_cache_dir()})"]
+        raise CheckpointError(
+            f"the book's format carries no tokenizer, and GPT-2's tokenizer files are not in {' nor '.join(looked)}: "
+            f"give the folder that holds them (encoder.json + vocab.bpe, or vocab.json + merges.txt) with "
+            f"--tokenizer-dir, e.g. `{command} --tokenizer-dir DIR`, or import without a tokenizer (--no-tokenizer)"
+        ) from err
+    return GPT2Tokenizer.from_files(*files)
 
 
 def _check_tokenizer_fits(tokenizer: Any, cfg: GPTConfig, where: str) -> None:
@@ -1211,12 +1462,16 @@ def import_checkpoint(
             _check_tokenizer_fits(tokenizer, model.cfg, str(path))
     elif path.is_file():
         sd = read_book_file(path)  # first: a file that is no state dict needs no head count
+        refuse_non_finite(sd, path, "give a good copy of the file")
         if heads is None and preset is None:
             raise CheckpointError(
                 f"{path}: the book's format does not record the number of attention heads; give --heads N "
                 "or --preset NAME (the book's GPT-2 sizes: gpt2-124m = 12 heads, gpt2-medium = 16, "
                 "gpt2-large = 20, gpt2-xl = 25)"
             )
+        command = " ".join(["llmscratch import", shlex.quote(str(source)), shlex.quote(str(run_dir))]
+                           + [f"--{name} {shlex.quote(str(value))}" for name, value in
+                              (("heads", heads), ("preset", preset)) if value is not None])  # as typed, for errors
         drop_rate = 0.1
         if preset is not None:
             try:
@@ -1235,18 +1490,11 @@ def import_checkpoint(
                 raise CheckpointError(f"{path} was not trained with preset {preset}: " + "; ".join(differ))
         cfg, ours = book_to_ours(sd, heads, drop_rate, source=str(path))
         model = GPT(cfg)
-        model.load_state_dict(ours, strict=True)
+        model.load_state_dict(_with_tied_head(ours, cfg), strict=True)
         model.eval()
         log(f"read the book's GPTModel state dict {path}")
         if not no_tokenizer:
-            try:
-                tokenizer = _gpt2_bpe_tokenizer(tokenizer_dir)
-            except LLMScratchError as err:
-                raise CheckpointError(
-                    f"the book's format carries no tokenizer and GPT-2's BPE is not available here ({err}); "
-                    "put GPT-2's encoder.json + vocab.bpe (or vocab.json + merges.txt) in a directory and pass "
-                    "--tokenizer-dir DIR (or set LLMSCRATCH_GPT2_DIR), or import without one (--no-tokenizer)"
-                ) from err
+            tokenizer = _gpt2_bpe_tokenizer(tokenizer_dir, command)
             _check_tokenizer_fits(tokenizer, model.cfg, str(tokenizer_dir or "GPT-2's files"))
     else:
         raise CheckpointError(
