@@ -197,6 +197,22 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert "causal, bf16, fwd+bwd" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("n, runs, steps, tokens", [
+    ("1", "1 run", "1 step", "1 new token"),
+    ("3", "3 runs", "3 steps", "3 new tokens"),
+])
+def test_cli_bench_counts_in_the_singular_for_one(monkeypatch, capsys, n, runs, steps, tokens):
+    for measure in ("bench_train", "bench_decode", "bench_attention"):  # the headers, not the measurements
+        monkeypatch.setattr(bench, measure, lambda *args, **kwargs: [])
+    assert main(["bench", "all", "--preset", "test", "--device", "cpu", "--repeats", n, "--steps", n,
+                 "--new-tokens", n]) == 0
+    out = capsys.readouterr().out
+    assert f"(median of {runs} of {steps}):" in out
+    assert f"prompt 8 tokens, {tokens} (median of {runs}):" in out
+    assert "4 heads, T 32" in out
+    assert bench.count(1, "head") == "1 head" and bench.count(0, "run") == "0 runs"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--steps", "0"], "--steps must be at least 1, got 0"),
     (["train", "--repeats", "-2"], "--repeats must be at least 1, got -2"),

@@ -344,6 +344,19 @@ def test_eval_windows_cover_the_whole_split(n):
     assert all(x.shape[1] == 16 for x, _ in batches[:-1])
 
 
+@pytest.mark.parametrize("n", [2, 17, 18, 33, 34, 66])
+def test_eval_windows_make_every_token_after_the_first_a_target_exactly_once(n):
+    """The promise, checked position by position, including splits whose last window holds a
+    single target (18, 34, 66 with context 16) and none at all (17, 33)."""
+    tokens = np.arange(n, dtype=np.int64)  # each token is its own position
+    targets = []
+    for x, y in eval_windows(tokens, context_length=16, batch_size=2):
+        assert torch.equal(x + 1, y)  # each target is predicted from the token just before it
+        targets += y.flatten().tolist()
+    assert sorted(targets) == list(range(1, n))  # every position after the first ...
+    assert len(targets) == len(set(targets))  # ... exactly once
+
+
 def test_eval_windows_sample_is_fixed_and_seeded():
     tokens = tokens_array(5000)
     a = eval_windows(tokens, 32, n_windows=20, batch_size=8)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from llmscratch.errors import ConfigError
 from llmscratch.generate import (
+    RowText,
     SamplingConfig,
+    apply_repetition_penalty,
     crop_window,
     decode_steps,
     generate,
+    generate_text,
     make_generators,
     sample_next,
     stream,
+    stream_text,
+    token_presence,
     top_k_filter,
     top_p_filter,
 )
@@ -48,12 +55,25 @@ def model() -> GPT:
     [
         ("max_new_tokens", -1), ("max_new_tokens", 2.5), ("temperature", -0.1),
         ("temperature", float("nan")), ("top_k", 0), ("top_k", True), ("top_p", 0.0),
-        ("top_p", 1.5), ("eos_id", -3), ("seed", "abc"), ("seed", 2**63),
+        ("top_p", 1.5), ("seed", "abc"), ("seed", 2**63), ("repetition_penalty", 0.0),
+        ("repetition_penalty", -1.2), ("repetition_penalty", float("inf")), ("repetition_penalty", True),
+        ("stop", ""), ("stop", ["\n", ""]), ("stop", [3]),
     ],
 )
-def test_sampling_config_rejects_bad_values_naming_the_field(field, value):
-    with pytest.raises(ConfigError, match=f"SamplingConfig.{field}"):
+def test_sampling_config_rejects_bad_values_naming_the_option_then_the_field(field, value):
+    option = "--" + field.replace("_", "-")
+    with pytest.raises(ConfigError, match=f"^{option} \\({field}\\) must"):
         SamplingConfig(**{field: value})
+
+
+def test_sampling_config_fields_without_an_option_are_named_as_fields():
+    with pytest.raises(ConfigError, match="eos_id"):
+        SamplingConfig(eos_id=-3)
+
+
+def test_one_stop_string_counts_as_one_not_as_its_characters():
+    assert SamplingConfig(stop="\n\n").stop == ("\n\n",)
+    assert SamplingConfig(stop=["a", "bc"]).stop == ("a", "bc")
 
 
 def test_bad_prompts_are_refused(model):
@@ -103,9 +123,16 @@ def test_top_p_respects_its_mass():
 
 
 def test_top_p_at_exact_boundary_keeps_the_smallest_set():
-    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
-    kept = ~torch.isinf(top_p_filter(logits, 0.5))
-    assert kept.tolist() == [[True, False, False]]
+    """Tokens whose mass equals p exactly are the whole nucleus: the next one is dropped."""
+    # Probabilities 1/2, 1/4, 1/8, 1/8, exact in float64 (checked), so each boundary is exact; in
+    # float32 the logs round and the first token's mass is 0.5 + 4.8e-10, past the boundary.
+    logits = torch.tensor([[4.0, 2.0, 1.0, 1.0]], dtype=torch.float64).log()
+    assert torch.softmax(logits, dim=-1).tolist() == [[0.5, 0.25, 0.125, 0.125]]
+    for p, n_kept in ((0.5, 1), (0.75, 2), (0.875, 3)):
+        kept = ~torch.isinf(top_p_filter(logits, p))
+        assert kept.tolist() == [[True] * n_kept + [False] * (4 - n_kept)], p
+    # Equal logits: every probability is exactly 1/4 in any precision.
+    assert (~torch.isinf(top_p_filter(torch.zeros(1, 4), 0.5))).sum() == 2
 
 
 def test_fixed_seed_gives_fixed_tokens(model):
@@ -323,6 +350,279 @@ def test_cli_refuses_zero_samples_before_loading_anything(tmp_path, capsys):
 
     assert main(["generate", str(tmp_path / "no-such-run"), "--num-samples", "0"]) == 2
     assert "--num-samples must be at least 1, got 0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- repetition penalty
+
+
+def test_repetition_penalty_equals_transformers_logits_processor():
+    """Against transformers' own processor on random logits of both signs, sequences with repeats."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen) * 3  # (B, V)
+    logits[0, 7] = 0.0  # a zero logit stays zero
+    ids = torch.randint(0, 50, (4, 30), generator=gen)  # (B, T): about half the ids, many repeated
+    ids[0, 0] = 7
+    for penalty in (1.3, 0.7, 1.0):
+        expected = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        seen = token_presence(ids.tolist(), 50, "cpu")  # (B, V)
+        torch.testing.assert_close(apply_repetition_penalty(logits, seen, penalty), expected, rtol=0, atol=0)
+        greedy = SamplingConfig(temperature=0.0, repetition_penalty=penalty)
+        assert torch.equal(sample_next(logits, greedy, seen=seen), expected.argmax(-1))
+    assert not torch.equal(apply_repetition_penalty(logits, seen, 1.3), logits)
+
+
+EOS = 39  # the tiny transformers GPT-2's end-of-text id (its last)
+
+
+def _hf_gpt2_and_ours(directory, vocab: int = 40, ctx: int = 32):
+    """A tiny random transformers GPT-2 and our GPT with its weights, through the real converter."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmscratch.checkpoint import load_hf_model
+
+    torch.manual_seed(3)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=ctx, n_embd=24, n_head=3, n_layer=2,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    bos_token_id=EOS, eos_token_id=EOS, pad_token_id=EOS)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.3)
+    hf.save_pretrained(directory)
+    return hf, load_hf_model(directory).eval()
+
+
+def test_greedy_with_repetition_penalty_equals_transformers_generate(tmp_path):
+    """The whole decode loop (batched, left-padded, cached or not) against ``GPT2LMHeadModel.generate``
+    with ``repetition_penalty`` on the same weights: the penalty counts the prompt and every new token."""
+    hf, ours = _hf_gpt2_and_ours(tmp_path)
+    prompts = [[1, 2, 3, 1], [5, 6], [9, 9, 9, 8, 7, 6, 5]]
+    n = 16
+    for penalty in (1.8, 0.6):
+        expected = []
+        for prompt in prompts:
+            with torch.no_grad():
+                out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                                  repetition_penalty=penalty)[0, len(prompt):].tolist()
+            expected.append(out[: out.index(EOS)] if EOS in out else out)  # it stops at eos, as ours
+        cfg = SamplingConfig(max_new_tokens=n, temperature=0.0, repetition_penalty=penalty, eos_id=EOS)
+        assert generate(ours, prompts, cfg) == expected, penalty
+        assert generate(ours, prompts, cfg, use_cache=False) == expected, penalty
+        plain = generate(ours, prompts, SamplingConfig(max_new_tokens=n, temperature=0.0, eos_id=EOS))
+        assert plain != expected  # the penalty changed the tokens: the comparison means something
+
+
+def test_static_decoder_applies_the_repetition_penalty_as_generate_does():
+    from llmscratch.generate import StaticDecoder
+
+    model = _tiny("rope", context_length=16)
+    prompts = [[1, 2, 3, 1], [4, 4, 4, 5]]
+    for cfg in (SamplingConfig(max_new_tokens=10, temperature=0.0, repetition_penalty=1.5),
+                SamplingConfig(max_new_tokens=10, temperature=1.2, seed=3, repetition_penalty=1.5)):
+        out = StaticDecoder(model, batch=2).generate(torch.tensor(prompts), cfg)
+        assert out.tolist() == generate(model, prompts, cfg)
+    greedy = SamplingConfig(max_new_tokens=10, temperature=0.0)
+    assert generate(model, prompts, greedy) != generate(model, prompts, cfg)  # it changes something
+
+
+# --------------------------------------------------------------------------- stop strings
+
+
+def two_letters(ids: list[int]) -> str:
+    """A decode whose tokens are two characters each, so a stop string can begin inside a token."""
+    return "".join(chr(97 + t // 26 % 26) + chr(97 + t % 26) for t in ids)
+
+
+def utf8_bytes(ids: list[int]) -> str:
+    """A decode whose tokens are bytes, as a byte-level BPE's: a character may need several tokens."""
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_row_text_holds_back_what_could_begin_a_stop_string():
+    pieces = {0: "x", 1: "E", 2: "N", 3: "D", 4: "Q", 5: "abENDcd", 6: "--"}
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    row = RowText(decode, ["END", "--"])
+    assert [row.push(t) for t in (0, 1, 2)] == ["x", "", ""]  # "EN" may become "END": held
+    assert row.push(4) == "ENQ" and not row.stopped  # it did not
+    assert [row.push(t) for t in (1, 2, 3)] == ["", "", ""] and row.stopped  # it did: never shown
+    assert row.text == "xENQ" and row.push(0) == "" and row.finish() == ""
+    row = RowText(decode, ["END", "--"])
+    assert row.push(5) == "ab" and row.stopped  # a stop string inside one token
+    row = RowText(decode, ["END", "xE"])
+    assert row.push(0) == "" and row.push(2) == "xN" and row.push(1) == ""
+    assert row.finish() == "E"  # the row ends: what it held back is released
+    row = RowText(decode, ["D", "NDQ"])
+    assert row.push(2) == "" and row.push(3) == "N" and row.stopped  # "NDQ" might have come: "D" did
+    row = RowText(decode, ["cd", "ND"])
+    assert row.push(5) == "abE" and row.stopped  # the earliest in the text wins, not the first given
+
+
+def test_row_text_waits_for_the_rest_of_a_multibyte_character():
+    row = RowText(utf8_bytes, ["\n"])
+    text = "añ€\nz".encode()
+    assert [row.push(b) for b in text] == ["a", "", "ñ", "", "", "€", "", ""]
+    assert row.stopped and row.text == "añ€"
+    row = RowText(utf8_bytes)
+    assert row.push(0xC3) == "" and row.finish() == "\ufffd"  # cut off mid-character: shown as the decoder shows it
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_stop_strings_end_each_row_of_a_batch_on_its_own(model, use_cache):
+    """Each row's text is its text without stop strings, cut before the first one (which may span
+    tokens or begin inside one); rows without it run on; sampled rows keep seed + row."""
+    cfg = dict(max_new_tokens=20, temperature=1.2, seed=9)
+    free = generate_text(model, PROMPTS, SamplingConfig(**cfg), two_letters, use_cache=use_cache)
+    stops = (free[0][7:12], free[2][3:6])  # start mid-token in row 0, at a token in row 2
+    stopped = generate_text(model, PROMPTS, SamplingConfig(**cfg, stop=stops), two_letters, use_cache=use_cache)
+    for row, text in enumerate(free):
+        cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+        assert stopped[row] == text[: min(cuts, default=len(text))], row
+    assert stopped[0] == free[0][:7] and stopped[2] == free[2][:3]
+    for row, prompt in enumerate(PROMPTS):  # a row samples as alone, with seed + row
+        alone = SamplingConfig(**{**cfg, "seed": 9 + row}, stop=stops)
+        assert generate_text(model, [prompt], alone, two_letters, use_cache=use_cache) == [stopped[row]]
+
+
+def test_a_stopped_row_ends_the_decode_loop():
+    model = make_model()
+    free = generate(model, [PROMPTS[1]], GREEDY)[0]
+    text = two_letters(free)
+    stop = text[9:13]  # completed by the 7th token (characters 12, 13)
+    steps = list(decode_steps(model, [PROMPTS[1]], SamplingConfig(max_new_tokens=20, temperature=0.0, stop=stop),
+                              decode=two_letters))
+    assert len(steps) == 7
+    assert "".join(s.text[0] for s in steps) == text[:9]
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_streamed_text_never_shows_any_of_a_stop_string(model, use_cache):
+    sampling = SamplingConfig(max_new_tokens=20, temperature=0.0)
+    free = generate_text(model, [PROMPTS[0]], sampling, two_letters)[0]
+    for start in (2, 5, 8):  # each stop spans tokens and starts at or inside one
+        stop = free[start : start + 5]
+        with_stop = SamplingConfig(max_new_tokens=20, temperature=0.0, stop=(stop, "never"))
+        shown = ""
+        for piece in stream_text(model, PROMPTS[0], with_stop, two_letters, use_cache=use_cache):
+            shown += piece
+            assert free[: free.find(stop)].startswith(shown), (stop, shown)
+        assert shown == free[: free.find(stop)]
+
+
+def test_the_eos_token_and_the_end_release_the_held_back_text(model):
+    free = generate(model, [PROMPTS[0]], GREEDY)[0]
+    k = next(i for i in range(3, len(free)) if free[i] not in free[:i])  # eos = free[k] ends the row there
+    held = two_letters(free[k - 1 : k])
+    stop = held + "zz"  # begins with the last token's text, which is held back until the row ends
+    cfg = SamplingConfig(max_new_tokens=20, temperature=0.0, eos_id=free[k], stop=stop)
+    pieces = list(stream_text(model, PROMPTS[0], cfg, two_letters))
+    assert pieces[-1].endswith(held) and "".join(pieces) == two_letters(free[:k])
+    cfg = SamplingConfig(max_new_tokens=k, temperature=0.0, stop=stop)  # no eos: the last step releases it
+    assert generate_text(model, [PROMPTS[0]], cfg, two_letters) == [two_letters(free[:k])]
+
+
+def test_stop_strings_need_text_not_tokens(model):
+    cfg = SamplingConfig(max_new_tokens=5, stop="\n")
+    with pytest.raises(ConfigError, match="generate_text"):
+        generate(model, PROMPTS, cfg)
+    with pytest.raises(ConfigError, match="stream_text"):
+        list(stream(model, PROMPTS[0], cfg))
+    with pytest.raises(ConfigError, match="pass decode"):
+        list(decode_steps(model, PROMPTS, cfg))
+    from llmscratch.generate import StaticDecoder
+
+    with pytest.raises(ValueError, match="stop on strings"):
+        StaticDecoder(model, batch=1).generate(torch.tensor([[1, 2]]), cfg)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+CORPUS = "the quick brown fox jumps over the lazy dog, and god said let there be light.\n" * 3
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> str:
+    """A run directory: a character tokenizer and a random "test" GPT (std 0.1: varied text)."""
+    from llmscratch.checkpoint import save_run
+    from llmscratch.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text(CORPUS)
+    directory = tmp_path_factory.mktemp("run")
+    save_run(directory, make_model(vocab_size=tokenizer.vocab_size), tokenizer)
+    return str(directory)
+
+
+def cli_generate(capsys, run_dir: str, *argv: str) -> str:
+    from llmscratch.cli import main
+
+    status = main(["generate", run_dir, "--max-new-tokens", "30", "--device", "cpu", *argv])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    return out
+
+
+@pytest.mark.parametrize("cache", [[], ["--no-cache"]])
+def test_cli_stop_cuts_the_streamed_text_before_the_stop_string(run_dir, capsys, cache):
+    free = cli_generate(capsys, run_dir, "--prompt", "the", "--seed", "5", *cache)
+    assert free.startswith("the") and free.endswith("\n")
+    new = free[3:-1]
+    stop = new[4:7]
+    out = cli_generate(capsys, run_dir, "--prompt", "the", "--seed", "5", "--stop", stop, "--stop", "@@", *cache)
+    assert out == "the" + new[: new.find(stop)] + "\n"
+
+
+def test_cli_stop_ends_each_prompt_and_sample_on_its_own(run_dir, capsys):
+    batch = ["--prompt", "the", "--prompt", "god", "--num-samples", "2", "--seed", "3", "--stop", "e", "--stop", " "]
+    out = cli_generate(capsys, run_dir, *batch)
+    blocks = re.split(r"^--- .* ---\n", out, flags=re.M)[1:]
+    assert len(blocks) == 4
+    for row, block in enumerate(blocks):
+        prompt = "the" if row < 2 else "god"
+        alone = cli_generate(capsys, run_dir, "--prompt", prompt, "--seed", str(3 + row), "--stop", "e",
+                             "--stop", " ")
+        assert block == alone, row
+        assert " " not in block and "e" not in block[3:]
+
+
+def test_cli_repetition_penalty_is_the_library_s(run_dir, capsys):
+    from llmscratch.checkpoint import load_run
+
+    model, tokenizer, _ = load_run(run_dir)
+    prompt = tokenizer.encode("the")
+    for penalty in ("1.0", "1.6"):
+        out = cli_generate(capsys, run_dir, "--prompt", "the", "--greedy", "--repetition-penalty", penalty)
+        cfg = SamplingConfig(max_new_tokens=30, temperature=0.0, repetition_penalty=float(penalty))
+        assert out == "the" + tokenizer.decode(generate(model, [prompt], cfg)[0]) + "\n"
+    assert out != cli_generate(capsys, run_dir, "--prompt", "the", "--greedy")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--top-k", "0"], "--top-k (top_k) must be an integer >= 1 (leave it out to keep every token), got 0"),
+    (["--top-p", "1.5"], "--top-p (top_p) must be a number in (0, 1]"),
+    (["--temperature", "-1"], "--temperature (temperature) must be a finite number >= 0"),
+    (["--max-new-tokens", "-2"], "--max-new-tokens (max_new_tokens) must be an integer >= 0, got -2"),
+    (["--seed", str(2**63)], "--seed (seed) must be a 64-bit signed integer"),
+    (["--repetition-penalty", "0"], "--repetition-penalty (repetition_penalty) must be a finite number > 0"),
+    (["--repetition-penalty", "nan"], "--repetition-penalty (repetition_penalty) must be a finite number > 0"),
+    (["--stop", "\n", "--stop", ""], "--stop (stop) must not be empty, got ''"),
+])
+def test_cli_sampling_errors_name_the_option_before_anything_is_loaded(tmp_path, capsys, argv, message):
+    from llmscratch.cli import main
+
+    assert main(["generate", str(tmp_path / "no-such-run"), "--prompt", "the", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmscratch generate: error: ") and message in err, err
+    assert "SamplingConfig" not in err and err.count("\n") == 1
+
+
+def test_cli_generate_help_states_the_defaults_of_the_new_options(capsys):
+    from llmscratch.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default 1.0: off)" in out and "(default: none;" in out
 
 
 # --------------------------------------------------------------------------- weight layout for decoding

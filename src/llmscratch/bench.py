@@ -654,6 +654,11 @@ def decode_matches_eager(model: GPT, prompt: torch.Tensor, new_tokens: int, comp
 # ---------------------------------------------------------------------------- tables
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and the noun, singular for one: ``count(1, "run")`` is ``"1 run"``, ``count(3, "run")`` ``"3 runs"``."""
+    return f"{n} {noun if n == 1 else noun + 's'}"
+
+
 def _fmt(value: Any, spec: str) -> str:
     if value is None:  # "-", aligned and padded as the number would be
         align_width = re.match(r"[<>^]?\d*", spec).group()

@@ -3,7 +3,8 @@
 Generation repeats one step: run the model, look at the logits of the last token,
 pick the next token, append it. Two parts, kept apart:
 
-* **Sampling** (:func:`sample_next`): logits ``(B, V)`` → token ids ``(B,)``. Greedy
+* **Sampling** (:func:`sample_next`): logits ``(B, V)`` → token ids ``(B,)``. The repetition
+  penalty comes first (on the raw logits, as in Hugging Face transformers). Greedy
   (temperature 0) takes the argmax; otherwise the logits are divided by the temperature,
   filtered (top-k, then top-p) and one token is drawn from the softmax with a seeded
   ``torch.Generator`` (never the global RNG), so a seed fixes the tokens. Every row of a
@@ -32,6 +33,13 @@ Cutting to half (not sliding by one) makes the cached path re-prefill only once 
 ``context_length // 2`` tokens instead of at every step.
 
 The eos token (``eos_id``) ends its row and is not returned, as in the book's ``generate``.
+
+**Stop strings** end a row when its *text* contains one of them, and the text is cut just
+before it, as the OpenAI API does. They are found in text, not tokens (a stop string may
+span several tokens, or begin inside one), so they need the tokenizer's ``decode`` and come
+out of the text functions, :func:`generate_text` and :func:`stream_text`; :class:`RowText`
+holds back the end of the text that could still be the start of a stop string (and a
+multi-byte character still missing bytes), so that streamed text never shows any of it.
 """
 
 from __future__ import annotations
@@ -71,6 +79,11 @@ class SamplingConfig:
         vocab_limit: draw only ids below this (``None``: all). For a model whose vocabulary
             is larger than its tokenizer's (padded, as nanoGPT's 50,304 against GPT-2's
             50,257): the ids the tokenizer cannot decode are never picked.
+        repetition_penalty: as Hugging Face transformers defines it (from the CTRL paper): the
+            logit of every id already in the row (prompt and generated so far) is divided by it
+            if positive, multiplied by it if negative. 1.0 is off; above 1 discourages repeats.
+        stop: strings that end a row when its text contains one; the text is cut before it.
+            A single string counts as one stop string. Needs a ``decode`` (see :func:`generate_text`).
     """
 
     max_new_tokens: int = 50
@@ -80,11 +93,15 @@ class SamplingConfig:
     eos_id: Optional[int] = None
     seed: Optional[int] = None
     vocab_limit: Optional[int] = None
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        """Check every field. A message names the command-line option first and the field after
+        it (``--top-k (top_k)``): the option is what a user of ``llmscratch generate`` typed."""
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
             raise ConfigError(
-                f"SamplingConfig.max_new_tokens (--max-new-tokens) must be an integer >= 0, got {self.max_new_tokens!r}"
+                f"--max-new-tokens (max_new_tokens) must be an integer >= 0, got {self.max_new_tokens!r}"
             )
         if (
             isinstance(self.temperature, bool)
@@ -93,24 +110,46 @@ class SamplingConfig:
             or self.temperature < 0
         ):
             raise ConfigError(
-                f"SamplingConfig.temperature (--temperature) must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+                f"--temperature (temperature) must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
             )
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise ConfigError(f"SamplingConfig.top_k (--top-k) must be None or an integer >= 1, got {self.top_k!r}")
+            raise ConfigError(f"--top-k (top_k) must be an integer >= 1 (leave it out to keep every token), "
+                              f"got {self.top_k!r}")
         if self.top_p is not None and (
             isinstance(self.top_p, bool)
             or not isinstance(self.top_p, (int, float))
             or not 0.0 < self.top_p <= 1.0
         ):
-            raise ConfigError(f"SamplingConfig.top_p (--top-p) must be None or in (0, 1], got {self.top_p!r}")
+            raise ConfigError(f"--top-p (top_p) must be a number in (0, 1] (leave it out to keep every token), "
+                              f"got {self.top_p!r}")
         if self.eos_id is not None and (not _is_int(self.eos_id) or self.eos_id < 0):
             raise ConfigError(f"SamplingConfig.eos_id must be None or a token id >= 0, got {self.eos_id!r}")
         if self.vocab_limit is not None and (not _is_int(self.vocab_limit) or self.vocab_limit < 1):
             raise ConfigError(f"SamplingConfig.vocab_limit must be None or an integer >= 1, got {self.vocab_limit!r}")
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
             raise ConfigError(
-                f"SamplingConfig.seed (--seed) must be None or a 64-bit signed integer (row i uses seed + i), got {self.seed!r}"
+                f"--seed (seed) must be a 64-bit signed integer (row i uses seed + i), got {self.seed!r}"
             )
+        if (
+            isinstance(self.repetition_penalty, bool)
+            or not isinstance(self.repetition_penalty, (int, float))
+            or not math.isfinite(self.repetition_penalty)
+            or self.repetition_penalty <= 0
+        ):
+            raise ConfigError(f"--repetition-penalty (repetition_penalty) must be a finite number > 0 (1.0 = off, "
+                              f"above 1 discourages repeats, e.g. 1.2), got {self.repetition_penalty!r}")
+        self.stop = _check_stop(self.stop)
+
+
+def _check_stop(stop: object) -> tuple[str, ...]:
+    """The stop strings as a tuple (one string is one stop string); an empty one is refused."""
+    strings = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(strings, (tuple, list)) or not all(isinstance(s, str) for s in strings):
+        raise ConfigError(f"--stop (stop) must be strings, got {stop!r}")
+    if "" in strings:
+        raise ConfigError("--stop (stop) must not be empty, got '': every text contains the empty string, so no "
+                          "row would produce anything; give the text to stop at (a newline in bash: --stop $'\\n')")
+    return tuple(strings)
 
 
 def _is_int(value: object) -> bool:
@@ -130,6 +169,29 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """
     temperature = max(temperature, torch.finfo(logits.dtype).tiny)
     return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make the ids a row already holds less likely: ``(B, V)`` → ``(B, V)``.
+
+    Hugging Face transformers' ``RepetitionPenaltyLogitsProcessor`` (from the CTRL paper, Keskar
+    et al. 2019): where ``seen`` (``(B, V)`` bool) is true, a logit below 0 is multiplied by
+    ``penalty`` and any other is divided by it, so for ``penalty > 1`` both move towards less
+    likely. Logits, not probabilities: the same id is penalised by how far its logit is from 0,
+    not by how often it occurred (once is enough). ``penalty == 1`` changes nothing.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)  # (B, V)
+    return torch.where(seen, penalised, logits)
+
+
+def token_presence(rows: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str) -> torch.Tensor:
+    """``(B, V)`` bool, true where id ``v`` occurs in row ``b``: the ``seen`` of the repetition penalty."""
+    seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool)  # (B, V)
+    for row, ids in enumerate(rows):
+        seen[row, list(ids)] = True
+    return seen.to(device)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -162,13 +224,18 @@ def sample_next(
     logits: torch.Tensor,
     cfg: SamplingConfig,
     generator: Optional[torch.Generator | Sequence[torch.Generator]] = None,
+    seen: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Pick the next token of each row from the last position's logits ``(B, V)`` → ``(B,)``.
 
     ``generator``: one generator for the whole batch, or one per row (see
     :func:`make_generators`), so that each row's draws do not depend on the other rows.
+    ``seen``: ``(B, V)`` bool, the ids already in each row (:func:`token_presence`), which
+    ``cfg.repetition_penalty`` applies to; without it no id is penalised.
     """
     logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)  # first, on the raw logits
     if cfg.vocab_limit is not None:
         logits = logits[..., : cfg.vocab_limit]  # (B, V_limit): ids past it are never drawn
     if cfg.temperature == 0:
@@ -241,19 +308,78 @@ def left_pad(
     return idx.to(device), positions.to(device), mask
 
 
+# --------------------------------------------------------------------------- text and stop strings
+
+
+class RowText:
+    """One row's new text as its tokens come: what is safe to show, cut before the first stop string.
+
+    Each :meth:`push` decodes the row's tokens so far and releases the text that can no longer
+    change or turn out to be part of a stop string. Two endings are held back: a multi-byte
+    character still missing bytes (the decoder shows U+FFFD until they come), and the longest
+    end of the text that is the start of a stop string (``"\\n\\n"`` held while the text ends in
+    ``"\\n"``), which the next tokens may complete. Once a stop string appears, the text before
+    it is released and nothing after; :meth:`finish` releases what was held when the row ends
+    otherwise (eos, or the last token). The pieces released add up to :attr:`text`.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
+        self.decode = decode
+        self.stop = tuple(stop)
+        self.tokens: list[int] = []
+        self.text = ""  # every piece released so far
+        self.stopped = False  # a stop string appeared: nothing more is released
+
+    def push(self, token: int) -> str:
+        """Add a generated token; returns the text it makes safe to show (often ``""``)."""
+        if self.stopped:
+            return ""
+        self.tokens.append(token)
+        return self._release(self.decode(self.tokens).rstrip("\ufffd"), hold=True)
+
+    def finish(self) -> str:
+        """The row has ended without a stop string so far: release the rest of its text."""
+        return "" if self.stopped else self._release(self.decode(self.tokens), hold=False)
+
+    def _release(self, text: str, hold: bool) -> str:
+        found = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if found:
+            self.stopped = True
+            end = min(found)  # the earliest stop string: the text ends before it
+        else:
+            end = len(text) - (self._could_start_a_stop(text) if hold else 0)
+        piece = text[len(self.text):end]  # (empty if end falls before what is already shown)
+        self.text += piece
+        return piece
+
+    def _could_start_a_stop(self, text: str) -> int:
+        """The length of the longest end of ``text`` that a stop string begins with (0: none)."""
+        longest = 0
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+
 @dataclass
 class Step:
     """One decode step: the tokens picked for every row and the logits they came from.
 
     Attributes:
         tokens: ``(B,)`` the sampled ids (rows that already finished still get one; ignore it).
-        logits: ``(B, V)`` the last position's logits the tokens were sampled from.
+        logits: ``(B, V)`` the last position's logits (before the repetition penalty) the
+            tokens were sampled from.
         finished: per row, whether the row had already stopped before this step.
+        text: with a ``decode``, per row the text this step makes safe to show (:class:`RowText`;
+            ``""`` for a row that had finished); ``None`` without one.
     """
 
     tokens: torch.Tensor
     logits: torch.Tensor
     finished: list[bool]
+    text: Optional[list[str]] = None
 
 
 class _Decoder:
@@ -318,16 +444,26 @@ def _check_prompts(model: GPT, prompts: list[list[int]]) -> None:
 
 
 def decode_steps(
-    model: GPT, prompts: list[list[int]], sampling: SamplingConfig, use_cache: bool = True
+    model: GPT,
+    prompts: list[list[int]],
+    sampling: SamplingConfig,
+    use_cache: bool = True,
+    decode: Optional[Callable[[list[int]], str]] = None,
 ) -> Iterator[Step]:
     """The decode loop, one :class:`Step` per generated position, for inspection and tests.
 
-    Stops after ``max_new_tokens`` steps or once every row has sampled ``eos_id``. The model
-    is put in eval mode while the iterator runs and its training mode restored when the
-    iterator ends (or is closed). Each step's computation runs under ``torch.inference_mode``,
-    which is not held across ``yield`` (it would leak into the caller's code).
+    Stops after ``max_new_tokens`` steps or once every row has ended: by sampling ``eos_id``
+    or, given ``decode`` (a tokenizer's), when its text contains a stop string; ``decode`` also
+    fills each step's ``text``. The repetition penalty counts the ids of the whole prompt
+    (before any window cut) and of the tokens generated since. The model is put in eval mode
+    while the iterator runs and its training mode restored when the iterator ends (or is
+    closed). Each step's computation runs under ``torch.inference_mode``, which is not held
+    across ``yield`` (it would leak into the caller's code).
     """
     _check_prompts(model, prompts)
+    if sampling.stop and decode is None:
+        raise ConfigError("stop strings (--stop) are found in the text: pass decode (the tokenizer's decode) "
+                          "to decode_steps, or use generate_text or stream_text")
     was_training = model.training
     model.eval()
     try:
@@ -340,19 +476,51 @@ def decode_steps(
             if not bool(torch.isfinite(logits).all()):  # once, after the prompt: broken weights say so here
                 raise ConfigError("the model's logits for the prompt are not finite (NaN or inf): its weights "
                                   "are damaged or diverged; check them (llmscratch eval) or use an earlier checkpoint")
+            seen = (token_presence(prompts, logits.shape[-1], decoder.device)  # (B, V)
+                    if sampling.repetition_penalty != 1.0 else None)
+        texts = [RowText(decode, sampling.stop) for _ in prompts] if decode is not None else None
         finished = [False] * len(prompts)
         for i in range(sampling.max_new_tokens):
             with torch.inference_mode():
-                tokens = sample_next(logits, sampling, generators)  # (B,)
-            yield Step(tokens=tokens, logits=logits, finished=list(finished))
-            if sampling.eos_id is not None:
-                finished = [f or t == sampling.eos_id for f, t in zip(finished, tokens.tolist())]
-            if all(finished) or i + 1 == sampling.max_new_tokens:
+                tokens = sample_next(logits, sampling, generators, seen)  # (B,)
+            last = i + 1 == sampling.max_new_tokens
+            ended, text = _end_rows(tokens.tolist(), finished, sampling.eos_id, texts, last)
+            yield Step(tokens=tokens, logits=logits, finished=list(finished), text=text)
+            finished = ended
+            if all(finished) or last:
                 return
             with torch.inference_mode():
+                if seen is not None:
+                    seen[torch.arange(len(prompts), device=seen.device), tokens] = True
                 logits = decoder.advance(tokens)
     finally:
         model.train(was_training)
+
+
+def _end_rows(
+    tokens: list[int], finished: list[bool], eos_id: Optional[int], texts: Optional[list[RowText]], last: bool
+) -> tuple[list[bool], Optional[list[str]]]:
+    """After one step's ``tokens``: which rows have ended (eos or a stop string), and with ``texts``
+    the text each row releases (all of what it held back, where the row ends)."""
+    ended = list(finished)
+    released = None if texts is None else [""] * len(tokens)
+    for row, token in enumerate(tokens):
+        if finished[row]:
+            continue
+        if token == eos_id:  # ends the row; not part of its text
+            ended[row] = True
+        elif texts is not None:
+            released[row] = texts[row].push(token)
+            ended[row] = texts[row].stopped
+        if texts is not None and (ended[row] or last):
+            released[row] += texts[row].finish()
+    return ended, released
+
+
+def _tokens_only(sampling: SamplingConfig, use: str) -> None:
+    if sampling.stop:
+        raise ConfigError(f"stop strings (--stop) cut the text, which may end inside a token: use {use}(model, "
+                          f"prompts, sampling, decode) with the tokenizer's decode, which returns text")
 
 
 def generate(
@@ -365,8 +533,10 @@ def generate(
 
     Rows stop independently at ``eos_id`` (which is not returned); row ``i`` equals what its
     prompt generates alone with ``seed + i`` (``SamplingConfig.seed``; greedy rows need no seed).
+    Stop strings are refused here: they cut text, see :func:`generate_text`.
     """
     sampling = sampling or SamplingConfig()
+    _tokens_only(sampling, "generate_text")
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in decode_steps(model, prompts, sampling, use_cache):
         for row, token in enumerate(step.tokens.tolist()):
@@ -376,16 +546,50 @@ def generate(
     return outputs
 
 
+def generate_text(
+    model: GPT,
+    prompts: list[list[int]],
+    sampling: SamplingConfig,
+    decode: Callable[[list[int]], str],
+    use_cache: bool = True,
+) -> list[str]:
+    """Generate a continuation of every prompt; returns each row's new text, cut before its first
+    stop string (``sampling.stop``). Rows end on their own, as in :func:`generate`."""
+    outputs = [""] * len(prompts)
+    for step in decode_steps(model, prompts, sampling, use_cache, decode):
+        outputs = [text + piece for text, piece in zip(outputs, step.text)]
+    return outputs
+
+
 def stream(
     model: GPT, prompt: list[int], sampling: Optional[SamplingConfig] = None, use_cache: bool = True
 ) -> Iterator[int]:
-    """Yield the new tokens of one prompt as they are generated (stops before ``eos_id``)."""
+    """Yield the new tokens of one prompt as they are generated (stops before ``eos_id``).
+
+    Stop strings are refused here: they cut text, see :func:`stream_text`.
+    """
     sampling = sampling or SamplingConfig()
+    _tokens_only(sampling, "stream_text")
     for step in decode_steps(model, [prompt], sampling, use_cache):
         token = int(step.tokens[0])
         if token == sampling.eos_id:
             return
         yield token
+
+
+def stream_text(
+    model: GPT,
+    prompt: list[int],
+    sampling: SamplingConfig,
+    decode: Callable[[list[int]], str],
+    use_cache: bool = True,
+) -> Iterator[str]:
+    """Yield the new text of one prompt as it becomes safe to show: never a character of a stop
+    string, even one that spans several tokens (:class:`RowText` holds back what could begin one),
+    never half a multi-byte character. The pieces add up to :func:`generate_text`'s text."""
+    for step in decode_steps(model, [prompt], sampling, use_cache, decode):
+        if step.text[0]:
+            yield step.text[0]
 
 
 # --------------------------------------------------------------------------- the fast path
@@ -503,8 +707,8 @@ class StaticDecoder:
     and kernel launches. Greedy output equals :func:`generate` with the KV cache token for
     token (up to the rounding of the compiled kernels).
 
-    Limits of the fast path: prompts of equal length (no padding), no eos stop (every row
-    gets ``max_new_tokens``), no ALiBi positions, and prompt + new tokens within ``max_len``
+    Limits of the fast path: prompts of equal length (no padding), no eos stop and no stop
+    strings (every row gets ``max_new_tokens``), no ALiBi positions, and prompt + new tokens within ``max_len``
     (no window cut). So it equals :func:`generate` while prompt + new tokens fit the context
     length; a ``max_len`` past it (allowed for positions other than learned ones) lets the
     model attend further back than it was trained to, where :func:`generate` would cut the window.
@@ -550,6 +754,8 @@ class StaticDecoder:
             raise ValueError(f"this decoder was built for batch {self.batch}, got {b} prompts")
         if t0 + n - 1 > self.max_len:  # the last new token is sampled, never fed back into the cache
             raise ValueError(f"prompt {t0} + {n} new tokens do not fit in a cache of {self.max_len}")
+        if sampling.stop:
+            raise ValueError("the static decoder does not stop on strings; use generate_text()")
         was_training = self.model.training
         self.model.eval()
         try:
@@ -557,7 +763,11 @@ class StaticDecoder:
             out = torch.empty(b, n, dtype=torch.long, device=self.device)  # (B, N)
             if n == 0:
                 return out
-            out[:, 0] = sample_next(self.prefill(prompt), sampling, generators)
+            logits = self.prefill(prompt)  # (B, V)
+            seen = None  # (B, V) the ids each row holds, for the repetition penalty
+            if sampling.repetition_penalty != 1.0:
+                seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, prompt, True)
+            out[:, 0] = sample_next(logits, sampling, generators, seen)
             if on_first_token is not None:
                 on_first_token(out[:, 0])
             position = torch.full((1,), t0, dtype=torch.long, device=self.device)  # (1,) a device counter
@@ -565,7 +775,9 @@ class StaticDecoder:
                 if self.compiled:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed
                 logits = self.step(out[:, i - 1 : i].clone(), position)  # (B, V)
-                out[:, i] = sample_next(logits, sampling, generators)
+                if seen is not None:
+                    seen.scatter_(1, out[:, i - 1 : i], True)
+                out[:, i] = sample_next(logits, sampling, generators, seen)
                 position += 1
             return out
         finally:
