@@ -19,7 +19,9 @@ from llmscratch import checkpoint as ckpt
 from llmscratch.cli import build_parser, train_config_from_args
 from llmscratch.errors import ConfigError
 from llmscratch.model import GPT, GPTConfig
-from llmscratch.train import TrainConfig, TrainingDiverged, build_optimizer, describe_run, lr_at, train
+from llmscratch.train import TrainConfig, TrainingDiverged, build_optimizer, describe_run, lr_at, read_metrics, train
+
+TIMEOUT = 1800  # seconds: only a hang fails a test; a slow, shared machine never does
 
 TEXT = (
     "In the beginning God created the heaven and the earth. And the earth was without form, and void; "
@@ -419,7 +421,7 @@ def test_config_file_with_command_line_overrides(tmp_path: Path):
 
 def _cli(*args: str, env=None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llmscratch", *args], capture_output=True, text=True,
-                          env=env, timeout=300, **kw)
+                          env=env, timeout=TIMEOUT, **kw)
 
 
 def test_end_to_end_train_then_generate_and_eval(corpus: Path, tmp_path: Path):
@@ -509,11 +511,12 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(corpus: Path, tmp_path: Path):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
     metrics = out / "sig" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+    deadline = time.time() + TIMEOUT  # the loop is running (its handler installed) once it has logged
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 130, stderr  # saved, then stopped as an interrupted command: `&&` goes no further
     assert "stopped by Ctrl-C" in stdout and "generated text" not in stdout
     assert "interrupted" not in stderr  # the log has said what was saved: no bare word after it
@@ -735,14 +738,31 @@ def test_a_bpe_vocabulary_smaller_than_asked_for_is_said(corpus, tmp_path):
            f"has {size}" in "\n".join(lines)
 
 
-def test_a_warmup_as_long_as_the_run_is_said(corpus, tmp_path):
+def test_a_warmup_longer_than_the_run_is_said(corpus, tmp_path):
     lines: list[str] = []
     train(tiny_config(corpus, tmp_path, steps=4, warmup_steps=10, lr=1e-3, name="long-warmup"), log=lines.append)
-    assert "note: the warmup (--warmup-steps 10) is as long as the run (--steps 4): the learning rate rises to " \
+    assert "note: the warmup (--warmup-steps 10) is longer than the run (--steps 4): the learning rate rises to " \
            "0.0004, never to --lr 0.001, and never decays" in "\n".join(lines)  # 1e-3 · 4/10 at the last step
     lines.clear()
     train(tiny_config(corpus, tmp_path, steps=4, warmup_steps=2, name="short-warmup"), log=lines.append)
     assert "note: the warmup" not in "\n".join(lines)
+
+
+@pytest.mark.parametrize("warmup, reached_at", [(4, "step 4 of 4 (the last)"), (3, "step 3 of 4")])
+def test_a_warmup_that_leaves_no_step_to_decay_says_the_lr_reaches_its_peak_and_stays(corpus, tmp_path, warmup,
+                                                                                      reached_at):
+    """With --warmup-steps as long as the run, the last step is the warmup's last: the lr is --lr there (not
+    "never --lr"); one step shorter, the decay starts at the last step from --lr itself. Neither decays."""
+    cfg = tiny_config(corpus, tmp_path, steps=4, warmup_steps=warmup, lr=1e-3, name=f"warmup-{warmup}")
+    assert lr_at(3, cfg) == 1e-3 and lr_at(warmup - 1, cfg) == 1e-3 and lr_at(warmup - 2, cfg) < 1e-3
+    lines: list[str] = []
+    train(cfg, log=lines.append)
+    log = "\n".join(lines)
+    assert f"note: the warmup (--warmup-steps {warmup}) leaves the run (--steps 4) no step to decay: the learning " \
+           f"rate reaches --lr 0.001 at {reached_at} and never decays" in log, log
+    assert "never to --lr" not in log
+    last_lr = [r["lr"] for r in read_metrics(tmp_path / f"warmup-{warmup}" / "metrics.jsonl") if "lr" in r][-1]
+    assert last_lr == pytest.approx(1e-3)  # what the last step trained with
 
 
 def test_info_says_why_a_tokenizer_cannot_be_loaded(corpus, tmp_path):
@@ -754,3 +774,163 @@ def test_info_says_why_a_tokenizer_cannot_be_loaded(corpus, tmp_path):
     assert "tokenizer: cannot be loaded (" in describe_run(run) and "chars.json" in describe_run(run)
     save_run(tmp_path / "bare", GPT(GPTConfig.from_preset("test")), None)
     assert "tokenizer: none (no tokenizer files" in describe_run(tmp_path / "bare")
+
+
+def test_the_batch_size_help_says_what_the_log_says_a_step_is(corpus, tmp_path):
+    """A step is batch-size × grad-accum windows: the log says "N windows per step", and so does the help."""
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    helps = {a.dest: a.help for a in train_parser._actions}
+    assert "batch-size × grad-accum windows" in helps["batch_size"] and "windows per step" in helps["batch_size"]
+    assert "sequences" not in helps["batch_size"]
+    assert "batch-size × grad-accum" in helps["grad_accum"]
+    lines: list[str] = []
+    train(tiny_config(corpus, tmp_path, steps=1, batch_size=4, grad_accum=2, name="b"), log=lines.append)
+    assert "8 windows per step, 4 per forward pass on each process" in "\n".join(lines)
+
+
+def _print_config(argv: list[str], capsys) -> str:
+    from llmscratch.cli import main
+
+    capsys.readouterr()
+    assert main(["train", *argv, "--print-config"]) == 0
+    return capsys.readouterr().out
+
+
+def test_print_config_prints_the_resolved_options_that_config_gives_back(corpus, tmp_path, capsys):
+    """Defaults, a --config file and the command line merged, printed as YAML; fed back through --config
+    alone, the same TrainConfig. Nothing is trained. A --resume prints the settings the run continues with."""
+    from llmscratch.cli import load_config_file
+
+    given = tmp_path / "given.yaml"
+    given.write_text("steps: 33\nlr: 3e-3\nsample_prompt: 'Zürich: \"ok\"'\nmodel:\n  n_layers: 3\n  pos_emb: rope\n")
+    argv = ["--config", str(given), "--lr", "0.002", "--n-heads", "2", "--data", str(corpus), "--time-budget", "90",
+            "--out-dir", str(tmp_path / "runs"), "--name", "printed"]
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(_print_config(argv, capsys))
+    want = train_config_from_args(build_parser().parse_args(["train", *argv]))
+    got = train_config_from_args(build_parser().parse_args(["train", "--config", str(printed)]))
+    assert got.to_dict() == want.to_dict()
+    assert set(load_config_file(str(printed))) == set(want.to_dict())  # every option, not only those given
+    assert not (tmp_path / "runs").exists()
+
+    run = train(tiny_config(corpus, tmp_path, steps=2, name="to-resume"))
+    resumed = tmp_path / "resumed.yaml"
+    resumed.write_text(_print_config(["--resume", str(run), "--steps", "5"], capsys))
+    options = load_config_file(str(resumed))
+    assert options["steps"] == 5 and options["tokenizer"] == "char" and options["resume"] == str(run)
+    from llmscratch.train import resolved_options
+
+    back = train_config_from_args(build_parser().parse_args(["train", "--config", str(resumed)]))
+    assert resolved_options(back, set(options)) == options  # the same run, no option refused
+
+
+def test_the_closing_sample_is_printed_once_at_the_end(corpus, tmp_path):
+    """Each evaluation prints a sample, except the last step's: the closing sample follows it, once."""
+    lines: list[str] = []
+    train(tiny_config(corpus, tmp_path, steps=6, eval_interval=3, sample_tokens=4, name="s"), log=lines.append)
+    text = "\n".join(lines)
+    assert text.count("  sample: ") == 1 and text.count("--- generated text ---") == 1, text
+    assert text.index("step 3: val loss") < text.index("  sample: ") < text.index("final (whole validation split")
+    assert text.index("final (whole validation split") < text.index("--- generated text ---")
+
+
+class _FakeClock:
+    """A clock that moves only when told: a step, a save or a sample takes the seconds the test gives it."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def strftime(self, fmt: str, *args) -> str:
+        return time.strftime(fmt, *args)
+
+
+def test_the_time_budget_counts_the_checkpoint_and_the_closing_sample(corpus, tmp_path, monkeypatch):
+    """A step takes 1 s, a checkpoint 10 s and a sample 3 s (on a fake clock): the run stops early enough
+    that its last checkpoint and the closing sample still end within --time-budget."""
+    import llmscratch.distributed as dist_module
+    import llmscratch.generate as generate_module
+    import llmscratch.train as train_module
+
+    clock = _FakeClock()
+    monkeypatch.setattr(train_module, "time", clock)
+    real_gather, real_save, real_generate = (train_module.gather_windows, dist_module.save_checkpoint,
+                                             generate_module.generate)
+
+    def slow(real, seconds):
+        def call(*args, **kwargs):
+            clock.now += seconds
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(train_module, "gather_windows", slow(real_gather, 1.0))  # one micro-batch a step
+    monkeypatch.setattr(dist_module, "save_checkpoint", slow(real_save, 10.0))
+    monkeypatch.setattr(generate_module, "generate", slow(real_generate, 3.0))
+    lines: list[str] = []
+    start = clock.now
+    run = train(tiny_config(corpus, tmp_path, steps=100, eval_interval=2, checkpoint_interval=2, sample_tokens=4,
+                            time_budget=40.0, name="budget"), log=lines.append)
+    text = "\n".join(lines)
+    assert "stopped by time budget" in text and text.count("--- generated text ---") == 1, text
+    assert clock.now - start <= 40.0, text  # the checkpoint and the sample after the last step included
+    assert ckpt.load_training_state(run)["step"] >= 2
+
+
+def test_the_data_preparation_says_each_phase_it_runs(corpus, tmp_path):
+    lines: list[str] = []
+    train(tiny_config(corpus, tmp_path, steps=1, name="fresh"), log=lines.append)
+    phases = [line for line in lines if line.startswith("data: ")]
+    assert [p.split(" ")[1] for p in phases] == ["reading", "training", "tokenizing"], phases
+    assert str(corpus) in phases[0] and "char tokenizer" in phases[1]
+    lines.clear()
+    train(tiny_config(corpus, tmp_path, steps=1, name="cached"), log=lines.append)  # both caches are there now
+    assert [line for line in lines if line.startswith("data: ")] == [phases[0]]
+
+
+def test_the_progress_bar_shows_the_log_s_tokens_per_second(corpus, tmp_path, monkeypatch, capsys):
+    """The bar's rate is the log's (tokens/s over the last --log-interval steps), not tqdm's steps/s."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    run = train(tiny_config(corpus, tmp_path, steps=4, log_interval=2, name="bar", progress=True))
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    last = [r for r in read_metrics(run / "metrics.jsonl") if "tokens_per_s" in r][-1]
+    assert f"loss {last['train_loss']:.4f}, {last['tokens_per_s']:,.0f} tokens/s" in bar, bar
+    assert "step/s" not in bar and "it/s" not in bar and "s/step" not in bar, bar
+
+
+def test_a_ctrl_c_that_arrives_after_another_rank_s_stopped_the_loop_is_the_same_request(corpus, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """Under torchrun a terminal's Ctrl-C reaches the ranks one after another: a rank may stop at another's
+    request and get its own only afterwards, while it saves and closes. That one is said and absorbed: the
+    run ends as stopped and saved, not with a KeyboardInterrupt in the middle of its last steps."""
+    from llmscratch import distributed as dist_module
+    from llmscratch.errors import Stopped
+
+    agreed = []
+
+    def any_rank(self, *flags):  # at step 3, another rank's Ctrl-C: all ranks stop
+        agreed.append(flags)
+        return (flags[0], flags[1] or len(agreed) == 3)
+
+    monkeypatch.setattr(dist_module.Group, "any", any_rank)
+    log, lines = _kill_self_on("stopped by Ctrl-C at step 3", signal.SIGINT)  # then this rank's own, late
+    try:
+        train(tiny_config(corpus, tmp_path, steps=50, checkpoint_interval=100, eval_interval=100, name="late"),
+              log=log)
+        ended = None
+    except (Stopped, KeyboardInterrupt) as err:  # a bare KeyboardInterrupt is what this guards against
+        ended = err
+    assert isinstance(ended, Stopped) and ended.saved, repr(ended)
+    assert ckpt.load_training_state(tmp_path / "late")["step"] == 3
+    assert "Ctrl-C: the run is stopping already, its checkpoint saved" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+def test_dist_timeout_is_positive_seconds_and_a_resume_may_change_it(corpus, tmp_path):
+    with pytest.raises(ConfigError, match=r"TrainConfig.dist_timeout \(--dist-timeout\) must be positive seconds"):
+        TrainConfig(dist_timeout=0)
+    run = train(tiny_config(corpus, tmp_path, steps=2, name="t"))
+    resumed = train(TrainConfig(resume=str(run), steps=3, dist_timeout=30.0, progress=False), given={"resume", "steps",
+                                                                                                    "dist_timeout"})
+    assert ckpt.load_training_state(resumed)["step"] == 3

@@ -81,7 +81,10 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
                    help="trace a trained model's first attention layer on its real tokens and weights")
     p.add_argument("--no-scale", action="store_true", help="leave out the 1/sqrt(d_k) scaling of the scores")
     p.add_argument("--max-values", type=int, default=144, metavar="N",
-                   help="print a tensor's values when it has at most N elements; 0 prints shapes only (default 144)")
+                   help="values to print: the scores, mask and weights as one T×T table per batch entry and "
+                   "head whenever there are at most 16 tokens (however many elements they have), any other "
+                   "tensor when it has at most N elements (default 144); 0 prints shapes only. Lines fit "
+                   "the terminal's width ($COLUMNS; 100 when piped)")
 
 
 # --------------------------------------------------------------------------- train
@@ -97,7 +100,7 @@ _TRAIN_OPTIONS = (
     "muon_momentum", "eval_interval",
     "eval_windows", "log_interval", "checkpoint_interval", "sample_tokens", "sample_prompt", "device",
     "precision", "compile", "seed", "time_budget", "stop_at", "out_dir", "name", "resume", "init_from",
-    "micro_batch", "fsdp", "loss",
+    "micro_batch", "fsdp", "loss", "dist_timeout",
 )
 
 
@@ -155,6 +158,7 @@ _FILE_SPELLINGS = {
     "dropout": "write `drop_rate:` under `model:` (--dropout sets GPTConfig.drop_rate)",
     "nproc": "--nproc launches processes: give it on the command line",
     "config": "a config file cannot name another one: give --config on the command line",
+    "print_config": "--print-config prints the options instead of training: give it on the command line",
     # nanoGPT's names for the same settings
     "learning_rate": "write `lr:`",
     "max_iters": "write `steps:`",
@@ -274,8 +278,6 @@ def train_options_from_args(args: argparse.Namespace, with_file: bool = True) ->
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig
-
     from .errors import ConfigError
 
     if args.nproc is not None and args.nproc < 1:
@@ -285,6 +287,16 @@ def _run_train(args: argparse.Namespace) -> int:
         from .tokenizer import check_utf8
 
         check_utf8(options["sample_prompt"], "--sample-prompt")
+    if args.print_config:  # what would run, as a --config file holds it; nothing is trained or launched
+        import yaml
+
+        from .train import resolved_options
+
+        resolved = resolved_options(_train_config(options, args), set(options))
+        print("# llmscratch train: the resolved options (defaults, then --config, then the command line); "
+              "`llmscratch train --config FILE` runs them")
+        print(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True, width=1000), end="")
+        return 0
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         from .distributed import launch_torchrun, micro_batch_size
 
@@ -292,23 +304,10 @@ def _run_train(args: argparse.Namespace) -> int:
         if not cfg.resume:  # (a resumed run's batch is its own, read by each process)
             micro_batch_size(cfg.batch_size, cfg.grad_accum, args.nproc, cfg.micro_batch)
         return launch_torchrun(args.nproc, sys.argv[1:])
-    from .checkpoint import load_run, read_json
-    from .errors import LLMScratchError
-    from .generate import SamplingConfig, decodable_limit, generate
-    from .train import sample_prompt_ids, train
+    from .train import train
 
-    run_dir = train(_train_config(options, args), given=set(options))
-    cfg = TrainConfig.from_dict(read_json(run_dir / "train_config.json"))  # as run: a resumed run's own settings
-    if int(os.environ.get("RANK", "0")) == 0 and cfg.sample_tokens > 0:
-        model, tokenizer, _ = load_run(run_dir)
-        prompt = sample_prompt_ids(tokenizer, cfg.sample_prompt)[-(model.cfg.context_length // 2):]
-        sampling = SamplingConfig(max_new_tokens=120, temperature=0.8, top_k=50, seed=cfg.seed,
-                                  vocab_limit=decodable_limit(tokenizer.vocab_size, model.cfg.vocab_size))
-        try:  # the run is saved: a sample that fails must not make the command fail
-            text = tokenizer.decode(prompt + generate(model, [prompt], sampling)[0])
-            print(f"\n--- generated text ---\n{text}\n----------------------")
-        except LLMScratchError as err:
-            print(f"(no sample: {err})")
+    run_dir = train(_train_config(options, args), given=set(options))  # it prints the closing sample, once
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"saved in {run_dir}  (generate more: llmscratch generate {run_dir} --prompt \"...\")")
     return 0
 
@@ -340,8 +339,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-scale-attn", action="store_true", help="train without the 1/sqrt(d_head) score scaling")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="optimizer steps (default 1400)")
-    g.add_argument("--batch-size", type=int, help="sequences per step, over all processes (default 16)")
-    g.add_argument("--grad-accum", type=int, help="micro-batches accumulated per step (default 1)")
+    g.add_argument("--batch-size", type=int,
+                   help="windows of --context-length tokens per step, times --grad-accum: a step trains on "
+                   "batch-size × grad-accum windows, shared out over all processes (the log's \"windows per "
+                   "step\") (default 16)")
+    g.add_argument("--grad-accum", type=int,
+                   help="multiplies the windows per step (batch-size × grad-accum); their gradients are added up "
+                   "over micro-batches (--micro-batch) before each update (default 1)")
     g.add_argument("--micro-batch", type=int,
                    help="windows per forward pass on each process (default --batch-size); the global batch "
                    "stays batch-size × grad-accum and accumulation adapts to the number of processes")
@@ -362,7 +366,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--log-interval", type=int, help="log the training loss every N steps (default 20): on the progress "
                    "bar, or as a line without one (--no-progress, or output not a terminal); always in metrics.jsonl")
     g.add_argument("--checkpoint-interval", type=int, help="save a checkpoint every N steps (default 700), and at the end")
-    g.add_argument("--sample-tokens", type=int, help="tokens of sample text printed at each evaluation (default 48; 0: none)")
+    g.add_argument("--sample-tokens", type=int,
+                   help="tokens of the sample text printed at each evaluation and once at the end (default 48; "
+                   "0: none)")
     g.add_argument("--sample-prompt", help="prompt of the printed samples (default \"And God said\")")
     g = p.add_argument_group("runtime")
     g.add_argument("--device", help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
@@ -375,13 +381,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "auto (default): chunked on the CPU, kernel on CUDA with Triton, else plain")
     g.add_argument("--seed", type=int, help="random seed (default 1337)")
     g.add_argument("--time-budget", type=float,
-                   help="stop (and save) once this many seconds have passed since the command started (data "
-                   "preparation included: a budget for the whole job)")
+                   help="seconds for the whole command, from its start (data preparation included) to its end: "
+                   "training stops early enough that the checkpoint and the closing sample fit too (their time "
+                   "estimated from this run's earlier ones); --resume continues")
     g.add_argument("--stop-at", type=int, help="stop (and save) at this step (at most --steps) as if interrupted; --resume continues")
     g.add_argument("--nproc", type=int, help="launch this many processes with torchrun (DDP) on this machine")
     g.add_argument("--fsdp", action="store_const", const=True,
                    help="under torchrun: shard weights, gradients and optimizer state with FSDP instead of DDP "
                    "(see docs/distributed.md)")
+    g.add_argument("--dist-timeout", type=float,
+                   help="under torchrun: seconds a process waits in a collective for the others before it gives "
+                   "up and names the one that stopped answering (default 600); longer than any healthy wait, "
+                   "such as rank 0 preparing the data while the others wait")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bar: the training loss is printed every --log-interval steps instead")
     g = p.add_argument_group("run directory")
@@ -390,6 +401,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--resume", help="continue the run in this directory exactly where it stopped")
     g.add_argument("--init-from", help="start a new run from the weights of a run directory or Hugging Face GPT-2 directory")
     g.add_argument("--config", help="a YAML or JSON file of options; command-line options override it")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved options (defaults, --config and the command line merged; a --resume's "
+                   "as the run would continue) as YAML that --config accepts, and exit without training")
 
 
 # --------------------------------------------------------------------------- generate
@@ -423,7 +437,9 @@ def read_prompt_file(path: str) -> str:
 def _run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_run
     from .errors import ConfigError, LLMScratchError
-    from .generate import SamplingConfig, choose_weight_layout, decodable_limit, generate, stream
+    import dataclasses
+
+    from .generate import SamplingConfig, choose_weight_layout, decodable_limit, generate_text, stream_text
     from .runtime import setup_runtime
     from .tokenizer import check_utf8
 
@@ -432,6 +448,15 @@ def _run_generate(args: argparse.Namespace) -> int:
     if args.greedy and args.temperature is not None:  # (--top-k and --top-p agree with it: the top token is in both)
         raise ConfigError(f"--greedy is temperature 0 (always the most likely token), so --temperature "
                           f"{args.temperature} contradicts it: give one of them")
+    for stop in args.stop or []:
+        check_utf8(stop, f"--stop {stop!r}")
+    # The sampling options are checked now, before the run is loaded; the tokenizer's ids come later.
+    sampling = SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=0.0 if args.greedy else 0.8 if args.temperature is None else args.temperature,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()),
+    )
     given = args.prompts or [("--prompt", "")]  # (option, value) in command-line order
     if given.count(("--prompt-file", "-")) > 1:
         raise ConfigError("--prompt-file - reads standard input, which holds one prompt: give it once")
@@ -458,32 +483,22 @@ def _run_generate(args: argparse.Namespace) -> int:
             raise LLMScratchError(f"{name}{f' (prompt {len(encoded) + 1})' if len(texts) > 1 else ''}: {err}; "
                                   f"leave those characters out") from None
     prompts = [encoded[p] for p, _, _ in rows]
-    sampling = SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=0.0 if args.greedy else 0.8 if args.temperature is None else args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        eos_id=None if args.ignore_eos else tokenizer.eot_id,
-        vocab_limit=decodable_limit(tokenizer.vocab_size, model.cfg.vocab_size),
-    )
+    sampling = dataclasses.replace(sampling, eos_id=None if args.ignore_eos else tokenizer.eot_id,
+                                   vocab_limit=decodable_limit(tokenizer.vocab_size, model.cfg.vocab_size))
     if len(rows) > 1:  # one batch (prompts of different lengths are left-padded), printed when all are done
-        outputs = generate(model, prompts, sampling, use_cache=not args.no_cache)
-        for i, ((p, text, n), tokens) in enumerate(zip(rows, outputs)):
+        outputs = generate_text(model, prompts, sampling, tokenizer.decode, use_cache=not args.no_cache)
+        for i, ((p, text, n), new_text) in enumerate(zip(rows, outputs)):
             label = [f"prompt {p + 1}"] if len(texts) > 1 else []
             label += [f"sample {n + 1}"] if args.num_samples > 1 else []
             print(f"--- {', '.join(label)} (seed {args.seed + i}) ---")
-            print(text + tokenizer.decode(tokens))
+            print(text + new_text)
         return 0
     sys.stdout.write(texts[0])
-    new: list[int] = []
-    shown = ""
-    for token in stream(model, prompts[0], sampling, use_cache=not args.no_cache):
-        new.append(token)
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    sys.stdout.write(tokenizer.decode(new)[len(shown):] + "\n")
+    # Text as it becomes safe to show: never half a character, never any of a stop string.
+    for piece in stream_text(model, prompts[0], sampling, tokenizer.decode, use_cache=not args.no_cache):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 
@@ -505,6 +520,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with this probability mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
+                   help="make tokens already in the text (prompt included) less likely, as Hugging Face transformers "
+                        "does: their logits are divided by P (multiplied if negative); above 1 discourages repeats, "
+                        "e.g. 1.2 (default 1.0: off)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end a row when its text contains TEXT, which is not printed; give it again for more stop "
+                        "strings (default: none; a newline in bash: --stop $'\\n')")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
     p.add_argument("--seed", type=int, default=1337,
                    help="random seed (default 1337); row i of a batch (prompt by prompt, sample by sample) uses seed + i")
@@ -519,8 +541,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from .runs import format_runs, is_runs_folder, list_runs
     from .train import describe_run
 
+    if is_runs_folder(args.run_dir):  # the folder of runs itself (runs/): the listing of `llmscratch runs`
+        print(format_runs(list_runs(args.run_dir), args.run_dir))
+        return 0
     print(describe_run(args.run_dir))
     return 0
 
@@ -529,8 +555,29 @@ def _run_info(args: argparse.Namespace) -> int:
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a run's config, size, training progress and best validation numbers",
                        description="Describe a run directory: model config, parameter count, tokenizer, "
-                       "training progress and the best validation numbers.")
-    p.add_argument("run_dir", help="a run directory")
+                       "training progress and the best validation numbers. Given the folder of runs "
+                       "(runs/), list its runs as `llmscratch runs` does.")
+    p.add_argument("run_dir", help="a run directory (or the folder of runs, to list them)")
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _run_runs(args: argparse.Namespace) -> int:
+    from .runs import format_runs, list_runs
+
+    print(format_runs(list_runs(args.folder), args.folder))
+    return 0
+
+
+@command("runs")
+def _add_runs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("runs", help="list the runs in a folder: step, best validation bits per byte, size, date",
+                       description="List the runs saved in FOLDER, one line each: name, step (of the steps asked "
+                       "for), best validation bits per byte, size on disk and when it was last saved; `latest` is "
+                       "marked, and a folder that is not a run says what it is.")
+    p.add_argument("folder", nargs="?", default="runs", metavar="FOLDER",
+                   help="the folder of runs (train's --out-dir; default runs)")
 
 
 # --------------------------------------------------------------------------- eval
@@ -659,7 +706,8 @@ def _add_attention(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", type=int, nargs="+", default=None,
                    help="head(s) to draw one large PNG each for (with --layer: in those layers; else in every layer)")
     p.add_argument("--html", action="store_true",
-                   help="also write attention.html: pick a layer and head, hover a token; works offline from disk")
+                   help="also write attention.html, opening on the first --layer and --head given: pick a layer "
+                   "and head, hover or click a token (or use the keyboard); works offline from disk")
     p.add_argument("--json", action="store_true",
                    help='also write attention.json: {"tokens", "attention": per layer (1, heads, T, T)}, bertviz\'s layout')
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
@@ -757,8 +805,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         rows = bench.bench_attention(device, *shape, dtype=dtype, repeats=args.repeats)
         record["attention"] = rows
-        print(f"\nattention op, B {shape[0]}, {shape[1]} heads, T {shape[2]}, d {shape[3]}, causal, {precision}, "
-              "fwd+bwd:")
+        print(f"\nattention op, B {shape[0]}, {bench.count(shape[1], 'head')}, T {shape[2]}, d {shape[3]}, causal, "
+              f"{precision}, fwd+bwd:")
         print(bench.format_attention(rows))
         if args.json:  # after every section's table, so a run cut short or a failed write keeps it
             bench.write_json(args.json, record)
@@ -769,7 +817,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         record["train"] = rows
         record["peak_tflops_measured"] = bench.measure_peak_tflops(device) if device.type == "cuda" else None
         print(f"\ntraining, {args.preset}, batch {args.batch}, context {context}, {precision}, AdamW "
-              f"(median of {args.repeats} runs of {args.steps} steps):")
+              f"(median of {bench.count(args.repeats, 'run')} of {bench.count(args.steps, 'step')}):")
         print(bench.format_train(rows))
         if args.json:  # after every section's table, so a run cut short or a failed write keeps it
             bench.write_json(args.json, record)
@@ -779,8 +827,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         rows = bench.bench_decode(cfg, device, batches=tuple(args.decode_batches), new_tokens=args.new_tokens,
                                   repeats=args.repeats, peers=decode_peers)
         record["decode"] = rows
-        print(f"\ngreedy decoding, {args.preset}, prompt 8 tokens, {args.new_tokens} new tokens "
-              f"(median of {args.repeats}):")
+        print(f"\ngreedy decoding, {args.preset}, prompt 8 tokens, {bench.count(args.new_tokens, 'new token')} "
+              f"(median of {bench.count(args.repeats, 'run')}):")
         print(bench.format_decode(rows))
         if args.json:  # after every section's table, so a run cut short or a failed write keeps it
             bench.write_json(args.json, record)

@@ -28,14 +28,14 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import ConfigError, CorpusError
-from .files import PathLike, write_atomic, write_text_atomic
+from .files import PathLike, human_bytes, write_atomic, write_text_atomic
 from .tokenizer import Tokenizer, split_for_encoding
 
 
@@ -243,13 +243,16 @@ def prepare_tokens(
     tokenizer: Tokenizer,
     cache_dir: PathLike,
     val_fraction: float = 0.1,
+    progress: Optional[Callable[[str], None]] = None,
 ) -> TokenSplits:
     """Tokenize the corpus once into ``train.bin`` / ``val.bin`` under ``cache_dir``, or read them.
 
     The cache folder is named by a hash of the corpus text, the tokenizer's saved files
     and ``val_fraction``, so any change re-tokenizes and nothing stale is read. Files are
     written atomically and ``meta.json`` last, so an interrupted run leaves no half cache.
-    The validation split is the tail of the text (see :func:`split_text`).
+    The validation split is the tail of the text (see :func:`split_text`). ``progress`` is
+    told, in one line, when the text is tokenized (the slow part for a large corpus), not when
+    the cache is read.
     """
     train_text, val_text = split_text(corpus.text, val_fraction)
     key = _cache_key(corpus.text, tokenizer, val_fraction)
@@ -258,6 +261,8 @@ def prepare_tokens(
     if cached is not None:
         return cached
 
+    if progress is not None:
+        progress(f"data: tokenizing {human_bytes(corpus.n_bytes)} of text into {folder}")
     dtype = token_dtype(tokenizer.vocab_size)
     train = encode_text(train_text, tokenizer, dtype)
     val = encode_text(val_text, tokenizer, dtype)

@@ -22,28 +22,38 @@ Checkpoints:
 
 Resuming reads whichever checkpoint is newer, on any number of processes.
 Launched without torchrun, everything here acts for a group of one process.
+
+What one rank decides for all (the run directory's name, from its clock) it sends to the
+others (:meth:`Group.decided_by_main`): ranks on machines whose clocks or time zones differ
+would otherwise name different folders. A rank that stops answering is named, not the one
+that waited for it: a collective that times out (``--dist-timeout``) asks the job's store
+which ranks timed out too, and the one that did not is reported (:func:`explain_timeout`), in
+the waiting rank's error and in the launcher's summary line (:func:`run_torchrun`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
+import re
 import shutil
 import signal
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 
 from . import checkpoint as ckpt
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, LLMScratchError
 from .files import write_text_atomic
 from .model import GPT, GPTConfig
 
@@ -53,6 +63,17 @@ if TYPE_CHECKING:
 SHARDED_DIR = ckpt.SHARDED_DIR  # the FSDP checkpoint inside a run directory
 _SHARDED_TMP = ".sharded.tmp"  # where the next one is written before it replaces the last
 _SHARDED_OLD = ".sharded.old"
+DEFAULT_TIMEOUT_S = 600.0  # how long a collective waits for the other ranks (--dist-timeout)
+
+T = TypeVar("T")
+
+
+class RankNotAnswering(LLMScratchError):
+    """Another rank stopped answering: a collective waited ``--dist-timeout`` seconds for it."""
+
+    def __init__(self, message: str, silent: Optional[list[int]]):
+        super().__init__(message)
+        self.silent = silent  # the ranks that did not answer ([]: every rank timed out; None: could not be told)
 
 
 @dataclass
@@ -95,14 +116,38 @@ class Group:
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
         return tuple(bool(v) for v in t.tolist())
 
+    def decided_by_main(self, decide: Callable[[], T]) -> T:
+        """``decide()`` on rank 0 alone, its result sent to every rank; an error it raises is raised on every rank.
 
-def init(device: str = "auto") -> Group:
+        For what depends on a rank's own view (its clock, its time zone, which folders exist
+        when it looks): ranks that decided on their own could disagree. The error is sent as
+        well, so that no rank waits for a result that rank 0 never sends.
+        """
+        if not self.active:
+            return decide()
+        shared: list[Any] = [None]
+        if self.is_main:
+            try:
+                shared[0] = ("ok", decide())
+            except LLMScratchError as err:
+                shared[0] = ("error", type(err), str(err))
+                torch_dist.broadcast_object_list(shared, src=0)
+                raise
+        torch_dist.broadcast_object_list(shared, src=0)
+        if shared[0][0] == "error":
+            _, kind, message = shared[0]
+            raise (kind if issubclass(kind, LLMScratchError) else LLMScratchError)(message)
+        return shared[0][1]
+
+
+def init(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
     """Join the process group torchrun set up (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``…).
 
     NCCL when CUDA GPUs are present and ``device`` does not ask for the CPU (one GPU per
     process, chosen by ``LOCAL_RANK``), gloo otherwise. Without those variables: a group of
-    one, nothing initialised. ``LLMSCRATCH_DIST_TIMEOUT`` (seconds, default 600) bounds how
-    long a collective waits for a rank that stopped answering.
+    one, nothing initialised. ``timeout_s`` (``--dist-timeout``) bounds how long a collective
+    waits for a rank that stopped answering; it must also cover the longest wait of a healthy
+    job (the other ranks wait while rank 0 prepares the data or consolidates a checkpoint).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -119,9 +164,91 @@ def init(device: str = "auto") -> Group:
     if torch_dist.is_initialized():
         return Group(rank, local_rank, world_size, torch_dist.get_backend(), collective_device)
     backend = "nccl" if use_cuda else "gloo"
-    timeout = datetime.timedelta(seconds=int(os.environ.get("LLMSCRATCH_DIST_TIMEOUT", "600")))
-    torch_dist.init_process_group(backend=backend, timeout=timeout)
+    torch_dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Group(rank, local_rank, world_size, backend, collective_device)
+
+
+# =========================================================================== a rank that stopped answering
+
+# What a collective that waited too long raises: gloo's "Timed out waiting 600000ms for recv
+# operation to complete", NCCL's "Watchdog caught collective operation timeout" (when it is raised
+# in Python rather than aborting the process), c10d's own "... timed out ...".
+_TIMEOUT_TEXT = re.compile(r"timed out|timeout", re.IGNORECASE)
+_TIMED_OUT_KEY = "llmscratch/timed-out/"
+
+
+def is_collective_timeout(err: BaseException) -> bool:
+    """Whether ``err`` is a collective of this job's process group giving up on a rank."""
+    return (isinstance(err, RuntimeError) and torch_dist.is_available() and torch_dist.is_initialized()
+            and bool(_TIMEOUT_TEXT.search(str(err))))
+
+
+def explain_timeout(err: BaseException, timeout_s: float, grace_s: Optional[float] = None) -> RankNotAnswering:
+    """Which rank(s) did not answer when a collective of this rank timed out, as an error to raise.
+
+    The message of the collective itself names no peer (gloo: "Timed out waiting 600000ms for
+    recv operation"). So every rank whose collective timed out says so in the job's key-value
+    store (torchrun's, which outlives a stuck rank 0) and waits ``grace_s`` (default: the
+    timeout, at most 30 s) for the others to do the same: healthy ranks wait in the same
+    collective and time out within about a step of each other; the ranks that never say so are
+    the ones that stopped answering. The finding also goes into torchrun's error file for this
+    rank, from which :func:`run_torchrun` writes its summary line.
+    """
+    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
+    grace_s = min(30.0, timeout_s) if grace_s is None else grace_s
+    silent: Optional[list[int]] = None
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=grace_s + 10))  # a store that is gone too must not hang here
+        store.set(f"{_TIMED_OUT_KEY}{rank}", "1")
+        others = [r for r in range(world) if r != rank]
+        deadline = time.monotonic() + grace_s
+        while True:
+            silent = [r for r in others if not store.check([f"{_TIMED_OUT_KEY}{r}"])]
+            if not silent or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+    except Exception:  # the store is gone too: who stopped cannot be told
+        silent = None
+    message = describe_timeout(rank, world, timeout_s, silent)
+    if silent:
+        who = " and ".join(f"rank {r}" for r in silent)
+        message += (f". Find out what stopped {who} (a stuck GPU, a lost machine, a paused process); "
+                    "--resume continues from the last checkpoint")
+    message += f" [{str(err).splitlines()[0] if str(err) else repr(err)}]"
+    _tell_torchrun(message, {"silent": silent, "timeout_s": timeout_s, "waiting": rank, "world_size": world})
+    return RankNotAnswering(message, silent)
+
+
+def describe_timeout(rank: int, world_size: int, timeout_s: float, silent: Optional[list[int]]) -> str:
+    """The sentence for a collective of ``rank`` that waited ``timeout_s`` for the ranks in ``silent``
+    (``[]``: every rank timed out; ``None``: who did not answer could not be told)."""
+    waited = f"{timeout_s:g} s (--dist-timeout, default {DEFAULT_TIMEOUT_S:g} s: a smaller one ends a stuck job sooner)"
+    if silent is None:
+        return (f"a collective of rank {rank} of {world_size} waited {waited} for another rank and gave up; "
+                "which rank stopped answering could not be told (the job's store did not answer either)")
+    if not silent:
+        return (f"a collective of rank {rank} of {world_size} waited {waited} for the other ranks and gave up; "
+                "every rank timed out, so none stopped: they waited in different collectives, or for one "
+                "operation slower than the timeout")
+    who = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {', '.join(map(str, silent))}"
+    return (f"{who} of {world_size} stopped answering: rank {rank} waited {waited} for "
+            f"{'it' if len(silent) == 1 else 'them'} in a collective and gave up")
+
+
+def _tell_torchrun(message: str, facts: dict[str, Any]) -> None:
+    """Write ``message`` (and ``facts``) into torchrun's error file for this rank, where torchrun reads a rank's failure."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(path), json.dumps({"message": message, "timestamp": int(time.time()),
+                                                  "llmscratch": facts}))
+    except OSError:
+        pass
 
 
 def cleanup(group: Group) -> None:
@@ -608,6 +735,42 @@ def describe_failure(rank: int, world_size: int, exitcode: int, signal_name: str
     return f"rank {rank}{of} was killed by {signal_name}{hint}"
 
 
+def summarize_failures(failures: dict[int, Any], first: int, world_size: int) -> str:
+    """The summary line of a failed job, from torchrun's ``ProcessFailure`` of each rank (``exitcode``,
+    ``signal_name()``, ``error_file_data``) and the rank that failed first.
+
+    A rank that stopped answering is named as such, with the timeout that noticed it, rather
+    than the rank that waited for it and gave up: the waiting rank said who it waited for in
+    its error file (:func:`explain_timeout`).
+    """
+    facts = next((f.error_file_data.get("llmscratch") for f in failures.values()
+                  if isinstance(getattr(f, "error_file_data", None), dict)
+                  and isinstance(f.error_file_data.get("llmscratch"), dict)), None)
+    if facts and facts.get("silent"):
+        silent = [int(r) for r in facts["silent"]]
+        line = describe_timeout(int(facts["waiting"]), int(facts.get("world_size", world_size)),
+                                float(facts["timeout_s"]), silent)
+        ended = sorted(r for r in silent if r in failures)
+        if ended:
+            line += f"; torchrun then ended rank {', '.join(map(str, ended))}"
+        return line
+    failure = failures[first]
+    line = describe_failure(first, world_size, failure.exitcode, failure.signal_name())
+    also = sorted(r for r, f in failures.items() if r != first and f.exitcode > 0)
+    # torchrun ends the other ranks with SIGTERM, and SIGKILL those still there after its shutdown
+    # timeout: a rank that outlived SIGTERM was not running (paused, or stuck in the kernel or a GPU).
+    killed = sorted(r for r, f in failures.items() if r != first and f.exitcode == -signal.SIGKILL)
+    stopped = sorted(r for r, f in failures.items() if r != first and f.exitcode < 0 and r not in killed)
+    if also:
+        line += f"; so did rank {', '.join(map(str, also))}"
+    if stopped:
+        line += f"; torchrun stopped rank {', '.join(map(str, stopped))}"
+    if killed:
+        line += (f"; rank {', '.join(map(str, killed))} did not end when torchrun asked (SIGTERM) and was killed: "
+                 "it had stopped answering, and may be what the others waited for")
+    return line
+
+
 def _world_size(args: Any) -> int:
     """The job's number of processes from torchrun's parsed arguments (0 where it cannot tell)."""
     nodes = str(args.nnodes).split(":")[-1]
@@ -616,12 +779,14 @@ def _world_size(args: Any) -> int:
 
 
 def run_torchrun(argv: list[str]) -> int:
-    """torchrun (``torch.distributed.run``) with ``argv``, reporting a failure in a line per rank.
+    """torchrun (``torch.distributed.run``) with ``argv``, reporting a failure in one line.
 
     torchrun ends a failed job with its own traceback and a box of every rank's exit code,
     which bury the error the failing rank printed; here the ranks' own output stands, followed
-    by which rank failed first and how, and the job's exit status is that rank's. Run by
-    :func:`launch_torchrun` as ``python -m llmscratch.distributed``.
+    by which rank failed first and how (or, when a rank stopped answering, that rank rather
+    than the one that gave up waiting for it: :func:`summarize_failures`), and the job's exit
+    status is the first failed rank's. Run by :func:`launch_torchrun` as
+    ``python -m llmscratch.distributed``.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -640,14 +805,7 @@ def run_torchrun(argv: list[str]) -> int:
         return 0
     except ChildFailedError as err:
         first, failure = err.get_first_failure()
-        line = describe_failure(first, _world_size(args), failure.exitcode, failure.signal_name())
-        also = sorted(r for r, f in err.failures.items() if r != first and f.exitcode > 0)
-        stopped = sorted(r for r, f in err.failures.items() if r != first and f.exitcode < 0)
-        if also:
-            line += f"; so did rank {', '.join(map(str, also))}"
-        if stopped:
-            line += f"; torchrun stopped rank {', '.join(map(str, stopped))}"
-        print(f"llmscratch: {line}", file=sys.stderr, flush=True)
+        print(f"llmscratch: {summarize_failures(err.failures, first, _world_size(args))}", file=sys.stderr, flush=True)
         return failure.exitcode if failure.exitcode > 0 else 128 + abs(failure.exitcode)
     except SignalException as err:  # Ctrl-C or SIGTERM: torchrun has passed it on to the ranks and waited
         return 128 + int(err.sigval)

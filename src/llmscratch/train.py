@@ -49,7 +49,7 @@ from .data import (
     window_starts,
 )
 from .errors import ConfigError, LLMScratchError, Stopped, TokenizerError
-from .files import write_text_atomic
+from .files import human_bytes, write_text_atomic
 from .model import GPT, LOSS_IMPLS, GPTConfig, PRESETS, check_field_types, numbers_from_strings
 from .model import loss_label as model_loss_label
 from .optim import MuonAdamW, muon_param_groups
@@ -116,8 +116,9 @@ class TrainConfig:
     compile: bool = False
     loss: str = "auto"  # how the head and loss are computed (GPT.loss_impl): auto, plain, chunked, kernel
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP) instead of DDP
+    dist_timeout: float = dist.DEFAULT_TIMEOUT_S  # under torchrun: seconds a collective waits for a stopped rank
     seed: int = 1337
-    time_budget: Optional[float] = None  # seconds; stop early (and save) when spent
+    time_budget: Optional[float] = None  # seconds for the whole command; training stops early enough to save
     stop_at: Optional[int] = None  # stop (and save) at this step, as if interrupted; --resume continues
     # where
     out_dir: str = "runs"
@@ -184,6 +185,8 @@ class TrainConfig:
             raise ConfigError(f"{_named('micro_batch')} must be a positive integer or None, got {self.micro_batch!r}")
         if self.time_budget is not None and self.time_budget <= 0:
             raise ConfigError(f"{_named('time_budget')} must be positive seconds, got {self.time_budget}")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"{_named('dist_timeout')} must be positive seconds, got {self.dist_timeout}")
 
     def to_dict(self) -> dict[str, Any]:
         """Every option as a plain mapping: what ``train_config.json`` holds and ``--resume`` compares against."""
@@ -206,7 +209,12 @@ class TrainConfig:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``."""
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``steps``.
+
+    ``step`` counts from 0: step ``warmup_steps - 1``, the last of the warmup, is the first at
+    ``lr``; the decay starts from ``lr`` at step ``warmup_steps``. So a run decays only if it
+    trains past step ``warmup_steps`` (``steps > warmup_steps + 1``).
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
@@ -300,6 +308,21 @@ def sample_prompt_ids(tokenizer: Tokenizer, text: str, warn: Optional[Callable[[
     return ids or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
 
 
+def _warmup_note(cfg: TrainConfig) -> Optional[str]:
+    """What to say of a warmup that leaves the schedule no decay (:func:`lr_at`), or None."""
+    warmup, steps = cfg.warmup_steps, cfg.steps
+    if warmup > steps:
+        return (f"the warmup (--warmup-steps {warmup}) is longer than the run (--steps {steps}): the learning rate "
+                f"rises to {lr_at(steps - 1, cfg):.3g}, never to --lr {cfg.lr:g}, and never decays; give a warmup "
+                "shorter than the run")
+    if warmup > 0 and warmup >= steps - 1:
+        return (f"the warmup (--warmup-steps {warmup}) leaves the run (--steps {steps}) no step to decay: the "
+                f"learning rate reaches --lr {cfg.lr:g} at step {warmup} of {steps}"
+                + (" (the last)" if warmup == steps else "")
+                + " and never decays; give a warmup shorter than the run by at least 2 steps")
+    return None
+
+
 def _new_run_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
@@ -348,8 +371,14 @@ def _tokenizer_cache_dir() -> Path:
     return Path(os.environ.get("LLMSCRATCH_CACHE", Path.home() / ".cache" / "llmscratch"))
 
 
-def _prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: "dist.Group") -> Tokenizer:
-    """Train (or load the cached) tokenizer for this corpus and settings."""
+def _prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: "dist.Group",
+                       log: Callable[[str], None] = lambda message: None) -> Tokenizer:
+    """Train (or load the cached) tokenizer for this corpus and settings.
+
+    Rank 0 trains it into ``cache`` and every rank reads it from there, so every machine of a
+    job must see the same cache (a shared ``$LLMSCRATCH_CACHE``, or one prepared on each
+    machine from the same inputs: the key below); a rank that does not find it says so.
+    """
     import hashlib
 
     key = hashlib.sha256(
@@ -374,10 +403,19 @@ def _prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: "
         text = corpus_text
         if cfg.tokenizer == "bpe":
             text = corpus_text[: int(len(corpus_text) * (1.0 - cfg.val_fraction))]
+        log(f"data: training the {cfg.tokenizer} tokenizer" + (f" ({cfg.vocab_size} tokens)" if cfg.tokenizer == "bpe"
+            else "") + f" on {human_bytes(len(text.encode('utf-8', 'surrogatepass')))} of text")
         tokenizer = build_tokenizer(cfg.tokenizer, text, vocab_size=cfg.vocab_size)
         tok_dir.mkdir(parents=True, exist_ok=True)
         tokenizer.save(tok_dir)
     group.barrier()
+    if not group.is_main and not (tok_dir / "tokenizer_config.json").is_file():
+        raise ConfigError(
+            f"rank {group.rank} of {group.world_size} cannot find the tokenizer that rank 0 trained: {tok_dir} is not "
+            f"in this machine's cache ($LLMSCRATCH_CACHE, here {cache}). Every machine of the job must read the "
+            "same cache: point $LLMSCRATCH_CACHE at a folder they share, or prepare the cache on each machine "
+            "first with the same corpus text, --tokenizer, --vocab-size and --val-fraction (all are in its key; "
+            "a one-process run with --steps 1 prepares it)")
     return load_tokenizer(tok_dir)
 
 
@@ -395,10 +433,17 @@ class _StopFlag:
 
     Under torchrun only Ctrl-C: torchrun's own SIGTERM ends ranks when another one failed, and
     a rank waiting on a dead peer to save with it would hang.
+
+    Once the loop stopped for a signal (``stopping``: this rank's, or another rank's that they
+    agreed on), the handlers stay until :meth:`release` (the end of the run), not only to the
+    end of the loop: torchrun passes a terminal's Ctrl-C to the ranks one after another, so it
+    may reach a rank after that rank already stopped for another's. Then it is the same
+    request, said and absorbed, not a KeyboardInterrupt in the middle of the last save.
     """
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None  # the signal that asked to stop
+        self.stopping = False  # the loop stopped for a signal
         self._previous: dict[int, Any] = {}
 
     @property
@@ -410,8 +455,10 @@ class _StopFlag:
             if self.requested:  # a second signal: stop now
                 raise Stopped(signum)
             self.signum = signum
-            print(f"\n{SIGNAL_NAMES[signum]}: saving a checkpoint at the end of this step "
-                  f"({SIGNAL_NAMES[signum]} again to abort)", file=sys.stderr, flush=True)
+            name = SIGNAL_NAMES[signum]
+            doing = ("the run is stopping already, its checkpoint saved" if self.stopping
+                     else "saving a checkpoint at the end of this step")
+            print(f"\n{name}: {doing} ({name} again to abort)", file=sys.stderr, flush=True)
 
         signals = [signal.SIGINT] if _under_torchrun() else [signal.SIGINT, signal.SIGTERM]
         try:
@@ -421,8 +468,63 @@ class _StopFlag:
         return self
 
     def __exit__(self, *exc) -> None:
+        if not self.stopping:
+            self.release()
+
+    def release(self) -> None:
+        """Put back the handlers this replaced (once)."""
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
+        self._previous = {}
+
+
+class _Budget:
+    """``--time-budget``: stop training early enough that the command ends within the budget,
+    the checkpoint and the closing sample written after the last step included.
+
+    After each step, the run goes on only if one more step (with its evaluation, where it has
+    one), a checkpoint and the closing sample still fit. Each is estimated by how long it took
+    last time in this run; before the first time, a checkpoint from its size in bytes (at
+    :data:`_SAVE_BYTES_PER_S`), an evaluation and a sample from the step's time (a forward pass
+    of one window costs about a third of a training step's per window). Not counted: drawing
+    ``loss.png`` and, for a run that reaches ``--steps``, its final evaluation on the whole
+    validation split.
+    """
+
+    def __init__(self, seconds: Optional[float], start: float, save_guess_s: float, eval_windows: int,
+                 step_windows: int, sample_tokens: int) -> None:
+        self.seconds, self.start = seconds, start
+        self._took = {"save": save_guess_s}
+        self._eval_windows, self._step_windows, self._sample_tokens = eval_windows, step_windows, sample_tokens
+
+    def took(self, what: str, seconds: float) -> None:
+        """How long ``what`` (step, eval, sample, save) took this time."""
+        self._took[what] = seconds
+
+    def _s(self, what: str) -> float:
+        if what in self._took:
+            return self._took[what]
+        per_window = self._took.get("step", 0.0) / (3 * max(1, self._step_windows))
+        return {"eval": self._eval_windows, "sample": self._sample_tokens}[what] * per_window
+
+    def stop_now(self, now: float, at_eval: bool, at_ckpt: bool, next_eval: bool) -> bool:
+        """Whether to stop after this step: one more (its evaluation and checkpoint, then the ending) would not fit."""
+        if self.seconds is None:
+            return False
+        this = (self._s("eval") + self._s("sample") if at_eval else 0.0) + (self._s("save") if at_ckpt else 0.0)
+        another = self._s("step") + (self._s("eval") + self._s("sample") if next_eval else 0.0)
+        ending = self._s("save") + self._s("sample")
+        return now - self.start + this + another + ending > self.seconds
+
+
+_SAVE_BYTES_PER_S = 100e6  # a first checkpoint's guessed write speed: slow disks and network file systems included
+
+
+def _save_guess_s(model: nn.Module, sharded: bool) -> float:
+    """A guess at a checkpoint's seconds before the first one: the weights and two optimizer moments per
+    weight at :data:`_SAVE_BYTES_PER_S`; sharded (FSDP) twice, for the consolidation at the end."""
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters())
+    return 3 * local / _SAVE_BYTES_PER_S * (2 if sharded else 1)
 
 
 class _TermAsInterrupt:
@@ -462,7 +564,7 @@ def _set_rng_state(state: dict[str, Any], batch_gen: torch.Generator, runtime: R
 
 # What a resumed run may change: how far and how it runs, never what it learns from or how.
 RESUME_MAY_CHANGE = ("steps", "time_budget", "stop_at", "progress", "device", "precision", "compile", "loss",
-                     "sample_tokens", "sample_prompt",
+                     "sample_tokens", "sample_prompt", "dist_timeout",
                      "eval_interval", "checkpoint_interval", "log_interval", "micro_batch", "fsdp", "resume")
 
 
@@ -519,18 +621,79 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print, given: Optional[
     (or SIGTERM, outside torchrun) saves a checkpoint at the end of the step and then raises
     :class:`errors.Stopped` (a KeyboardInterrupt), so that a caller stops too
     (``llmscratch train && llmscratch generate ...`` does not go on to generate).
+
+    At the end (also after ``--time-budget`` or ``--stop-at``, not after a signal) one sample of
+    ``--sample-tokens`` tokens is logged; the evaluations during training log their own, the
+    last one's left to it. Under torchrun, a collective that waited ``--dist-timeout`` seconds
+    raises :class:`distributed.RankNotAnswering`, naming the rank that stopped answering.
     """
-    new_run = _NewRun()
+    new_run, stop = _NewRun(), _StopFlag()
     with _TermAsInterrupt():
         try:
-            return _train(cfg, log, given, new_run)
-        except BaseException:
+            return _train(cfg, log, given, new_run, stop)
+        except BaseException as err:
             new_run.remove_if_nothing_saved(log)
+            if dist.is_collective_timeout(err):  # name the rank that stopped answering, not this one
+                raise dist.explain_timeout(err, cfg.dist_timeout) from err
             raise
+        finally:
+            stop.release()
 
 
-def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str]], new_run: _NewRun) -> Path:
-    group = dist.init(cfg.device)  # one process unless launched by torchrun
+def _given(cfg: TrainConfig, given: Optional[set[str]]) -> set[str]:
+    """The options the user set: ``given``, or where it is None those that differ from the defaults."""
+    if given is not None:
+        return set(given)
+    now, defaults = cfg.to_dict(), TrainConfig().to_dict()
+    return {k for k, v in now.items() if v != defaults[k]}
+
+
+def resumed_config(cfg: TrainConfig, given: Optional[set[str]] = None) -> TrainConfig:
+    """The settings a ``--resume`` of ``cfg.resume`` runs with: the run's saved ones, except those of
+    :data:`RESUME_MAY_CHANGE` that were given (see :func:`train`); a clash with the others is refused."""
+    run_dir = Path(cfg.resume)
+    _check_resumable(run_dir)
+    saved = ckpt.read_json(run_dir / "train_config.json")
+    saved.setdefault("optimizer", "adamw")  # runs saved before the option existed trained with AdamW
+    now, given = cfg.to_dict(), _given(cfg, given)
+    clash = sorted(k for k in given - set(RESUME_MAY_CHANGE) if k in saved and now[k] != saved[k])
+    if clash:
+        raise ConfigError(
+            f"--resume continues {run_dir} as it was set up; these options differ from it and cannot change: "
+            + ", ".join(f"--{k.replace('_', '-')} {_shown(k, now[k])} (the run has {_shown(k, saved[k])})"
+                        for k in clash)
+            + "; drop them, or start a new run (--init-from to start from these weights)")
+    # The saved settings win, except those the user gave on this command line.
+    merged = {**saved, **{k: now[k] for k in RESUME_MAY_CHANGE if k in given and k in now}}
+    # Where to stop and how long to wait this time are properties of this command, never of the saved run.
+    merged.update(resume=str(run_dir), init_from=None, stop_at=cfg.stop_at, time_budget=cfg.time_budget,
+                  progress=cfg.progress, dist_timeout=cfg.dist_timeout)
+    try:
+        return TrainConfig.from_dict(merged)
+    except ConfigError as err:  # what it names came from the run's file, not from this command line
+        raise ConfigError(f"{run_dir / 'train_config.json'}: {err}") from err
+
+
+def resolved_options(cfg: TrainConfig, given: Optional[set[str]] = None) -> dict[str, Any]:
+    """Every option the run that ``cfg`` starts would use, as a ``--config`` file holds them
+    (``llmscratch train --print-config``): given back through ``--config`` alone, they resolve to the same.
+
+    A resumed run's are its saved settings with this command's changes. With ``--init-from``,
+    the options that shape a new model and tokenizer are left out: they cannot apply.
+    """
+    options = (resumed_config(cfg, given) if cfg.resume else cfg).to_dict()
+    if options.get("init_from"):
+        for name in _SHAPE_OPTIONS:
+            options.pop(name)
+    return options
+
+
+_SHAPE_OPTIONS = ("tokenizer", "vocab_size", "preset", "model")  # what --init-from brings from its folder
+
+
+def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str]], new_run: _NewRun,
+           stop: "_StopFlag") -> Path:
+    group = dist.init(cfg.device, cfg.dist_timeout)  # one process unless launched by torchrun
     t_start = time.time()
     if not group.is_main:
         log = lambda *_a, **_k: None  # noqa: E731 - only rank 0 talks
@@ -539,27 +702,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     state: Optional[dict[str, Any]] = None
     if cfg.resume:
         run_dir = Path(cfg.resume)
-        _check_resumable(run_dir)
-        saved = ckpt.read_json(run_dir / "train_config.json")
-        saved.setdefault("optimizer", "adamw")  # runs saved before the option existed trained with AdamW
-        now, defaults = cfg.to_dict(), TrainConfig().to_dict()
-        given = set(given) if given is not None else {k for k, v in now.items() if v != defaults[k]}
-        clash = sorted(k for k in given - set(RESUME_MAY_CHANGE) if k in saved and now[k] != saved[k])
-        if clash:
-            raise ConfigError(
-                f"--resume continues {run_dir} as it was set up; these options differ from it and cannot change: "
-                + ", ".join(f"--{k.replace('_', '-')} {_shown(k, now[k])} (the run has {_shown(k, saved[k])})"
-                            for k in clash)
-                + "; drop them, or start a new run (--init-from to start from these weights)")
-        # The saved settings win, except those the user gave on this command line.
-        merged = {**saved, **{k: now[k] for k in RESUME_MAY_CHANGE if k in given and k in now}}
-        # Where to stop this time is a property of this command, never of the saved run.
-        merged.update(resume=str(run_dir), init_from=None, stop_at=cfg.stop_at, time_budget=cfg.time_budget,
-                      progress=cfg.progress)
-        try:
-            cfg = TrainConfig.from_dict(merged)
-        except ConfigError as err:  # what it names came from the run's file, not from this command line
-            raise ConfigError(f"{run_dir / 'train_config.json'}: {err}") from err
+        cfg = resumed_config(cfg, given)
         state = dist.load_training_state(run_dir, prefer_sharded=cfg.fsdp and group.active)  # the newest one
         if state is None:
             raise ckpt.CheckpointError(f"{run_dir}: no training_state.pt to resume from: the run stopped before "
@@ -575,15 +718,16 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
             raise ConfigError(f"--init-from {cfg.init_from}: no such folder; give a run directory (runs/NAME) or a "
                               f"Hugging Face GPT-2 directory (`llmscratch import` makes one a run)")
         if cfg.init_from:  # the model and tokenizer come from there: options that would shape new ones cannot apply
-            now, defaults = cfg.to_dict(), TrainConfig().to_dict()
-            given = set(given) if given is not None else {k for k, v in now.items() if v != defaults[k]}
-            moot = sorted(given & {"tokenizer", "vocab_size", "preset", "model"})
+            moot = sorted(_given(cfg, given) & set(_SHAPE_OPTIONS))
             if moot:
                 raise ConfigError(
                     f"--init-from {cfg.init_from} brings its own model and tokenizer; "
                     + ", ".join(f"--{k.replace('_', '-')}" if k != "model" else "model options" for k in moot)
                     + " cannot apply to them: drop them")
-        run_dir = _new_run_dir(cfg)
+        # Rank 0 names the folder and tells the others: a name from each rank's own clock (the
+        # default, the date and time) differs where clocks or time zones do, and FSDP's shards
+        # would go to two folders.
+        run_dir = Path(group.decided_by_main(lambda: str(_new_run_dir(cfg))))
         if group.is_main:
             new_run.claim(run_dir)
 
@@ -596,6 +740,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     if cfg.resume and cfg.data and not Path(cfg.data).is_absolute() and not glob.glob(cfg.data):
         raise ConfigError(f"{run_dir} was started with --data {cfg.data}, a path relative to the folder it was "
                           f"started in, which is not {Path.cwd()}: resume from that folder")
+    log(f"data: reading {cfg.data or 'the built-in corpus'}")
     corpus = load_corpus(cfg.data, encoding=cfg.encoding)
     corpus_sha = corpus.fingerprint()
     if state is not None and state.get("corpus_sha256", corpus_sha) != corpus_sha:
@@ -609,12 +754,12 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     elif cfg.init_from:
         tokenizer = load_tokenizer(cfg.init_from)
     else:
-        tokenizer = _prepare_tokenizer(cfg, corpus.text, cache, group)
+        tokenizer = _prepare_tokenizer(cfg, corpus.text, cache, group, log)
         if cfg.tokenizer == "bpe" and tokenizer.vocab_size < cfg.vocab_size:
             log(f"note: --vocab-size {cfg.vocab_size} asks for more tokens than BPE finds merges for in this corpus: "
                 f"the tokenizer has {tokenizer.vocab_size} (more text gives more)")
     if group.is_main:  # rank 0 writes the token cache; then every rank (rank 0 again) reads it
-        prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction)
+        prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction, progress=log)
     group.barrier()
     splits = prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction)
 
@@ -691,10 +836,9 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     if cfg.fsdp and not group.active:
         log("note: --fsdp shards over the processes torchrun starts; this is one process, so the model is "
             "whole and trained as without it (launch with --nproc N or torchrun to shard)")
-    if cfg.warmup_steps >= cfg.steps:
-        log(f"note: the warmup (--warmup-steps {cfg.warmup_steps}) is as long as the run (--steps {cfg.steps}): "
-            f"the learning rate rises to {lr_at(cfg.steps - 1, cfg):.3g}, never to --lr {cfg.lr:g}, and never "
-            "decays; give a warmup shorter than the run")
+    warmup_note = _warmup_note(cfg)
+    if warmup_note:
+        log(f"note: {warmup_note}")
     log(f"device {runtime.device} ({runtime.precision}), {group.world_size} process(es); "
         f"model {model.num_parameters():,} parameters ({model_cfg.n_layers} layers, {model_cfg.n_heads} heads, "
         f"{model_cfg.emb_dim} dims, context {context}, {model_cfg.pos_emb} positions, {loss_label}); "
@@ -748,18 +892,26 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     from tqdm.auto import tqdm
 
     # The bar only on a terminal: piped into a file its carriage returns run into the log lines.
-    # Without it, the training loss is logged every --log-interval steps instead.
+    # Without it, the training loss is logged every --log-interval steps instead. Its rate is the
+    # log's (tokens/s over the last --log-interval steps, set at each log step), not tqdm's own
+    # steps per second, so that the two never disagree.
     show_bar = cfg.progress and group.is_main and sys.stderr.isatty()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not show_bar, dynamic_ncols=True, unit="step")
+    bar = tqdm(total=cfg.steps, initial=step, disable=not show_bar, dynamic_ncols=True, unit="step",
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}<{remaining}{postfix}]")
     bad_step = torch.full((), -1, dtype=torch.int64, device=runtime.device)  # first step with a non-finite loss
     loss_sum = torch.zeros((), device=runtime.device)
     loss_count = 0
     t_log, tokens_since_log = time.time(), 0
     last_good = step if cfg.resume else None
+    local_windows = cfg.batch_size * cfg.grad_accum // group.world_size
+    budget = _Budget(cfg.time_budget, t_start, save_guess_s=_save_guess_s(model, dist.is_sharded(model)),
+                     eval_windows=sum(len(x) for x, _ in val_windows), step_windows=local_windows,
+                     sample_tokens=cfg.sample_tokens)
     model.train()
     stopped_by = None
-    with _StopFlag() as stop:
+    with stop:
         while step < cfg.steps:
+            t_step = time.time()
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -800,20 +952,23 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
             step += 1
             tokens_since_log += tokens_per_step
             bar.update(1)
+            budget.took("step", time.time() - t_step)
 
             at_log = step % cfg.log_interval == 0 or step == cfg.steps
             at_eval = step % cfg.eval_interval == 0 or step == cfg.steps
             at_ckpt = step % cfg.checkpoint_interval == 0 or step == cfg.steps
-            out_of_time = cfg.time_budget is not None and time.time() - t_start >= cfg.time_budget
+            out_of_time = step < cfg.steps and budget.stop_now(
+                time.time(), at_eval=at_eval, at_ckpt=at_ckpt, next_eval=(step + 1) % cfg.eval_interval == 0)
             if cfg.stop_at is not None and step >= cfg.stop_at and step < cfg.steps:
                 out_of_time = True
             # Read the Ctrl-C flag once per step: a signal that lands later in this step (during
             # logging, say) is acted on at the next one, never after the checkpoint was skipped.
-            stop_now = stop.requested
-            if group.active:  # Ctrl-C and the clock are per rank; all ranks must stop at the same step
-                out_of_time, stop_now = group.any(out_of_time, stop_now)
+            # Ctrl-C and the clock are per rank; all ranks must stop at the same step (with one
+            # process, any() returns the flags as they are).
+            out_of_time, stop_now = group.any(out_of_time, stop.requested)
             if out_of_time or stop_now:
                 at_log = at_ckpt = True
+            closing = step == cfg.steps or out_of_time  # the closing sample follows: none at this evaluation
             if at_log or at_eval or at_ckpt:
                 first_bad = int(bad_step.item())  # the one host sync, at log steps only
                 if first_bad >= 0:
@@ -829,7 +984,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
                 train_loss = (group.all_reduce_sum(loss_sum) / (max(1, loss_count) * group.world_size)).item()
                 elapsed = time.time() - t_log
                 tok_s = tokens_since_log / max(elapsed, 1e-9)
-                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                bar.set_postfix_str(f"loss {train_loss:.4f}, {tok_s:,.0f} tokens/s")
                 if not show_bar:
                     log(f"step {step}: train loss {train_loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tokens/s")
                 write_metrics({"step": step, "train_loss": train_loss, "lr": lr, "tokens_per_s": tok_s,
@@ -837,18 +992,22 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
                 loss_sum.zero_()
                 loss_count, t_log, tokens_since_log = 0, time.time(), 0
             if at_eval:
+                t_eval = time.time()
                 ev = evaluate(model, val_windows, byte_lengths, runtime, group=group if group.world_size > 1 else None)
+                budget.took("eval", time.time() - t_eval)
                 record = {"step": step, "val_loss": ev["loss"], "val_ppl": ev["ppl"], "val_bpb": ev["bpb"],
                           "elapsed_s": time.time() - t_start}
                 write_metrics(record)
                 improved = ev["bpb"] < best_bpb
                 best_bpb = min(best_bpb, ev["bpb"])
                 msg = f"step {step}: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}, {ev['bpb']:.4f} bits/byte"
-                if cfg.sample_tokens > 0 and (group.is_main or dist.is_sharded(model)):  # FSDP: all ranks run it
+                if cfg.sample_tokens > 0 and not closing and (group.is_main or dist.is_sharded(model)):
+                    t_sample = time.time()  # FSDP: all ranks run it
                     try:
                         msg += f"\n  sample: {sample_text()!r}"
                     except Exception as err:  # a sample must never cost the checkpoint saved below
                         msg += f"\n  (no sample: {err})"
+                    budget.took("sample", time.time() - t_sample)
                 if show_bar:
                     bar.write(msg)  # above the progress bar
                 else:
@@ -859,10 +1018,13 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
                         tokenizer.save(run_dir / "best")  # so that best/ generates on its own
                     new_run.saved = True
             if at_ckpt:
+                t_save = time.time()
                 save_checkpoint(step)
+                budget.took("save", time.time() - t_save)
                 last_good = step
             if stop_now:
                 stopped_by = SIGNAL_NAMES[stop.signum or signal.SIGINT]  # another rank's Ctrl-C: no signal here
+                stop.stopping = True  # a Ctrl-C that reaches this rank from now on is this same request
                 break
             if out_of_time:
                 stopped_by = "--stop-at" if cfg.stop_at is not None and step >= cfg.stop_at else "time budget"
@@ -882,6 +1044,12 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
                        "val_bpb": final["bpb"], "val_tokens": final["tokens"], "elapsed_s": time.time() - t_start})
         log(f"final (whole validation split, {final['tokens']:,} tokens): loss {final['loss']:.4f}, "
             f"ppl {final['ppl']:.2f}, {final['bpb']:.4f} bits/byte; {time.time() - t_start:.0f} s in all")
+    if (cfg.sample_tokens > 0 and stopped_by not in SIGNAL_NAMES.values()
+            and (group.is_main or dist.is_sharded(model))):  # the closing sample, once (FSDP: every rank runs it)
+        try:
+            log(f"\n--- generated text ---\n{sample_text()}\n----------------------")
+        except Exception as err:  # the run is saved: a sample that fails must not fail it
+            log(f"(no sample: {err})")
     if group.is_main:  # also after a stop: the curve so far (a resumed run redraws it whole)
         try:
             plot_metrics(metrics_path, run_dir / "loss.png")
