@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from llmscratch.generate import SamplingConfig, choose_weight_layout, generate
-from llmscratch.model import GPT, PRESETS, GPTConfig
+from llmscratch.inference.generate import SamplingConfig, choose_weight_layout, generate
+from llmscratch.nn.model import GPT, PRESETS, GPTConfig
 from llmscratch.runtime import keep_freed_memory
 
 

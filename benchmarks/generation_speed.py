@@ -3,7 +3,7 @@
 A random-weight GPT of the chosen preset generates ``--new-tokens`` tokens greedily from
 an 8-token prompt (batch 1), once with the KV cache (prefill, then one token per step)
 and once without it (the whole window re-run every step, cut by the window rule of
-``llmscratch.generate``). Each timing is the median of ``--repeats`` runs after a short
+``llmscratch.inference.generate``). Each timing is the median of ``--repeats`` runs after a short
 warm-up. Usage::
 
     python benchmarks/generation_speed.py --preset cpu --new-tokens 200 --threads 2
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from llmscratch.generate import SamplingConfig, stream
-from llmscratch.model import GPT, PRESETS, GPTConfig
+from llmscratch.inference.generate import SamplingConfig, stream
+from llmscratch.nn.model import GPT, PRESETS, GPTConfig
 
 
 def time_one_run(model: GPT, prompt: list[int], sampling: SamplingConfig, use_cache: bool) -> tuple[float, float, int]:

@@ -45,8 +45,8 @@ from typing import Any, Callable, Optional  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from llmscratch import bench  # noqa: E402
-from llmscratch.model import GPT, GPTConfig  # noqa: E402
+from llmscratch.tools import bench  # noqa: E402
+from llmscratch.nn.model import GPT, GPTConfig  # noqa: E402
 from llmscratch.runtime import setup_runtime  # noqa: E402
 
 
@@ -329,7 +329,7 @@ def main() -> None:
         f"fresh {estimate('fresh'):.0f}s, cdt {estimate('cdt'):.0f}s, autotune {estimate('autotune'):.0f}s "
         f"(it took {time.perf_counter() - t:.0f}s)")
     try:  # which block size and warps the loss kernel's autotuner chose
-        from llmscratch import kernels
+        from llmscratch.nn import kernels
         record["loss_kernel_config"] = str(kernels._KERNEL.best_config) if kernels._KERNEL else None
         log(f"loss kernel config: {record['loss_kernel_config']}")
     except AttributeError:

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llmscratch import kernels
+from llmscratch.nn import kernels
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:

@@ -1,4 +1,4 @@
-"""Tests for llmscratch.attention: the book's numbers, the two backends, references, properties, errors.
+"""Tests for llmscratch.nn.attention: the book's numbers, the two backends, references, properties, errors.
 
 References used: the book's own numbers (chapter 3), a naive loop written here in float64,
 ``torch.nn.MultiheadAttention``, the book's package ``llms_from_scratch.ch03`` and
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from llmscratch.attention import (
+from llmscratch.nn.attention import (
     CausalAttention,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmscratch.checkpoint import import_checkpoint, load_run, ours_to_book, save_run
+from llmscratch.store.checkpoint import load_run, ours_to_book, save_run
+from llmscratch.store.convert import import_checkpoint
 from llmscratch.cli import main
-from llmscratch.inspect import (
+from llmscratch.tools.inspect import (
     AttentionMaps,
     InspectError,
     attention_entropy,
@@ -25,9 +26,9 @@ from llmscratch.inspect import (
     uniform_entropy,
     write_attention_outputs,
 )
-from llmscratch.model import GPT, GPTConfig
-from llmscratch.positions import POSITION_KINDS
-from llmscratch.tokenizer import build_tokenizer
+from llmscratch.nn.model import GPT, GPTConfig
+from llmscratch.nn.positions import POSITION_KINDS
+from llmscratch.data.tokenizer import build_tokenizer
 from tiny_files import write_tiny_gpt2_files
 
 TEXT = "In the beginning God created the heaven and the earth. And the earth was without form, and void. </script> & <b>p</b>"
@@ -135,7 +136,7 @@ def test_long_prompts_get_subsampled_labels(tmp_path):
     import matplotlib
 
     matplotlib.use("Agg")
-    from llmscratch.inspect import _label_step
+    from llmscratch.tools.inspect import _label_step
 
     assert _label_step(20, 24) == 1 and _label_step(48, 24) == 2 and _label_step(100, 16) == 7
     model, tokenizer, _ = load_run(tiny_run(tmp_path))

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from llmscratch import bench
+from llmscratch.tools import bench
 from llmscratch.cli import main
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.nn.model import GPT, GPTConfig
 
 CPU = torch.device("cpu")
 

@@ -18,24 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmscratch import checkpoint
-from llmscratch.checkpoint import (
-    CONFIG_FILE,
-    TRAINING_STATE_FILE,
-    WEIGHTS_FILE,
-    export_checkpoint,
-    import_checkpoint,
-    load_config,
-    load_model,
-    load_run,
-    load_training_state,
-    save_model,
-    save_run,
-    save_training_state,
-)
+from llmscratch.store import checkpoint
+from llmscratch.store import convert
+from llmscratch.store.checkpoint import CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, load_config, load_model, load_run, load_training_state, save_model, save_run, save_training_state
+from llmscratch.store.convert import export_checkpoint, import_checkpoint
 from llmscratch.errors import CheckpointError, LLMScratchError
-from llmscratch.model import GPT, GPTConfig
-from llmscratch.positions import POSITION_KINDS
+from llmscratch.nn.model import GPT, GPTConfig
+from llmscratch.nn.positions import POSITION_KINDS
 from tiny_files import write_tiny_gpt2_files
 
 
@@ -134,7 +123,7 @@ def test_training_state_refuses_what_weights_only_cannot_load(tmp_path):
 
 
 def test_save_run_and_load_run(tmp_path):
-    from llmscratch.tokenizer import CharTokenizer
+    from llmscratch.data.tokenizer import CharTokenizer
 
     tokenizer = CharTokenizer.from_text("hello world")
     model = tiny(vocab_size=tokenizer.vocab_size)
@@ -202,7 +191,7 @@ def test_missing_directory_and_files(tmp_path):
 
 def _killed_run(run: Path) -> Path:
     """What a training run killed (SIGKILL) before its first checkpoint leaves: no config.json, no weights."""
-    from llmscratch.tokenizer import CharTokenizer
+    from llmscratch.data.tokenizer import CharTokenizer
 
     CharTokenizer.from_text("hello world").save(run)
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 4.0}\n')
@@ -212,7 +201,7 @@ def _killed_run(run: Path) -> Path:
 
 def test_a_run_killed_before_its_first_checkpoint_says_so_not_that_config_json_is_missing(tmp_path):
     run = _killed_run(tmp_path / "run")
-    for load in (load_config, load_model, load_run, checkpoint.load_pretrained,
+    for load in (load_config, load_model, load_run, convert.load_pretrained,
                  lambda d: export_checkpoint(d, tmp_path / "out", "hf")):
         with pytest.raises(CheckpointError) as err:
             load(run)
@@ -264,7 +253,7 @@ def test_load_run_that_needs_a_tokenizer_says_which_files_are_missing_and_what_t
 
 
 def test_a_run_whose_tokenizer_json_is_missing_names_it_and_says_what_to_do(tmp_path):
-    from llmscratch.tokenizer import BPETokenizer
+    from llmscratch.data.tokenizer import BPETokenizer
 
     save_run(tmp_path / "run", tiny(vocab_size=300), BPETokenizer.train("the heaven and the earth " * 20, 300))
     (tmp_path / "run" / "tokenizer.json").unlink()
@@ -451,7 +440,7 @@ def no_gpt2_files(tmp_path, monkeypatch):
 
 
 def _book_file(path: Path, vocab: int = 260) -> Path:
-    from llmscratch.checkpoint import ours_to_book
+    from llmscratch.store.checkpoint import ours_to_book
 
     model = tiny(vocab_size=vocab)
     torch.save(ours_to_book(model, model.cfg), path)

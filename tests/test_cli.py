@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from llmscratch import cli
-from llmscratch.checkpoint import save_run
-from llmscratch.model import GPT, GPTConfig
-from llmscratch.tokenizer import CharTokenizer
+from llmscratch.store.checkpoint import save_run
+from llmscratch.nn.model import GPT, GPTConfig
+from llmscratch.data.tokenizer import CharTokenizer
 
 CORPUS = "the quick brown fox jumps over the lazy dog, and god said let there be light.\n" * 60
 
@@ -68,7 +68,7 @@ def test_a_model_section_that_is_not_a_mapping_is_a_clear_error(tmp_path, capsys
 
 def test_yaml_numbers_without_a_dot_reach_the_model_as_numbers(tmp_path, capsys, monkeypatch):
     # YAML 1.1 reads `1e-5` and `1e-1` as strings: they crashed LayerNorm and the drop_rate check before.
-    import llmscratch.train
+    import llmscratch.training.train
     from llmscratch.errors import LLMScratchError
 
     built = []
@@ -77,7 +77,7 @@ def test_yaml_numbers_without_a_dot_reach_the_model_as_numbers(tmp_path, capsys,
         built.append(cfg)
         raise LLMScratchError("stop here")
 
-    monkeypatch.setattr(llmscratch.train, "GPT", build)
+    monkeypatch.setattr(llmscratch.training.train, "GPT", build)
     path = write(tmp_path / "m.yaml", "model:\n  layer_norm_eps: 1e-5\n  drop_rate: 1e-1\n")
     status, err = run_main(capsys, *train_args(tmp_path, "--config", path))
     assert (status, err) == (2, "llmscratch train: error: stop here\n")
@@ -95,9 +95,9 @@ def test_keys_that_are_not_names_are_a_clear_error(tmp_path, capsys, content, me
 
 
 def test_the_cli_options_named_in_gptconfig_errors_are_the_trains_options():
-    from llmscratch.model import FIELD_OPTIONS
+    from llmscratch.nn.model import FIELD_OPTIONS
 
-    options = {f"--{opt.replace('_', '-')}": fld for opt, fld in cli._MODEL_OPTIONS.items()}
+    options = {f"--{opt.replace('_', '-')}": fld for opt, fld in cli.train._MODEL_OPTIONS.items()}
     assert {fld: opt for opt, fld in options.items()} == {k: v for k, v in FIELD_OPTIONS.items() if k != "scale_attn"}
     assert FIELD_OPTIONS["scale_attn"] == "--no-scale-attn"
     actions = {o for a in cli.build_parser()._subparsers._group_actions[0].choices["train"]._actions
@@ -146,16 +146,16 @@ def test_a_config_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path, ca
 
 def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
     path = write(tmp_path / "c.json", b"\xef\xbb\xbf" + json.dumps({"steps": 7}).encode())
-    assert cli.load_config_file(str(path)) == {"steps": 7}
+    assert cli.train.load_config_file(str(path)) == {"steps": 7}
 
 
 def test_dashed_keys_are_read_as_the_options_at_the_top_and_under_model(tmp_path):
     # `batch-size` as on the command line: both levels read it (the model's keys were refused as unknown)
     path = write(tmp_path / "c.yaml", "batch-size: 3\nmodel:\n  drop-rate: 0.25\n  n_layers: 2\n")
-    assert cli.load_config_file(str(path)) == {"batch_size": 3, "model": {"drop_rate": 0.25, "n_layers": 2}}
-    from llmscratch.train import TrainConfig
+    assert cli.train.load_config_file(str(path)) == {"batch_size": 3, "model": {"drop_rate": 0.25, "n_layers": 2}}
+    from llmscratch.training.train import TrainConfig
 
-    assert TrainConfig.from_dict(cli.load_config_file(str(path))).model == {"drop_rate": 0.25, "n_layers": 2}
+    assert TrainConfig.from_dict(cli.train.load_config_file(str(path))).model == {"drop_rate": 0.25, "n_layers": 2}
 
 
 @pytest.mark.parametrize("content, message", [
@@ -188,12 +188,12 @@ def test_the_config_file_spellings_named_in_hints_are_options():
     # each hint names a real spelling: a flag of `train` for the key it replaces, and the field it asks for
     import dataclasses
 
-    from llmscratch.train import TrainConfig
+    from llmscratch.training.train import TrainConfig
 
     actions = {o for a in cli.build_parser()._subparsers._group_actions[0].choices["train"]._actions
                for o in a.option_strings}
     fields = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(GPTConfig)}
-    for key, hint in cli._FILE_SPELLINGS.items():
+    for key, hint in cli.train._FILE_SPELLINGS.items():
         assert key not in fields
         for written in re.findall(r"`(\w+):", hint):
             assert written in fields, (key, hint)
@@ -215,10 +215,10 @@ def test_a_bad_value_from_the_config_file_names_the_file(tmp_path, capsys):
 
 
 def test_yaml_numbers_without_a_dot_are_saved_as_numbers(tmp_path):
-    from llmscratch.train import TrainConfig
+    from llmscratch.training.train import TrainConfig
 
     path = write(tmp_path / "m.yaml", "lr: 3e-3\nmodel:\n  layer_norm_eps: 1e-5\n")
-    cfg = TrainConfig.from_dict(cli.load_config_file(str(path)))
+    cfg = TrainConfig.from_dict(cli.train.load_config_file(str(path)))
     assert (cfg.lr, cfg.model) == (3e-3, {"layer_norm_eps": 1e-5})  # train_config.json holds to_dict()
     assert json.loads(json.dumps(cfg.to_dict()))["model"]["layer_norm_eps"] == 1e-5
 
@@ -319,7 +319,7 @@ def test_nproc_below_one_is_refused(tmp_path, capsys, nproc):
     (["--nproc", "2", "--batch-size", "8", "--micro-batch", "3"], "gets 4 windows per step, which micro-batches of 3"),
 ])
 def test_a_batch_the_processes_cannot_share_is_refused_before_launching(tmp_path, capsys, monkeypatch, extra, message):
-    import llmscratch.distributed as dist
+    import llmscratch.training.distributed as dist
 
     monkeypatch.setattr(dist, "launch_torchrun", lambda *a, **k: pytest.fail("launched"))
     status, err = run_main(capsys, *train_args(tmp_path, *extra))
@@ -463,14 +463,14 @@ def test_every_command_the_readme_and_docs_show_parses():
 
 
 def test_the_defaults_train_help_states_are_the_configs():
-    from llmscratch.train import TrainConfig
+    from llmscratch.training.train import TrainConfig
 
     defaults = TrainConfig()
     parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
     checked = 0
     for action in parser._actions:
         found = re.search(r'\(default (?:"([^"]*)"|([^;:),\s]+))', action.help or "")
-        if not found or action.dest not in cli._TRAIN_OPTIONS or found.group(0).startswith("(default --"):
+        if not found or action.dest not in cli.train._TRAIN_OPTIONS or found.group(0).startswith("(default --"):
             continue  # "(default --batch-size)": another option's value
         stated, actual = found.group(1) if found.group(1) is not None else found.group(2), getattr(defaults, action.dest)
         if isinstance(actual, (int, float)) and not isinstance(actual, bool):
@@ -510,8 +510,8 @@ def test_the_package_s_own_warnings_are_one_line(capsys):
     before = warnings.showwarning
     warnings.showwarning = lambda message, category, filename, lineno, *rest: shown.append((message, filename))
     try:
-        cli._one_line_warnings("train")
-        warnings.showwarning("the cache was damaged", UserWarning, cli.__file__, 12)
+        cli.app._one_line_warnings("train")
+        warnings.showwarning("the cache was damaged", UserWarning, cli.app.__file__, 12)
         assert capsys.readouterr().err == "llmscratch train: warning: the cache was damaged\n"
         warnings.showwarning("from elsewhere", UserWarning, "/elsewhere/lib.py", 3)
         assert shown == [("from elsewhere", "/elsewhere/lib.py")]  # passed on to the handler it replaced

@@ -13,17 +13,10 @@ import torch
 
 ch04 = pytest.importorskip("llms_from_scratch.ch04")
 
-from llmscratch.checkpoint import (  # noqa: E402
-    book_config_dict,
-    book_to_ours,
-    export_checkpoint,
-    import_checkpoint,
-    load_model,
-    ours_to_book,
-    save_model,
-)
+from llmscratch.store.checkpoint import book_config_dict, book_to_ours, load_model, ours_to_book, save_model
+from llmscratch.store.convert import export_checkpoint, import_checkpoint
 from llmscratch.errors import CheckpointError  # noqa: E402
-from llmscratch.model import GPT, GPTConfig  # noqa: E402
+from llmscratch.nn.model import GPT, GPTConfig  # noqa: E402
 
 # The book's config dicts (GPT_CONFIG_124M's keys), tiny.
 CONFIGS = [

@@ -17,20 +17,10 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from llmscratch.checkpoint import (  # noqa: E402
-    config_from_hf,
-    export_checkpoint,
-    hf_config_from_ours,
-    hf_to_ours,
-    import_checkpoint,
-    load_hf_model,
-    load_model,
-    ours_to_hf,
-    save_hf,
-    save_model,
-)
+from llmscratch.store.checkpoint import config_from_hf, hf_config_from_ours, hf_to_ours, load_hf_model, load_model, ours_to_hf, save_hf, save_model
+from llmscratch.store.convert import export_checkpoint, import_checkpoint
 from llmscratch.errors import CheckpointError  # noqa: E402
-from llmscratch.model import GPT, GPTConfig  # noqa: E402
+from llmscratch.nn.model import GPT, GPTConfig  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -281,7 +271,7 @@ def _saved(model: GPT2LMHeadModel, directory):
 
 def test_init_from_a_hugging_face_directory_starts_from_its_weights(tmp_path):
     """``--init-from`` takes a directory as transformers saves it (load_pretrained's GPT-2 branch)."""
-    from llmscratch.checkpoint import load_pretrained
+    from llmscratch.store.convert import load_pretrained
 
     ref = tiny_hf(61, 16, 24, 3, 2, tied=True).eval()
     model = load_pretrained(_saved(ref, tmp_path / "hf"))

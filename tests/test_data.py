@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmscratch.data import (
+from llmscratch.data.corpus import (
     BUILTIN_VERSES,
     Corpus,
     SlidingWindowDataset,
@@ -30,7 +30,7 @@ from llmscratch.data import (
     window_starts,
 )
 from llmscratch.errors import ConfigError, CorpusError
-from llmscratch.tokenizer import BPETokenizer, CharTokenizer
+from llmscratch.data.tokenizer import BPETokenizer, CharTokenizer
 
 TEXT = "".join(f"Verse {i}: the quick brown fox jumps over the lazy dog, naïvely.\n" for i in range(200))
 

@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmscratch import checkpoint as ckpt
-from llmscratch import distributed as dist
+from llmscratch.store import checkpoint as ckpt
+from llmscratch.training import distributed as dist
+from llmscratch.store import sharded
 from llmscratch.cli import main as cli_main
 from llmscratch.errors import ConfigError
-from llmscratch.generate import SamplingConfig, generate
-from llmscratch.train import TrainConfig, train
+from llmscratch.inference.generate import SamplingConfig, generate
+from llmscratch.training.train import TrainConfig, train
 
 TEXT = (
     "In the beginning God created the heaven and the earth. And the earth was without form, and void; "
@@ -42,7 +43,7 @@ TEXT = (
 # on its third forward pass; LLMSCRATCH_TEST_TZ: each rank's time zone, comma-separated.
 RUNNER = '''
 import json, os, sys, time
-import llmscratch.model, llmscratch.train
+import llmscratch.nn.model, llmscratch.training.train
 from llmscratch.cli import main
 
 rank = int(os.environ.get("RANK", "0"))
@@ -52,20 +53,20 @@ if zones:
     time.tzset()
 folder = os.environ.get("LLMSCRATCH_TEST_STARTS")
 if folder:
-    real_gather = llmscratch.train.gather_windows
+    real_gather = llmscratch.training.train.gather_windows
     def recording_gather(tokens, starts, context_length):
         with open(os.path.join(folder, f"rank{rank}.jsonl"), "a") as f:
             f.write(json.dumps(starts.tolist()) + "\\n")
         return real_gather(tokens, starts, context_length)
-    llmscratch.train.gather_windows = recording_gather
+    llmscratch.training.train.gather_windows = recording_gather
 if os.environ.get("LLMSCRATCH_TEST_FAIL_RANK") == str(rank):
-    real_loss, calls = llmscratch.model.GPT.loss, []
+    real_loss, calls = llmscratch.nn.model.GPT.loss, []
     def failing_loss(self, x, targets):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError(f"rank {rank} failed on purpose")
         return real_loss(self, x, targets)
-    llmscratch.model.GPT.loss = failing_loss
+    llmscratch.nn.model.GPT.loss = failing_loss
 sys.exit(main())
 '''
 
@@ -163,7 +164,7 @@ def recorded_starts(folder: Path, rank: int) -> list[list[int]]:
 
 
 def record_single_starts(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
-    import llmscratch.train as train_module
+    import llmscratch.training.train as train_module
 
     seen: list[list[int]] = []
     real = train_module.gather_windows
@@ -213,7 +214,7 @@ def test_every_rank_passes_the_tokenizer_barrier_even_when_the_cache_is_already_
     """The race behind a hang on a fresh cache: rank 0 trains and saves the tokenizer, then waits
     in a barrier; a rank that only then looked at the cache used to find the tokenizer there and
     skip that barrier, so every later collective paired up wrongly."""
-    import llmscratch.train as train_module
+    import llmscratch.training.train as train_module
 
     class CountingGroup(dist.Group):
         barriers = 0
@@ -233,7 +234,7 @@ def test_every_rank_passes_the_tokenizer_barrier_even_when_the_cache_is_already_
 def test_a_rank_whose_machine_lacks_the_cached_tokenizer_names_the_cache_and_its_key(tmp_path, monkeypatch):
     """Rank 0 trains the tokenizer into its machine's cache; a rank on a machine with another cache
     (a different $LLMSCRATCH_CACHE, or one prepared from other inputs) finds nothing there."""
-    import llmscratch.train as train_module
+    import llmscratch.training.train as train_module
 
     class QuietGroup(dist.Group):
         def barrier(self) -> None:
@@ -278,7 +279,7 @@ def test_optimizer_state_keys_convert_between_numbers_and_names():
     saved = opt.state_dict()
     by_name = dist._names_for_ids(model, opt, saved)
     assert by_name["param_groups"][0]["params"] == ["0.weight", "1.weight"]
-    back = dist._ids_for_names(by_name)
+    back = sharded._ids_for_names(by_name)
     assert back["param_groups"] == saved["param_groups"]
     for i, s in saved["state"].items():
         assert all(torch.equal(s[k], back["state"][i][k]) for k in s)
@@ -349,8 +350,8 @@ def test_two_nodes_over_a_c10d_rendezvous(space):
 SHARDED_BUILD = '''
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from llmscratch import distributed as dist
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.training import distributed as dist
+from llmscratch.nn.model import GPT, GPTConfig
 from llmscratch.runtime import Runtime
 
 group = dist.init("cpu")
@@ -409,7 +410,7 @@ def test_fsdp_matches_one_process_consolidates_and_resumes_on_any_world_size(spa
     torchrun(space, cli_args(space, "fsdp", fsdp=True, stop_at=4, config=str(config), optimizer="adamw"))
     run = space["root"] / "runs" / "fsdp"
     assert (run / dist.SHARDED_DIR / ".metadata").is_file()
-    assert not dist.latest_is_sharded(run)  # consolidated at the end
+    assert not sharded.latest_is_sharded(run)  # consolidated at the end
     assert_same_weights(run, ref_4)
     assert_same_weights(run / "best", ref_4)
 
@@ -418,7 +419,7 @@ def test_fsdp_matches_one_process_consolidates_and_resumes_on_any_world_size(spa
     shutil.copytree(run, crashed)
     (crashed / ckpt.WEIGHTS_FILE).unlink()
     (crashed / ckpt.TRAINING_STATE_FILE).unlink()
-    assert dist.latest_is_sharded(crashed)
+    assert sharded.latest_is_sharded(crashed)
     out = space["root"] / "runs" / "fsdp-exported"
     assert cli_main(["export", str(crashed), str(out), "--format", "run"]) == 0
     assert "consolidated the sharded checkpoint of step 4" in capsys.readouterr().out
@@ -451,7 +452,7 @@ def test_ranks_with_different_clocks_write_one_run_directory(space):
     torchrun(space, args, LLMSCRATCH_TEST_TZ="UTC0,JST-9")
     runs = [p for p in out.iterdir() if p.name != "latest"]
     assert len(runs) == 1, runs
-    assert not dist.latest_is_sharded(runs[0]) and ckpt.load_training_state(runs[0])["step"] == 2  # consolidated
+    assert not sharded.latest_is_sharded(runs[0]) and ckpt.load_training_state(runs[0])["step"] == 2  # consolidated
 
 
 # =========================================================================== failures
@@ -520,11 +521,11 @@ def test_load_sharded_names_what_is_missing_and_where_to_resume_from(tmp_path):
 
     run = tmp_path / "run"
     with pytest.raises(CheckpointError, match="not a sharded checkpoint"):
-        dist.load_sharded(run)
+        sharded.load_sharded(run)
     (run / dist.SHARDED_DIR).mkdir(parents=True)
     (run / dist.SHARDED_DIR / ".metadata").write_bytes(b"")  # the save was cut before its training state
     with pytest.raises(CheckpointError, match="interrupted") as err:
-        dist.load_sharded(run)
+        sharded.load_sharded(run)
     assert f"the ordinary checkpoint in {run}" in str(err.value) and "{run_dir}" not in str(err.value)
 
 
@@ -532,8 +533,8 @@ def test_a_run_left_with_only_its_sharded_checkpoint_says_how_to_make_it_whole(t
     """An --fsdp job stopped before its end leaves sharded/ only: info names the step, and loading the
     weights points at `export --format run` instead of just "model.safetensors is missing"."""
     from llmscratch.errors import CheckpointError
-    from llmscratch.model import GPT, GPTConfig
-    from llmscratch.train import describe_run
+    from llmscratch.nn.model import GPT, GPTConfig
+    from llmscratch.training.train import describe_run
 
     run = tmp_path / "run"
     ckpt.save_model(run, GPT(GPTConfig.from_preset("test")))
@@ -553,7 +554,7 @@ def launcher_command(space, args: list[str], program: list[str] | None = None) -
     """``llmscratch train … --nproc 2`` as a user types it, or with ``program`` run by each process instead."""
     if program is None:
         return [sys.executable, "-m", "llmscratch", *args, "--nproc", "2"]
-    code = ("import sys; from llmscratch.distributed import launch_torchrun; "
+    code = ("import sys; from llmscratch.training.distributed import launch_torchrun; "
             f"sys.exit(launch_torchrun(2, {args!r}, program={program!r}))")
     return [sys.executable, "-c", code]
 
@@ -683,10 +684,10 @@ def test_a_sharded_save_cut_between_its_two_renames_is_completed_on_load(tmp_pat
     """save_checkpoint (FSDP) moves sharded/ aside, then the new folder into place: a kill between the
     two leaves no sharded/ at all. Loading puts the new one in place if it was whole, else the old one."""
     run = tmp_path / "run"
-    ckpt.save_training_state(run / dist._SHARDED_OLD, {"step": 4})  # the previous save, moved aside
-    ckpt.save_training_state(run / dist._SHARDED_TMP, {"step": 8})  # the new one
+    ckpt.save_training_state(run / sharded.SHARDED_OLD, {"step": 4})  # the previous save, moved aside
+    ckpt.save_training_state(run / sharded.SHARDED_TMP, {"step": 8})  # the new one
     if cut == "the new folder half-written":
-        (run / dist._SHARDED_TMP / ckpt.TRAINING_STATE_FILE).unlink()  # written last: not reached
-    state = dist.load_training_state(run)
+        (run / sharded.SHARDED_TMP / ckpt.TRAINING_STATE_FILE).unlink()  # written last: not reached
+    state = sharded.load_training_state(run)
     assert state["step"] == (8 if cut == "the new folder whole" else 4)
     assert (run / dist.SHARDED_DIR / ckpt.TRAINING_STATE_FILE).is_file()

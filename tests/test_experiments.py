@@ -15,8 +15,8 @@ import pytest
 
 from llmscratch.cli import main
 from llmscratch.errors import ConfigError
-from llmscratch.experiments import NAMES, run_experiment
-from llmscratch.experiments.common import (
+from llmscratch.tools.experiments import NAMES, run_experiment
+from llmscratch.tools.experiments.common import (
     SIZES, fresh_model, load_data, mean_loss, show, synthetic_corpus, train_model, validation_batches,
 )
 from llmscratch.runtime import setup_runtime
@@ -186,8 +186,8 @@ def test_training_is_seeded():
 def test_a_bpe_tokenizer_learns_its_merges_from_the_training_part_only(monkeypatch, tmp_path):
     import dataclasses
 
-    import llmscratch.experiments.common as common
-    from llmscratch.data import split_text
+    import llmscratch.tools.experiments.common as common
+    from llmscratch.data.corpus import split_text
 
     seen = []
     real = common.build_tokenizer
@@ -226,7 +226,7 @@ def test_cli_experiment_refuses_a_seed_numpy_cannot_take(capsys, tmp_path):
 
 
 def test_an_output_the_report_cannot_go_to_is_refused_before_training(tmp_path, monkeypatch):
-    import llmscratch.experiments.heads as heads
+    import llmscratch.tools.experiments.heads as heads
 
     monkeypatch.setattr(heads, "run", lambda *a, **k: pytest.fail("trained although the report cannot be written"))
     (tmp_path / "heads" / "report.md").mkdir(parents=True)  # a folder where the report goes
@@ -247,7 +247,7 @@ def test_outputs_leave_no_temporary_files(outputs):
 def test_experiments_keep_their_own_optimizer_whatever_train_s_defaults_are(monkeypatch):
     """docs/experiments.md was measured with AdamW (β 0.9/0.95, weight decay 0.1); the default run's
     later retuning (Muon, …) must not reach the experiments."""
-    import llmscratch.train as train_module
+    import llmscratch.training.train as train_module
 
     seen = []
     real = train_module.build_optimizer

@@ -16,9 +16,9 @@ import copy
 import pytest
 import torch
 
-from llmscratch.generate import SamplingConfig, StaticDecoder, generate
-from llmscratch.model import GPT, GPTConfig, StaticKVCache, linear_cross_entropy
-import llmscratch.model as model_module
+from llmscratch.inference.generate import SamplingConfig, StaticDecoder, generate
+from llmscratch.nn.model import GPT, GPTConfig, StaticKVCache, linear_cross_entropy
+import llmscratch.nn.model as model_module
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 GREEDY = SamplingConfig(max_new_tokens=24, temperature=0.0)
@@ -105,7 +105,7 @@ def test_linear_cross_entropy_equals_logits_then_cross_entropy():
 def test_the_heads_forward_product_equals_the_matrix_product_on_either_library():
     import platform
 
-    import llmscratch.model as model_module
+    import llmscratch.nn.model as model_module
 
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(300, 32, generator=gen), torch.randn(500, 32, generator=gen)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmscratch.errors import ConfigError
-from llmscratch.generate import (
+from llmscratch.inference.generate import (
     RowText,
     SamplingConfig,
     apply_repetition_penalty,
@@ -24,8 +24,8 @@ from llmscratch.generate import (
     top_k_filter,
     top_p_filter,
 )
-from llmscratch.model import GPT, GPTConfig
-from llmscratch.positions import POSITION_KINDS
+from llmscratch.nn.model import GPT, GPTConfig
+from llmscratch.nn.positions import POSITION_KINDS
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [42], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]
 GREEDY = SamplingConfig(max_new_tokens=20, temperature=0.0)
@@ -208,7 +208,7 @@ def test_training_mode_restored_and_no_gradients():
     assert not model.training
     # Gradients are off inside the steps (no graph is recorded through the weights) and only
     # there, not in the caller's code between them.
-    from llmscratch.generate import decode_steps
+    from llmscratch.inference.generate import decode_steps
 
     model.train()
     assert all(p.requires_grad for p in model.parameters())
@@ -380,7 +380,7 @@ def _hf_gpt2_and_ours(directory, vocab: int = 40, ctx: int = 32):
     """A tiny random transformers GPT-2 and our GPT with its weights, through the real converter."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from llmscratch.checkpoint import load_hf_model
+    from llmscratch.store.checkpoint import load_hf_model
 
     torch.manual_seed(3)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=ctx, n_embd=24, n_head=3, n_layer=2,
@@ -414,7 +414,7 @@ def test_greedy_with_repetition_penalty_equals_transformers_generate(tmp_path):
 
 
 def test_static_decoder_applies_the_repetition_penalty_as_generate_does():
-    from llmscratch.generate import StaticDecoder
+    from llmscratch.inference.generate import StaticDecoder
 
     model = _tiny("rope", context_length=16)
     prompts = [[1, 2, 3, 1], [4, 4, 4, 5]]
@@ -529,7 +529,7 @@ def test_stop_strings_need_text_not_tokens(model):
         list(stream(model, PROMPTS[0], cfg))
     with pytest.raises(ConfigError, match="pass decode"):
         list(decode_steps(model, PROMPTS, cfg))
-    from llmscratch.generate import StaticDecoder
+    from llmscratch.inference.generate import StaticDecoder
 
     with pytest.raises(ValueError, match="stop on strings"):
         StaticDecoder(model, batch=1).generate(torch.tensor([[1, 2]]), cfg)
@@ -544,8 +544,8 @@ CORPUS = "the quick brown fox jumps over the lazy dog, and god said let there be
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> str:
     """A run directory: a character tokenizer and a random "test" GPT (std 0.1: varied text)."""
-    from llmscratch.checkpoint import save_run
-    from llmscratch.tokenizer import CharTokenizer
+    from llmscratch.store.checkpoint import save_run
+    from llmscratch.data.tokenizer import CharTokenizer
 
     tokenizer = CharTokenizer.from_text(CORPUS)
     directory = tmp_path_factory.mktemp("run")
@@ -586,7 +586,7 @@ def test_cli_stop_ends_each_prompt_and_sample_on_its_own(run_dir, capsys):
 
 
 def test_cli_repetition_penalty_is_the_library_s(run_dir, capsys):
-    from llmscratch.checkpoint import load_run
+    from llmscratch.store.checkpoint import load_run
 
     model, tokenizer, _ = load_run(run_dir)
     prompt = tokenizer.encode("the")
@@ -630,9 +630,9 @@ def test_cli_generate_help_states_the_defaults_of_the_new_options(capsys):
 
 def _fake_clock(monkeypatch, times: dict[str, float]) -> list[tuple[int, str]]:
     """Replace the timer: a pass takes ``times[way]`` s; each pass is run once to see which way it multiplies."""
-    import llmscratch.generate as gen
-    import llmscratch.model as model_module
-    from llmscratch.model import weight_layout
+    import llmscratch.inference.generate as gen
+    import llmscratch.nn.model as model_module
+    from llmscratch.nn.model import weight_layout
 
     calls: list[tuple[int, str]] = []
     linear, packed = torch.nn.functional.linear, model_module._packed_product
@@ -667,7 +667,7 @@ def _fake_clock(monkeypatch, times: dict[str, float]) -> list[tuple[int, str]]:
 
 
 def _ways(model) -> dict[tuple[int, int], set[str]]:
-    from llmscratch.model import weight_layout
+    from llmscratch.nn.model import weight_layout
 
     return {shape: {"packed" if layer.is_packed() else weight_layout(layer.weight) for layer in layers}
             for shape, layers in model.linear_layers().items()}
@@ -684,7 +684,7 @@ def _ways(model) -> dict[tuple[int, int], set[str]]:
 ])
 def test_choose_weight_layout_keeps_the_fastest_way_per_shape_and_the_same_tokens(monkeypatch, column, packed,
                                                                                  expected):
-    from llmscratch.generate import choose_weight_layout
+    from llmscratch.inference.generate import choose_weight_layout
 
     model = make_model()
     before = generate(model, PROMPTS, GREEDY)
@@ -699,8 +699,8 @@ def test_choose_weight_layout_keeps_the_fastest_way_per_shape_and_the_same_token
 
 
 def test_choose_weight_layout_packs_nothing_when_told_not_to_or_short_of_memory(monkeypatch):
-    import llmscratch.generate as gen
-    from llmscratch.generate import choose_weight_layout
+    import llmscratch.inference.generate as gen
+    from llmscratch.inference.generate import choose_weight_layout
 
     model = make_model()
     shapes = set(model.linear_layers())
@@ -717,8 +717,8 @@ def test_choose_weight_layout_packs_nothing_when_told_not_to_or_short_of_memory(
 
 
 def test_choose_weight_layout_keeps_the_default_where_packing_fails(monkeypatch):
-    from llmscratch.generate import choose_weight_layout
-    from llmscratch.model import Linear
+    from llmscratch.inference.generate import choose_weight_layout
+    from llmscratch.nn.model import Linear
 
     model = make_model()
     calls = _fake_clock(monkeypatch, {"row": 1.0, "column": 1.0, "packed": 0.1})
@@ -728,7 +728,7 @@ def test_choose_weight_layout_keeps_the_default_where_packing_fails(monkeypatch)
 
 
 def test_choose_weight_layout_on_the_real_clock_changes_no_token():
-    from llmscratch.generate import choose_weight_layout
+    from llmscratch.inference.generate import choose_weight_layout
 
     model = make_model(tie_weights=True)
     before = generate(model, PROMPTS, GREEDY)
@@ -743,7 +743,7 @@ def test_choose_weight_layout_on_the_real_clock_changes_no_token():
 
 
 def test_vocab_limit_never_draws_an_id_the_tokenizer_cannot_decode():
-    from llmscratch.generate import sample_next
+    from llmscratch.inference.generate import sample_next
 
     logits = torch.zeros(4, 10)
     logits[:, 8:] = 5.0  # the likeliest ids lie past the limit
@@ -757,7 +757,7 @@ def test_vocab_limit_never_draws_an_id_the_tokenizer_cannot_decode():
 
 
 def test_a_tiny_temperature_is_greedy_not_nan():
-    from llmscratch.generate import sample_next
+    from llmscratch.inference.generate import sample_next
 
     logits = torch.randn(3, 50) * 30
     for temperature in (1e-42, 1e-50, 5e-324):  # the last two round to 0 in float32
@@ -834,7 +834,7 @@ def test_every_step_equals_the_uncached_forward_of_its_own_window(pos_emb, backe
 def test_static_decoder_equals_the_uncached_forward(pos_emb, backend):
     """The static preallocated cache (eager step): greedy tokens are the reference's, and a second call
     on the same decoder (slots holding the first call's keys) is not disturbed by them."""
-    from llmscratch.generate import StaticDecoder
+    from llmscratch.inference.generate import StaticDecoder
 
     model = _tiny(pos_emb, backend, context_length=8)
     decoder = StaticDecoder(model, batch=2)  # max_len = context 8
@@ -852,7 +852,7 @@ def test_static_decoder_equals_the_uncached_forward(pos_emb, backend):
 
 
 def test_static_decoder_samples_what_generate_samples_and_refuses_what_it_cannot_do():
-    from llmscratch.generate import StaticDecoder
+    from llmscratch.inference.generate import StaticDecoder
 
     model = _tiny("rope", context_length=16)
     prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
@@ -905,7 +905,7 @@ def test_sampled_frequencies_follow_temperature_top_k_and_top_p():
 
 def test_vocab_limit_holds_through_generate_and_the_static_decoder():
     """Ids past vocab_limit never come out of a whole generation, even where the model prefers them."""
-    from llmscratch.generate import StaticDecoder
+    from llmscratch.inference.generate import StaticDecoder
 
     model = _tiny("rope", context_length=24)
     with torch.no_grad():  # hidden feature 0 is 5 at every position; ids 60..63 read it with weight 20

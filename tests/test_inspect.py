@@ -1,4 +1,4 @@
-"""Tests for the shape trace (llmscratch.inspect.explain and `llmscratch explain`) and the attention page's script."""
+"""Tests for the shape trace (llmscratch.tools.inspect.explain and `llmscratch explain`) and the attention page's script."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmscratch.attention import MultiHeadAttention
+from llmscratch.nn.attention import MultiHeadAttention
 from llmscratch.errors import ConfigError, LLMScratchError
-from llmscratch.inspect import (
+from llmscratch.tools.inspect import (
     BOOK_SENTENCE,
     BOOK_VECTORS,
     AttentionMaps,
@@ -319,10 +319,10 @@ def test_cli_help_lists_the_options():
 
 @pytest.mark.parametrize("pos_emb", ["learned", "sinusoidal", "rope", "alibi", "none"])
 def test_trace_run_equals_the_models_own_first_attention_layer(tmp_path, pos_emb):
-    from llmscratch.checkpoint import save_run
-    from llmscratch.inspect import trace_run
-    from llmscratch.model import GPT, GPTConfig
-    from llmscratch.tokenizer import CharTokenizer
+    from llmscratch.store.checkpoint import save_run
+    from llmscratch.tools.inspect import trace_run
+    from llmscratch.nn.model import GPT, GPTConfig
+    from llmscratch.data.tokenizer import CharTokenizer
 
     tok = CharTokenizer.from_text("abcdefgh ")
     torch.manual_seed(0)
@@ -347,9 +347,9 @@ def test_trace_run_equals_the_models_own_first_attention_layer(tmp_path, pos_emb
 
 
 def test_explain_run_cli_prints_the_check(tmp_path):
-    from llmscratch.checkpoint import save_run
-    from llmscratch.model import GPT, GPTConfig
-    from llmscratch.tokenizer import CharTokenizer
+    from llmscratch.store.checkpoint import save_run
+    from llmscratch.nn.model import GPT, GPTConfig
+    from llmscratch.data.tokenizer import CharTokenizer
 
     tok = CharTokenizer.from_text("abcdefgh ")
     torch.manual_seed(0)
@@ -373,10 +373,10 @@ def test_explain_run_cli_prints_the_check(tmp_path):
 def test_explain_run_says_when_a_long_sentence_is_cut_to_the_context(tmp_path):
     import io
 
-    from llmscratch.checkpoint import save_run
-    from llmscratch.inspect import explain_run
-    from llmscratch.model import GPT, GPTConfig
-    from llmscratch.tokenizer import CharTokenizer
+    from llmscratch.store.checkpoint import save_run
+    from llmscratch.tools.inspect import explain_run
+    from llmscratch.nn.model import GPT, GPTConfig
+    from llmscratch.data.tokenizer import CharTokenizer
 
     tok = CharTokenizer.from_text("abcdefgh ")
     torch.manual_seed(0)
@@ -492,9 +492,9 @@ def check_cleared(state: dict) -> None:
 
 def tiny_gpt_maps(prompt: str) -> AttentionMaps:
     """Maps of a random 2-layer, 4-head character GPT whose weights are spread wide (so heads differ)."""
-    from llmscratch.inspect import attention_maps
-    from llmscratch.model import GPT, GPTConfig
-    from llmscratch.tokenizer import CharTokenizer
+    from llmscratch.tools.inspect import attention_maps
+    from llmscratch.nn.model import GPT, GPTConfig
+    from llmscratch.data.tokenizer import CharTokenizer
 
     tok = CharTokenizer.from_text("abcdefgh \n\t")
     torch.manual_seed(0)

@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmscratch import kernels
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.nn import kernels
+from llmscratch.nn.model import GPT, GPTConfig
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton installed")
@@ -121,7 +121,7 @@ GRAD_TOLERANCE = dict(rtol=1e-2, atol=1e-30)
 INTERPRETED = textwrap.dedent("""
     import torch
     import triton
-    from llmscratch import kernels
+    from llmscratch.nn import kernels
     cases = [(7, 1000, 1024, 256), (5, 300, 320, 128), (3, 64, 64, 64), (16, 50257, 50304, 2048)]
     try:
         for n, vocab, padded, block in cases:

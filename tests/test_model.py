@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from llmscratch.errors import ConfigError
-from llmscratch.model import GPT, PRESETS, GPTConfig, KVCache
-from llmscratch.positions import POSITION_KINDS
+from llmscratch.nn.model import GPT, PRESETS, GPTConfig, KVCache
+from llmscratch.nn.positions import POSITION_KINDS
 
 BOOK_124M = dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12,
                  drop_rate=0.1, qkv_bias=False)
@@ -233,7 +233,7 @@ def test_relative_positions_past_the_context_depend_only_on_distance(pos_emb):
 
 
 def test_sinusoidal_positions_past_the_context_are_the_formula():
-    from llmscratch.model import INIT_STD
+    from llmscratch.nn.model import INIT_STD
 
     model = make_model("sinusoidal").eval()
     idx = tokens(1, 80)
@@ -382,8 +382,8 @@ def test_left_padding_with_mask_and_positions_equals_the_row_alone(pos_emb):
 
 
 def test_sinusoidal_positions_are_scaled_to_the_token_embeddings():
-    from llmscratch.model import INIT_STD
-    from llmscratch.positions import sinusoidal_embedding
+    from llmscratch.nn.model import INIT_STD
+    from llmscratch.nn.positions import sinusoidal_embedding
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("test", pos_emb="sinusoidal")).eval()
@@ -403,8 +403,8 @@ def test_sinusoidal_positions_are_scaled_to_the_token_embeddings():
 
 
 def test_a_weight_stored_column_major_keeps_its_values_shape_and_parameter(tmp_path):
-    from llmscratch.checkpoint import load_model, save_model
-    from llmscratch.model import store_weight, weight_layout
+    from llmscratch.store.checkpoint import load_model, save_model
+    from llmscratch.nn.model import store_weight, weight_layout
 
     model = make_model(tie_weights=True)
     x = tokens(2, 12)
@@ -435,7 +435,7 @@ def test_a_weight_stored_column_major_keeps_its_values_shape_and_parameter(tmp_p
 
 
 def test_store_weight_refuses_what_has_no_layout():
-    from llmscratch.model import store_weight
+    from llmscratch.nn.model import store_weight
 
     model = make_model()
     with pytest.raises(ValueError, match="one of"):
@@ -453,7 +453,7 @@ packable = pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_reorder_linear_wei
 @packable
 @pytest.mark.parametrize("bias", [True, False])
 def test_a_packed_linear_computes_what_f_linear_computes(bias):
-    from llmscratch.model import Linear
+    from llmscratch.nn.model import Linear
 
     torch.manual_seed(0)
     layer = Linear(48, 80, bias=bias)
@@ -469,8 +469,8 @@ def test_a_packed_linear_computes_what_f_linear_computes(bias):
 
 @packable
 def test_a_packed_copy_is_used_only_while_it_is_current_and_without_gradients(monkeypatch):
-    import llmscratch.model as model_module
-    from llmscratch.model import Linear
+    import llmscratch.nn.model as model_module
+    from llmscratch.nn.model import Linear
 
     used = []
     real = model_module._packed_product
@@ -540,7 +540,7 @@ def test_a_model_with_packed_weights_copies_saves_and_names_as_before(tmp_path):
 
 
 def test_pack_refuses_off_the_cpu():
-    from llmscratch.model import Linear
+    from llmscratch.nn.model import Linear
 
     with torch.device("meta"):
         layer = Linear(4, 4)

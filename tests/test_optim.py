@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from llmscratch.errors import ConfigError
-from llmscratch.model import GPT, GPTConfig
-from llmscratch.optim import NS_COEFFICIENTS, MuonAdamW, muon_param_groups, orthogonalize
-from llmscratch.train import TrainConfig, build_optimizer
+from llmscratch.nn.model import GPT, GPTConfig
+from llmscratch.nn.optim import NS_COEFFICIENTS, MuonAdamW, muon_param_groups, orthogonalize
+from llmscratch.training.train import TrainConfig, build_optimizer
 
 
 def plain_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from llmscratch.positions import (
+from llmscratch.nn.positions import (
     alibi_bias,
     alibi_slopes,
     apply_rope,
@@ -57,7 +57,7 @@ def test_rope_base_sets_the_rotation_frequencies(base):
 def test_the_models_rope_base_reaches_its_attention():
     """A model built with ``rope_base`` rotates its queries and keys with that base: its attention
     weights are those of Q and K rotated by the independent complex RoPE with the same base."""
-    from llmscratch.model import GPT, GPTConfig
+    from llmscratch.nn.model import GPT, GPTConfig
 
     torch.manual_seed(4)
     cfg = GPTConfig.from_preset("test", pos_emb="rope", rope_base=500.0)

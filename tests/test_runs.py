@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from llmscratch import checkpoint as ckpt
+from llmscratch.store import checkpoint as ckpt
 from llmscratch.cli import main
 from llmscratch.errors import CheckpointError
-from llmscratch.model import GPT, GPTConfig
-from llmscratch.runs import format_runs, is_runs_folder, list_runs
-from llmscratch.train import TrainConfig, read_metrics, train
+from llmscratch.nn.model import GPT, GPTConfig
+from llmscratch.store.runs import format_runs, is_runs_folder, list_runs
+from llmscratch.training.train import TrainConfig, read_metrics, train
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
         "darkness was upon the face of the deep. And God said, Let there be light: and there was light. ") * 12

@@ -49,7 +49,7 @@ def test_llmscratch_device_is_what_auto_means(monkeypatch):
 FAULTS = """
 import resource, sys, torch
 from llmscratch.runtime import keep_freed_memory
-from llmscratch.model import GPT, GPTConfig
+from llmscratch.nn.model import GPT, GPTConfig
 if sys.argv[1] == "tuned":
     assert keep_freed_memory()
 torch.manual_seed(0)

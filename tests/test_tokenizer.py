@@ -15,7 +15,7 @@ import pytest
 import regex
 
 from llmscratch.errors import TokenizerError
-from llmscratch.tokenizer import (
+from llmscratch.data.tokenizer import (
     EOT,
     GPT2_URLS,
     BPETokenizer,

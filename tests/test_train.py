@@ -15,11 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmscratch import checkpoint as ckpt
-from llmscratch.cli import build_parser, train_config_from_args
+from llmscratch.store import checkpoint as ckpt
+from llmscratch.cli import build_parser
+from llmscratch.cli.train import train_config_from_args
 from llmscratch.errors import ConfigError
-from llmscratch.model import GPT, GPTConfig
-from llmscratch.train import TrainConfig, TrainingDiverged, build_optimizer, describe_run, lr_at, read_metrics, train
+from llmscratch.nn.model import GPT, GPTConfig
+from llmscratch.training.train import TrainConfig, TrainingDiverged, build_optimizer, describe_run, lr_at, read_metrics, train
 
 TIMEOUT = 1800  # seconds: only a hang fails a test; a slow, shared machine never does
 
@@ -201,7 +202,7 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(corpus: Pat
     Compared before any clipping or optimizer could hide a wrongly scaled gradient (Muon
     normalises its update, AdamW divides by the gradient's size).
     """
-    import llmscratch.train as train_module
+    import llmscratch.training.train as train_module
 
     real_build = train_module.build_optimizer
 
@@ -493,7 +494,7 @@ def test_info_and_resume_survive_a_half_written_metrics_line_and_name_a_bad_trai
 
 @pytest.mark.parametrize("batch", [0, -1])
 def test_eval_refuses_a_batch_size_below_one(corpus: Path, tmp_path: Path, batch):
-    from llmscratch.train import evaluate_text
+    from llmscratch.training.train import evaluate_text
 
     run = train(tiny_config(corpus, tmp_path, steps=2, name="e"))
     with pytest.raises(ConfigError, match=f"--batch-size.*got {batch}"):
@@ -558,7 +559,7 @@ def test_time_budget_stops_saves_and_resumes(corpus: Path, tmp_path: Path):
 def test_eval_of_a_text_is_every_token_s_cross_entropy_once(corpus: Path, tmp_path: Path):
     """`llmscratch eval` against the same sum written out: each window's logits, F.cross_entropy over
     every token after the first exactly once (the last window shorter), bytes of ASCII characters."""
-    from llmscratch.train import evaluate_text
+    from llmscratch.training.train import evaluate_text
 
     run = train(tiny_config(corpus, tmp_path, steps=4, name="e"))
     text = TEXT[:203]  # 202 targets: 12 windows of 16 and a tail of 10
@@ -713,7 +714,7 @@ def test_resume_of_something_that_is_no_run_says_what_it_is(corpus, tmp_path, ki
     if kind == "file":
         target.write_text("{}")
     elif kind == "imported":
-        from llmscratch.checkpoint import save_run
+        from llmscratch.store.checkpoint import save_run
 
         save_run(target, GPT(GPTConfig.from_preset("test")), None)
     message = {"missing": "no such folder", "file": "is a file; give the run directory",
@@ -766,7 +767,7 @@ def test_a_warmup_that_leaves_no_step_to_decay_says_the_lr_reaches_its_peak_and_
 
 
 def test_info_says_why_a_tokenizer_cannot_be_loaded(corpus, tmp_path):
-    from llmscratch.checkpoint import save_run
+    from llmscratch.store.checkpoint import save_run
 
     run = train(tiny_config(corpus, tmp_path, steps=1, name="t"))
     assert "tokenizer: char, " in describe_run(run)
@@ -799,7 +800,7 @@ def _print_config(argv: list[str], capsys) -> str:
 def test_print_config_prints_the_resolved_options_that_config_gives_back(corpus, tmp_path, capsys):
     """Defaults, a --config file and the command line merged, printed as YAML; fed back through --config
     alone, the same TrainConfig. Nothing is trained. A --resume prints the settings the run continues with."""
-    from llmscratch.cli import load_config_file
+    from llmscratch.cli.train import load_config_file
 
     given = tmp_path / "given.yaml"
     given.write_text("steps: 33\nlr: 3e-3\nsample_prompt: 'Zürich: \"ok\"'\nmodel:\n  n_layers: 3\n  pos_emb: rope\n")
@@ -818,7 +819,7 @@ def test_print_config_prints_the_resolved_options_that_config_gives_back(corpus,
     resumed.write_text(_print_config(["--resume", str(run), "--steps", "5"], capsys))
     options = load_config_file(str(resumed))
     assert options["steps"] == 5 and options["tokenizer"] == "char" and options["resume"] == str(run)
-    from llmscratch.train import resolved_options
+    from llmscratch.training.train import resolved_options
 
     back = train_config_from_args(build_parser().parse_args(["train", "--config", str(resumed)]))
     assert resolved_options(back, set(options)) == options  # the same run, no option refused
@@ -850,9 +851,9 @@ class _FakeClock:
 def test_the_time_budget_counts_the_checkpoint_and_the_closing_sample(corpus, tmp_path, monkeypatch):
     """A step takes 1 s, a checkpoint 10 s and a sample 3 s (on a fake clock): the run stops early enough
     that its last checkpoint and the closing sample still end within --time-budget."""
-    import llmscratch.distributed as dist_module
-    import llmscratch.generate as generate_module
-    import llmscratch.train as train_module
+    import llmscratch.training.distributed as dist_module
+    import llmscratch.inference.generate as generate_module
+    import llmscratch.training.train as train_module
 
     clock = _FakeClock()
     monkeypatch.setattr(train_module, "time", clock)
@@ -904,7 +905,7 @@ def test_a_ctrl_c_that_arrives_after_another_rank_s_stopped_the_loop_is_the_same
     """Under torchrun a terminal's Ctrl-C reaches the ranks one after another: a rank may stop at another's
     request and get its own only afterwards, while it saves and closes. That one is said and absorbed: the
     run ends as stopped and saved, not with a KeyboardInterrupt in the middle of its last steps."""
-    from llmscratch import distributed as dist_module
+    from llmscratch.training import distributed as dist_module
     from llmscratch.errors import Stopped
 
     agreed = []

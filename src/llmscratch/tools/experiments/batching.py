@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..model import GPT
-from ..runtime import Runtime
+from ...nn.model import GPT
+from ...runtime import Runtime
 from .common import (
     Log, Progress, Report, Table, base_settings, check_mode, fresh_model, load_data, plot_loss_curves,
     print_progress, probe_batch, pyplot, r4, save_figure, sig, train_model, validation_batches,

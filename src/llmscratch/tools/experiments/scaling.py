@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..inspect import attention_entropy, attention_scores, score_std, uniform_entropy
-from ..runtime import Runtime
+from ...runtime import Runtime
 from .common import (
     ExperimentData, Log, Progress, Report, Table, base_settings, check_mode, fresh_model, load_data, pct,
     print_progress, probe_batch, pyplot, r4, save_figure, sig, train_model, validation_batches,

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import checkpoint as ckpt
-from .errors import CheckpointError
-from .files import PathLike, human_bytes
+from ..errors import CheckpointError
+from ..files import PathLike, human_bytes
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def _row(path: Path, latest: bool) -> RunRow:
 
 def _best_bpb(metrics: Path) -> Optional[float]:
     """The lowest validation bits per byte recorded during training (not the final whole-split one)."""
-    from .train import read_metrics  # the one reader of metrics.jsonl
+    from ..training.train import read_metrics  # the one reader of metrics.jsonl
 
     if not metrics.is_file():
         return None

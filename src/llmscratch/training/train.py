@@ -35,9 +35,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint as ckpt
+from ..store import checkpoint as ckpt
+from ..store import convert
+from ..store import sharded
 from . import distributed as dist
-from .data import (
+from ..data.corpus import (
     bits_per_byte,
     check_split_sizes,
     encode_text,
@@ -48,13 +50,13 @@ from .data import (
     token_dtype,
     window_starts,
 )
-from .errors import ConfigError, LLMScratchError, Stopped, TokenizerError
-from .files import human_bytes, write_text_atomic
-from .model import GPT, LOSS_IMPLS, GPTConfig, PRESETS, check_field_types, numbers_from_strings
-from .model import loss_label as model_loss_label
-from .optim import MuonAdamW, muon_param_groups
-from .runtime import Runtime, seed_everything, setup_runtime
-from .tokenizer import Tokenizer, build_tokenizer, load_tokenizer
+from ..errors import ConfigError, LLMScratchError, Stopped, TokenizerError
+from ..files import human_bytes, write_text_atomic
+from ..nn.model import GPT, LOSS_IMPLS, GPTConfig, PRESETS, check_field_types, numbers_from_strings
+from ..nn.model import loss_label as model_loss_label
+from ..nn.optim import MuonAdamW, muon_param_groups
+from ..runtime import Runtime, seed_everything, setup_runtime
+from ..data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
 
 class TrainingDiverged(LLMScratchError):
@@ -703,7 +705,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     if cfg.resume:
         run_dir = Path(cfg.resume)
         cfg = resumed_config(cfg, given)
-        state = dist.load_training_state(run_dir, prefer_sharded=cfg.fsdp and group.active)  # the newest one
+        state = sharded.load_training_state(run_dir, prefer_sharded=cfg.fsdp and group.active)  # the newest one
         if state is None:
             raise ckpt.CheckpointError(f"{run_dir}: no training_state.pt to resume from: the run stopped before "
                                        f"its first checkpoint; start it again (delete {run_dir}, or choose "
@@ -777,7 +779,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
         if cfg.resume:
             return ckpt.load_model(run_dir)
         if cfg.init_from:
-            return ckpt.load_pretrained(cfg.init_from)
+            return convert.load_pretrained(cfg.init_from)
         torch.manual_seed(cfg.seed)  # the same initial weights as one process
         return GPT(fresh_cfg)
 
@@ -880,7 +882,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
     sample_prompt = sample_prompt_ids(tokenizer, cfg.sample_prompt, log if cfg.sample_tokens and group.is_main else None)
 
     def sample_text() -> str:
-        from .generate import SamplingConfig, decodable_limit, generate
+        from ..inference.generate import SamplingConfig, decodable_limit, generate
 
         prompt = sample_prompt[-(context // 2):]  # the last half-context of the prompt
         sampling = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed,
@@ -1056,8 +1058,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], given: Optional[set[str
         except Exception as err:  # a plot must never lose a run
             log(f"(could not draw loss.png: {err})")
     dist.cleanup(group)
-    if group.is_main and dist.latest_is_sharded(run_dir):
-        dist.consolidate(run_dir)  # the FSDP shards → the ordinary run-directory files
+    if group.is_main and sharded.latest_is_sharded(run_dir):
+        sharded.consolidate(run_dir)  # the FSDP shards → the ordinary run-directory files
         log(f"consolidated the sharded checkpoint into {run_dir}")
     if stopped_by in SIGNAL_NAMES.values():  # saved and said above; the caller stops too (the CLI exits 128 + signum)
         raise Stopped(stop.signum or signal.SIGINT, saved=True)
@@ -1157,7 +1159,7 @@ def describe_run(run_dir: str | Path) -> str:
             lines.append(f"weights: damaged: {err}")
     train_cfg_path = run_dir / "train_config.json"
     try:
-        state = dist.load_training_state(run_dir)  # the newest checkpoint's: ordinary or sharded (--fsdp)
+        state = sharded.load_training_state(run_dir)  # the newest checkpoint's: ordinary or sharded (--fsdp)
     except ckpt.CheckpointError as err:  # matters for resuming only: the rest of the summary still stands
         state = None
         lines.append(f"training: the state cannot be read, so the run cannot be resumed: {err}")

@@ -16,7 +16,7 @@ import importlib
 from pathlib import Path
 from typing import Optional
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .common import MODES, Log, Report, check_output_folder, print_progress
 
 NAMES = ("scaling", "positions", "heads", "batching")
@@ -36,7 +36,7 @@ def run_experiment(name: str, mode: str = "full", out_dir: str | Path = "experim
     ``log``: where the progress lines go (one as each model starts training, one as it ends);
     stdout by default, ``None`` to run silently.
     """
-    from ..runtime import setup_runtime
+    from ...runtime import setup_runtime
 
     if name not in NAMES:
         raise ConfigError(f"unknown experiment {name!r}; choose one of {', '.join(NAMES)} (see --list)")

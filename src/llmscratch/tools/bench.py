@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import GPT, GPTConfig, loss_label
+from ..nn.model import GPT, GPTConfig, loss_label
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0,
@@ -270,7 +270,7 @@ def sdpa_context(backend: Optional[str]) -> contextlib.AbstractContextManager:
 
 def _attention_fn(variant: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], None]:
     """One forward + backward of causal attention by ``variant``."""
-    from .attention import attend
+    from ..nn.attention import attend
 
     grad = torch.randn_like(q)
 
@@ -480,7 +480,7 @@ def bench_train(
 def _decode_runner(mode: str, model: nn.Module, prompt: torch.Tensor, new_tokens: int,
                    compile: bool) -> Callable[[Optional[Callable[[], None]]], None]:
     """A function that decodes ``new_tokens`` greedily after ``prompt (B, T0)`` by ``mode``."""
-    from .generate import SamplingConfig, StaticDecoder, decode_steps
+    from ..inference.generate import SamplingConfig, StaticDecoder, decode_steps
 
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
     prompts = prompt.tolist()
@@ -566,7 +566,7 @@ def bench_decode(
     ``warmup_tokens`` (default: all of them on CUDA, where it compiles the step for these
     shapes; 2 on the CPU, where there is nothing to compile and a run is slow).
     """
-    from .generate import choose_weight_layout
+    from ..inference.generate import choose_weight_layout
 
     if warmup_tokens is None:
         warmup_tokens = new_tokens if device.type == "cuda" else 2
@@ -643,7 +643,7 @@ def bench_decode(
 
 def decode_matches_eager(model: GPT, prompt: torch.Tensor, new_tokens: int, compile: bool) -> bool:
     """Whether the static (optionally compiled) decoder's greedy tokens equal the eager KV-cache path's."""
-    from .generate import SamplingConfig, StaticDecoder, generate
+    from ..inference.generate import SamplingConfig, StaticDecoder, generate
 
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
     eager = generate(model, prompt.tolist(), sampling, use_cache=True)
@@ -713,7 +713,7 @@ def check_json_path(path: str) -> None:
     writable (``os.access`` catches a read-only file system and, for other users than root,
     missing permissions); an existing file there is replaced whatever its own mode.
     """
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     target = Path(path)
     if target.is_dir():
@@ -734,8 +734,8 @@ def write_json(path: str, record: dict[str, Any]) -> None:
     measuring), the record is saved to a new file in the temporary folder instead and a
     ConfigError names both, so nothing measured is lost; the tables are printed before.
     """
-    from .errors import ConfigError
-    from .files import write_text_atomic
+    from ..errors import ConfigError
+    from ..files import write_text_atomic
 
     text = json.dumps(record, indent=2, default=str) + "\n"
     try:

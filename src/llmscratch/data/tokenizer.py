@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import TokenizerError
-from .files import PathLike, write_text_atomic
+from ..errors import TokenizerError
+from ..files import PathLike, write_text_atomic
 
 if TYPE_CHECKING:
     import tokenizers

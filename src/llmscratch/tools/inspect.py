@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
 import torch
 
-from .attention import MultiHeadAttention, Scale, resolve_scale
-from .errors import ConfigError
+from ..nn.attention import MultiHeadAttention, Scale, resolve_scale
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from .model import GPT
-    from .tokenizer import Tokenizer
+    from ..nn.model import GPT
+    from ..data.tokenizer import Tokenizer
 
 # --------------------------------------------------------------------------- shape trace
 
@@ -266,9 +266,9 @@ def trace_run(run_dir: str | Path, sentence: str) -> tuple[list[list[str]], list
     context and the output projection, all from the run's own weights. The last step
     equals the first block's attention output inside the model's forward pass.
     """
-    from .checkpoint import load_run
-    from .model import INIT_STD
-    from .positions import alibi_bias, apply_rope, rope_cos_sin, sinusoidal_embedding
+    from ..store.checkpoint import load_run
+    from ..nn.model import INIT_STD
+    from ..nn.positions import alibi_bias, apply_rope, rope_cos_sin, sinusoidal_embedding
 
     model, tokenizer, _ = load_run(run_dir, need_tokenizer="the sentence")
     cfg = model.cfg
@@ -337,9 +337,9 @@ def trace_run(run_dir: str | Path, sentence: str) -> tuple[list[list[str]], list
 def explain_run(run_dir: str | Path, sentence: str, *, max_values: int = MAX_VALUES,
                 out: Optional[TextIO] = sys.stdout) -> list[TraceStep]:
     """Print :func:`trace_run` for a trained run, checked against the model's own forward pass."""
-    from .checkpoint import load_model
-    from .model import _Step
-    from .tokenizer import load_tokenizer
+    from ..store.checkpoint import load_model
+    from ..nn.model import _Step
+    from ..data.tokenizer import load_tokenizer
 
     labels, steps = trace_run(run_dir, sentence)
     if out is not None:
@@ -363,11 +363,11 @@ def explain_run(run_dir: str | Path, sentence: str, *, max_values: int = MAX_VAL
             x = steps[0].tensor if cfg.pos_emb not in ("learned", "sinusoidal") else steps[1].tensor
             step = _Step()
             if cfg.pos_emb == "rope":
-                from .positions import rope_cos_sin
+                from ..nn.positions import rope_cos_sin
 
                 step.rope = rope_cos_sin(torch.arange(x.shape[1]), cfg.head_dim, cfg.rope_base)
             elif cfg.pos_emb == "alibi":
-                from .positions import alibi_bias
+                from ..nn.positions import alibi_bias
 
                 step.alibi = alibi_bias(model.alibi_slopes, x.shape[1], x.shape[1], x.device)
             block = model.blocks[0]
@@ -391,7 +391,7 @@ def explain(
 ) -> list[TraceStep]:
     """Print a step-by-step shape trace of causal multi-head self-attention over ``sentence``.
 
-    Builds :class:`~llmscratch.attention.MultiHeadAttention` (d_in 3, dropout 0) right after
+    Builds :class:`~llmscratch.nn.attention.MultiHeadAttention` (d_in 3, dropout 0) right after
     ``torch.manual_seed(seed)``, runs its forward pass by hand from the module's own weights
     and prints every tensor (``out=None`` prints nothing). ``batch`` > 1 adds rows with the
     words rotated; ``scale`` is True (1/√d), False (none) or a float factor. Returns the steps;
@@ -449,7 +449,7 @@ def _header(tokens: Sequence[Sequence[str]], module: MultiHeadAttention, seed: i
 # different the heads are).
 
 
-from .errors import LLMScratchError  # noqa: E402  (kept with the part that uses it)
+from ..errors import LLMScratchError  # noqa: E402  (kept with the part that uses it)
 
 
 class InspectError(LLMScratchError):
@@ -535,8 +535,8 @@ def attention_scores(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     rotation and ALiBi bias applied exactly as the attention does; ``softmax`` of them
     gives the weights ``model(idx, need_weights=True)`` returns.
     """
-    from .attention import build_mask
-    from .positions import alibi_bias, apply_rope, rope_cos_sin
+    from ..nn.attention import build_mask
+    from ..nn.positions import alibi_bias, apply_rope, rope_cos_sin
 
     cfg = model.cfg
     inputs: list[torch.Tensor] = []
@@ -849,7 +849,7 @@ def write_attention_outputs(
     when asked. Returns the paths written."""
     import json
 
-    from .files import write_text_atomic  # a failed write keeps the previous file whole
+    from ..files import write_text_atomic  # a failed write keeps the previous file whole
 
     out = _as_path(out_dir)
     chosen_layers = list(layers) if layers else []

@@ -52,8 +52,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .model import GPT, WEIGHT_LAYOUTS, KVCache, StaticKVCache, store_weight
+from ..errors import ConfigError
+from ..nn.model import GPT, WEIGHT_LAYOUTS, KVCache, StaticKVCache, store_weight
 
 
 def decodable_limit(tokenizer_vocab: int, model_vocab: int) -> Optional[int]:

@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..files import write_atomic, write_text_atomic
-from ..data import (check_split_sizes, eval_windows, gather_windows, load_corpus, prepare_tokens, split_text,
+from ...files import write_atomic, write_text_atomic
+from ...data.corpus import (check_split_sizes, eval_windows, gather_windows, load_corpus, prepare_tokens, split_text,
                     window_starts, Corpus, TokenSplits)
-from ..errors import ConfigError
-from ..model import GPT, GPTConfig
-from ..runtime import Runtime, seed_everything
-from ..tokenizer import Tokenizer, build_tokenizer
+from ...errors import ConfigError
+from ...nn.model import GPT, GPTConfig
+from ...runtime import Runtime, seed_everything
+from ...data.tokenizer import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -296,7 +296,7 @@ def train_model(
     the end; the gradient norm (before clipping) is logged every step. With ``progress``,
     the run is announced under ``label`` (e.g. ``heads=4``) as it starts and ends.
     """
-    from ..train import TrainConfig, build_optimizer, lr_at
+    from ...training.train import TrainConfig, build_optimizer, lr_at
 
     context = model.cfg.context_length
     # The experiments' own optimizer, written out rather than taken from `llmscratch train`'s

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import ConfigError, CorpusError
-from .files import PathLike, human_bytes, write_atomic, write_text_atomic
+from ..errors import ConfigError, CorpusError
+from ..files import PathLike, human_bytes, write_atomic, write_text_atomic
 from .tokenizer import Tokenizer, split_for_encoding
 
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 
 from ..inspect import head_diversity
-from ..runtime import Runtime
+from ...runtime import Runtime
 from .common import (
     Log, Progress, Report, Table, base_settings, check_mode, fresh_model, load_data, plot_loss_curves,
     print_progress, probe_batch, pyplot, r4, save_figure, train_model, validation_batches,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .attention import BACKENDS, attend
-from .errors import ConfigError
+from ..errors import ConfigError
 from .positions import (
     POSITION_KINDS,
     alibi_bias,
@@ -376,7 +376,7 @@ class StaticKVCache:
     slots given by a position *tensor* (no Python int, so no host sync), and attention runs
     over the whole preallocated cache with a mask ``key slot <= query position`` that hides
     the slots not written yet. That holds when the positions fill the slots from 0 with no
-    gap, as :class:`~llmscratch.generate.StaticDecoder` writes them (a prompt at 0 … T-1, then
+    gap, as :class:`~llmscratch.inference.generate.StaticDecoder` writes them (a prompt at 0 … T-1, then
     one slot a step): a slot below a query's position that was never written would be seen,
     as a zero key and value. The caller keeps the positions (and keeps them below
     ``max_len``): this cache holds no length.

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from ..positions import POSITION_KINDS
-from ..runtime import Runtime
+from ...nn.positions import POSITION_KINDS
+from ...runtime import Runtime
 from .common import (
     Log, Progress, Report, Table, base_settings, check_mode, fresh_model, load_data, loss_by_position, mean_loss,
     print_progress, pyplot, r4, plot_loss_curves, save_figure, train_model, validation_batches,

@@ -1,0 +1,65 @@
+"""``llmscratch import`` and ``export``: run directories from and to foreign formats."""
+
+from __future__ import annotations
+
+import argparse
+
+from .commands import command
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from ..store.convert import import_checkpoint
+
+    import_checkpoint(
+        args.source, args.run_dir, heads=args.heads, preset=args.preset, tokenizer_dir=args.tokenizer_dir,
+        no_tokenizer=args.no_tokenizer, overwrite=args.force, log=print,
+    )
+    return 0
+
+
+@command("import")
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import", help="turn Hugging Face GPT-2 or book weights into a run directory",
+        description="Import weights into a run directory (config.json, model.safetensors, tokenizer). "
+        "SOURCE is a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin, "
+        "save_pretrained's layout or the hub's), a state-dict file (.pt/.pth) of the book's GPTModel, or "
+        "gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded from the hub where the network is reachable).",
+    )
+    p.add_argument("source",
+                   help="a Hugging Face directory, a book .pt/.pth file, or gpt2/gpt2-medium/gpt2-large/gpt2-xl")
+    p.add_argument("run_dir", help="the run directory to create")
+    p.add_argument("--heads", type=int, default=None,
+                   help="number of attention heads (book format only: it is not stored in the weights)")
+    p.add_argument("--preset", default=None,
+                   help="model preset whose head count and dropout to use for a book file, e.g. gpt2-124m")
+    p.add_argument("--tokenizer-dir", default=None,
+                   help="folder with GPT-2's tokenizer files (vocab.bpe + encoder.json or merges.txt + vocab.json) "
+                   "for a book file; default $LLMSCRATCH_GPT2_DIR, then tiktoken's cache")
+    p.add_argument("--no-tokenizer", action="store_true",
+                   help="import the weights even where no tokenizer is found (the run cannot take text prompts)")
+    p.add_argument("--force", action="store_true", help="overwrite a run directory that already holds a model")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from ..store.convert import export_checkpoint
+
+    export_checkpoint(args.run_dir, args.out, args.format, log=print)
+    return 0
+
+
+@command("export")
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a run's model as Hugging Face GPT-2 or as the book's state dict",
+        description="Export a run's weights: --format hf writes a directory that "
+        "transformers.GPT2LMHeadModel.from_pretrained loads (with the run's GPT-2 tokenizer files); "
+        "--format book writes one torch.save file for the book's GPTModel (mask buffers included); "
+        "--format run writes an ordinary run directory (an --fsdp run's sharded checkpoint made whole).",
+    )
+    p.add_argument("run_dir", help="the run directory to export")
+    p.add_argument("out", help="output: a directory for --format hf and --format run, a file (e.g. model.pth) "
+                   "for --format book; never an existing file or a non-empty directory")
+    p.add_argument("--format", choices=("hf", "book", "run"), default="hf",
+                   help="output format (default hf); run: an ordinary run directory, consolidated from the "
+                   "sharded checkpoint of an --fsdp run")

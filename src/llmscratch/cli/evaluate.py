@@ -1,0 +1,29 @@
+"""``llmscratch eval``: loss, perplexity and bits per byte of a run on any text."""
+
+from __future__ import annotations
+
+import argparse
+
+from .commands import command
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from ..training.train import evaluate_text
+
+    result = evaluate_text(args.run_dir, args.data, encoding=args.encoding, device=args.device,
+                           batch_size=args.batch_size)
+    print(f"{result['tokens']:,} tokens, {result['bytes']:,} bytes: loss {result['loss']:.4f}, "
+          f"perplexity {result['ppl']:.2f}, {result['bpb']:.4f} bits per byte")
+    return 0
+
+
+@command("eval")
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run on any text",
+                       description="Evaluate a run on a text file, folder or glob: every window of the "
+                       "text, cross-entropy loss, perplexity and bits per byte.")
+    p.add_argument("run_dir", help="a run directory")
+    p.add_argument("--data", required=True, help="a text file, a folder of .txt files or a glob")
+    p.add_argument("--encoding", default="utf-8", help="text encoding (default utf-8)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass (default 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")

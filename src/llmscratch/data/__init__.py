@@ -1,0 +1,1 @@
+"""Text to token ids: corpora, tokenizers, token files, batches."""

@@ -1,0 +1,1 @@
+"""Everything on disk about a model: run directories, checkpoints, foreign weight formats."""

@@ -1,0 +1,1 @@
+"""Looking inside and measuring: attention maps and traces, experiments, benchmarks."""
