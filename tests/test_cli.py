@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llmscratch import cli
+from llmscratch.training.config import FILE_SPELLINGS, load_config_file
 from llmscratch.store.checkpoint import save_run
 from llmscratch.nn.model import GPT, GPTConfig
 from llmscratch.data.tokenizer import CharTokenizer
@@ -68,7 +69,7 @@ def test_a_model_section_that_is_not_a_mapping_is_a_clear_error(tmp_path, capsys
 
 def test_yaml_numbers_without_a_dot_reach_the_model_as_numbers(tmp_path, capsys, monkeypatch):
     # YAML 1.1 reads `1e-5` and `1e-1` as strings: they crashed LayerNorm and the drop_rate check before.
-    import llmscratch.training.train
+    import llmscratch.training.setup
     from llmscratch.errors import LLMScratchError
 
     built = []
@@ -77,7 +78,7 @@ def test_yaml_numbers_without_a_dot_reach_the_model_as_numbers(tmp_path, capsys,
         built.append(cfg)
         raise LLMScratchError("stop here")
 
-    monkeypatch.setattr(llmscratch.training.train, "GPT", build)
+    monkeypatch.setattr(llmscratch.training.setup, "GPT", build)
     path = write(tmp_path / "m.yaml", "model:\n  layer_norm_eps: 1e-5\n  drop_rate: 1e-1\n")
     status, err = run_main(capsys, *train_args(tmp_path, "--config", path))
     assert (status, err) == (2, "llmscratch train: error: stop here\n")
@@ -97,8 +98,9 @@ def test_keys_that_are_not_names_are_a_clear_error(tmp_path, capsys, content, me
 def test_the_cli_options_named_in_gptconfig_errors_are_the_trains_options():
     from llmscratch.nn.model import FIELD_OPTIONS
 
-    options = {f"--{opt.replace('_', '-')}": fld for opt, fld in cli.train._MODEL_OPTIONS.items()}
-    assert {fld: opt for opt, fld in options.items()} == {k: v for k, v in FIELD_OPTIONS.items() if k != "scale_attn"}
+    from llmscratch.training.config import MODEL_OPTIONS
+
+    assert {field for field, *_ in MODEL_OPTIONS} == set(FIELD_OPTIONS)
     assert FIELD_OPTIONS["scale_attn"] == "--no-scale-attn"
     actions = {o for a in cli.build_parser()._subparsers._group_actions[0].choices["train"]._actions
                for o in a.option_strings}
@@ -146,16 +148,16 @@ def test_a_config_file_that_is_not_utf8_names_the_file_and_the_byte(tmp_path, ca
 
 def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path):
     path = write(tmp_path / "c.json", b"\xef\xbb\xbf" + json.dumps({"steps": 7}).encode())
-    assert cli.train.load_config_file(str(path)) == {"steps": 7}
+    assert load_config_file(str(path)) == {"steps": 7}
 
 
 def test_dashed_keys_are_read_as_the_options_at_the_top_and_under_model(tmp_path):
     # `batch-size` as on the command line: both levels read it (the model's keys were refused as unknown)
     path = write(tmp_path / "c.yaml", "batch-size: 3\nmodel:\n  drop-rate: 0.25\n  n_layers: 2\n")
-    assert cli.train.load_config_file(str(path)) == {"batch_size": 3, "model": {"drop_rate": 0.25, "n_layers": 2}}
-    from llmscratch.training.train import TrainConfig
+    assert load_config_file(str(path)) == {"batch_size": 3, "model": {"drop_rate": 0.25, "n_layers": 2}}
+    from llmscratch.training.config import TrainConfig
 
-    assert TrainConfig.from_dict(cli.train.load_config_file(str(path))).model == {"drop_rate": 0.25, "n_layers": 2}
+    assert TrainConfig.from_dict(load_config_file(str(path))).model == {"drop_rate": 0.25, "n_layers": 2}
 
 
 @pytest.mark.parametrize("content, message", [
@@ -188,12 +190,12 @@ def test_the_config_file_spellings_named_in_hints_are_options():
     # each hint names a real spelling: a flag of `train` for the key it replaces, and the field it asks for
     import dataclasses
 
-    from llmscratch.training.train import TrainConfig
+    from llmscratch.training.config import TrainConfig
 
     actions = {o for a in cli.build_parser()._subparsers._group_actions[0].choices["train"]._actions
                for o in a.option_strings}
     fields = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(GPTConfig)}
-    for key, hint in cli.train._FILE_SPELLINGS.items():
+    for key, hint in FILE_SPELLINGS.items():
         assert key not in fields
         for written in re.findall(r"`(\w+):", hint):
             assert written in fields, (key, hint)
@@ -215,10 +217,10 @@ def test_a_bad_value_from_the_config_file_names_the_file(tmp_path, capsys):
 
 
 def test_yaml_numbers_without_a_dot_are_saved_as_numbers(tmp_path):
-    from llmscratch.training.train import TrainConfig
+    from llmscratch.training.config import TrainConfig
 
     path = write(tmp_path / "m.yaml", "lr: 3e-3\nmodel:\n  layer_norm_eps: 1e-5\n")
-    cfg = TrainConfig.from_dict(cli.train.load_config_file(str(path)))
+    cfg = TrainConfig.from_dict(load_config_file(str(path)))
     assert (cfg.lr, cfg.model) == (3e-3, {"layer_norm_eps": 1e-5})  # train_config.json holds to_dict()
     assert json.loads(json.dumps(cfg.to_dict()))["model"]["layer_norm_eps"] == 1e-5
 
@@ -463,14 +465,17 @@ def test_every_command_the_readme_and_docs_show_parses():
 
 
 def test_the_defaults_train_help_states_are_the_configs():
-    from llmscratch.training.train import TrainConfig
+    import dataclasses
+
+    from llmscratch.training.config import TrainConfig
 
     defaults = TrainConfig()
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
     checked = 0
     for action in parser._actions:
         found = re.search(r'\(default (?:"([^"]*)"|([^;:),\s]+))', action.help or "")
-        if not found or action.dest not in cli.train._TRAIN_OPTIONS or found.group(0).startswith("(default --"):
+        if not found or action.dest not in fields or found.group(0).startswith("(default --"):
             continue  # "(default --batch-size)": another option's value
         stated, actual = found.group(1) if found.group(1) is not None else found.group(2), getattr(defaults, action.dest)
         if isinstance(actual, (int, float)) and not isinstance(actual, bool):
@@ -479,6 +484,12 @@ def test_the_defaults_train_help_states_are_the_configs():
             assert stated == actual, (action.dest, stated, actual)
         checked += 1
     assert checked >= 20, checked
+    # every option of TrainConfig is on the command line, and every model option too
+    flags = {o for a in parser._actions for o in a.option_strings}
+    from llmscratch.nn.model import FIELD_OPTIONS
+    from llmscratch.training.config import flag_of
+
+    assert {flag_of(f) for f in fields if f != "model"} | set(FIELD_OPTIONS.values()) <= flags
 
 
 def test_greedy_with_a_temperature_is_refused(tmp_path, capsys):

@@ -29,7 +29,8 @@ from llmscratch.store import sharded
 from llmscratch.cli import main as cli_main
 from llmscratch.errors import ConfigError
 from llmscratch.inference.generate import SamplingConfig, generate
-from llmscratch.training.train import TrainConfig, train
+from llmscratch.training.config import TrainConfig
+from llmscratch.training.train import train
 
 TEXT = (
     "In the beginning God created the heaven and the earth. And the earth was without form, and void; "
@@ -43,7 +44,7 @@ TEXT = (
 # on its third forward pass; LLMSCRATCH_TEST_TZ: each rank's time zone, comma-separated.
 RUNNER = '''
 import json, os, sys, time
-import llmscratch.nn.model, llmscratch.training.train
+import llmscratch.nn.model, llmscratch.training.tasks
 from llmscratch.cli import main
 
 rank = int(os.environ.get("RANK", "0"))
@@ -53,12 +54,12 @@ if zones:
     time.tzset()
 folder = os.environ.get("LLMSCRATCH_TEST_STARTS")
 if folder:
-    real_gather = llmscratch.training.train.gather_windows
+    real_gather = llmscratch.training.tasks.gather_windows
     def recording_gather(tokens, starts, context_length):
         with open(os.path.join(folder, f"rank{rank}.jsonl"), "a") as f:
             f.write(json.dumps(starts.tolist()) + "\\n")
         return real_gather(tokens, starts, context_length)
-    llmscratch.training.train.gather_windows = recording_gather
+    llmscratch.training.tasks.gather_windows = recording_gather
 if os.environ.get("LLMSCRATCH_TEST_FAIL_RANK") == str(rank):
     real_loss, calls = llmscratch.nn.model.GPT.loss, []
     def failing_loss(self, x, targets):
@@ -164,16 +165,16 @@ def recorded_starts(folder: Path, rank: int) -> list[list[int]]:
 
 
 def record_single_starts(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
-    import llmscratch.training.train as train_module
+    import llmscratch.training.tasks as tasks_module
 
     seen: list[list[int]] = []
-    real = train_module.gather_windows
+    real = tasks_module.gather_windows
 
     def recording(tokens, starts, context_length):
         seen.append(starts.tolist())
         return real(tokens, starts, context_length)
 
-    monkeypatch.setattr(train_module, "gather_windows", recording)
+    monkeypatch.setattr(tasks_module, "gather_windows", recording)
     return seen
 
 
@@ -214,7 +215,7 @@ def test_every_rank_passes_the_tokenizer_barrier_even_when_the_cache_is_already_
     """The race behind a hang on a fresh cache: rank 0 trains and saves the tokenizer, then waits
     in a barrier; a rank that only then looked at the cache used to find the tokenizer there and
     skip that barrier, so every later collective paired up wrongly."""
-    import llmscratch.training.train as train_module
+    import llmscratch.training.setup as setup_module
 
     class CountingGroup(dist.Group):
         barriers = 0
@@ -224,9 +225,9 @@ def test_every_rank_passes_the_tokenizer_barrier_even_when_the_cache_is_already_
 
     cfg = TrainConfig(tokenizer="char")
     main, other = CountingGroup(rank=0, world_size=2), CountingGroup(rank=1, world_size=2)
-    made = train_module._prepare_tokenizer(cfg, TEXT, tmp_path, main)  # rank 0 first: builds and saves
-    found = train_module._prepare_tokenizer(cfg, TEXT, tmp_path, other)  # rank 1 late: the cache is there
-    again = train_module._prepare_tokenizer(cfg, TEXT, tmp_path, main)  # a later run: rank 0 finds it too
+    made = setup_module.prepare_tokenizer(cfg, TEXT, tmp_path, main)  # rank 0 first: builds and saves
+    found = setup_module.prepare_tokenizer(cfg, TEXT, tmp_path, other)  # rank 1 late: the cache is there
+    again = setup_module.prepare_tokenizer(cfg, TEXT, tmp_path, main)  # a later run: rank 0 finds it too
     assert (main.barriers, other.barriers) == (2, 1)
     assert made.encode(TEXT[:40]) == found.encode(TEXT[:40]) == again.encode(TEXT[:40])
 
@@ -234,7 +235,7 @@ def test_every_rank_passes_the_tokenizer_barrier_even_when_the_cache_is_already_
 def test_a_rank_whose_machine_lacks_the_cached_tokenizer_names_the_cache_and_its_key(tmp_path, monkeypatch):
     """Rank 0 trains the tokenizer into its machine's cache; a rank on a machine with another cache
     (a different $LLMSCRATCH_CACHE, or one prepared from other inputs) finds nothing there."""
-    import llmscratch.training.train as train_module
+    import llmscratch.training.setup as setup_module
 
     class QuietGroup(dist.Group):
         def barrier(self) -> None:
@@ -243,7 +244,7 @@ def test_a_rank_whose_machine_lacks_the_cached_tokenizer_names_the_cache_and_its
     monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path / "node1-cache"))
     cfg = TrainConfig(tokenizer="bpe", vocab_size=300)
     with pytest.raises(ConfigError) as err:
-        train_module._prepare_tokenizer(cfg, TEXT, tmp_path / "node1-cache", QuietGroup(rank=1, world_size=2))
+        setup_module.prepare_tokenizer(cfg, TEXT, tmp_path / "node1-cache", QuietGroup(rank=1, world_size=2))
     message = str(err.value)
     assert "rank 1 of 2 cannot find the tokenizer that rank 0 trained" in message
     assert f"$LLMSCRATCH_CACHE, here {tmp_path / 'node1-cache'}" in message
@@ -534,7 +535,7 @@ def test_a_run_left_with_only_its_sharded_checkpoint_says_how_to_make_it_whole(t
     weights points at `export --format run` instead of just "model.safetensors is missing"."""
     from llmscratch.errors import CheckpointError
     from llmscratch.nn.model import GPT, GPTConfig
-    from llmscratch.training.train import describe_run
+    from llmscratch.store.describe import describe_run
 
     run = tmp_path / "run"
     ckpt.save_model(run, GPT(GPTConfig.from_preset("test")))

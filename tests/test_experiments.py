@@ -247,11 +247,11 @@ def test_outputs_leave_no_temporary_files(outputs):
 def test_experiments_keep_their_own_optimizer_whatever_train_s_defaults_are(monkeypatch):
     """docs/experiments.md was measured with AdamW (β 0.9/0.95, weight decay 0.1); the default run's
     later retuning (Muon, …) must not reach the experiments."""
-    import llmscratch.training.train as train_module
+    import llmscratch.training.step as step_module
 
     seen = []
-    real = train_module.build_optimizer
-    monkeypatch.setattr(train_module, "build_optimizer",
+    real = step_module.build_optimizer
+    monkeypatch.setattr(step_module, "build_optimizer",
                         lambda model, cfg, device: seen.append(cfg) or real(model, cfg, device))
     size = SIZES["tiny"]
     runtime = setup_runtime("cpu")

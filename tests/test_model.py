@@ -565,3 +565,30 @@ def test_initialisation_is_gpt2_s():
             assert p.mean().abs() < 0.1 * want and p.std().item() == pytest.approx(want, rel=0.03), name
     assert sum(name.endswith(("attn.out_proj.weight", "ff.fc_out.weight")) for name, _ in model.named_parameters()) \
         == 2 * layers
+
+
+def test_the_trace_hook_sees_what_attention_computes():
+    """Per-head q, k, v (after RoPE), the weights and the context, layer by layer: the weights are
+    those ``need_weights`` returns, softmax(q·kᵀ/√d + causal mask) of the traced q and k, and the
+    context is weights·v. The inspection tools read attention through this hook."""
+    import math
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=50, context_length=16, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.0,
+                    pos_emb="rope")
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 50, (2, 7))
+    seen: dict[tuple[int, str], torch.Tensor] = {}
+    with torch.no_grad():
+        logits, weights = model(idx, need_weights=True, trace=lambda layer, name, t: seen.__setitem__((layer, name), t))
+        plain = model(idx)
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)  # tracing changes nothing
+    assert sorted({name for _, name in seen}) == ["context", "k", "output", "q", "v", "weights"]
+    for layer in range(cfg.n_layers):
+        q, k, v = (seen[(layer, n)] for n in "qkv")
+        assert q.shape == k.shape == v.shape == (2, cfg.n_heads, 7, cfg.head_dim)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(cfg.head_dim)  # (B, H, T, T)
+        scores = scores.masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+        torch.testing.assert_close(seen[(layer, "weights")], torch.softmax(scores, dim=-1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(seen[(layer, "weights")], weights[layer])
+        torch.testing.assert_close(seen[(layer, "context")], weights[layer] @ v, rtol=1e-5, atol=1e-6)

@@ -10,7 +10,8 @@ from torch import nn
 from llmscratch.errors import ConfigError
 from llmscratch.nn.model import GPT, GPTConfig
 from llmscratch.nn.optim import NS_COEFFICIENTS, MuonAdamW, muon_param_groups, orthogonalize
-from llmscratch.training.train import TrainConfig, build_optimizer
+from llmscratch.training.config import TrainConfig
+from llmscratch.training.step import build_optimizer
 
 
 def plain_newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:

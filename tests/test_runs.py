@@ -12,7 +12,9 @@ from llmscratch.cli import main
 from llmscratch.errors import CheckpointError
 from llmscratch.nn.model import GPT, GPTConfig
 from llmscratch.store.runs import format_runs, is_runs_folder, list_runs
-from llmscratch.training.train import TrainConfig, read_metrics, train
+from llmscratch.store.rundir import RunDir
+from llmscratch.training.config import TrainConfig
+from llmscratch.training.train import train
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; and "
         "darkness was upon the face of the deep. And God said, Let there be light: and there was light. ") * 12
@@ -46,7 +48,7 @@ def test_the_listing_has_a_row_per_run_with_its_numbers_and_says_what_other_fold
     first, second = rows["first"], rows["second"]
     assert (first.kind, first.step, first.steps, first.latest) == ("run", 8, 8, False)
     assert (second.kind, second.step, second.steps, second.latest) == ("run", 4, 8, True)
-    best = min(r["val_bpb"] for r in read_metrics(runs / "first" / "metrics.jsonl")
+    best = min(r["val_bpb"] for r in RunDir(runs / "first").read_metrics()
                if "val_bpb" in r and not r.get("final"))
     assert first.best_bpb == best and second.best_bpb is not None
     assert first.size == sum(p.stat().st_size for p in (runs / "first").rglob("*") if p.is_file())

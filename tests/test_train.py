@@ -20,7 +20,12 @@ from llmscratch.cli import build_parser
 from llmscratch.cli.train import train_config_from_args
 from llmscratch.errors import ConfigError
 from llmscratch.nn.model import GPT, GPTConfig
-from llmscratch.training.train import TrainConfig, TrainingDiverged, build_optimizer, describe_run, lr_at, read_metrics, train
+from llmscratch.store.describe import describe_run
+from llmscratch.store.rundir import RunDir
+from llmscratch.training.config import TrainConfig, lr_at
+from llmscratch.training.loop import TrainingDiverged
+from llmscratch.training.step import build_optimizer
+from llmscratch.training.train import train
 
 TIMEOUT = 1800  # seconds: only a hang fails a test; a slow, shared machine never does
 
@@ -202,9 +207,9 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(corpus: Pat
     Compared before any clipping or optimizer could hide a wrongly scaled gradient (Muon
     normalises its update, AdamW divides by the gradient's size).
     """
-    import llmscratch.training.train as train_module
+    import llmscratch.training.setup as setup_module
 
-    real_build = train_module.build_optimizer
+    real_build = setup_module.build_optimizer
 
     def first_step(name: str, **kw) -> tuple[list[torch.Tensor], list[float]]:
         grads: list[list[torch.Tensor]] = []
@@ -220,7 +225,7 @@ def test_gradient_accumulation_gives_the_gradient_of_the_whole_batch(corpus: Pat
             opt.step = recorded_step
             return opt
 
-        monkeypatch.setattr(train_module, "build_optimizer", recording_optimizer)
+        monkeypatch.setattr(setup_module, "build_optimizer", recording_optimizer)
         run = train(tiny_config(corpus, tmp_path, steps=2, log_interval=1, grad_clip=0.0, name=name, **kw))
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return grads[0], [r["train_loss"] for r in records if "train_loss" in r]
@@ -494,7 +499,7 @@ def test_info_and_resume_survive_a_half_written_metrics_line_and_name_a_bad_trai
 
 @pytest.mark.parametrize("batch", [0, -1])
 def test_eval_refuses_a_batch_size_below_one(corpus: Path, tmp_path: Path, batch):
-    from llmscratch.training.train import evaluate_text
+    from llmscratch.training.evaluate import evaluate_text
 
     run = train(tiny_config(corpus, tmp_path, steps=2, name="e"))
     with pytest.raises(ConfigError, match=f"--batch-size.*got {batch}"):
@@ -559,7 +564,7 @@ def test_time_budget_stops_saves_and_resumes(corpus: Path, tmp_path: Path):
 def test_eval_of_a_text_is_every_token_s_cross_entropy_once(corpus: Path, tmp_path: Path):
     """`llmscratch eval` against the same sum written out: each window's logits, F.cross_entropy over
     every token after the first exactly once (the last window shorter), bytes of ASCII characters."""
-    from llmscratch.training.train import evaluate_text
+    from llmscratch.training.evaluate import evaluate_text
 
     run = train(tiny_config(corpus, tmp_path, steps=4, name="e"))
     text = TEXT[:203]  # 202 targets: 12 windows of 16 and a tail of 10
@@ -762,7 +767,7 @@ def test_a_warmup_that_leaves_no_step_to_decay_says_the_lr_reaches_its_peak_and_
     assert f"note: the warmup (--warmup-steps {warmup}) leaves the run (--steps 4) no step to decay: the learning " \
            f"rate reaches --lr 0.001 at {reached_at} and never decays" in log, log
     assert "never to --lr" not in log
-    last_lr = [r["lr"] for r in read_metrics(tmp_path / f"warmup-{warmup}" / "metrics.jsonl") if "lr" in r][-1]
+    last_lr = [r["lr"] for r in RunDir(tmp_path / f"warmup-{warmup}").read_metrics() if "lr" in r][-1]
     assert last_lr == pytest.approx(1e-3)  # what the last step trained with
 
 
@@ -819,7 +824,7 @@ def test_print_config_prints_the_resolved_options_that_config_gives_back(corpus,
     resumed.write_text(_print_config(["--resume", str(run), "--steps", "5"], capsys))
     options = load_config_file(str(resumed))
     assert options["steps"] == 5 and options["tokenizer"] == "char" and options["resume"] == str(run)
-    from llmscratch.training.train import resolved_options
+    from llmscratch.training.setup import resolved_options
 
     back = train_config_from_args(build_parser().parse_args(["train", "--config", str(resumed)]))
     assert resolved_options(back, set(options)) == options  # the same run, no option refused
@@ -853,11 +858,14 @@ def test_the_time_budget_counts_the_checkpoint_and_the_closing_sample(corpus, tm
     that its last checkpoint and the closing sample still end within --time-budget."""
     import llmscratch.training.distributed as dist_module
     import llmscratch.inference.generate as generate_module
+    import llmscratch.training.loop as loop_module
+    import llmscratch.training.tasks as tasks_module
     import llmscratch.training.train as train_module
 
     clock = _FakeClock()
     monkeypatch.setattr(train_module, "time", clock)
-    real_gather, real_save, real_generate = (train_module.gather_windows, dist_module.save_checkpoint,
+    monkeypatch.setattr(loop_module, "time", clock)
+    real_gather, real_save, real_generate = (tasks_module.gather_windows, dist_module.save_checkpoint,
                                              generate_module.generate)
 
     def slow(real, seconds):
@@ -866,9 +874,9 @@ def test_the_time_budget_counts_the_checkpoint_and_the_closing_sample(corpus, tm
             return real(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(train_module, "gather_windows", slow(real_gather, 1.0))  # one micro-batch a step
+    monkeypatch.setattr(tasks_module, "gather_windows", slow(real_gather, 1.0))  # one micro-batch a step
     monkeypatch.setattr(dist_module, "save_checkpoint", slow(real_save, 10.0))
-    monkeypatch.setattr(generate_module, "generate", slow(real_generate, 3.0))
+    monkeypatch.setattr(train_module, "generate", slow(real_generate, 3.0))
     lines: list[str] = []
     start = clock.now
     run = train(tiny_config(corpus, tmp_path, steps=100, eval_interval=2, checkpoint_interval=2, sample_tokens=4,
@@ -895,7 +903,7 @@ def test_the_progress_bar_shows_the_log_s_tokens_per_second(corpus, tmp_path, mo
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     run = train(tiny_config(corpus, tmp_path, steps=4, log_interval=2, name="bar", progress=True))
     bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
-    last = [r for r in read_metrics(run / "metrics.jsonl") if "tokens_per_s" in r][-1]
+    last = [r for r in RunDir(run).read_metrics() if "tokens_per_s" in r][-1]
     assert f"loss {last['train_loss']:.4f}, {last['tokens_per_s']:,.0f} tokens/s" in bar, bar
     assert "step/s" not in bar and "it/s" not in bar and "s/step" not in bar, bar
 

@@ -8,7 +8,7 @@ from .commands import command
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from ..training.train import evaluate_text
+    from ..training.evaluate import evaluate_text
 
     result = evaluate_text(args.run_dir, args.data, encoding=args.encoding, device=args.device,
                            batch_size=args.batch_size)

@@ -8,8 +8,8 @@ from .commands import command
 
 
 def _run_info(args: argparse.Namespace) -> int:
+    from ..store.describe import describe_run
     from ..store.runs import format_runs, is_runs_folder, list_runs
-    from ..training.train import describe_run
 
     if is_runs_folder(args.run_dir):  # the folder of runs itself (runs/): the listing of `llmscratch runs`
         print(format_runs(list_runs(args.run_dir), args.run_dir))

@@ -151,32 +151,48 @@ def attend(
         dead_rows = ~mask.any(dim=-1, keepdim=True)  # the mask's shape with Tk -> 1, e.g. (B, 1, Tq, 1)
 
     if backend == "fused" and not need_weights:
-        sdpa_mask = mask
-        is_causal = False
-        if attn_bias is not None:
-            sdpa_mask = attn_bias.to(q.dtype)
-            if mask is not None:
-                sdpa_mask = sdpa_mask.masked_fill(~mask, float("-inf"))
-        elif mask is not None and key_padding_mask is None and causal and q_len == k_len and causal_mask is None:
-            # SDPA's is_causal aligns the mask top-left, ours bottom-right: equal only when Tq == Tk.
-            sdpa_mask, is_causal = None, True  # lets SDPA pick the flash kernel
-        if dead_rows is not None and sdpa_mask is not None:
-            # Give fully masked rows one visible key so no kernel produces NaN; zeroed below.
-            if sdpa_mask.dtype == torch.bool:
-                sdpa_mask = sdpa_mask | dead_rows
-            else:
-                sdpa_mask = sdpa_mask.masked_fill(dead_rows, 0.0)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=is_causal, scale=factor
-        )
-        if dead_rows is not None:
-            out = out.masked_fill(dead_rows, 0.0)
-        return out, None
+        return _fused(q, k, v, mask, attn_bias, dead_rows, factor, dropout_p,
+                      plain_causal=causal and key_padding_mask is None and causal_mask is None and q_len == k_len), None
+    context, weights = _explicit(q, k, v, mask, attn_bias, dead_rows, factor, dropout_p)
+    return context, (weights if need_weights else None)
 
-    # The explicit path, written out line by line. The mask (and ALiBi) become one additive
-    # bias: 0 where a key is visible, -inf where it is hidden (softmax turns -inf into weight 0),
-    # so scaling and masking the scores is a single pass over them (at 64 tokens on a CPU:
-    # 3.8 ms forward + backward, 6.0 ms when scaling and masked_fill were two passes).
+
+def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+           attn_bias: Optional[torch.Tensor], dead_rows: Optional[torch.Tensor], factor: float, dropout_p: float,
+           plain_causal: bool) -> torch.Tensor:
+    """:func:`attend`'s fused path: PyTorch's SDPA with our mask (or ``is_causal``) and bias."""
+    sdpa_mask = mask
+    is_causal = False
+    if attn_bias is not None:
+        sdpa_mask = attn_bias.to(q.dtype)
+        if mask is not None:
+            sdpa_mask = sdpa_mask.masked_fill(~mask, float("-inf"))
+    elif mask is not None and plain_causal:
+        # SDPA's is_causal aligns the mask top-left, ours bottom-right: equal only when Tq == Tk.
+        sdpa_mask, is_causal = None, True  # lets SDPA pick the flash kernel
+    if dead_rows is not None and sdpa_mask is not None:
+        # Give fully masked rows one visible key so no kernel produces NaN; zeroed below.
+        if sdpa_mask.dtype == torch.bool:
+            sdpa_mask = sdpa_mask | dead_rows
+        else:
+            sdpa_mask = sdpa_mask.masked_fill(dead_rows, 0.0)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=is_causal, scale=factor
+    )  # (B, H, Tq, d)
+    if dead_rows is not None:
+        out = out.masked_fill(dead_rows, 0.0)
+    return out
+
+
+def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+              attn_bias: Optional[torch.Tensor], dead_rows: Optional[torch.Tensor], factor: float,
+              dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attend`'s explicit path, written out line by line: ``(context, weights)``.
+
+    The mask (and ALiBi) become one additive bias: 0 where a key is visible, -inf where it is
+    hidden (softmax turns -inf into weight 0), so scaling and masking the scores is a single
+    pass over them (faster on a CPU than two: docs/performance.md).
+    """
     if q.dtype in (torch.float16, torch.bfloat16):
         # Scores in float32, as fused kernels keep them: rounded to bf16's 8 bits, Q·Kᵀ of size ~9
         # gave attention outputs 8× further from float64 than SDPA's (autocast would round them again).
@@ -201,7 +217,7 @@ def attend(
     if dropout_p > 0.0:  # callers pass 0.0 in eval mode, so training=True is safe here
         weights = F.dropout(weights, p=dropout_p, training=True)
     context = weights.to(v.dtype) @ v  # (B, H, Tq, d)
-    return context, (weights if need_weights else None)
+    return context, weights
 
 
 def _as_batch(x: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:

@@ -434,8 +434,13 @@ class _Step:
     static_cache: Optional[StaticKVCache] = None
     positions: Optional[torch.Tensor] = None  # (T,) slots of the new tokens in a static cache
     visible: Optional[torch.Tensor] = None  # (T, T_max) bool mask over a static cache
-    need_weights: bool = False
+    need_weights: bool = False  # the explicit attention path, so that the weights exist (and are traced)
     weights: list = field(default_factory=list)
+    # trace(layer, name, tensor): each attention layer hands over what it computes, in order:
+    # "q", "k", "v" (B, H, T, d) per head (after RoPE where the model uses it; before the KV
+    # cache), "weights" (B, H, T, T_total) with need_weights, "context" (B, H, T, d), "output"
+    # (B, T, C). The inspection tools read attention through it instead of computing it again.
+    trace: Optional[Callable[[int, str, torch.Tensor], None]] = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -455,15 +460,26 @@ class CausalSelfAttention(nn.Module):
         self.qkv = Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
         self.out_proj = Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
-        """``(B, T, C)`` → ``(B, T, C)``: attention over the visible tokens (cache, positions, masks from ``step``)."""
-        b, t, c = x.shape
+    def project(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x (B, T, C)`` → per-head ``q, k, v``, each ``(B, H, T, d)``; q and k rotated by RoPE's ``(cos, sin)``."""
+        b, t, _ = x.shape
         qkv = self.qkv(x)  # (B, T, 3C)
         qkv = qkv.view(b, t, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, d)
-        if step.rope is not None:
-            cos, sin = step.rope
+        if rope is not None:
+            cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
+        """``(B, T, C)`` → ``(B, T, C)``: attention over the visible tokens (cache, positions, masks from ``step``)."""
+        b, t, c = x.shape
+        q, k, v = self.project(x, step.rope)  # 3 × (B, H, T, d)
+        trace = step.trace
+        if trace is not None:
+            for name, tensor in (("q", q), ("k", k), ("v", v)):
+                trace(self.layer, name, tensor)
         if step.cache is not None:
             k, v = step.cache.update(self.layer, k, v)  # (B, H, T_total, d)
         elif step.static_cache is not None:
@@ -477,8 +493,14 @@ class CausalSelfAttention(nn.Module):
         )  # (B, H, T, d)
         if step.need_weights:
             step.weights.append(weights)
-        y = y.transpose(1, 2).reshape(b, t, c)  # (B, T, C): heads merged
-        return self.out_proj(y)
+        y_merged = y.transpose(1, 2).reshape(b, t, c)  # (B, T, C): heads merged
+        out = self.out_proj(y_merged)
+        if trace is not None:
+            if weights is not None:
+                trace(self.layer, "weights", weights)
+            trace(self.layer, "context", y)
+            trace(self.layer, "output", out)
+        return out
 
 
 class FeedForward(nn.Module):
@@ -588,6 +610,7 @@ class GPT(nn.Module):
         key_padding_mask: Optional[torch.Tensor] = None,
         cache: Optional[KVCache | StaticKVCache] = None,
         need_weights: bool = False,
+        trace: Optional[Callable[[int, str, torch.Tensor], None]] = None,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the model.
 
@@ -601,6 +624,8 @@ class GPT(nn.Module):
                 ``(T,)`` tensor; no range check, so no host sync: the caller keeps them in range
                 and fills the slots from 0 with no gap).
             need_weights: also return the per-layer attention weights (explicit backend).
+            trace: ``trace(layer, name, tensor)`` sees what every attention layer computes (see
+                ``_Step.trace``): per-head q, k, v, the weights (with ``need_weights``), the context.
 
         Returns:
             logits ``(B, T, V)``, or the mean cross-entropy loss when ``targets`` is given;
@@ -639,7 +664,7 @@ class GPT(nn.Module):
             x = x + (INIT_STD * sinusoidal_embedding(positions, self.cfg.emb_dim)).to(x.dtype)
         x = self.drop(x)
 
-        step = _Step(key_padding_mask=key_padding_mask, cache=cache, need_weights=need_weights)
+        step = _Step(key_padding_mask=key_padding_mask, cache=cache, need_weights=need_weights, trace=trace)
         if static is not None:
             step.static_cache, step.positions, step.visible = static, positions, static.visible(positions)
         if self.cfg.pos_emb == "rope":

@@ -53,12 +53,7 @@ import torch.nn as nn
 from ..errors import CheckpointError, ConfigError
 from ..files import DiskFullError, PathLike, disk_full_error, sync_directory, write_atomic, write_text_atomic
 from ..nn.model import GPT, GPTConfig
-
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TRAINING_STATE_FILE = "training_state.pt"
-SHARDED_DIR = "sharded"  # the FSDP checkpoint inside a run directory (distributed.py writes it)
+from .rundir import BEST_DIR, CONFIG_FILE, LATEST, SHARDED_DIR, TRAIN_CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE
 
 # Fields that change how a model runs but not what its weights are; load_model accepts them
 # as overrides (e.g. the explicit attention backend for inspection, no dropout for eval).
@@ -134,7 +129,7 @@ def _require_dir(directory: Path, what: str = "run directory") -> None:
     if not directory.exists():
         if directory.is_symlink():  # a link whose target was deleted or moved
             target = Path(os.path.normpath(directory.parent / os.readlink(directory)))
-            if directory.name == "latest":
+            if directory.name == LATEST:
                 raise CheckpointError(
                     f"{what} {directory} is a link to {target}, which no longer exists (deleted or moved); "
                     f"`latest` points at the newest run in {directory.parent} that saved a checkpoint: give "
@@ -407,8 +402,8 @@ def _no_config(run_dir: Path) -> None:
 def _without_config(run_dir: Path) -> tuple[str, str]:
     """What a folder without ``config.json`` is: ``(a few words for a listing, the error saying what to do)``."""
     path = run_dir / CONFIG_FILE
-    best = run_dir / "best"
-    if (run_dir / "train_config.json").is_file():
+    best = run_dir / BEST_DIR
+    if (run_dir / TRAIN_CONFIG_FILE).is_file():
         if (run_dir / WEIGHTS_FILE).exists():
             return ("a training run whose first checkpoint was cut short: config.json is missing",
                     f"{path} is missing beside {run_dir / WEIGHTS_FILE}: the training run's first checkpoint was cut "
@@ -560,10 +555,10 @@ def refuse_non_finite(tensors: Mapping[str, torch.Tensor], source: PathLike, fix
 
 def _non_finite_fix(run_dir: Path) -> str:
     """What to load instead of a run whose weights are damaged: its best/ weights, its checkpoint, a backup."""
-    if run_dir.name == "best" and (run_dir.parent / WEIGHTS_FILE).is_file():
+    if run_dir.name == BEST_DIR and (run_dir.parent / WEIGHTS_FILE).is_file():
         return (f"load the run's last checkpoint, {run_dir.parent}, instead, or restore {run_dir / WEIGHTS_FILE} "
                 "from a backup")
-    if (run_dir / "best" / WEIGHTS_FILE).is_file():
+    if (run_dir / BEST_DIR / WEIGHTS_FILE).is_file():
         return (f"load the run's best weights, {run_dir / 'best'}, instead (to train on: "
                 f"`llmscratch train --init-from {run_dir / 'best'}`), or restore the file from a backup or a "
                 "previous checkpoint")

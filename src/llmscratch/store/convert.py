@@ -23,9 +23,12 @@ from ..files import PathLike
 from ..nn.model import GPT, GPTConfig
 from . import sharded
 from .checkpoint import (
-    CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, _read_json, _require_dir, _with_tied_head, _write_torch,
+    _read_json, _require_dir, _with_tied_head, _write_torch,
     book_config_dict, book_to_ours, describe, load_hf_model, load_model, ours_to_book, read_book_file,
     refuse_non_finite, save_hf, save_run,
+)
+from .rundir import (
+    BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, TRAIN_CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE,
 )
 
 
@@ -99,7 +102,7 @@ def _check_tokenizer_fits(tokenizer: Any, cfg: GPTConfig, where: str) -> None:
 
 # What a run directory may hold besides config.json and model.safetensors: an import over a
 # run (--force) removes them, so no old tokenizer, optimizer state or metrics outlive its model.
-_RUN_LEFTOVERS = ("training_state.pt", "train_config.json", "metrics.jsonl", "loss.png", "best",
+_RUN_LEFTOVERS = (TRAINING_STATE_FILE, TRAIN_CONFIG_FILE, METRICS_FILE, PLOT_FILE, BEST_DIR,
                   "tokenizer_config.json", "tokenizer.json", "chars.json", "vocab.json", "merges.txt",
                   "encoder.json", "vocab.bpe")
 

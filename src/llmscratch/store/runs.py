@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import checkpoint as ckpt
+from .rundir import LATEST, TRAIN_CONFIG_FILE, RunDir
 from ..errors import CheckpointError
 from ..files import PathLike, human_bytes
 
@@ -51,9 +52,9 @@ def is_runs_folder(folder: PathLike) -> bool:
     folder = Path(folder)
     if not folder.is_dir() or (folder / ckpt.CONFIG_FILE).exists():
         return False
-    if (folder / "latest").is_symlink():
+    if (folder / LATEST).is_symlink():
         return True
-    return any(child.is_dir() and ((child / ckpt.CONFIG_FILE).is_file() or (child / "train_config.json").is_file())
+    return any(child.is_dir() and ((child / ckpt.CONFIG_FILE).is_file() or (child / TRAIN_CONFIG_FILE).is_file())
                for child in folder.iterdir() if not child.name.startswith("."))
 
 
@@ -71,7 +72,7 @@ def list_runs(folder: PathLike = "runs") -> list[RunRow]:
     if (folder / ckpt.CONFIG_FILE).is_file():
         raise CheckpointError(f"{folder} is a run, not a folder of runs: `llmscratch info {folder}` describes it, "
                               f"`llmscratch runs {folder.parent}` lists it with the others")
-    latest = folder / "latest"
+    latest = folder / LATEST
     target = (folder / os.readlink(latest)).resolve() if latest.is_symlink() else None
     rows = []
     for child in sorted(folder.iterdir()):
@@ -92,24 +93,20 @@ def _row(path: Path, latest: bool) -> RunRow:
     except CheckpointError:
         step = None
     steps = None
-    if (path / "train_config.json").is_file():
+    if (path / TRAIN_CONFIG_FILE).is_file():
         try:
-            steps = ckpt.read_json(path / "train_config.json").get("steps")
+            steps = ckpt.read_json(path / TRAIN_CONFIG_FILE).get("steps")
         except CheckpointError:
             pass
     weights = path / ckpt.WEIGHTS_FILE
     saved = (weights if weights.is_file() else path / ckpt.CONFIG_FILE).stat().st_mtime
     return RunRow(path.name, path, kind, latest=latest, step=step, steps=steps if isinstance(steps, int) else None,
-                  best_bpb=_best_bpb(path / "metrics.jsonl"), size=_size(path), saved=saved)
+                  best_bpb=_best_bpb(RunDir(path)), size=_size(path), saved=saved)
 
 
-def _best_bpb(metrics: Path) -> Optional[float]:
+def _best_bpb(run: RunDir) -> Optional[float]:
     """The lowest validation bits per byte recorded during training (not the final whole-split one)."""
-    from ..training.train import read_metrics  # the one reader of metrics.jsonl
-
-    if not metrics.is_file():
-        return None
-    values = [r["val_bpb"] for r in read_metrics(metrics)
+    values = [r["val_bpb"] for r in run.read_metrics()
               if isinstance(r.get("val_bpb"), (int, float)) and not r.get("final")]
     return min(values, default=None)
 

@@ -351,15 +351,14 @@ class _TrainStep:
         self.last_loss: Optional[torch.Tensor] = None
 
     def __call__(self) -> None:
+        from ..training.step import train_step
+
         x, y = self.batches[self.i % len(self.batches)]
         self.i += 1
-        with sdpa_context(self.c.sdpa_backend), _autocast(self.device, self.precision):
-            loss = self.c.loss_fn(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.c.model.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.last_loss = loss.detach()  # read only after the timed run: no host sync per step
+        with sdpa_context(self.c.sdpa_backend):
+            result = train_step(self.c.loss_fn, self.c.model.parameters(), self.opt, [(x, y)], grad_clip=1.0,
+                                autocast=lambda: _autocast(self.device, self.precision))
+        self.last_loss = result.loss  # read only after the timed run: no host sync per step
 
 
 def bench_train(

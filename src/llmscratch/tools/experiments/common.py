@@ -289,14 +289,16 @@ def train_model(
 ) -> TrainLog:
     """Train ``model`` on random training windows with AdamW and the project's schedule.
 
-    The optimizer and learning-rate schedule are train.py's (``build_optimizer``,
-    ``lr_at``: warmup then cosine decay to lr/10), gradients are clipped to 1.0. The batch
+    One step is ``llmscratch train``'s (``training.step.train_step``), with its optimizer and
+    schedule (``build_optimizer``, ``lr_at``: warmup then cosine decay to lr/10); gradients
+    are clipped to 1.0. The batch
     order depends on ``seed`` only, so models trained with the same seed and batch size
     see the same windows. Validation loss is measured every ``eval_every`` steps and at
     the end; the gradient norm (before clipping) is logged every step. With ``progress``,
     the run is announced under ``label`` (e.g. ``heads=4``) as it starts and ends.
     """
-    from ...training.train import TrainConfig, build_optimizer, lr_at
+    from ...training.config import TrainConfig, lr_at
+    from ...training.step import build_optimizer, set_lr, train_step
 
     context = model.cfg.context_length
     # The experiments' own optimizer, written out rather than taken from `llmscratch train`'s
@@ -316,20 +318,14 @@ def train_model(
     for step in range(steps):
         runtime.synchronize()
         t0 = time.perf_counter()
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
+        set_lr(optimizer, lr_at(step, cfg))
         starts = window_starts(n_train, batch_size, context, gen)
         x, y = gather_windows(data.splits.train, starts, context)  # (B, T) each
-        x, y = x.to(runtime.device), y.to(runtime.device)
-        with runtime.autocast():
-            loss = model(x, y)
-        loss.backward()
-        log.qkv_grad_norms.append(_grad_norm(qkv_params))
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        log.train_losses.append(loss.item())  # the .item() syncs, so the timing is honest
-        log.grad_norms.append(float(norm))
+        result = train_step(model, model.parameters(), optimizer, [(x.to(runtime.device), y.to(runtime.device))],
+                            grad_clip=cfg.grad_clip, autocast=runtime.autocast,
+                            before_clip=lambda: log.qkv_grad_norms.append(_grad_norm(qkv_params)))
+        log.train_losses.append(result.loss.item())  # the .item() syncs, so the timing is honest
+        log.grad_norms.append(float(result.grad_norm))
         log.train_seconds += time.perf_counter() - t0
         log.tokens += batch_size * context
         if (step + 1) % eval_every == 0 or step + 1 == steps:
