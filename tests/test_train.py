@@ -805,7 +805,7 @@ def _print_config(argv: list[str], capsys) -> str:
 def test_print_config_prints_the_resolved_options_that_config_gives_back(corpus, tmp_path, capsys):
     """Defaults, a --config file and the command line merged, printed as YAML; fed back through --config
     alone, the same TrainConfig. Nothing is trained. A --resume prints the settings the run continues with."""
-    from llmscratch.cli.train import load_config_file
+    from llmscratch.training.config import load_config_file
 
     given = tmp_path / "given.yaml"
     given.write_text("steps: 33\nlr: 3e-3\nsample_prompt: 'Zürich: \"ok\"'\nmodel:\n  n_layers: 3\n  pos_emb: rope\n")
