@@ -889,7 +889,7 @@ def test_a_checkpoint_the_disk_has_no_room_for_removes_what_it_staged_and_keeps_
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
 
     monkeypatch.setattr(checkpoint.torch, "save", no_room)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", _free(1000))
+    monkeypatch.setattr(shutil, "disk_usage", _free(1000))
     with pytest.raises(DiskFullError) as err:
         checkpoint.save_checkpoint(tmp_path, tiny(seed=1), {"step": 8, "optimizer": {"m": torch.ones(1000)}})
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
@@ -933,7 +933,7 @@ def _fill_the_disk_at_the_checkpoint(monkeypatch, which: str) -> None:
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
     monkeypatch.setattr(checkpoint.torch, "save", save)
-    monkeypatch.setattr(checkpoint.shutil, "disk_usage", _free(2000))
+    monkeypatch.setattr(shutil, "disk_usage", _free(2000))
 
 
 @pytest.mark.parametrize("which", ["weights", "state"])
