@@ -361,6 +361,16 @@ def _complete_config(data: dict[str, Any], path: Path, weights: Path) -> dict[st
     if not missing or set(data) - set(names):
         return data
     shapes = _weight_shapes(weights) if weights.is_file() else None
+    completed = _fill_missing(data, missing, shapes)
+    refused = [n for n in names if n not in completed]
+    if refused:
+        raise _incomplete_config_error(path, weights, refused, weights_read=shapes is not None)
+    return completed
+
+
+def _fill_missing(data: dict[str, Any], missing: list[str],
+                  shapes: Optional[Mapping[str, tuple[int, ...]]]) -> dict[str, Any]:
+    """``data`` with the ``missing`` fields the weights' ``shapes`` show, and those harmless to default."""
     found = {name: value for name, value, _ in _infer_ours(shapes)} if shapes is not None else {}
     if found.get("pos_emb") == "not learned":
         del found["pos_emb"]  # rope, sinusoidal, alibi or none: the weights cannot say which
@@ -372,15 +382,17 @@ def _complete_config(data: dict[str, Any], path: Path, weights: Path) -> dict[st
     for name in _HARMLESS_DEFAULTS + ("rope_base",):
         if name in missing and (name != "rope_base" or completed.get("pos_emb", "rope") != "rope"):
             completed[name] = defaults[name]
-    refused = [n for n in names if n not in completed]
-    if refused:
-        why = "the weights cannot show" + ("" if shapes is not None else f" ({weights.name} is missing there)")
-        raise CheckpointError(
-            f"{path} lacks {', '.join(f'{n!r}' for n in refused)}, which {why}: add "
-            + "; ".join(f'"{n}": {_FIELD_HINTS.get(n, "its value")}' for n in refused)
-            + " — the value the model was trained with (train_config.json beside it names a trained run's preset "
-            "and options) — or restore config.json from a backup")
     return completed
+
+
+def _incomplete_config_error(path: Path, weights: Path, refused: list[str], weights_read: bool) -> CheckpointError:
+    """The error for a ``config.json`` lacking fields the weights cannot show: what to add for each."""
+    why = "the weights cannot show" + ("" if weights_read else f" ({weights.name} is missing there)")
+    return CheckpointError(
+        f"{path} lacks {', '.join(f'{n!r}' for n in refused)}, which {why}: add "
+        + "; ".join(f'"{n}": {_FIELD_HINTS.get(n, "its value")}' for n in refused)
+        + " — the value the model was trained with (train_config.json beside it names a trained run's preset "
+        "and options) — or restore config.json from a backup")
 
 
 def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
