@@ -996,3 +996,61 @@ def test_cli_import_of_a_book_file_without_a_tokenizer_says_in_one_line_how_to_g
     write_tiny_gpt2_files(tmp_path / "gpt2", names=("encoder.json", "vocab.bpe"))
     assert main(["import", str(source), str(tmp_path / "run"), "--heads", "2", "--tokenizer-dir",
                  str(tmp_path / "gpt2")]) == 0
+
+
+# ---------------------------------------------------------------------------- the Rule tables' split sizes
+
+
+def test_the_tables_take_the_qkv_and_mlp_sizes_from_the_config():
+    """Both tables read Q, K, V and the MLP width from qkv_sizes and mlp_hidden, which match our model."""
+    cfg = GPTConfig.from_preset("test", emb_dim=24, n_heads=3)
+    block = GPT(cfg).blocks[0]
+    assert sum(checkpoint.qkv_sizes(cfg)) == block.attn.qkv.weight.shape[0]
+    assert checkpoint.mlp_hidden(cfg) == block.ff.fc_in.weight.shape[0] == block.ff.fc_out.weight.shape[1]
+    rules = {(table, rule.ours): rule for table in ("hf", "book")
+             for rule in (checkpoint.HF_TABLE if table == "hf" else checkpoint.BOOK_TABLE)}
+    q, k, v = checkpoint.qkv_sizes(cfg)
+    assert rules["book", "blocks.{i}.attn.qkv.weight"].their_shapes(cfg) == ((q, 24), (k, 24), (v, 24))
+    assert rules["book", "blocks.{i}.attn.qkv.bias"].split_sizes(cfg) == (q, k, v)
+    assert rules["hf", "blocks.{i}.attn.qkv.weight"].their_shapes(cfg) == ((24, q + k + v),)  # fused, (in, out)
+    hidden = checkpoint.mlp_hidden(cfg)
+    assert rules["hf", "blocks.{i}.ff.fc_in.weight"].their_shapes(cfg) == ((24, hidden),)
+    assert rules["book", "blocks.{i}.ff.fc_out.weight"].their_shapes(cfg) == ((24, hidden),)
+
+
+def _gqa_rule() -> checkpoint.Rule:
+    """A fused qkv whose K and V are half as wide as Q (two query heads per key/value head)."""
+    def sizes(c: GPTConfig) -> tuple[int, int, int]:
+        return c.emb_dim, c.emb_dim // 2, c.emb_dim // 2  # q, k, v
+
+    return checkpoint.Rule("qkv.weight", ("q.weight", "k.weight", "v.weight"), lambda c: (2 * c.emb_dim, c.emb_dim),
+                           split=sizes)
+
+
+def test_a_rule_cuts_where_its_split_sizes_say_both_ways():
+    cfg = GPTConfig.from_preset("test", emb_dim=8, n_heads=2)
+    rule = _gqa_rule()
+    qkv = torch.arange(16 * 8, dtype=torch.float32).view(16, 8)  # (q + k + v, C) = (8 + 4 + 4, 8)
+    theirs = checkpoint._convert_out((rule,), {"qkv.weight": qkv}, cfg)
+    assert {key: tuple(t.shape) for key, t in theirs.items()} == {"q.weight": (8, 8), "k.weight": (4, 8),
+                                                                  "v.weight": (4, 8)}
+    assert torch.equal(theirs["q.weight"], qkv[:8]) and torch.equal(theirs["k.weight"], qkv[8:12])
+    assert torch.equal(theirs["v.weight"], qkv[12:])
+    back = checkpoint._convert_in((rule,), theirs, cfg, "the test")
+    assert torch.equal(back["qkv.weight"], qkv)
+
+
+def test_equal_thirds_do_not_fit_a_rule_with_unequal_sizes():
+    cfg = GPTConfig.from_preset("test", emb_dim=8, n_heads=2)
+    thirds = dict(zip(("q.weight", "k.weight", "v.weight"), torch.randn(16, 8).tensor_split(3)))  # 6, 5, 5 rows
+    with pytest.raises(CheckpointError, match=r"q\.weight \(expected \(8, 8\), found \(6, 8\)\)"):
+        checkpoint._convert_in((_gqa_rule(),), thirds, cfg, "the test")
+
+
+def test_a_rule_of_several_tensors_needs_sizes_that_add_up():
+    with pytest.raises(ValueError, match="need split sizes"):
+        checkpoint.Rule("qkv.weight", ("q.weight", "k.weight"), lambda c: (2 * c.emb_dim, c.emb_dim))
+    wrong = checkpoint.Rule("qkv.weight", ("q.weight", "k.weight"), lambda c: (2 * c.emb_dim, c.emb_dim),
+                            split=lambda c: (c.emb_dim, 1))
+    with pytest.raises(ValueError, match="do not cut"):
+        wrong.split_sizes(GPTConfig.from_preset("test"))

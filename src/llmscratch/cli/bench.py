@@ -3,78 +3,140 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from .commands import command
 
-
-def _run_bench(args: argparse.Namespace) -> int:
+if TYPE_CHECKING:
     import torch
 
-    from ..tools import bench
-    from ..errors import ConfigError
     from ..nn.model import GPTConfig
-    from ..runtime import resolve_precision, setup_runtime
+
+PROMPT_TOKENS = 8  # the length of the random prompt the decode section continues
+
+
+@dataclass
+class _Session:
+    """What every section of one ``llmscratch bench`` shares, and the record that ``--json`` writes."""
+
+    device: torch.device
+    precision: str
+    cfg: GPTConfig
+    context: int
+    peers: list[str]
+    compile: bool
+    record: dict[str, Any]
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse a count below one, before anything is measured: no traceback, no half table."""
+    from ..errors import ConfigError
 
     counts = {"--batch": args.batch, "--steps": args.steps, "--repeats": args.repeats, "--new-tokens": args.new_tokens,
               "--context": args.context, "--threads": args.threads,
               "--decode-batches": min(args.decode_batches, default=None)}
-    for option, value in counts.items():  # before anything is measured: no traceback, no half table
+    for option, value in counts.items():
         if value is not None and value < 1:
             raise ConfigError(f"{option} must be at least 1, got {value}")
+
+
+def _check_decode_fits(args: argparse.Namespace, cfg: GPTConfig) -> None:
+    """Refuse a decode that runs past a learned position table (it would fail mid-run)."""
+    from ..errors import ConfigError
+
+    if args.what not in ("decode", "all") or cfg.pos_emb != "learned":
+        return
+    if PROMPT_TOKENS + args.new_tokens > cfg.context_length:
+        raise ConfigError(f"--new-tokens {args.new_tokens} and the {PROMPT_TOKENS}-token prompt do not fit the "
+                          f"{cfg.context_length}-token context of preset {args.preset} (learned positions): give "
+                          f"--new-tokens {cfg.context_length - PROMPT_TOKENS} or less")
+
+
+def _start(args: argparse.Namespace) -> _Session:
+    """Check the options, choose the device and precision, and print the heading of the run."""
+    import torch
+
+    from ..nn.model import GPTConfig
+    from ..runtime import resolve_precision, setup_runtime
+    from ..tools import bench
+
+    _check_numbers(args)
     if args.json:
         bench.check_json_path(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
-    runtime = setup_runtime(args.device, "fp32" if args.device == "cpu" else "auto")
-    device = runtime.device
+    device = setup_runtime(args.device, "fp32" if args.device == "cpu" else "auto").device
     precision = resolve_precision(args.precision, device)
     cfg = GPTConfig.from_preset(args.preset, drop_rate=0.0)
     context = args.context or cfg.context_length
-    if args.what in ("decode", "all") and cfg.pos_emb == "learned" and 8 + args.new_tokens > cfg.context_length:
-        raise ConfigError(f"--new-tokens {args.new_tokens} and the 8-token prompt do not fit the {cfg.context_length}-"
-                          f"token context of preset {args.preset} (learned positions): give --new-tokens "
-                          f"{cfg.context_length - 8} or less")
+    _check_decode_fits(args, cfg)
     peers = bench.available_peers() if args.peers else []
     compile_ = device.type == "cuda" if args.compile is None else args.compile
-    record: dict = {"environment": bench.environment(device), "preset": args.preset, "batch": args.batch,
-                    "context": context, "precision": precision, "peers": peers}
+    record: dict[str, Any] = {"environment": bench.environment(device), "preset": args.preset, "batch": args.batch,
+                              "context": context, "precision": precision, "peers": peers}
     print(f"llmscratch bench on {record['environment']['device']} (torch {torch.__version__}), preset "
           f"{args.preset}, batch {args.batch}, context {context}, {precision}, peers: {', '.join(peers) or 'none'}")
-    what = args.what
-    if what in ("attention", "all"):
-        shape = (args.batch, cfg.n_heads, context, cfg.head_dim)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        rows = bench.bench_attention(device, *shape, dtype=dtype, repeats=args.repeats)
-        record["attention"] = rows
-        print(f"\nattention op, B {shape[0]}, {bench.count(shape[1], 'head')}, T {shape[2]}, d {shape[3]}, causal, "
-              f"{precision}, fwd+bwd:")
-        print(bench.format_attention(rows))
-        if args.json:  # after every section's table, so a run cut short or a failed write keeps it
-            bench.write_json(args.json, record)
-    if what in ("train", "all"):
-        names = ["ours"] + [p for p in peers if p in bench.PEERS]
-        rows = bench.bench_train(cfg, device, args.batch, context, precision, names, compile=compile_,
-                                 steps=args.steps, repeats=args.repeats, loss_impl=args.loss)
-        record["train"] = rows
-        record["peak_tflops_measured"] = bench.measure_peak_tflops(device) if device.type == "cuda" else None
-        print(f"\ntraining, {args.preset}, batch {args.batch}, context {context}, {precision}, AdamW "
-              f"(median of {bench.count(args.repeats, 'run')} of {bench.count(args.steps, 'step')}):")
-        print(bench.format_train(rows))
-        if args.json:  # after every section's table, so a run cut short or a failed write keeps it
-            bench.write_json(args.json, record)
-    if what in ("decode", "all"):
-        decode_peers = [p for p in ("book", "hf") if args.peers and
-                        (p == "hf" and "hf" in peers or p != "hf" and "book" in peers)]
-        rows = bench.bench_decode(cfg, device, batches=tuple(args.decode_batches), new_tokens=args.new_tokens,
-                                  repeats=args.repeats, peers=decode_peers)
-        record["decode"] = rows
-        print(f"\ngreedy decoding, {args.preset}, prompt 8 tokens, {bench.count(args.new_tokens, 'new token')} "
-              f"(median of {bench.count(args.repeats, 'run')}):")
-        print(bench.format_decode(rows))
-        if args.json:  # after every section's table, so a run cut short or a failed write keeps it
-            bench.write_json(args.json, record)
+    return _Session(device, precision, cfg, context, peers, compile_, record)
+
+
+def _attention(args: argparse.Namespace, s: _Session) -> None:
+    """Measure the attention op alone and print its table."""
+    import torch
+
+    from ..tools import bench
+
+    shape = (args.batch, s.cfg.n_heads, s.context, s.cfg.head_dim)  # (B, H, T, d)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(s.precision, torch.float32)
+    rows = bench.bench_attention(s.device, *shape, dtype=dtype, repeats=args.repeats)
+    s.record["attention"] = rows
+    print(f"\nattention op, B {shape[0]}, {bench.count(shape[1], 'head')}, T {shape[2]}, d {shape[3]}, causal, "
+          f"{s.precision}, fwd+bwd:")
+    print(bench.format_attention(rows))
+
+
+def _train(args: argparse.Namespace, s: _Session) -> None:
+    """Measure training steps of ours and the peers and print their table."""
+    from ..tools import bench
+
+    names = ["ours"] + [p for p in s.peers if p in bench.PEERS]
+    rows = bench.bench_train(s.cfg, s.device, args.batch, s.context, s.precision, names, compile=s.compile,
+                             steps=args.steps, repeats=args.repeats, loss_impl=args.loss)
+    s.record["train"] = rows
+    s.record["peak_tflops_measured"] = bench.measure_peak_tflops(s.device) if s.device.type == "cuda" else None
+    print(f"\ntraining, {args.preset}, batch {args.batch}, context {s.context}, {s.precision}, AdamW "
+          f"(median of {bench.count(args.repeats, 'run')} of {bench.count(args.steps, 'step')}):")
+    print(bench.format_train(rows))
+
+
+def _decode(args: argparse.Namespace, s: _Session) -> None:
+    """Measure greedy decoding of ours and the peers and print its table."""
+    from ..tools import bench
+
+    decode_peers = [p for p in ("book", "hf") if args.peers and
+                    (p == "hf" and "hf" in s.peers or p != "hf" and "book" in s.peers)]
+    rows = bench.bench_decode(s.cfg, s.device, batches=tuple(args.decode_batches), new_tokens=args.new_tokens,
+                              prompt_len=PROMPT_TOKENS, repeats=args.repeats, peers=decode_peers)
+    s.record["decode"] = rows
+    print(f"\ngreedy decoding, {args.preset}, prompt {PROMPT_TOKENS} tokens, "
+          f"{bench.count(args.new_tokens, 'new token')} (median of {bench.count(args.repeats, 'run')}):")
+    print(bench.format_decode(rows))
+
+
+SECTIONS = (("attention", _attention), ("train", _train), ("decode", _decode))
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from ..tools import bench
+
+    session = _start(args)
+    for what, measure in SECTIONS:
+        if args.what in (what, "all"):
+            measure(args, session)
+            if args.json:  # after every section's table, so a run cut short or a failed write keeps it
+                bench.write_json(args.json, session.record)
     if args.json:
-        bench.write_json(args.json, record)
+        bench.write_json(args.json, session.record)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -20,7 +20,8 @@ do. ``config.json`` must be complete: a missing field is read from the weights w
 it and refused where they do not (:func:`load_config`).
 
 **Foreign formats.** Each has one explicit mapping table (:data:`HF_TABLE`, :data:`BOOK_TABLE`)
-with shape checks, used in both directions:
+with shape checks, used in both directions. The widths the tables cut at come from the config
+through :func:`qkv_sizes` (Q, K, V in the fused ``attn.qkv``) and :func:`mlp_hidden`:
 
 * Hugging Face GPT-2 (``transformers.GPT2LMHeadModel``): Conv1D weights are stored
   ``(in, out)``, transposed relative to ``nn.Linear``; ``c_attn`` is Q, K, V fused along the
@@ -360,6 +361,16 @@ def _complete_config(data: dict[str, Any], path: Path, weights: Path) -> dict[st
     if not missing or set(data) - set(names):
         return data
     shapes = _weight_shapes(weights) if weights.is_file() else None
+    completed = _fill_missing(data, missing, shapes)
+    refused = [n for n in names if n not in completed]
+    if refused:
+        raise _incomplete_config_error(path, weights, refused, weights_read=shapes is not None)
+    return completed
+
+
+def _fill_missing(data: dict[str, Any], missing: list[str],
+                  shapes: Optional[Mapping[str, tuple[int, ...]]]) -> dict[str, Any]:
+    """``data`` with the ``missing`` fields the weights' ``shapes`` show, and those harmless to default."""
     found = {name: value for name, value, _ in _infer_ours(shapes)} if shapes is not None else {}
     if found.get("pos_emb") == "not learned":
         del found["pos_emb"]  # rope, sinusoidal, alibi or none: the weights cannot say which
@@ -371,15 +382,17 @@ def _complete_config(data: dict[str, Any], path: Path, weights: Path) -> dict[st
     for name in _HARMLESS_DEFAULTS + ("rope_base",):
         if name in missing and (name != "rope_base" or completed.get("pos_emb", "rope") != "rope"):
             completed[name] = defaults[name]
-    refused = [n for n in names if n not in completed]
-    if refused:
-        why = "the weights cannot show" + ("" if shapes is not None else f" ({weights.name} is missing there)")
-        raise CheckpointError(
-            f"{path} lacks {', '.join(f'{n!r}' for n in refused)}, which {why}: add "
-            + "; ".join(f'"{n}": {_FIELD_HINTS.get(n, "its value")}' for n in refused)
-            + " — the value the model was trained with (train_config.json beside it names a trained run's preset "
-            "and options) — or restore config.json from a backup")
     return completed
+
+
+def _incomplete_config_error(path: Path, weights: Path, refused: list[str], weights_read: bool) -> CheckpointError:
+    """The error for a ``config.json`` lacking fields the weights cannot show: what to add for each."""
+    why = "the weights cannot show" + ("" if weights_read else f" ({weights.name} is missing there)")
+    return CheckpointError(
+        f"{path} lacks {', '.join(f'{n!r}' for n in refused)}, which {why}: add "
+        + "; ".join(f'"{n}": {_FIELD_HINTS.get(n, "its value")}' for n in refused)
+        + " — the value the model was trained with (train_config.json beside it names a trained run's preset "
+        "and options) — or restore config.json from a backup")
 
 
 def _weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -830,14 +843,29 @@ def describe(model: GPT) -> str:
 # =========================================================================== mapping tables
 
 
+def qkv_sizes(cfg: GPTConfig) -> tuple[int, int, int]:
+    """The rows of Q, K and V in our fused ``attn.qkv`` (stacked in that order along its output).
+
+    Each is ``emb_dim``: every query head has its own key and value head. A model with fewer
+    key/value heads (grouped-query attention) changes these sizes here, not the tables.
+    """
+    return cfg.emb_dim, cfg.emb_dim, cfg.emb_dim
+
+
+def mlp_hidden(cfg: GPTConfig) -> int:
+    """The width of the MLP's hidden layer (``ff.fc_in``'s output): GPT-2's ``4 · emb_dim``."""
+    return 4 * cfg.emb_dim
+
+
 @dataclass(frozen=True)
 class Rule:
     """One row of a mapping table: our parameter ↔ the foreign one(s).
 
-    ``theirs`` with several names are concatenated along dim 0 into ours (the book's
-    W_query, W_key, W_value → our qkv). ``transpose``: stored as ``(in, out)`` over there.
-    ``present(cfg)``: whether we have the parameter; when we do not and ``zeros_if_absent``,
-    the other format still stores it, as zeros (GPT-2's qkv bias).
+    ``theirs`` with several names are concatenated along dim 0 into ours, ``split(cfg)`` giving
+    the rows of each in order (the book's W_query, W_key, W_value → our qkv, cut at
+    :func:`qkv_sizes`); one name needs no ``split``. ``transpose``: stored as ``(in, out)`` over
+    there. ``present(cfg)``: whether we have the parameter; when we do not and
+    ``zeros_if_absent``, the other format still stores it, as zeros (GPT-2's qkv bias).
     """
 
     ours: str
@@ -846,17 +874,49 @@ class Rule:
     transpose: bool = False
     present: Callable[[GPTConfig], bool] = lambda cfg: True
     zeros_if_absent: bool = False
+    split: Optional[Callable[[GPTConfig], tuple[int, ...]]] = None  # rows of ours (dim 0) held by each of theirs
 
-    def their_shape(self, cfg: GPTConfig) -> tuple[int, ...]:
-        """The shape of each foreign tensor: ours transposed, or ours split along dim 0 among ``theirs``."""
+    def __post_init__(self) -> None:
+        if len(self.theirs) > 1 and self.split is None:
+            raise ValueError(f"Rule {self.ours}: {len(self.theirs)} foreign tensors need split sizes")
+        if len(self.theirs) > 1 and self.transpose:
+            raise ValueError(f"Rule {self.ours}: a transposed tensor is stored whole, not split")
+
+    def split_sizes(self, cfg: GPTConfig) -> tuple[int, ...]:
+        """The rows of ours (dim 0) that each foreign tensor holds, in the order of ``theirs``."""
+        rows = self.shape(cfg)[0]
+        sizes = tuple(self.split(cfg)) if self.split is not None else (rows,)
+        if len(sizes) != len(self.theirs) or sum(sizes) != rows:
+            raise ValueError(f"Rule {self.ours}: split sizes {sizes} do not cut {rows} rows into "
+                             f"{len(self.theirs)} tensors")
+        return sizes
+
+    def their_shapes(self, cfg: GPTConfig) -> tuple[tuple[int, ...], ...]:
+        """The shape of each foreign tensor: ours transposed, or ours cut along dim 0 at :meth:`split_sizes`."""
         shape = self.shape(cfg)
         if self.transpose:
-            return tuple(reversed(shape))
-        return (shape[0] // len(self.theirs),) + tuple(shape[1:])
+            return (tuple(reversed(shape)),)
+        return tuple((rows, *shape[1:]) for rows in self.split_sizes(cfg))
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The foreign tensors (their shapes checked) → ours, ``(out, in)`` for a weight."""
+        return parts[0].t() if self.transpose else torch.cat(parts, dim=0)
+
+    def cut(self, tensor: torch.Tensor, cfg: GPTConfig) -> tuple[torch.Tensor, ...]:
+        """Ours → the foreign tensors, in the order of ``theirs``: ``(in, out)`` if transposed, else q, k, v, ..."""
+        return (tensor.t(),) if self.transpose else torch.split(tensor, self.split_sizes(cfg), dim=0)
 
 
 def _vec(cfg: GPTConfig) -> tuple[int, ...]:
     return (cfg.emb_dim,)
+
+
+def _qkv_weight(cfg: GPTConfig) -> tuple[int, ...]:
+    return (sum(qkv_sizes(cfg)), cfg.emb_dim)  # (q + k + v, C)
+
+
+def _qkv_vec(cfg: GPTConfig) -> tuple[int, ...]:
+    return (sum(qkv_sizes(cfg)),)
 
 
 def _learned(cfg: GPTConfig) -> bool:
@@ -872,25 +932,25 @@ def _qkv_bias(cfg: GPTConfig) -> bool:
 
 
 # Hugging Face GPT-2, in transformers' save_pretrained layout. Per-layer rows use "{i}".
+# c_attn is Q, K, V fused along its output, as our qkv is: one tensor, transposed whole.
 HF_TABLE: tuple[Rule, ...] = (
     Rule("tok_emb.weight", ("transformer.wte.weight",), lambda c: (c.vocab_size, c.emb_dim)),
     Rule("pos_emb.weight", ("transformer.wpe.weight",), lambda c: (c.context_length, c.emb_dim), present=_learned),
     Rule("blocks.{i}.norm1.weight", ("transformer.h.{i}.ln_1.weight",), _vec),
     Rule("blocks.{i}.norm1.bias", ("transformer.h.{i}.ln_1.bias",), _vec),
-    Rule("blocks.{i}.attn.qkv.weight", ("transformer.h.{i}.attn.c_attn.weight",),
-         lambda c: (3 * c.emb_dim, c.emb_dim), transpose=True),
-    Rule("blocks.{i}.attn.qkv.bias", ("transformer.h.{i}.attn.c_attn.bias",),
-         lambda c: (3 * c.emb_dim,), present=_qkv_bias, zeros_if_absent=True),
+    Rule("blocks.{i}.attn.qkv.weight", ("transformer.h.{i}.attn.c_attn.weight",), _qkv_weight, transpose=True),
+    Rule("blocks.{i}.attn.qkv.bias", ("transformer.h.{i}.attn.c_attn.bias",), _qkv_vec,
+         present=_qkv_bias, zeros_if_absent=True),
     Rule("blocks.{i}.attn.out_proj.weight", ("transformer.h.{i}.attn.c_proj.weight",),
          lambda c: (c.emb_dim, c.emb_dim), transpose=True),
     Rule("blocks.{i}.attn.out_proj.bias", ("transformer.h.{i}.attn.c_proj.bias",), _vec),
     Rule("blocks.{i}.norm2.weight", ("transformer.h.{i}.ln_2.weight",), _vec),
     Rule("blocks.{i}.norm2.bias", ("transformer.h.{i}.ln_2.bias",), _vec),
     Rule("blocks.{i}.ff.fc_in.weight", ("transformer.h.{i}.mlp.c_fc.weight",),
-         lambda c: (4 * c.emb_dim, c.emb_dim), transpose=True),
-    Rule("blocks.{i}.ff.fc_in.bias", ("transformer.h.{i}.mlp.c_fc.bias",), lambda c: (4 * c.emb_dim,)),
+         lambda c: (mlp_hidden(c), c.emb_dim), transpose=True),
+    Rule("blocks.{i}.ff.fc_in.bias", ("transformer.h.{i}.mlp.c_fc.bias",), lambda c: (mlp_hidden(c),)),
     Rule("blocks.{i}.ff.fc_out.weight", ("transformer.h.{i}.mlp.c_proj.weight",),
-         lambda c: (c.emb_dim, 4 * c.emb_dim), transpose=True),
+         lambda c: (c.emb_dim, mlp_hidden(c)), transpose=True),
     Rule("blocks.{i}.ff.fc_out.bias", ("transformer.h.{i}.mlp.c_proj.bias",), _vec),
     Rule("final_norm.weight", ("transformer.ln_f.weight",), _vec),
     Rule("final_norm.bias", ("transformer.ln_f.bias",), _vec),
@@ -905,17 +965,17 @@ BOOK_TABLE: tuple[Rule, ...] = (
     Rule("blocks.{i}.norm1.bias", ("trf_blocks.{i}.norm1.shift",), _vec),
     Rule("blocks.{i}.attn.qkv.weight",
          ("trf_blocks.{i}.att.W_query.weight", "trf_blocks.{i}.att.W_key.weight", "trf_blocks.{i}.att.W_value.weight"),
-         lambda c: (3 * c.emb_dim, c.emb_dim)),
+         _qkv_weight, split=qkv_sizes),
     Rule("blocks.{i}.attn.qkv.bias",
          ("trf_blocks.{i}.att.W_query.bias", "trf_blocks.{i}.att.W_key.bias", "trf_blocks.{i}.att.W_value.bias"),
-         lambda c: (3 * c.emb_dim,), present=_qkv_bias),
+         _qkv_vec, present=_qkv_bias, split=qkv_sizes),
     Rule("blocks.{i}.attn.out_proj.weight", ("trf_blocks.{i}.att.out_proj.weight",), lambda c: (c.emb_dim, c.emb_dim)),
     Rule("blocks.{i}.attn.out_proj.bias", ("trf_blocks.{i}.att.out_proj.bias",), _vec),
     Rule("blocks.{i}.norm2.weight", ("trf_blocks.{i}.norm2.scale",), _vec),
     Rule("blocks.{i}.norm2.bias", ("trf_blocks.{i}.norm2.shift",), _vec),
-    Rule("blocks.{i}.ff.fc_in.weight", ("trf_blocks.{i}.ff.layers.0.weight",), lambda c: (4 * c.emb_dim, c.emb_dim)),
-    Rule("blocks.{i}.ff.fc_in.bias", ("trf_blocks.{i}.ff.layers.0.bias",), lambda c: (4 * c.emb_dim,)),
-    Rule("blocks.{i}.ff.fc_out.weight", ("trf_blocks.{i}.ff.layers.2.weight",), lambda c: (c.emb_dim, 4 * c.emb_dim)),
+    Rule("blocks.{i}.ff.fc_in.weight", ("trf_blocks.{i}.ff.layers.0.weight",), lambda c: (mlp_hidden(c), c.emb_dim)),
+    Rule("blocks.{i}.ff.fc_in.bias", ("trf_blocks.{i}.ff.layers.0.bias",), lambda c: (mlp_hidden(c),)),
+    Rule("blocks.{i}.ff.fc_out.weight", ("trf_blocks.{i}.ff.layers.2.weight",), lambda c: (c.emb_dim, mlp_hidden(c))),
     Rule("blocks.{i}.ff.fc_out.bias", ("trf_blocks.{i}.ff.layers.2.bias",), _vec),
     Rule("final_norm.weight", ("final_norm.scale",), _vec),
     Rule("final_norm.bias", ("final_norm.shift",), _vec),
@@ -931,49 +991,70 @@ def _expand(table: tuple[Rule, ...], cfg: GPTConfig) -> Iterator[tuple[Rule, str
             yield rule, rule.ours.format(i=i), tuple(t.format(i=i) for t in rule.theirs)
 
 
+@dataclass
+class _Misfits:
+    """What keeps foreign weights from fitting a config, gathered so that one error names all of it."""
+
+    missing: list[str] = dataclasses.field(default_factory=list)
+    shapes: list[str] = dataclasses.field(default_factory=list)
+    nonzero: list[str] = dataclasses.field(default_factory=list)
+    dtypes: list[str] = dataclasses.field(default_factory=list)
+
+    def raise_if_any(self, left: Mapping[str, torch.Tensor], cfg: GPTConfig, source: str) -> None:
+        """Raise one CheckpointError naming every misfit, and the keys no rule took (``left``)."""
+        problems = []
+        if self.missing:
+            problems.append(f"missing keys: {_short(self.missing)}")
+        if left:
+            problems.append(f"unexpected keys: {_short(sorted(left))}")
+        if self.shapes:
+            problems.append(f"shape mismatches: {_short(self.shapes, sep='; ')}")
+        if self.nonzero:
+            problems.append(f"non-zero values in {_short(self.nonzero, 4)}, for which this config has no parameter")
+        if self.dtypes:
+            problems.append(f"weights that are not floating point: {_short(self.dtypes, sep='; ')}")
+        if problems:
+            raise CheckpointError(f"the weights in {source} do not fit the config "
+                                  f"({_config_line(cfg)}):\n  - " + "\n  - ".join(problems))
+
+
+def _take(left: dict[str, torch.Tensor], keys: tuple[str, ...], shapes: tuple[tuple[int, ...], ...],
+          required: bool, misfits: _Misfits) -> list[tuple[str, torch.Tensor]]:
+    """Remove ``keys`` from ``left`` and return those found, noting any missing (if ``required``),
+    misshapen or not floating point in ``misfits``."""
+    found = []
+    for key, shape in zip(keys, shapes):
+        if key not in left:
+            if required:
+                misfits.missing.append(key)
+            continue
+        tensor = left.pop(key)
+        if not tensor.is_floating_point():
+            misfits.dtypes.append(f"{key} ({tensor.dtype})")
+        if tuple(tensor.shape) != shape:
+            misfits.shapes.append(f"{key} (expected {shape}, found {tuple(tensor.shape)})")
+        found.append((key, tensor))
+    return found
+
+
 def _convert_in(table: tuple[Rule, ...], theirs: Mapping[str, torch.Tensor], cfg: GPTConfig,
                 source: str) -> dict[str, torch.Tensor]:
     """Foreign state dict → ours through ``table``; every missing, extra or misshapen key is reported."""
     left = dict(theirs)
     ours: dict[str, torch.Tensor] = {}
-    missing, shapes, nonzero, dtypes = [], [], [], []
+    misfits = _Misfits()
     for rule, our_key, their_keys in _expand(table, cfg):
         present = rule.present(cfg)
         if not present and not rule.zeros_if_absent:
             continue
-        parts = []
-        for key in their_keys:
-            if key not in left:
-                if present:
-                    missing.append(key)
-                continue
-            tensor = left.pop(key)
-            if not tensor.is_floating_point():
-                dtypes.append(f"{key} ({tensor.dtype})")
-            if tuple(tensor.shape) != rule.their_shape(cfg):
-                shapes.append(f"{key} (expected {rule.their_shape(cfg)}, found {tuple(tensor.shape)})")
-            parts.append(tensor)
+        shapes = rule.their_shapes(cfg)
+        found = _take(left, their_keys, shapes, present, misfits)
         if not present:  # stored over there, absent here: must be zeros to lose nothing
-            nonzero += [k for k, p in zip(their_keys, parts) if bool(p.any())]
+            misfits.nonzero += [key for key, tensor in found if bool(tensor.any())]
             continue
-        if len(parts) != len(their_keys) or any(tuple(p.shape) != rule.their_shape(cfg) for p in parts):
-            continue
-        tensor = parts[0].t() if rule.transpose else torch.cat(parts, dim=0)  # (out, in)
-        ours[our_key] = tensor.contiguous()
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_short(missing)}")
-    if left:
-        problems.append(f"unexpected keys: {_short(sorted(left))}")
-    if shapes:
-        problems.append(f"shape mismatches: {_short(shapes, sep='; ')}")
-    if nonzero:
-        problems.append(f"non-zero values in {_short(nonzero, 4)}, for which this config has no parameter")
-    if dtypes:
-        problems.append(f"weights that are not floating point: {_short(dtypes, sep='; ')}")
-    if problems:
-        raise CheckpointError(f"the weights in {source} do not fit the config "
-                              f"({_config_line(cfg)}):\n  - " + "\n  - ".join(problems))
+        if len(found) == len(their_keys) and all(tuple(t.shape) == s for (_, t), s in zip(found, shapes)):
+            ours[our_key] = rule.join([t for _, t in found]).contiguous()  # (out, in) for a weight
+    misfits.raise_if_any(left, cfg, source)
     return ours
 
 
@@ -988,8 +1069,8 @@ def _convert_out(table: tuple[Rule, ...], ours: Mapping[str, torch.Tensor], cfg:
     for rule, our_key, their_keys in _expand(table, cfg):
         if not rule.present(cfg):
             if rule.zeros_if_absent:
-                for key in their_keys:
-                    theirs[key] = torch.zeros(rule.their_shape(cfg), dtype=dtype)
+                for key, shape in zip(their_keys, rule.their_shapes(cfg)):
+                    theirs[key] = torch.zeros(shape, dtype=dtype)
             continue
         if our_key not in ours:
             raise CheckpointError(f"our state dict lacks {our_key}, which the config ({_config_line(cfg)}) needs")
@@ -997,8 +1078,7 @@ def _convert_out(table: tuple[Rule, ...], ours: Mapping[str, torch.Tensor], cfg:
         used.add(our_key)
         if tuple(tensor.shape) != rule.shape(cfg):
             raise CheckpointError(f"{our_key} has shape {tuple(tensor.shape)}, the config needs {rule.shape(cfg)}")
-        pieces = [tensor.t()] if rule.transpose else torch.chunk(tensor, len(their_keys), dim=0)  # (in, out) or q, k, v
-        for key, piece in zip(their_keys, pieces):
+        for key, piece in zip(their_keys, rule.cut(tensor, cfg)):  # (in, out), or q, k, v
             theirs[key] = piece.clone(memory_format=torch.contiguous_format)  # own storage, row-major
     unused = sorted(set(ours) - used - {"out_head.weight"})
     if unused:

@@ -128,6 +128,100 @@ def _clear_leftovers(run_dir: Path) -> None:
             path.unlink()
 
 
+def _hub_or_path(source: PathLike, log: Callable[[str], None]) -> Path:
+    """``source`` as a local path: one of :data:`GPT2_HUB_MODELS` that is no local path is downloaded."""
+    path = Path(source)
+    if not path.exists() and str(source) in GPT2_HUB_MODELS:
+        log(f"downloading {GPT2_HUB_MODELS[str(source)]} from the Hugging Face hub (or its cache)")
+        path = download_gpt2(str(source))
+    return path
+
+
+def _import_hf_dir(path: Path, *, heads: Optional[int], preset: Optional[str], tokenizer_dir: Optional[PathLike],
+                   no_tokenizer: bool, log: Callable[[str], None]) -> tuple[GPT, Any]:
+    """The model and tokenizer of a Hugging Face GPT-2 directory; the book's options are refused by name."""
+    moot = [name for name, value in (("--heads", heads), ("--preset", preset), ("--tokenizer-dir", tokenizer_dir))
+            if value is not None]
+    if moot:
+        raise CheckpointError(f"{path} is a Hugging Face directory: its config.json gives the shape and its own "
+                              f"files the tokenizer, so {', '.join(moot)} (for the book's format) cannot apply; "
+                              "drop them")
+    model = load_hf_model(path)
+    log(f"read the Hugging Face GPT-2 directory {path}")
+    if no_tokenizer:
+        return model, None
+    from ..data.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(path)
+    except LLMScratchError as err:
+        raise CheckpointError(
+            f"{path} has no usable tokenizer ({err}); copy its vocab.json + merges.txt (or "
+            "tokenizer.json) there, or import without a tokenizer (--no-tokenizer)"
+        ) from err
+    _check_tokenizer_fits(tokenizer, model.cfg, str(path))
+    return model, tokenizer
+
+
+def _check_book_preset(sd: dict[str, torch.Tensor], path: Path, preset: str) -> GPTConfig:
+    """Preset ``preset``, once the book's weights ``sd`` are seen to have its width and depth.
+
+    Checked before the config is built: its own rules would hide the real cause.
+    """
+    try:
+        base = GPTConfig.from_preset(preset)
+    except ConfigError as err:
+        raise CheckpointError(str(err)) from err
+    emb = sd["tok_emb.weight"].shape[-1] if "tok_emb.weight" in sd else base.emb_dim
+    indices = {int(m.group(1)) for k in sd if (m := re.match(r"trf_blocks\.(\d+)\.", k))}
+    layers = max(indices) + 1 if indices else base.n_layers  # as book_to_ours counts them
+    differ = [f"{f}: preset {preset} has {getattr(base, f)}, the weights have {theirs}"
+              for f, theirs in (("emb_dim", emb), ("n_layers", layers)) if getattr(base, f) != theirs]
+    if differ:
+        raise CheckpointError(f"{path} was not trained with preset {preset}: " + "; ".join(differ))
+    return base
+
+
+def _import_book_file(path: Path, command: str, *, heads: Optional[int], preset: Optional[str],
+                      tokenizer_dir: Optional[PathLike], no_tokenizer: bool,
+                      log: Callable[[str], None]) -> tuple[GPT, Any]:
+    """The model of a book state-dict file, and GPT-2's BPE for it (the format carries no tokenizer).
+
+    The head count comes from ``heads`` or ``preset`` (the weights do not record it);
+    ``command`` is the import as the user typed it, for the error that asks for a tokenizer.
+    """
+    sd = read_book_file(path)  # first: a file that is no state dict needs no head count
+    refuse_non_finite(sd, path, "give a good copy of the file")
+    if heads is None and preset is None:
+        raise CheckpointError(
+            f"{path}: the book's format does not record the number of attention heads; give --heads N "
+            "or --preset NAME (the book's GPT-2 sizes: gpt2-124m = 12 heads, gpt2-medium = 16, "
+            "gpt2-large = 20, gpt2-xl = 25)"
+        )
+    drop_rate = 0.1
+    if preset is not None:
+        base = _check_book_preset(sd, path, preset)
+        heads = heads if heads is not None else base.n_heads
+        drop_rate = base.drop_rate
+    cfg, ours = book_to_ours(sd, heads, drop_rate, source=str(path))
+    model = GPT(cfg)
+    model.load_state_dict(_with_tied_head(ours, cfg), strict=True)
+    model.eval()
+    log(f"read the book's GPTModel state dict {path}")
+    if no_tokenizer:
+        return model, None
+    tokenizer = _gpt2_bpe_tokenizer(tokenizer_dir, command)
+    _check_tokenizer_fits(tokenizer, model.cfg, str(tokenizer_dir or "GPT-2's files"))
+    return model, tokenizer
+
+
+def _typed_command(source: PathLike, run_dir: Path, heads: Optional[int], preset: Optional[str]) -> str:
+    """The ``llmscratch import`` command as the user typed it (the book's options included), for errors."""
+    options = [f"--{name} {shlex.quote(str(value))}" for name, value in (("heads", heads), ("preset", preset))
+               if value is not None]
+    return " ".join(["llmscratch import", shlex.quote(str(source)), shlex.quote(str(run_dir))] + options)
+
+
 def import_checkpoint(
     source: PathLike,
     run_dir: PathLike,
@@ -150,74 +244,19 @@ def import_checkpoint(
     """
     run_dir = Path(run_dir)
     _prepare_run_dir(run_dir, overwrite)
-    path = Path(source)
-    if not path.exists() and str(source) in GPT2_HUB_MODELS:
-        log(f"downloading {GPT2_HUB_MODELS[str(source)]} from the Hugging Face hub (or its cache)")
-        path = download_gpt2(str(source))
-
-    tokenizer = None
+    path = _hub_or_path(source, log)
     if path.is_dir():
-        moot = [name for name, value in (("--heads", heads), ("--preset", preset), ("--tokenizer-dir", tokenizer_dir))
-                if value is not None]
-        if moot:
-            raise CheckpointError(f"{path} is a Hugging Face directory: its config.json gives the shape and its own "
-                                  f"files the tokenizer, so {', '.join(moot)} (for the book's format) cannot apply; "
-                                  "drop them")
-        model = load_hf_model(path)
-        log(f"read the Hugging Face GPT-2 directory {path}")
-        if not no_tokenizer:
-            from ..data.tokenizer import load_tokenizer
-
-            try:
-                tokenizer = load_tokenizer(path)
-            except LLMScratchError as err:
-                raise CheckpointError(
-                    f"{path} has no usable tokenizer ({err}); copy its vocab.json + merges.txt (or "
-                    "tokenizer.json) there, or import without a tokenizer (--no-tokenizer)"
-                ) from err
-            _check_tokenizer_fits(tokenizer, model.cfg, str(path))
+        model, tokenizer = _import_hf_dir(path, heads=heads, preset=preset, tokenizer_dir=tokenizer_dir,
+                                          no_tokenizer=no_tokenizer, log=log)
     elif path.is_file():
-        sd = read_book_file(path)  # first: a file that is no state dict needs no head count
-        refuse_non_finite(sd, path, "give a good copy of the file")
-        if heads is None and preset is None:
-            raise CheckpointError(
-                f"{path}: the book's format does not record the number of attention heads; give --heads N "
-                "or --preset NAME (the book's GPT-2 sizes: gpt2-124m = 12 heads, gpt2-medium = 16, "
-                "gpt2-large = 20, gpt2-xl = 25)"
-            )
-        command = " ".join(["llmscratch import", shlex.quote(str(source)), shlex.quote(str(run_dir))]
-                           + [f"--{name} {shlex.quote(str(value))}" for name, value in
-                              (("heads", heads), ("preset", preset)) if value is not None])  # as typed, for errors
-        drop_rate = 0.1
-        if preset is not None:
-            try:
-                base = GPTConfig.from_preset(preset)
-            except ConfigError as err:
-                raise CheckpointError(str(err)) from err
-            heads = heads if heads is not None else base.n_heads
-            drop_rate = base.drop_rate
-            # Checked before the config is built: its own rules would hide the real cause.
-            emb = sd["tok_emb.weight"].shape[-1] if "tok_emb.weight" in sd else base.emb_dim
-            indices = {int(m.group(1)) for k in sd if (m := re.match(r"trf_blocks\.(\d+)\.", k))}
-            layers = max(indices) + 1 if indices else base.n_layers  # as book_to_ours counts them
-            differ = [f"{f}: preset {preset} has {getattr(base, f)}, the weights have {theirs}"
-                      for f, theirs in (("emb_dim", emb), ("n_layers", layers)) if getattr(base, f) != theirs]
-            if differ:
-                raise CheckpointError(f"{path} was not trained with preset {preset}: " + "; ".join(differ))
-        cfg, ours = book_to_ours(sd, heads, drop_rate, source=str(path))
-        model = GPT(cfg)
-        model.load_state_dict(_with_tied_head(ours, cfg), strict=True)
-        model.eval()
-        log(f"read the book's GPTModel state dict {path}")
-        if not no_tokenizer:
-            tokenizer = _gpt2_bpe_tokenizer(tokenizer_dir, command)
-            _check_tokenizer_fits(tokenizer, model.cfg, str(tokenizer_dir or "GPT-2's files"))
+        command = _typed_command(source, run_dir, heads, preset)
+        model, tokenizer = _import_book_file(path, command, heads=heads, preset=preset, tokenizer_dir=tokenizer_dir,
+                                             no_tokenizer=no_tokenizer, log=log)
     else:
         raise CheckpointError(
             f"{source} is neither a Hugging Face directory, a book state-dict file, nor one of "
             f"{', '.join(GPT2_HUB_MODELS)}; check the path"
         )
-
     if overwrite and run_dir.is_dir():  # only now that the source has been read whole
         _clear_leftovers(run_dir)
     save_run(run_dir, model, tokenizer)
@@ -240,6 +279,42 @@ def _saved_eot_id(run_dir: Path) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _refuse_export_target(run_dir: Path, out: Path, fmt: str) -> None:
+    """Refuse, before the model is read, an ``out`` that is the run itself or would mix with other files."""
+    if out.exists() and out.resolve() == run_dir.resolve():
+        raise CheckpointError(f"{out} is the run being exported; give a new path for the export")
+    if fmt == "hf" and out.is_dir() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; choose a new directory or delete it "
+                              "(an export never mixes its files with others)")
+    if fmt == "book" and (out.is_symlink() or (out.exists() and not out.is_dir())):  # a file, a link, a device
+        raise CheckpointError(f"{out} exists; choose a new file name or delete it")
+
+
+def _export_hf(model: GPT, run_dir: Path, out: Path, log: Callable[[str], None]) -> None:
+    """Write ``out`` for ``GPT2LMHeadModel.from_pretrained``, with the run's GPT-2 tokenizer files."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file; the Hugging Face format is a directory")
+    save_hf(model, out, eot_id=_saved_eot_id(run_dir))
+    copied = []
+    for name, hf_name in _HF_TOKENIZER_FILES.items():
+        if (run_dir / name).is_file() and not (out / hf_name).exists():
+            shutil.copyfile(run_dir / name, out / hf_name)
+            copied.append(hf_name)
+    log(f"wrote {out} for transformers.GPT2LMHeadModel.from_pretrained: {describe(model)}"
+        + (f"; tokenizer files {', '.join(copied)}" if copied else "; no GPT-2 tokenizer files in the run"))
+
+
+def _export_book(model: GPT, out: Path, log: Callable[[str], None]) -> None:
+    """Write ``out``: a ``torch.save`` state dict for the book's ``GPTModel`` (refusing what it cannot compute)."""
+    book_cfg = book_config_dict(model.cfg)
+    if out.is_dir():
+        raise CheckpointError(f"{out} is a directory; the book's format is one file (e.g. model.pth)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_torch(out, ours_to_book(model, model.cfg))
+    log(f"wrote {out}: {describe(model)}\nload it with: model = GPTModel({book_cfg}); "
+        f"model.load_state_dict(torch.load({str(out)!r}, weights_only=True))")
+
+
 def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
                       log: Callable[[str], None] = lambda message: None) -> Path:
     """Write the run's model as ``fmt``: ``"hf"`` (a directory for ``GPT2LMHeadModel.from_pretrained``,
@@ -252,33 +327,12 @@ def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
     run_dir, out = Path(run_dir), Path(out)
     if fmt == "run":
         return sharded.consolidate(run_dir, out, log=log)
-    if out.exists() and out.resolve() == run_dir.resolve():
-        raise CheckpointError(f"{out} is the run being exported; give a new path for the export")
-    if fmt == "hf" and out.is_dir() and any(out.iterdir()):
-        raise CheckpointError(f"{out} exists and is not empty; choose a new directory or delete it "
-                              "(an export never mixes its files with others)")
-    if fmt == "book" and (out.is_symlink() or (out.exists() and not out.is_dir())):  # a file, a link, a device
-        raise CheckpointError(f"{out} exists; choose a new file name or delete it")
+    _refuse_export_target(run_dir, out, fmt)
     model = sharded.load_sharded(run_dir)[0] if sharded.latest_is_sharded(run_dir) else load_model(run_dir)
     if fmt == "hf":
-        if out.exists() and not out.is_dir():
-            raise CheckpointError(f"{out} is a file; the Hugging Face format is a directory")
-        save_hf(model, out, eot_id=_saved_eot_id(run_dir))
-        copied = []
-        for name, hf_name in _HF_TOKENIZER_FILES.items():
-            if (run_dir / name).is_file() and not (out / hf_name).exists():
-                shutil.copyfile(run_dir / name, out / hf_name)
-                copied.append(hf_name)
-        log(f"wrote {out} for transformers.GPT2LMHeadModel.from_pretrained: {describe(model)}"
-            + (f"; tokenizer files {', '.join(copied)}" if copied else "; no GPT-2 tokenizer files in the run"))
+        _export_hf(model, run_dir, out, log)
     else:
-        book_cfg = book_config_dict(model.cfg)
-        if out.is_dir():
-            raise CheckpointError(f"{out} is a directory; the book's format is one file (e.g. model.pth)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _write_torch(out, ours_to_book(model, model.cfg))
-        log(f"wrote {out}: {describe(model)}\nload it with: model = GPTModel({book_cfg}); "
-            f"model.load_state_dict(torch.load({str(out)!r}, weights_only=True))")
+        _export_book(model, out, log)
     return out
 
 

@@ -361,6 +361,155 @@ class _TrainStep:
         self.last_loss = result.loss  # read only after the timed run: no host sync per step
 
 
+def train_plan(names: list[str], cfg: GPTConfig, same: GPTConfig, compile: bool) -> list[tuple[str, bool, GPTConfig]]:
+    """The rows :func:`bench_train` measures, in order: ``(name, compiled, config)``.
+
+    ``ours`` runs with ``cfg`` (and compiled when ``compile``); a peer with ``same``, the
+    configuration it can compute. Where the two differ and a peer is in ``names``, ours runs
+    with ``same`` as well, so that every peer has an identical llmscratch row to compare with.
+    """
+    with_peers = any(name != "ours" for name in names)
+    plan = []
+    for name in names:
+        plan.append((name, False, cfg if name == "ours" else same))
+        if name == "ours" and compile:
+            plan.append((name, True, cfg))
+        if name == "ours" and with_peers and same != cfg:
+            plan.append((name, False, same))
+            if compile:
+                plan.append((name, True, same))
+    return plan
+
+
+@dataclass
+class _TrainBench:
+    """What every row of one :func:`bench_train` shares: the shape, the device and the peaks MFU divides by."""
+
+    cfg: GPTConfig  # ours, its context widened to the one measured
+    same: GPTConfig  # the peers' configuration (:func:`peer_config`)
+    device: torch.device
+    batch: int
+    context: int
+    precision: str
+    loss_impl: str
+    backend: Optional[str]  # our SDPA kernel, the fastest at this shape (None: PyTorch's dispatch)
+    peak: Optional[float]  # TFLOP/s of a large matrix product measured here (CUDA only)
+    sheet: Optional[float]  # TFLOP/s of the datasheet, if the GPU is known
+
+    def label(self, name: str, compiled: bool, config: GPTConfig) -> str:
+        """The row name of a planned contender."""
+        return contender_label(name, compiled, as_peers=name == "ours" and config != self.cfg,
+                               loss_impl=self.loss_impl, device=self.device)
+
+    def setup(self, name: str, compiled: bool, config: GPTConfig) -> tuple[Contender, _TrainStep]:
+        """Build a planned contender (seeded, so every row starts from the same weights) and its step."""
+        torch.manual_seed(0)
+        c = build_contender(name, config, self.device, compile=compiled, loss_impl=self.loss_impl)
+        c.name = self.label(name, compiled, config)
+        if name == "ours":
+            c.sdpa_backend = self.backend
+        c.same_as_peers = config == self.same
+        return c, _TrainStep(c, config, self.batch, self.context, self.device, self.precision)
+
+    def row(self, c: Contender, step: _TrainStep, times: list[float], peak_bytes: Optional[int]) -> dict[str, Any]:
+        """The row of a measured contender: ``times`` are seconds per step, one per repeat."""
+        seconds = statistics.median(times)
+        tps = self.batch * self.context / seconds
+        fpt = flops_per_token(self.cfg, c.matmul_params, self.context)  # positions and activation change no matmul
+        loss = float(step.last_loss) if step.last_loss is not None else float("nan")
+        return {"model": c.name, "same_as_peers": c.same_as_peers, "compiled": c.compiled, "tokens_per_s": tps,
+                "step_ms": 1000 * seconds,
+                "step_ms_runs": [1000 * t for t in times],  # one per repeat; interleaved: run i of every row is round i
+                "loss": loss,
+                "params": sum(p.numel() for p in c.model.parameters()), "flops_per_token": fpt,
+                "mfu_measured_peak": tps * fpt / (self.peak * 1e12) if self.peak else None,
+                "mfu_datasheet": tps * fpt / (self.sheet * 1e12) if self.sheet else None,
+                "peak_memory_gb": peak_bytes / 1e9 if peak_bytes is not None else None,
+                "sdpa_backend": c.sdpa_backend, "note": c.note,
+                "loss_impl": c.model.loss_implementation(self.device) if isinstance(c.model, GPT) else None}
+
+    def error_row(self, name: str, compiled: bool, config: GPTConfig, err: Exception) -> dict[str, Any]:
+        """The row of a contender that failed to build or to run, with the reason."""
+        return {"model": self.label(name, compiled, config), "error": repr(err)[:300]}
+
+
+def _train_interleaved(bench: _TrainBench, plan: list[tuple[str, bool, GPTConfig]], steps: int, repeats: int,
+                       warmup: int) -> list[dict[str, Any]]:
+    """Time every planned contender round by round (A, B, A, B, ...): a passing load hits all alike.
+
+    Every model is alive at once, so no peak memory is measured. The rows of the contenders
+    that failed come first, then the measured ones in the plan's order.
+    """
+    rows: list[dict[str, Any]] = []
+    runs: list[tuple[Contender, _TrainStep, list[float]]] = []
+    for name, compiled, config in plan:
+        try:
+            c, step = bench.setup(name, compiled, config)
+            for _ in range(warmup):
+                step()
+        except Exception as err:  # a peer or the compiler (no C++ compiler, say) failing must not lose the rest
+            rows.append(bench.error_row(name, compiled, config, err))
+            continue
+        runs.append((c, step, []))
+    for _ in range(repeats):
+        for c, step, times in runs:
+            times.append(time_call(step, bench.device, steps))
+    return rows + [bench.row(c, step, times, None) for c, step, times in runs]
+
+
+def _train_one_by_one(bench: _TrainBench, plan: list[tuple[str, bool, GPTConfig]], steps: int, repeats: int,
+                      warmup: int, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Time the planned contenders one after another, each freed before the next: on CUDA its peak memory is its own."""
+    device = bench.device
+    rows: list[dict[str, Any]] = []
+    for name, compiled, config in plan:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            c, step = bench.setup(name, compiled, config)
+            t0 = time.perf_counter()
+            for _ in range(warmup):
+                step()
+            synchronize(device)
+            log(f"  {c.name}: warm-up {time.perf_counter() - t0:.1f}s")
+            times = [time_call(step, device, steps) for _ in range(repeats)]
+            peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+            rows.append(bench.row(c, step, times, peak_bytes))
+            del c, step
+        except Exception as err:  # a peer or the compiler failing must not lose the other rows
+            rows.append(bench.error_row(name, compiled, config, err))
+    return rows
+
+
+def _fastest(rows: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The row with the most tokens per second, or None for no rows."""
+    return max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
+
+
+def add_train_ratios(rows: list[dict[str, Any]]) -> None:
+    """Add ``ours_over_this`` and ``eager_over_this`` to the measured rows, in place.
+
+    Our rows are compared with our fastest row. A peer is compared with our fastest row of the
+    identical configuration (``ours_over_this``) and with the fastest uncompiled one of it
+    (``eager_over_this``: the peers run eagerly).
+    """
+    ours = [r for r in rows if r.get("model", "").startswith("llmscratch") and r.get("tokens_per_s")]
+    peers_ours = [r for r in ours if r["same_as_peers"]]  # a peer is compared with the identical config
+    best, best_same = _fastest(ours), _fastest(peers_ours)
+    best_eager_same = _fastest([r for r in peers_ours if not r["compiled"]])
+    for r in rows:
+        if not r.get("tokens_per_s"):
+            continue
+        mine = r.get("model", "").startswith("llmscratch")
+        ref = best if mine else best_same
+        if ref:
+            r["ours_over_this"] = ref["tokens_per_s"] / r["tokens_per_s"]
+        if not mine and best_eager_same:
+            r["eager_over_this"] = best_eager_same["tokens_per_s"] / r["tokens_per_s"]  # ours without compile
+
+
 def bench_train(
     cfg: GPTConfig, device: torch.device, batch: int, context: int, precision: str, names: list[str],
     compile: bool = False, steps: int = 5, repeats: int = 3, warmup: int = 2,
@@ -377,99 +526,18 @@ def bench_train(
     sets how our model computes its loss (``GPT.loss_impl``; other than ``auto``, named in the rows).
     """
     cfg = GPTConfig.from_dict({**cfg.to_dict(), "context_length": max(context, cfg.context_length)})
-    same = peer_config(cfg)
-    with_peers = any(name != "ours" for name in names)
     interleave = device.type != "cuda" if interleave is None else interleave
     peak = measure_peak_tflops(device) if device.type == "cuda" else None
     sheet = datasheet_tflops(device)
     backend = fastest_sdpa_backend(device, batch, cfg.n_heads, context, cfg.head_dim,
                                    torch.bfloat16 if precision == "bf16" else torch.float32)
-    plan = []  # (name, compiled, config)
-    for name in names:
-        plan.append((name, False, cfg if name == "ours" else same))
-        if name == "ours" and compile:
-            plan.append((name, True, cfg))
-        if name == "ours" and with_peers and same != cfg:
-            plan.append((name, False, same))
-            if compile:
-                plan.append((name, True, same))
-
-    def label(name: str, compiled: bool, config: GPTConfig) -> str:
-        return contender_label(name, compiled, as_peers=name == "ours" and config != cfg, loss_impl=loss_impl,
-                               device=device)
-
-    def setup(name: str, compiled: bool, config: GPTConfig) -> tuple[Contender, _TrainStep]:
-        torch.manual_seed(0)
-        c = build_contender(name, config, device, compile=compiled, loss_impl=loss_impl)
-        c.name = label(name, compiled, config)
-        if name == "ours":
-            c.sdpa_backend = backend
-        c.same_as_peers = config == same
-        return c, _TrainStep(c, config, batch, context, device, precision)
-
-    def result(c: Contender, step: _TrainStep, times: list[float], peak_bytes: Optional[int]) -> dict[str, Any]:
-        seconds = statistics.median(times)
-        tps = batch * context / seconds
-        fpt = flops_per_token(cfg, c.matmul_params, context)  # positions and activation change no matmul
-        loss = float(step.last_loss) if step.last_loss is not None else float("nan")
-        return {"model": c.name, "same_as_peers": c.same_as_peers, "compiled": c.compiled, "tokens_per_s": tps, "step_ms": 1000 * seconds,
-                "step_ms_runs": [1000 * t for t in times],  # one per repeat; interleaved: run i of every row is round i
-                "loss": loss,
-                "params": sum(p.numel() for p in c.model.parameters()), "flops_per_token": fpt,
-                "mfu_measured_peak": tps * fpt / (peak * 1e12) if peak else None,
-                "mfu_datasheet": tps * fpt / (sheet * 1e12) if sheet else None,
-                "peak_memory_gb": peak_bytes / 1e9 if peak_bytes is not None else None,
-                "sdpa_backend": c.sdpa_backend, "note": c.note,
-                "loss_impl": c.model.loss_implementation(device) if isinstance(c.model, GPT) else None}
-
-    rows: list[dict[str, Any]] = []
+    bench = _TrainBench(cfg, peer_config(cfg), device, batch, context, precision, loss_impl, backend, peak, sheet)
+    plan = train_plan(names, cfg, bench.same, compile)
     if interleave:
-        runs = []
-        for name, compiled, config in plan:
-            try:
-                c, step = setup(name, compiled, config)
-                for _ in range(warmup):
-                    step()
-            except Exception as err:  # a peer or the compiler (no C++ compiler, say) failing must not lose the rest
-                rows.append({"model": label(name, compiled, config), "error": repr(err)[:300]})
-                continue
-            runs.append((c, step, []))
-        for _ in range(repeats):
-            for c, step, times in runs:
-                times.append(time_call(step, device, steps))
-        rows += [result(c, step, times, None) for c, step, times in runs]
+        rows = _train_interleaved(bench, plan, steps, repeats, warmup)
     else:
-        for name, compiled, config in plan:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            try:
-                c, step = setup(name, compiled, config)
-                t0 = time.perf_counter()
-                for _ in range(warmup):
-                    step()
-                synchronize(device)
-                log(f"  {c.name}: warm-up {time.perf_counter() - t0:.1f}s")
-                times = [time_call(step, device, steps) for _ in range(repeats)]
-                peak_bytes = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-                rows.append(result(c, step, times, peak_bytes))
-                del c, step
-            except Exception as err:  # a peer or the compiler failing must not lose the other rows
-                rows.append({"model": label(name, compiled, config), "error": repr(err)[:300]})
-    ours = [r for r in rows if r.get("model", "").startswith("llmscratch") and r.get("tokens_per_s")]
-    best = max(ours, key=lambda r: r["tokens_per_s"]) if ours else None
-    peers_ours = [r for r in ours if r["same_as_peers"]]  # a peer is compared with the identical config
-    best_same = max(peers_ours, key=lambda r: r["tokens_per_s"]) if peers_ours else None
-    eager_same = [r for r in peers_ours if not r["compiled"]]
-    best_eager_same = max(eager_same, key=lambda r: r["tokens_per_s"]) if eager_same else None
-    for r in rows:
-        mine = r.get("model", "").startswith("llmscratch")
-        ref = best if mine else best_same
-        if ref and r.get("tokens_per_s"):
-            r["ours_over_this"] = ref["tokens_per_s"] / r["tokens_per_s"]
-        if not mine and best_eager_same and r.get("tokens_per_s"):
-            r["eager_over_this"] = best_eager_same["tokens_per_s"] / r["tokens_per_s"]  # ours without compile
+        rows = _train_one_by_one(bench, plan, steps, repeats, warmup, log)
+    add_train_ratios(rows)
     return rows
 
 
@@ -549,6 +617,115 @@ def _peer_decode_runner(name: str, cfg: GPTConfig, device: torch.device, dtype: 
     raise ValueError(name)
 
 
+def default_decode_modes(device: torch.device) -> list[str]:
+    """The modes :func:`bench_decode` measures unless told: CUDA graphs on CUDA, the CPU weight layout elsewhere."""
+    return ["no cache", "cache"] + (["static", "static compiled"] if device.type == "cuda"
+                                    else ["cache, weights laid out", "static"])
+
+
+@dataclass
+class _Decoder:
+    """One decode row being measured: how to run it, how to warm it up, and the times taken."""
+
+    label: str
+    run: Callable[[Optional[Callable[[], None]]], None]  # decodes every new token; calls its argument at the first
+    warm: Optional[Callable[[Optional[Callable[[], None]]], None]] = None  # a shorter warm-up run (None: ``run``)
+    layout: Optional[dict[str, str]] = None  # the weight layout chosen, for "cache, weights laid out"
+    totals: list[float] = dataclasses.field(default_factory=list)  # seconds of each timed run
+    firsts: list[float] = dataclasses.field(default_factory=list)  # seconds to the first token of each run
+
+
+def _our_decoders(modes: list[str], model: GPT, prompt: torch.Tensor, new_tokens: int, warmup_tokens: int,
+                  rows: list[dict[str, Any]]) -> list[_Decoder]:
+    """Our model's decoder for each mode; a mode it cannot run (the static cache and ALiBi) is appended
+    to ``rows`` as an error row with its reason."""
+    from ..inference.generate import choose_weight_layout
+
+    batch = prompt.shape[0]
+    decoders = []
+    for mode in modes:
+        label, runs_on, layout, compiled = f"llmscratch {mode}", model, None, "compiled" in mode
+        if mode == "cache, weights laid out":  # a copy, stored the way this CPU multiplies `batch` rows fastest
+            runs_on = copy.deepcopy(model)
+            layout = {f"{o}x{i}": way for (o, i), way in choose_weight_layout(runs_on, rows=batch).items()}
+        try:
+            run = _decode_runner(mode, runs_on, prompt, new_tokens, compiled)
+            warm = (_decode_runner(mode, runs_on, prompt, warmup_tokens, compiled)
+                    if warmup_tokens != new_tokens else None)
+        except ValueError as err:
+            rows.append({"mode": label, "batch": batch, "error": repr(err)[:300]})
+            continue
+        decoders.append(_Decoder(label, run, warm, layout))
+    return decoders
+
+
+def _peer_decoders(peers: list[str], cfg: GPTConfig, device: torch.device, dtype: torch.dtype, prompt: torch.Tensor,
+                   new_tokens: int, rows: list[dict[str, Any]]) -> list[_Decoder]:
+    """The peers' decoders; a peer that cannot be built is appended to ``rows`` as an error row."""
+    decoders = []
+    for peer in peers:
+        try:
+            decoders.append(_Decoder(*_peer_decode_runner(peer, cfg, device, dtype, prompt, new_tokens)))
+        except Exception as err:
+            rows.append({"mode": DECODE_PEER_LABELS.get(peer, peer), "batch": prompt.shape[0],
+                         "error": repr(err)[:300]})
+    return decoders
+
+
+def _warm_up(decoders: list[_Decoder], device: torch.device, batch: int, log: Callable[[str], None],
+             rows: list[dict[str, Any]]) -> list[_Decoder]:
+    """Run each decoder once untimed (compiling where it compiles); those that fail become error rows.
+
+    Returns the decoders that ran.
+    """
+    live = []
+    for d in decoders:
+        try:
+            t0 = time.perf_counter()
+            (d.warm or d.run)(None)
+            synchronize(device)
+            log(f"  decode {d.label} batch {batch}: warm-up {time.perf_counter() - t0:.1f}s")
+            live.append(d)
+        except Exception as err:
+            rows.append({"mode": d.label, "batch": batch, "error": repr(err)[:300]})
+    return live
+
+
+def _time_decode(d: _Decoder, device: torch.device) -> None:
+    """Time one run of ``d``, whole and to its first token, and keep both."""
+    synchronize(device)
+    start = time.perf_counter()
+    first_at: list[float] = []
+
+    def first() -> None:
+        synchronize(device)
+        first_at.append(time.perf_counter() - start)
+
+    d.run(first)
+    synchronize(device)
+    d.totals.append(time.perf_counter() - start)
+    d.firsts.extend(first_at)
+
+
+def _decode_row(d: _Decoder, batch: int, new_tokens: int, prompt_len: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The row of a measured decoder: medians of its runs, and every run."""
+    seconds = statistics.median(d.totals)
+    return {"mode": d.label, "batch": batch, "new_tokens": new_tokens, "prompt": prompt_len,
+            "tokens_per_s": batch * new_tokens / seconds, "seconds": seconds,
+            "first_token_ms": 1000 * statistics.median(d.firsts) if d.firsts else None,
+            "dtype": str(dtype), "runs_s": d.totals, **({"weight_layout": d.layout} if d.layout is not None else {})}
+
+
+def add_decode_ratios(rows: list[dict[str, Any]], batches: tuple[int, ...]) -> None:
+    """Add ``over_no_cache`` to the measured rows, in place: tokens/s over ours without a cache at that batch."""
+    for batch in batches:
+        base = next((r for r in rows if r["mode"] == "llmscratch no cache" and r["batch"] == batch
+                     and r.get("tokens_per_s")), None)
+        for r in rows:
+            if base and r["batch"] == batch and r.get("tokens_per_s"):
+                r["over_no_cache"] = r["tokens_per_s"] / base["tokens_per_s"]
+
+
 def bench_decode(
     cfg: GPTConfig, device: torch.device, batches: tuple[int, ...] = (1, 8), new_tokens: int = 200,
     prompt_len: int = 8, repeats: int = 3, modes: Optional[list[str]] = None, peers: list[str] = (),
@@ -563,80 +740,28 @@ def bench_decode(
     CUDA graphs on CUDA). On CUDA the
     weights are bf16 (decoding is memory-bound); on the CPU float32. The warm-up run decodes
     ``warmup_tokens`` (default: all of them on CUDA, where it compiles the step for these
-    shapes; 2 on the CPU, where there is nothing to compile and a run is slow).
+    shapes; 2 on the CPU, where there is nothing to compile and a run is slow). The modes and
+    peers of a batch are timed interleaved, run by run.
     """
-    from ..inference.generate import choose_weight_layout
-
     if warmup_tokens is None:
         warmup_tokens = new_tokens if device.type == "cuda" else 2
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = GPTConfig.from_dict({**cfg.to_dict(), "drop_rate": 0.0})
-    if modes is None:
-        modes = ["no cache", "cache"] + (["static", "static compiled"] if device.type == "cuda"
-                                         else ["cache, weights laid out", "static"])
+    modes = default_decode_modes(device) if modes is None else modes
     torch.manual_seed(0)
     model = GPT(cfg).to(device, dtype).eval()
     rows: list[dict[str, Any]] = []
     for batch in batches:
         prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
-        prompt = prompt.to(device)
-        runners: list[tuple[str, Callable]] = []
-        warmers: dict[str, Callable] = {}
-        layouts: dict[str, dict] = {}
-        for mode in modes:
-            label = f"llmscratch {mode}"
-            runs_on = model
-            if mode == "cache, weights laid out":
-                runs_on = copy.deepcopy(model)
-                layouts[label] = {f"{o}x{i}": way for (o, i), way in choose_weight_layout(runs_on, rows=batch).items()}
-            try:  # a mode the model cannot run (the static cache and ALiBi) is a row with its reason
-                runners.append((label, _decode_runner(mode, runs_on, prompt, new_tokens, "compiled" in mode)))
-                if warmup_tokens != new_tokens:
-                    warmers[label] = _decode_runner(mode, runs_on, prompt, warmup_tokens, "compiled" in mode)
-            except ValueError as err:
-                rows.append({"mode": label, "batch": batch, "error": repr(err)[:300]})
-        for peer in peers:
-            try:
-                runners.append(_peer_decode_runner(peer, cfg, device, dtype, prompt, new_tokens))
-            except Exception as err:
-                rows.append({"mode": DECODE_PEER_LABELS.get(peer, peer), "batch": batch, "error": repr(err)[:300]})
-        live: list[tuple[str, Callable, list[float], list[float]]] = []
-        for label, run in runners:
-            try:
-                t0 = time.perf_counter()
-                warmers.get(label, run)(None)  # warm-up (and compilation)
-                synchronize(device)
-                log(f"  decode {label} batch {batch}: warm-up {time.perf_counter() - t0:.1f}s")
-                live.append((label, run, [], []))
-            except Exception as err:
-                rows.append({"mode": label, "batch": batch, "error": repr(err)[:300]})
+        prompt = prompt.to(device)  # (B, T0)
+        decoders = _our_decoders(modes, model, prompt, new_tokens, warmup_tokens, rows)
+        decoders += _peer_decoders(peers, cfg, device, dtype, prompt, new_tokens, rows)
+        live = _warm_up(decoders, device, batch, log, rows)
         for _ in range(repeats):  # interleaved: a passing load on a shared machine hits every mode alike
-            for label, run, totals, firsts in live:
-                synchronize(device)
-                start = time.perf_counter()
-                first_at: list[float] = []
-
-                def first() -> None:
-                    synchronize(device)
-                    first_at.append(time.perf_counter() - start)
-
-                run(first)
-                synchronize(device)
-                totals.append(time.perf_counter() - start)
-                firsts.extend(first_at)
-        for label, run, totals, firsts in live:
-            seconds = statistics.median(totals)
-            rows.append({"mode": label, "batch": batch, "new_tokens": new_tokens, "prompt": prompt_len,
-                         "tokens_per_s": batch * new_tokens / seconds, "seconds": seconds,
-                         "first_token_ms": 1000 * statistics.median(firsts) if firsts else None,
-                         "dtype": str(dtype), "runs_s": totals, **({"weight_layout": layouts[label]}
-                                                                    if label in layouts else {})})
-    for batch in batches:
-        base = next((r for r in rows if r["mode"] == "llmscratch no cache" and r["batch"] == batch
-                     and r.get("tokens_per_s")), None)
-        for r in rows:
-            if base and r["batch"] == batch and r.get("tokens_per_s"):
-                r["over_no_cache"] = r["tokens_per_s"] / base["tokens_per_s"]
+            for d in live:
+                _time_decode(d, device)
+        rows += [_decode_row(d, batch, new_tokens, prompt_len, dtype) for d in live]
+    add_decode_ratios(rows, batches)
     return rows
 
 
