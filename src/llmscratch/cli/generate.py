@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from .commands import command
+
+if TYPE_CHECKING:
+    from ..inference.generate import SamplingConfig
 
 
 def read_prompt_file(path: str) -> str:
@@ -33,14 +37,12 @@ def read_prompt_file(path: str) -> str:
                           f"save it as UTF-8") from None
 
 
-def _run_generate(args: argparse.Namespace) -> int:
-    from ..store.checkpoint import load_run
-    from ..errors import ConfigError, LLMScratchError
-    import dataclasses
-
-    from ..inference.generate import SamplingConfig, choose_weight_layout, decodable_limit, generate_text, stream_text
-    from ..runtime import setup_runtime
+def _sampling(args: argparse.Namespace) -> "SamplingConfig":
+    """The sampling options as a SamplingConfig, checked before the run is loaded (the tokenizer's
+    end-of-text id and vocabulary limit are the Engine's to add)."""
     from ..data.tokenizer import check_utf8
+    from ..errors import ConfigError
+    from ..inference.generate import SamplingConfig
 
     if args.num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
@@ -49,13 +51,20 @@ def _run_generate(args: argparse.Namespace) -> int:
                           f"{args.temperature} contradicts it: give one of them")
     for stop in args.stop or []:
         check_utf8(stop, f"--stop {stop!r}")
-    # The sampling options are checked now, before the run is loaded; the tokenizer's ids come later.
-    sampling = SamplingConfig(
+    return SamplingConfig(
         max_new_tokens=args.max_new_tokens,
         temperature=0.0 if args.greedy else 0.8 if args.temperature is None else args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()),
     )
+
+
+def _prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The prompts' texts in command-line order, and how an error names each (by its option)."""
+    from ..data.tokenizer import check_utf8
+    from ..errors import ConfigError
+    from ..inference.engine import prompt_label
+
     given = args.prompts or [("--prompt", "")]  # (option, value) in command-line order
     if given.count(("--prompt-file", "-")) > 1:
         raise ConfigError("--prompt-file - reads standard input, which holds one prompt: give it once")
@@ -63,38 +72,31 @@ def _run_generate(args: argparse.Namespace) -> int:
     for i, (option, text) in enumerate(given):  # a file's text was decoded as UTF-8 already
         if option == "--prompt":
             check_utf8(text, "--prompt" + (f" (prompt {i + 1})" if len(given) > 1 else ""))
-    # How an error names each prompt.
-    named = [f"--prompt-file {value}" if option == "--prompt-file" else
-             f"--prompt {value!r}" if len(value) <= 30 else f"--prompt {value[:27]!r}..." for option, value in given]
-    runtime = setup_runtime(args.device, "fp32" if args.device in (None, "auto", "cpu") else "auto")
-    model, tokenizer, _ = load_run(args.run_dir, device=runtime.device, need_tokenizer="the prompt")
-    # One row per prompt and sample, prompt by prompt: row i samples with seed + i, so each row
-    # prints exactly what a run of its prompt alone with --seed (seed + i) prints.
-    rows = [(p, text, n) for p, text in enumerate(texts) for n in range(args.num_samples)]
-    if not args.no_cache:  # on a CPU: each weight shape stored or packed the way decoding multiplies it fastest (timed)
-        choose_weight_layout(model, rows=len(rows))
-    empty = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]  # an empty prompt starts from end-of-text
-    encoded = []
-    for text, name in zip(texts, named):
-        try:
-            encoded.append(tokenizer.encode(text) or empty)
-        except LLMScratchError as err:
-            raise LLMScratchError(f"{name}{f' (prompt {len(encoded) + 1})' if len(texts) > 1 else ''}: {err}; "
-                                  f"leave those characters out") from None
-    prompts = [encoded[p] for p, _, _ in rows]
-    sampling = dataclasses.replace(sampling, eos_id=None if args.ignore_eos else tokenizer.eot_id,
-                                   vocab_limit=decodable_limit(tokenizer.vocab_size, model.cfg.vocab_size))
-    if len(rows) > 1:  # one batch (prompts of different lengths are left-padded), printed when all are done
-        outputs = generate_text(model, prompts, sampling, tokenizer.decode, use_cache=not args.no_cache)
-        for i, ((p, text, n), new_text) in enumerate(zip(rows, outputs)):
+    names = [f"--prompt-file {value}" if option == "--prompt-file" else f"--prompt {prompt_label(value)}"
+             for option, value in given]
+    return texts, names
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from ..inference.engine import Engine
+
+    sampling = _sampling(args)
+    texts, names = _prompts(args)
+    rows = len(texts) * args.num_samples  # row i: prompt i // num_samples, seed + i
+    engine = Engine.load(args.run_dir, args.device, use_cache=not args.no_cache, rows=rows)
+    if rows > 1:  # one batch (prompts of different lengths are left-padded), printed when all are done
+        outputs = engine.complete(texts, sampling, samples=args.num_samples, names=names, ignore_eos=args.ignore_eos)
+        for i, new_text in enumerate(outputs):
+            p, n = divmod(i, args.num_samples)
             label = [f"prompt {p + 1}"] if len(texts) > 1 else []
             label += [f"sample {n + 1}"] if args.num_samples > 1 else []
             print(f"--- {', '.join(label)} (seed {args.seed + i}) ---")
-            print(text + new_text)
+            print(texts[p] + new_text)
         return 0
-    sys.stdout.write(texts[0])
     # Text as it becomes safe to show: never half a character, never any of a stop string.
-    for piece in stream_text(model, prompts[0], sampling, tokenizer.decode, use_cache=not args.no_cache):
+    pieces = engine.stream(texts[0], sampling, name=names[0], ignore_eos=args.ignore_eos)  # encoded now
+    sys.stdout.write(texts[0])
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -20,8 +20,8 @@ from typing import Callable, Optional
 
 from ..data.tokenizer import Tokenizer
 from ..errors import LLMScratchError, Stopped
-from ..inference.generate import SamplingConfig, decodable_limit, generate
-from ..nn.model import GPT
+from ..inference.engine import Engine
+from ..inference.generate import SamplingConfig
 from ..store import sharded
 from ..store.rundir import RunDir
 from . import distributed as dist
@@ -87,7 +87,8 @@ def _train(cfg: TrainConfig, log: Log, given: Optional[set[str]], new_run: NewRu
     sample = None
     if cfg.sample_tokens > 0:
         prompt = sample_prompt_ids(run.tokenizer, cfg.sample_prompt, log if group.is_main else None)
-        sample = lambda: sample_text(run.model, run.tokenizer, prompt, cfg.sample_tokens, cfg.seed)  # noqa: E731
+        engine = Engine(run.model, run.tokenizer)  # the model being trained, as it is at each sample
+        sample = lambda: sample_text(engine, prompt, cfg.sample_tokens, cfg.seed)  # noqa: E731
     st = run_loop(run, task, stop, sample)
     group.barrier()
     finish(run, task, st, sample)
@@ -167,12 +168,15 @@ def sample_prompt_ids(tokenizer: Tokenizer, text: str, warn: Optional[Log] = Non
     return ids or [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
 
 
-def sample_text(model: GPT, tokenizer: Tokenizer, prompt: list[int], tokens: int, seed: int) -> str:
-    """The prompt's last half-context and ``tokens`` sampled after it (temperature 0.8, top-k 50)."""
-    prompt = prompt[-(model.cfg.context_length // 2):]
-    sampling = SamplingConfig(max_new_tokens=tokens, temperature=0.8, top_k=50, seed=seed,
-                              vocab_limit=decodable_limit(tokenizer.vocab_size, model.cfg.vocab_size))
-    return tokenizer.decode(prompt + generate(model, [prompt], sampling)[0])
+def sample_text(engine: Engine, prompt: list[int], tokens: int, seed: int) -> str:
+    """The prompt's last half-context and ``tokens`` sampled after it (temperature 0.8, top-k 50).
+
+    Past the end-of-text token too (``ignore_eos``: every sample is ``tokens`` tokens long); the
+    prompt's ids and the new ones are decoded together, in one ``decode``.
+    """
+    prompt = prompt[-(engine.context_length // 2):]
+    sampling = SamplingConfig(max_new_tokens=tokens, temperature=0.8, top_k=50, seed=seed)
+    return engine.tokenizer.decode(prompt + engine.generate([prompt], sampling, ignore_eos=True)[0])
 
 
 def plot_metrics(run_dir: RunDir) -> None:
