@@ -111,8 +111,8 @@ def test_png_grid_and_head_pictures(tmp_path):
     written = write_attention_outputs(maps, tmp_path / "out", layers=[1], heads=[0, 1])
     names = sorted(p.name for p in written)
     assert names == ["grid.png", "layer1_head0.png", "layer1_head1.png"]
-    # grid: (1.2 + 2.2 per head) × (1.0 + 2.2 per layer) inches at 100 dpi
-    assert png_size(tmp_path / "out" / "grid.png") == (round(100 * (1.2 + 2.2 * 2)), round(100 * (1.0 + 2.2 * 2)))
+    # grid: (2.0 + 2.2 per head) × (1.4 + 2.2 per layer) inches at 100 dpi (room for the colour bar and axis names)
+    assert png_size(tmp_path / "out" / "grid.png") == (round(100 * (2.0 + 2.2 * 2)), round(100 * (1.4 + 2.2 * 2)))
     side = 3.0 + 0.28 * 18
     assert png_size(tmp_path / "out" / "layer1_head0.png") == (round(100 * (side + 1.2)), round(100 * side))
     with pytest.raises(InspectError, match="layer 5 does not exist"):
@@ -122,6 +122,59 @@ def test_png_grid_and_head_pictures(tmp_path):
     with pytest.raises(InspectError, match="a_file.txt is a file; the attention maps go into a folder"):
         write_attention_outputs(maps, tmp_path / "a_file.txt")
     assert (tmp_path / "a_file.txt").read_text() == "keep me"
+
+
+def check_heatmap(ax, t: int) -> None:
+    """``ax`` draws one head: its cells above the diagonal (future keys) masked, drawn in the grey for masked."""
+    from matplotlib.colors import to_rgba
+
+    from llmscratch.tools.inspect import MASKED_GREY
+
+    image = ax.images[0]
+    mask = image.get_array().mask  # (T, T)
+    future = torch.ones(t, t, dtype=torch.bool).triu(diagonal=1).numpy()
+    assert mask.shape == (t, t) and (mask == future).all()
+    assert tuple(image.cmap.get_bad()) == to_rgba(MASKED_GREY)
+    assert image.cmap(0.0) != to_rgba(MASKED_GREY)  # a zero weight is not drawn as masked
+
+
+def test_pictures_have_a_colour_bar_named_axes_and_grey_masked_cells(tmp_path):
+    from llmscratch.tools.inspect import attention_grid_figure, attention_head_figure
+
+    model, tokenizer, _ = load_run(tiny_run(tmp_path))
+    maps = attention_maps(model, tokenizer, "the earth")
+    t = len(maps.tokens)
+    grid = attention_grid_figure(maps)
+    heads = [ax for ax in grid.axes if ax.images]
+    assert len(heads) == maps.n_layers * maps.n_heads
+    colour_bars = [ax for ax in grid.axes if ax.get_ylabel() == "attention weight"]
+    assert len(colour_bars) == 1 and colour_bars[0] not in heads
+    assert {"key (attended to)", "query (attending)"} <= {text.get_text() for text in grid.texts}
+    assert "grey: masked future keys" in grid.texts[-1].get_text()
+    for ax in heads:
+        check_heatmap(ax, t)
+    one = attention_head_figure(maps, 1, 0)
+    (head,) = [ax for ax in one.axes if ax.images]
+    assert (head.get_xlabel(), head.get_ylabel()) == ("key (attended to)", "query (attending)")
+    assert [ax.get_ylabel() for ax in one.axes if ax is not head] == ["attention weight"]
+    check_heatmap(head, t)
+
+
+def test_html_page_opens_on_the_first_layer_and_head_asked_for(tmp_path):
+    model, tokenizer, _ = load_run(tiny_run(tmp_path, n_heads=4))
+    maps = attention_maps(model, tokenizer, "the earth")
+
+    def selected(page: str) -> dict:
+        data = re.search(r'<script id="attention-data" type="application/json">(.*?)</script>', page, re.S).group(1)
+        return json.loads(data)["selected"]
+
+    assert selected(attention_html(maps)) == {"layer": 0, "head": 0}
+    for layers, heads, expected in (([1], [3, 2], (1, 3)), (None, [2], (0, 2)), ([1], None, (1, 0))):
+        out = tmp_path / f"out-{layers}-{heads}"
+        write_attention_outputs(maps, out, layers=layers, heads=heads, html_page=True)
+        assert selected((out / "attention.html").read_text(encoding="utf-8")) == dict(zip(("layer", "head"), expected))
+    with pytest.raises(InspectError, match="layer 2 does not exist: the model has layers 0..1"):
+        attention_html(maps, layer=2)
 
 
 def test_a_title_with_dollar_signs_is_drawn_as_text(tmp_path):

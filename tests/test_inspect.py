@@ -1,17 +1,18 @@
-"""Tests for the shape trace (llmscratch.tools.inspect.explain and `llmscratch explain`) and the attention page's script."""
+"""Tests for the shape trace (llmscratch.tools.inspect.explain and `llmscratch explain`) and the attention page, in a browser."""
 
 from __future__ import annotations
 
 import html
 import io
-import json
 import math
+import os
 import re
 import shutil
 import subprocess
 import sys
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from llmscratch.errors import ConfigError, LLMScratchError
 from llmscratch.tools.inspect import (
     BOOK_SENTENCE,
     BOOK_VECTORS,
+    MAP_TOKENS,
     AttentionMaps,
     TraceStep,
     attention_html,
@@ -49,9 +51,13 @@ STEP_NAMES = [
 ]
 
 
+HANG = 1800  # seconds: a subprocess's timeout only guards against a hang; a slow shared machine must not fail a test
+
+
 def run_explain(*args, **kwargs) -> tuple[list[TraceStep], str]:
+    """``explain``'s steps and printout, 100 columns wide unless ``width`` says otherwise."""
     buf = io.StringIO()
-    steps = explain(*args, out=buf, **kwargs)
+    steps = explain(*args, out=buf, **{"width": 100, **kwargs})
     return steps, buf.getvalue()
 
 
@@ -189,10 +195,11 @@ def test_shapes_for_batch_2_heads_3_d_out_6():
     assert "(B=2, H=3, T=6, T=6)" in text
     assert "(B=2, H=3, T=6, d=2)" in text
     assert "batch 1: journey starts with one step Your" in text
-    # Q/K/V heads and context (72 elements) print their values; the (B, H, T, T) steps
-    # (216 elements) are over the default limit of 144 and show their shapes only.
-    assert text.count("[batch 1, head 2]") == 4
+    # Q/K/V heads and context (72 elements) print their values, and so do the four (B, H, T, T)
+    # steps: 216 elements is over the limit of 144, but 6 tokens make maps small enough to read.
+    assert text.count("[batch 1, head 2]") == 8
     assert run_explain(BOOK_SENTENCE, batch=2, heads=3, d_out=6, max_values=1000)[1].count("[batch 1, head 2]") == 8
+    assert run_explain(BOOK_SENTENCE, batch=2, heads=3, d_out=6, max_values=0)[1].count("[batch 1, head 2]") == 0
 
 
 def test_same_seed_same_text_and_different_seed_different_text():
@@ -232,6 +239,122 @@ def test_values_hidden_for_big_tensors():
     assert "0.4300" not in text
     for name in STEP_NAMES:
         assert name in text
+    assert "values not shown (shapes only)" in text
+
+
+def test_maps_of_more_than_map_tokens_follow_the_element_cap():
+    words = " ".join(f"w{i}" for i in range(MAP_TOKENS + 1))  # 17 tokens: a 17×17 map per head
+    steps, text = run_explain(words, heads=2, d_out=4)
+    assert by_name(steps)["attention weights"].shape == (1, 2, 17, 17)
+    assert text.count("[batch 0, head 1]") == 4  # Q/K/V heads and context (68 elements) only
+    assert f"maps are printed whole up to {MAP_TOKENS} tokens; this sentence has 17" in " ".join(text.split())
+    assert run_explain(words, heads=2, d_out=4, max_values=578)[1].count("[batch 0, head 1]") == 8
+
+
+# --------------------------------------------------------------------------- the README's examples, read whole
+
+
+def step_section(text: str, name: str) -> list[str]:
+    """The lines printed for step ``name``: its row, the meaning's continuation lines and its tables."""
+    lines = text.splitlines()
+    starts = [i for i, ln in enumerate(lines) if re.match(r"\s*\d+  \S", ln)]
+    for here, following in zip(starts, starts[1:] + [len(lines)]):
+        if re.match(rf"\s*\d+  {re.escape(name)}  ", lines[here]):
+            return lines[here:following]
+    raise AssertionError(f"no step {name!r} in:\n{text}")
+
+
+def printed_maps(section: list[str], t: int) -> dict[tuple[int, int], list[list[str]]]:
+    """Each ``[batch b, head h]`` table of a step's section: T rows of (label, value, ...) fields."""
+    maps = {}
+    for i, line in enumerate(section):
+        found = re.fullmatch(r"\s*\[batch (\d+), head (\d+)\]", line)
+        if found:
+            rows = [ln.split() for ln in section[i + 2: i + 2 + t]]  # after the column labels
+            maps[int(found.group(1)), int(found.group(2))] = rows
+    return maps
+
+
+def expected_rows(matrix: torch.Tensor, labels: list[str]) -> list[list[str]]:
+    """How a (T, T) matrix reads in the printout: a label, then each value to 4 decimals."""
+    def number(v: float) -> str:
+        return "-inf" if v == float("-inf") else f"{v:.4f}".replace("-0.0000", "0.0000")
+    return [[label, *(number(v) for v in row)] for label, row in zip(labels, matrix.double().tolist())]
+
+
+def check_maps_printed(text: str, steps: list[TraceStep], tokens: list[list[str]], width: int) -> None:
+    """Every head's T×T scores, mask and weights are printed whole, and no line is wider than ``width``."""
+    s = by_name(steps)
+    for name in ("scores Q·Kᵀ", "scaled scores", "causal mask", "attention weights"):
+        b, h, t, _ = s[name].shape
+        maps = printed_maps(step_section(text, name), t)
+        assert sorted(maps) == [(i, j) for i in range(b) for j in range(h)], name
+        for (i, j), rows in maps.items():
+            labels = [x.replace(" ", "\u2423") for x in tokens[i]]
+            assert rows == expected_rows(s[name].tensor[i, j], labels), (name, i, j)
+    too_wide = [ln for ln in text.splitlines() if len(ln) > width]
+    assert not too_wide, "\n".join(too_wide)
+
+
+def test_the_readme_batch_example_prints_every_heads_weights_within_80_columns():
+    result = _cli("Your journey starts with one step", "--batch", "2", "--heads", "3", "--d-out", "6", columns=80)
+    assert result.returncode == 0, result.stderr
+    steps = explain(BOOK_SENTENCE, batch=2, heads=3, d_out=6, out=None)
+    tokens, _ = trace_batch(BOOK_SENTENCE, 2)
+    check_maps_printed(result.stdout, steps, tokens, 80)
+
+
+def test_explain_run_prints_every_heads_weights_within_80_columns(tmp_path):
+    from llmscratch.tools.inspect import trace_run
+
+    tiny_char_run(tmp_path / "run")
+    sentence = "bad cafe"  # 8 tokens; 4 heads: 256 weights, over the element cap of 144
+    result = subprocess.run([sys.executable, "-m", "llmscratch", "explain", "--run", "run", sentence],
+                            capture_output=True, text=True, timeout=HANG, cwd=tmp_path, env=_env(80))
+    assert result.returncode == 0, result.stderr
+    labels, steps = trace_run(tmp_path / "run", sentence)
+    assert by_name(steps)["attention weights"].shape == (1, 4, 8, 8)
+    check_maps_printed(result.stdout, steps, labels, 80)
+    assert "gives the same output" in result.stdout
+
+
+@pytest.mark.parametrize("width", [70, 80, 100, 132])
+def test_meanings_wrap_within_their_column(width):
+    _, text = run_explain(BOOK_SENTENCE, batch=2, heads=3, d_out=12, max_values=1000, width=width)
+    lines = text.splitlines()
+    assert max(len(ln) for ln in lines) <= width
+    title = next(i for i, ln in enumerate(lines) if ln.split()[:3] == ["#", "step", "shape"])
+    column = lines[title].index("meaning")
+    row = next(i for i, ln in enumerate(lines) if "causal mask" in ln)
+    meaning = [lines[row][column:]]
+    for ln in lines[row + 1:]:  # the continuation lines start in the meaning column, blank before it
+        if ln[:column].strip() or not ln[column:].strip():
+            break
+        meaning.append(ln[column:])
+    assert " ".join(meaning) == by_name(explain(out=None))["causal mask"].meaning
+    assert (len(meaning) > 1) == (width < 132)  # wrapped only where it would not fit
+
+
+def test_wide_tables_come_in_blocks_of_columns():
+    _, text = run_explain(BOOK_SENTENCE, heads=3, d_out=12, width=80)  # W_q: 12 columns of 9 = 108 wide
+    section = step_section(text, "W_q")
+    assert max(len(ln) for ln in section) <= 80
+    headers = [ln.split() for ln in section if ln.strip().startswith("d_out[")]
+    assert len(headers) == 2 and sum(headers, []) == [f"d_out[{i}]" for i in range(12)]
+    w_q = by_name(explain(heads=3, d_out=12, out=None))["W_q"].tensor
+    rows = [ln.split() for ln in section if ln.strip().startswith("d_in[")]
+    assert len(rows) == 6  # 3 rows in each block
+    for i in range(3):
+        assert rows[i][1:] + rows[i + 3][1:] == [f"{v:.4f}" for v in w_q[i].double().tolist()]
+
+
+def test_a_pipe_gets_100_columns_and_columns_sets_the_width():
+    piped = _cli("--batch", "2", "--heads", "3", "--d-out", "6", columns=None)
+    assert piped.returncode == 0, piped.stderr
+    widths = [len(ln) for ln in piped.stdout.splitlines()]
+    assert 80 < max(widths) <= 100
+    narrow = _cli("--batch", "2", "--heads", "3", "--d-out", "6", columns=72)
+    assert max(len(ln) for ln in narrow.stdout.splitlines()) <= 72
 
 
 def test_out_none_prints_nothing(capsys):
@@ -281,11 +404,30 @@ def test_trace_attention_needs_no_printing():
 # --------------------------------------------------------------------------- the command line
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _env(columns: Optional[int]) -> dict[str, str]:
+    """The environment with ``COLUMNS`` set to ``columns``, or without it (``None``: a plain pipe)."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    return env if columns is None else {**env, "COLUMNS": str(columns)}
+
+
+def _cli(*args: str, columns: Optional[int] = 100) -> subprocess.CompletedProcess:
+    """``llmscratch explain ARGS`` in a subprocess whose output is a pipe, ``COLUMNS`` wide."""
     return subprocess.run(
         [sys.executable, "-m", "llmscratch", "explain", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=HANG, env=_env(columns),
     )
+
+
+def tiny_char_run(path: Path, **config) -> Path:
+    """A saved run of a random 2-layer, 4-head character GPT over "abcdefgh "."""
+    from llmscratch.store.checkpoint import save_run
+    from llmscratch.nn.model import GPT, GPTConfig
+    from llmscratch.data.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    torch.manual_seed(0)
+    save_run(path, GPT(GPTConfig.from_preset("test", vocab_size=tok.vocab_size, **config)), tokenizer=tok)
+    return path
 
 
 def test_cli_prints_the_steps():
@@ -312,6 +454,7 @@ def test_cli_help_lists_the_options():
     assert result.returncode == 0
     for option in ("--batch", "--heads", "--d-out", "--seed", "--no-scale", "--max-values"):
         assert option in result.stdout
+    assert f"at most {MAP_TOKENS} tokens" in " ".join(result.stdout.split())  # --max-values says what it caps
 
 
 # --------------------------------------------------------------------------- explain --run
@@ -347,25 +490,19 @@ def test_trace_run_equals_the_models_own_first_attention_layer(tmp_path, pos_emb
 
 
 def test_explain_run_cli_prints_the_check(tmp_path):
-    from llmscratch.store.checkpoint import save_run
-    from llmscratch.nn.model import GPT, GPTConfig
-    from llmscratch.data.tokenizer import CharTokenizer
-
-    tok = CharTokenizer.from_text("abcdefgh ")
-    torch.manual_seed(0)
-    save_run(tmp_path, GPT(GPTConfig.from_preset("test", vocab_size=tok.vocab_size)), tokenizer=tok)
+    tiny_char_run(tmp_path)
     r = subprocess.run([sys.executable, "-m", "llmscratch", "explain", "--run", str(tmp_path), "bad cafe"],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=HANG)
     assert r.returncode == 0, r.stderr
     assert "attention weights" in r.stdout
     check = re.search(r"check: the model's own block-0 attention gives the same output \(max \|difference\| (\S+)\)",
-                      r.stdout)
+                      " ".join(r.stdout.split()))  # however the terminal's width wrapped it
     assert check and float(check.group(1)) < 1e-5, r.stdout[-500:]
     bad = subprocess.run([sys.executable, "-m", "llmscratch", "explain", "--run", str(tmp_path), "xyz"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=HANG)
     assert bad.returncode == 2 and "not in the vocabulary" in bad.stderr
     toy = subprocess.run([sys.executable, "-m", "llmscratch", "explain", "--run", str(tmp_path), "bad", "--heads", "3",
-                          "--no-scale"], capture_output=True, text=True, timeout=120)
+                          "--no-scale"], capture_output=True, text=True, timeout=HANG)
     assert toy.returncode == 2 and "--heads, --no-scale cannot apply" in toy.stderr
 
 
@@ -388,29 +525,139 @@ def test_explain_run_says_when_a_long_sentence_is_cut_to_the_context(tmp_path):
         assert (note in out.getvalue()) == cut
 
 
-# --------------------------------------------------------------------------- the HTML page's script, run by Node
+# --------------------------------------------------------------------------- the HTML page, in a real browser
 #
-# attention_html writes a page whose inline JavaScript draws the map and reacts to the mouse.
-# tests/js/dom_shim.js runs that script with Node against a small hand-written DOM, performs
-# events (choose a layer/head, hover a token or a row) and reports what the page shows; the
-# tests compare that with the same numbers computed here from maps.weights.
+# attention_html writes a page whose inline JavaScript draws the map and reacts to the mouse
+# and the keyboard. These tests open it from a file:// URL in headless Chromium, driven by
+# Selenium: they act as a user does (select a layer and head, hover, click, press keys, resize
+# the window), read back what the page shows, and compare it with the same numbers computed
+# here from maps.weights. Without chromium and chromedriver (Debian: `apt-get install chromium
+# chromium-driver`) or the selenium package they are skipped, saying which is missing.
+#
+# No test sleeps. Input goes through the DevTools protocol, which returns once the page has
+# handled the event; where the browser itself must catch up (hover state, a resize, a frame),
+# the test waits for that condition, with a timeout (HANG) that only guards against a hang.
 
-NODE = shutil.which("node")
-DOM_SHIM = Path(__file__).parent / "js" / "dom_shim.js"
-needs_node = pytest.mark.skipif(NODE is None, reason="Node.js (`node`) is not on PATH: the HTML page's script "
-                                                     "is run with node against tests/js/dom_shim.js")
-BLANK = "#fafafa"  # the page's background for cells above the diagonal (future keys)
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROMIUM_FLAGS = (  # no network here: without these Chromium waits on connections it cannot make
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1000,900",
+)
+PINNED_NOTE = " \u2014 pinned: click it again or press Esc to let it go"
+
+# Errors of the page's scripts, collected from before its first line runs.
+COLLECT_ERRORS = "window.__errors = []; window.addEventListener('error', function (e) { window.__errors.push(String(e.message)); });"
+# Everything the tests read back from the page, as plain JSON.
+SNAPSHOT = """
+const look = (el) => ({text: el.textContent, className: el.className, background: el.style.backgroundColor,
+                       color: el.style.color});
+const select = (id) => { const s = document.getElementById(id);
+  return {value: s.value, options: Array.from(s.options, (o) => ({value: o.value, text: o.textContent}))}; };
+const spans = Array.from(document.getElementById("tokens").children);
+return {
+  errors: window.__errors, ready: document.body.getAttribute("data-ready"),
+  layer: select("layer"), head: select("head"),
+  tokens: spans.map((s) => ({...look(s), pressed: s.getAttribute("aria-pressed"), tabIndex: s.tabIndex})),
+  focused: spans.indexOf(document.activeElement),
+  info: document.getElementById("info").textContent,
+  rows: Array.from(document.getElementById("map").rows, (r) => ({className: r.className,
+    cells: Array.from(r.cells, (c) => ({tag: c.tagName.toLowerCase(), title: c.title, ...look(c)}))})),
+};
+"""
+NEXT_FRAME = """const done = arguments[arguments.length - 1];
+requestAnimationFrame(() => requestAnimationFrame(() => done()));"""
 
 
-def run_page(tmp_path: Path, page: str, actions: list[dict]) -> dict:
-    """Write ``page``, run its script with the DOM shim performing ``actions``; the shim's report."""
-    page_path, actions_path = tmp_path / "attention.html", tmp_path / "actions.json"
-    page_path.write_text(page, encoding="utf-8")
-    actions_path.write_text(json.dumps(actions), encoding="utf-8")
-    result = subprocess.run([NODE, str(DOM_SHIM), str(page_path), str(actions_path)],
-                            capture_output=True, text=True, encoding="utf-8", timeout=30)
-    assert result.returncode == 0, f"the page's script failed under node:\n{result.stderr}"
-    return json.loads(result.stdout)
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """One headless Chromium for the module's tests, with a fresh profile; its window is 1000×900."""
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        missing = " and ".join(n for n, p in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if p is None)
+        pytest.skip(f"{missing} not on PATH: the HTML page is tested in headless Chromium "
+                    "(Debian: apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the selenium package drives the browser "
+                                                                 "(pip install -e '.[test]')")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    options.add_experimental_option("browserStartupTimeout", HANG * 1000)  # ms; a slow machine starts it slowly
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        driver.set_page_load_timeout(HANG)
+        driver.set_script_timeout(HANG)
+        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": COLLECT_ERRORS})
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(browser, condition, what: str):
+    """Wait until ``condition(browser)`` is true (it is the browser that must catch up, not the page)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, HANG).until(condition, message=f"waited {HANG} s for {what}")
+
+
+def open_file(browser, path: Path, *, errors_allowed: bool = False) -> dict:
+    """Open the page at ``path`` from its file:// URL, the mouse on its title; its first state."""
+    browser.get(path.as_uri())
+    wait_for(browser, lambda b: b.execute_script("return document.readyState") == "complete", "the page to load")
+    leave(browser)  # wherever the last test left the mouse, it is on no token now
+    return state(browser, errors_allowed=errors_allowed)
+
+
+def open_page(browser, tmp_path: Path, page: str, name: str = "attention.html", *, errors_allowed: bool = False) -> dict:
+    """Write ``page`` to a file in ``tmp_path``, open it (:func:`open_file`) and return its first state."""
+    path = tmp_path / name
+    path.write_text(page, encoding="utf-8")
+    return open_file(browser, path, errors_allowed=errors_allowed)
+
+
+def state(browser, *, errors_allowed: bool = False) -> dict:
+    """What the page shows now, once the browser has drawn a frame since the last action."""
+    browser.execute_async_script(NEXT_FRAME)
+    now = browser.execute_script(SNAPSHOT)
+    if not errors_allowed:
+        assert now["errors"] == [], f"the page's script failed: {now['errors']}"
+        assert now["ready"] == "1", "the page's script did not run to its end"
+    return now
+
+
+def element(browser, css: str, index: int = 0):
+    from selenium.webdriver.common.by import By
+
+    return browser.find_elements(By.CSS_SELECTOR, css)[index]
+
+
+def hover(browser, target) -> None:
+    """Move the mouse onto ``target`` (an element), as a user does."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(browser).move_to_element(target).perform()
+    wait_for(browser, lambda b: b.execute_script("return arguments[0].matches(':hover')", target), "the hover")
+
+
+def leave(browser) -> None:
+    """Move the mouse off the tokens and the map, onto the page's title."""
+    hover(browser, element(browser, "h1"))
+
+
+def press(browser, *keys: str) -> None:
+    """Type ``keys`` into whatever has the keyboard focus."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    ActionChains(browser).send_keys(*keys).perform()
+
+
+def choose(browser, select_id: str, value: int) -> None:
+    """Pick option ``value`` of a <select>, as a user does (it fires "change")."""
+    from selenium.webdriver.support.ui import Select
+
+    Select(element(browser, f"#{select_id}")).select_by_value(str(value))
 
 
 def shown(token: str) -> str:
@@ -433,9 +680,26 @@ def js_fixed(x: float, digits: int) -> str:
     return str(Decimal(x).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
 
 
-def colour(w: float) -> str:
-    """The page's shade for weight ``w``."""
-    return f"hsl(215, 80%, {js_round(100 - 55 * w)}%)"
+def colour(w: float) -> tuple[int, int, int]:
+    """The page's shade for weight ``w``, hsl(215, 80%, L%) with L = round(100 - 55 w), as 0..255 RGB."""
+    import colorsys
+
+    return tuple(round(255 * c) for c in colorsys.hls_to_rgb(215 / 360, js_round(100 - 55 * w) / 100, 0.8))
+
+
+def rgb(css: str) -> Optional[tuple[int, int, int]]:
+    """``rgb(r, g, b)`` as the browser writes a colour back, as numbers; ``None`` for no colour."""
+    if css == "":
+        return None
+    found = re.fullmatch(r"rgb\((\d+), (\d+), (\d+)\)", css)
+    assert found, css
+    return tuple(int(x) for x in found.groups())
+
+
+def same_colour(css: str, expected: Optional[tuple[int, int, int]]) -> bool:
+    """Whether the browser's colour is ``expected``, within the 1/255 by which browsers round HSL."""
+    got = rgb(css)
+    return got == expected if got is None or expected is None else max(abs(a - b) for a, b in zip(got, expected)) <= 1
 
 
 def first_max(row: list[float], q: int) -> int:
@@ -448,14 +712,15 @@ def first_max(row: list[float], q: int) -> int:
 
 
 def info_text(tokens: list[str], row: list[float], q: int) -> str:
-    """The line the page writes under the tokens while token ``q`` is hovered."""
+    """The line the page writes under the tokens while token ``q`` is the query."""
     b = first_max(row, q)
     return (f"token {q} \u201c{shown(tokens[q])}\u201d attends most to token {b} "
             f"\u201c{shown(tokens[b])}\u201d ({js_fixed(row[b], 3)})")
 
 
 def check_table(state: dict, maps: AttentionMaps, layer: int, head: int) -> None:
-    """The map shows head ``head`` of layer ``layer``: a header row and one row of T cells per query."""
+    """The map shows head ``head`` of layer ``layer``: a header row and one row of T cells per query,
+    each visible cell shaded by its weight, each masked (future) cell marked as such."""
     tokens, w, t = maps.tokens, page_weights(maps, layer, head), len(maps.tokens)
     rows = state["rows"]
     assert len(rows) == t + 1
@@ -467,25 +732,33 @@ def check_table(state: dict, maps: AttentionMaps, layer: int, head: int) -> None
         label, cells = row["cells"][0], row["cells"][1:]
         assert label["tag"] == "th" and label["text"] == shown(tokens[q])
         assert [c["tag"] for c in cells] == ["td"] * t
-        assert [c["background"] for c in cells] == [colour(v) if k <= q else BLANK for k, v in enumerate(w[q])]
-        assert [c["title"] for c in cells] == [f"{shown(tokens[q])} \u2192 {shown(x)}: {js_fixed(v, 4)}"
-                                               for x, v in zip(tokens, w[q])]
+        assert [c["className"] for c in cells] == ["" if k <= q else "masked" for k in range(t)]
+        for k, (cell, v) in enumerate(zip(cells, w[q])):
+            assert same_colour(cell["background"], colour(v) if k <= q else None), (q, k, cell, v)
+        assert [c["title"] for c in cells] == [
+            f"{shown(tokens[q])} \u2192 {shown(x)}: " + (js_fixed(v, 4) if k <= q else "masked (a future key)")
+            for k, (x, v) in enumerate(zip(tokens, w[q]))]
 
 
-def check_focused(state: dict, maps: AttentionMaps, layer: int, head: int, q: int) -> None:
-    """Token ``q`` is hovered: it alone is the query, keys ``0..q`` are shaded by its row, its row is lit."""
+def check_query(state: dict, maps: AttentionMaps, layer: int, head: int, q: int, pinned: Optional[int] = None) -> None:
+    """Token ``q`` is the query shown (hovered, or pinned with nothing hovered) and ``pinned`` is pinned:
+    keys ``0..q`` are shaded by its row, later tokens marked as the future, its row of the map lit."""
     w = page_weights(maps, layer, head)[q]
     spans = state["tokens"]
-    assert [s["className"] for s in spans] == ["tok query" if k == q else "tok" for k in range(len(spans))]
-    assert [s["background"] for s in spans] == [colour(w[k]) if k <= q else "" for k in range(len(spans))]
-    assert [s["color"] for s in spans] == ["#fff" if k <= q and w[k] > 0.6 else "" for k in range(len(spans))]
-    assert state["info"] == info_text(maps.tokens, w, q)
+    for k, span in enumerate(spans):
+        classes = {"tok"} | {name for name, on in (("query", k == q), ("pinned", k == pinned), ("future", k > q)) if on}
+        assert set(span["className"].split()) == classes, (k, span)
+        assert same_colour(span["background"], colour(w[k]) if k <= q else None), (k, span)
+        assert span["color"] == ("rgb(255, 255, 255)" if k <= q and w[k] > 0.6 else ""), (k, span)
+        assert span["pressed"] == ("true" if k == pinned else "false")
+    assert state["info"] == info_text(maps.tokens, w, q) + (PINNED_NOTE if q == pinned else "")
     assert [r["className"] for r in state["rows"]] == ["hl" if i == q + 1 else "" for i in range(len(state["rows"]))]
 
 
 def check_cleared(state: dict) -> None:
-    """Nothing is hovered: no query, no shading, no info line, no lit row."""
-    assert all(s["className"] == "tok" and s["background"] == "" and s["color"] == "" for s in state["tokens"])
+    """No query: no token shaded, marked or pinned, no info line, no lit row."""
+    assert all(s["className"] == "tok" and s["background"] == "" and s["color"] == "" and s["pressed"] == "false"
+               for s in state["tokens"])
     assert state["info"] == ""
     assert all(r["className"] == "" for r in state["rows"])
 
@@ -512,51 +785,192 @@ def causal_softmax(*shape: int) -> torch.Tensor:
     return torch.softmax(torch.randn(*shape).masked_fill(future, float("-inf")), -1)
 
 
-@needs_node
-def test_html_page_script_draws_and_follows_the_mouse(tmp_path):
+def test_page_draws_each_head_and_follows_the_mouse(browser, tmp_path):
     maps = tiny_gpt_maps("bad\tcafe\nage fed")
     n_l, n_h, t = maps.n_layers, maps.n_heads, len(maps.tokens)
     assert n_l >= 2 and n_h >= 2
-    layer, head = 1, 1
-    actions = [{"event": "change", "target": "layer", "value": layer},
-               {"event": "change", "target": "head", "value": head}]
-    for q in range(t):  # hover every token in turn, then leave it
-        actions += [{"event": "mouseenter", "target": "token", "index": q},
-                    {"event": "mouseleave", "target": "token", "index": q}]
-    actions += [{"event": "mouseenter", "target": "row", "index": 5}]  # a map row focuses its query (4)
-    report = run_page(tmp_path, attention_html(maps, "tiny"), actions)
-    assert [(s["id"], s["type"]) for s in report["scripts"]] == [("attention-data", "application/json"), (None, None)]
-    states = report["states"]
-    assert len(states) == len(actions) + 1
-
-    loaded = states[0]  # as opened: layer 0, head 0, nothing hovered
+    loaded = open_page(browser, tmp_path, attention_html(maps, "tiny"))  # layer 0, head 0, nothing hovered
+    scripts = browser.execute_script("return Array.from(document.scripts, (s) => [s.id || null, s.type || null])")
+    assert scripts == [["attention-data", "application/json"], [None, None]]
     assert loaded["layer"] == {"value": "0", "options": [{"value": str(i), "text": str(i)} for i in range(n_l)]}
     assert loaded["head"] == {"value": "0", "options": [{"value": str(i), "text": str(i)} for i in range(n_h)]}
-    assert [s["text"] for s in loaded["tokens"]] == [shown(x) for x in maps.tokens]
     texts = [s["text"] for s in loaded["tokens"]]
+    assert texts == [shown(x) for x in maps.tokens]
     assert (texts[3], texts[8], texts[12]) == ("\\t", "\\n", "\u2423")  # tab, newline, space
     check_cleared(loaded)
     check_table(loaded, maps, 0, 0)
 
-    assert states[1]["layer"]["value"] == "1" and states[1]["head"]["value"] == "0"
-    check_table(states[1], maps, 1, 0)  # a change redraws the map
-    assert states[2]["head"]["value"] == "1"
-    check_table(states[2], maps, layer, head)
-    assert states[2]["rows"][2]["cells"][3]["background"] == BLANK  # query 1, key 2: the future
-
+    layer, head = 1, 1
+    choose(browser, "layer", layer)
+    check_table(state(browser), maps, 1, 0)  # a change redraws the map
+    choose(browser, "head", head)
+    check_table(state(browser), maps, layer, head)
     bests = set()
-    for q in range(t):
-        hovered, left = states[3 + 2 * q], states[4 + 2 * q]
-        check_focused(hovered, maps, layer, head, q)
+    for q in range(t):  # hover every token in turn, then leave it
+        hover(browser, element(browser, "#tokens .tok", q))
+        hovered = state(browser)
+        check_query(hovered, maps, layer, head, q)
         check_table(hovered, maps, layer, head)  # hovering only lights a row
-        check_cleared(left)
+        leave(browser)
+        check_cleared(state(browser))
         bests.add(first_max(page_weights(maps, layer, head)[q], q))
     assert len(bests) > 2  # the hovered tokens attend most to different keys, so the argmax is really tested
-    check_focused(states[-1], maps, layer, head, 4)
+    hover(browser, element(browser, "#map tr", 5))  # a map row shows its query (4)
+    check_query(state(browser), maps, layer, head, 4)
 
 
-@needs_node
-def test_html_page_script_picks_the_first_of_tied_weights(tmp_path):
+def test_page_opens_on_the_layer_and_head_asked_for(browser, tmp_path):
+    from llmscratch.store.checkpoint import load_run
+    from llmscratch.cli import main
+    from llmscratch.tools.inspect import attention_maps
+
+    run = tiny_char_run(tmp_path / "run")  # 2 layers, 4 heads
+    out = tmp_path / "maps"
+    assert main(["attention", str(run), "--prompt", "bad cafe", "--layer", "1", "--head", "2", "3", "--html",
+                 "--out", str(out)]) == 0
+    model, tokenizer, _ = load_run(run)
+    maps = attention_maps(model, tokenizer, "bad cafe")
+    opened = open_file(browser, out / "attention.html")
+    assert opened["layer"]["value"] == "1" and opened["head"]["value"] == "2"  # the first of those asked for
+    check_table(opened, maps, 1, 2)
+    with pytest.raises(LLMScratchError, match="head 4 does not exist: the model has heads 0..3"):
+        attention_html(maps, head=4)
+
+
+def test_a_click_pins_a_token_until_it_is_clicked_again(browser, tmp_path):
+    maps = tiny_gpt_maps("bad cafe")
+    open_page(browser, tmp_path, attention_html(maps))
+    element(browser, "#tokens .tok", 3).click()
+    check_query(state(browser), maps, 0, 0, 3, pinned=3)
+    leave(browser)
+    check_query(state(browser), maps, 0, 0, 3, pinned=3)  # it stays without the mouse
+    hover(browser, element(browser, "#tokens .tok", 6))
+    check_query(state(browser), maps, 0, 0, 6, pinned=3)  # hovering shows another, the pin stays marked
+    leave(browser)
+    check_query(state(browser), maps, 0, 0, 3, pinned=3)
+    choose(browser, "head", 2)
+    pinned = state(browser)
+    check_table(pinned, maps, 0, 2)
+    check_query(pinned, maps, 0, 2, 3, pinned=3)  # the pin stays across heads: its row of the new head
+    element(browser, "#tokens .tok", 3).click()
+    leave(browser)
+    check_cleared(state(browser))
+    element(browser, "#map tr", 6).click()  # a row of the map pins its query too
+    leave(browser)
+    check_query(state(browser), maps, 0, 2, 5, pinned=5)
+
+
+def test_the_keyboard_reaches_pins_and_moves_between_tokens(browser, tmp_path):
+    from selenium.webdriver.common.keys import Keys
+
+    maps = tiny_gpt_maps("bad cafe")
+    t = len(maps.tokens)
+    opened = open_page(browser, tmp_path, attention_html(maps))
+    assert [s["tabIndex"] for s in opened["tokens"]] == [0] * t
+    browser.execute_script("document.getElementById('head').focus()")
+    press(browser, Keys.TAB)  # the tokens come next in the tab order
+    assert state(browser)["focused"] == 0
+    press(browser, Keys.ENTER)
+    check_query(state(browser), maps, 0, 0, 0, pinned=0)
+    press(browser, Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)
+    now = state(browser)
+    assert now["focused"] == 2
+    check_query(now, maps, 0, 0, 2, pinned=2)
+    press(browser, Keys.END)
+    check_query(state(browser), maps, 0, 0, t - 1, pinned=t - 1)
+    press(browser, Keys.ARROW_RIGHT)  # past the end: stays on the last token
+    check_query(state(browser), maps, 0, 0, t - 1, pinned=t - 1)
+    press(browser, Keys.ARROW_LEFT)
+    check_query(state(browser), maps, 0, 0, t - 2, pinned=t - 2)
+    press(browser, Keys.SPACE)  # Space on the pinned token lets it go
+    check_cleared(state(browser))
+    press(browser, Keys.HOME)
+    check_query(state(browser), maps, 0, 0, 0, pinned=0)
+    press(browser, Keys.ESCAPE)
+    now = state(browser)
+    check_cleared(now)
+    assert now["focused"] == 0
+    assert browser.execute_script("return window.scrollY") == 0  # Space and the arrows did not scroll the page
+
+
+def zero_and_masked_maps() -> AttentionMaps:
+    """Four tokens whose last query gives some visible keys exactly zero weight."""
+    weights = causal_softmax(1, 1, 4, 4)
+    weights[0, 0, 3] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # keys 0 and 2: zero weight; none masked in row 3
+    return AttentionMaps(list("abcd"), [weights])
+
+
+def test_masked_cells_are_drawn_apart_from_zero_weights_and_the_legend_says_which_is_which(browser, tmp_path):
+    import matplotlib.image
+
+    maps = zero_and_masked_maps()
+    open_page(browser, tmp_path, attention_html(maps))
+    zero, masked = element(browser, "#map tr", 4).find_elements("css selector", "td")[0], \
+        element(browser, "#map tr", 1).find_elements("css selector", "td")[1]
+    look = "const s = getComputedStyle(arguments[0]); return [s.backgroundColor, s.backgroundImage];"
+    zero_look, masked_look = browser.execute_script(look, zero), browser.execute_script(look, masked)
+    assert same_colour(zero_look[0], colour(0.0)) and zero_look[1] == "none"
+    assert "repeating-linear-gradient" in masked_look[1]
+
+    def pixels(cell):
+        return matplotlib.image.imread(io.BytesIO(cell.screenshot_as_png), format="png")[..., :3]  # (h, w, RGB)
+
+    zero_px, masked_px = pixels(zero), pixels(masked)
+    assert zero_px.std() < 0.05 and masked_px.std() > 0.05  # a flat colour against a hatch
+    assert abs(zero_px.mean() - masked_px.mean()) > 0.05  # ... and a lighter one
+
+    legend = element(browser, "#legend")
+    assert legend.is_displayed()
+    assert "weight 0" in legend.text and "masked" in legend.text and "future" in legend.text
+    swatch = element(browser, "#legend .swatch.masked")
+    assert browser.execute_script(look, swatch)[1] == masked_look[1]  # the legend's swatch is the masked cells' hatch
+    bar = browser.execute_script(look, element(browser, "#legend-bar"))[1]
+    stops = [tuple(int(x) for x in m) for m in re.findall(r"rgb\((\d+), (\d+), (\d+)\)", bar)]
+    assert len(stops) == 5 and same_colour("rgb{}".format(stops[0]), colour(0.0)) \
+        and same_colour("rgb{}".format(stops[-1]), colour(1.0))  # from a weight of 0 to a weight of 1
+
+    hover(browser, element(browser, "#tokens .tok", 1))
+    spans = state(browser)["tokens"]
+    assert ["future" in s["className"] for s in spans] == [False, False, True, True]  # the strip marks the future too
+
+
+def cell_size(browser) -> tuple[float, float]:
+    return tuple(browser.execute_script(
+        "const r = document.querySelector('#map td').getBoundingClientRect(); return [r.width, r.height];"))
+
+
+def fits(browser) -> bool:
+    """Whether the map ends inside the page and nothing makes the page scroll sideways."""
+    return browser.execute_script(
+        "const page = document.documentElement;"
+        "return document.getElementById('map').getBoundingClientRect().right <= page.clientWidth"
+        " && page.scrollWidth <= page.clientWidth;")
+
+
+def test_cells_scale_so_the_map_fits_short_and_long_windows(browser, tmp_path):
+    torch.manual_seed(4)
+    short = AttentionMaps([f"w{i}" for i in range(5)], [causal_softmax(1, 1, 5, 5)])
+    long = AttentionMaps([f"w{i}" for i in range(150)], [causal_softmax(1, 1, 150, 150)])
+    open_page(browser, tmp_path, attention_html(short), "short.html")
+    assert cell_size(browser) == (28, 28) and fits(browser)  # a short window: the largest cells
+    opened = open_page(browser, tmp_path, attention_html(long), "long.html")
+    width, height = cell_size(browser)
+    assert width == height and 1 <= width < 28 and fits(browser)
+    labels = [c["text"] for c in opened["rows"][0]["cells"][1:]]
+    every = next(i for i, text in enumerate(labels[1:], start=1) if text)  # cells too small for every label
+    assert every > 1 and labels == [shown(x) if i % every == 0 else "" for i, x in enumerate(long.tokens)]
+    wide = browser.execute_script("return window.innerWidth")
+    try:
+        browser.set_window_size(700, 900)
+        wait_for(browser, lambda b: b.execute_script("return window.innerWidth") < wide, "the narrower window")
+        state(browser)
+        narrower, _ = cell_size(browser)
+        assert narrower < width and fits(browser)  # the map follows the window
+    finally:
+        browser.set_window_size(1000, 900)
+
+
+def test_page_picks_the_first_of_tied_weights(browser, tmp_path):
     """Ties in the page's rounded JSON go to the earliest key, even where the unrounded weights differ."""
     torch.manual_seed(1)
     weights = [causal_softmax(1, 2, 4, 4) for _ in range(2)]
@@ -567,63 +981,69 @@ def test_html_page_script_picks_the_first_of_tied_weights(tmp_path):
         [0.3125, 0.3125, 0.3125, 0.0625],  # 0.3125 shows as "0.313" (toFixed rounds halves up)
     ])
     maps = AttentionMaps(list("abcd"), weights)
-    actions = [{"event": "change", "target": "layer", "value": 1}, {"event": "change", "target": "head", "value": 1}]
-    actions += [{"event": "mouseenter", "target": "token", "index": q} for q in range(4)]
-    actions.append({"event": "change", "target": "head", "value": 0})  # from the keyboard, token 3 still hovered
-    states = run_page(tmp_path, attention_html(maps), actions)
-    states, switched = states["states"][:-1], states["states"][-1]
-    check_cleared(switched)  # nothing stays lit from the old head
-    check_table(switched, maps, 1, 0)
-    infos = [s["info"] for s in states[3:]]
+    open_page(browser, tmp_path, attention_html(maps, layer=1, head=1))
+    infos = []
+    for q in range(4):
+        hover(browser, element(browser, "#tokens .tok", q))
+        now = state(browser)
+        check_query(now, maps, 1, 1, q)
+        infos.append(now["info"])
     assert infos == ["token 0 \u201ca\u201d attends most to token 0 \u201ca\u201d (1.000)",
                      "token 1 \u201cb\u201d attends most to token 0 \u201ca\u201d (0.500)",
                      "token 2 \u201cc\u201d attends most to token 1 \u201cb\u201d (0.400)",
                      "token 3 \u201cd\u201d attends most to token 0 \u201ca\u201d (0.313)"]
-    assert infos == [info_text(maps.tokens, page_weights(maps, 1, 1)[q], q) for q in range(4)]
     assert maps.head(1, 1)[2].argmax().item() == 2  # so rounding, not the raw weights, decides
-    for q, state in enumerate(states[3:]):
-        check_focused(state, maps, 1, 1, q)
+    browser.execute_script("document.getElementById('head').focus()")  # from the keyboard, token 3 still hovered
+    press(browser, "0")
+    switched = state(browser)
+    assert switched["head"]["value"] == "0"
+    check_table(switched, maps, 1, 0)
+    check_cleared(switched)  # nothing stays lit from the old head
 
 
-@needs_node
-def test_html_page_script_shows_tokens_that_look_like_html_exactly(tmp_path):
+def test_page_shows_tokens_that_look_like_html_exactly(browser, tmp_path):
     """Tokens holding </script>, <!--, quotes and entities reach the script intact and are shown as text."""
     tokens = ["</script>", "<!--", 'say "hi"', "it's", "</SCRIPT >", "-->", "&amp;", "a\\b", "\u2028", " x\n",
               "<script>", "__DATA__", "\r\n"]
     torch.manual_seed(2)
     maps = AttentionMaps(tokens, [causal_softmax(1, 2, len(tokens), len(tokens)) for _ in range(2)])
     title = '</script><!-- "quoted" & more __DATA__ __TITLE__'
-    page = attention_html(maps, title=title)
+    page = attention_html(maps, title=title, head=1)
     assert page.count(f"<title>{html.escape(title)}</title>") == 1  # placeholders in the title stay text
+    data = re.search(r'<script id="attention-data" type="application/json">(.*?)</script>', page, re.S).group(1)
+    assert "<" not in data  # so nothing in it can start or end a tag while the browser reads the script
+    opened = open_page(browser, tmp_path, page)
+    assert browser.title == title
+    assert browser.execute_script("return Array.from(document.scripts, (s) => s.id || null)") == ["attention-data", None]
     q = 9
-    actions = [{"event": "change", "target": "head", "value": 1},
-               {"event": "mouseenter", "target": "token", "index": q}]
-    report = run_page(tmp_path, page, actions)
-    assert [s["id"] for s in report["scripts"]] == ["attention-data", None]  # no token ended a script early
-    hovered = report["states"][-1]
-    assert [s["text"] for s in hovered["tokens"]] == [shown(x) for x in tokens]
+    hover(browser, element(browser, "#tokens .tok", q))
+    hovered = state(browser)
+    assert [s["text"] for s in opened["tokens"]] == [shown(x) for x in tokens]
     assert hovered["tokens"][0]["text"] == "</script>" and hovered["tokens"][2]["text"] == 'say\u2423"hi"'
     check_table(hovered, maps, 0, 1)
-    check_focused(hovered, maps, 0, 1, q)
+    check_query(hovered, maps, 0, 1, q)
 
 
-@needs_node
 @pytest.mark.parametrize("breakage", ["syntax error", "unescaped data", "misspelt property"])
-def test_dom_shim_fails_on_a_broken_page(tmp_path, breakage):
-    """The harness is not a rubber stamp: a broken script or page makes node fail."""
+def test_a_broken_page_fails_these_checks(browser, tmp_path, breakage):
+    """The checks are not a rubber stamp: a broken script or page fails them."""
     torch.manual_seed(3)
     maps = AttentionMaps(["</script>", "<!--", "b"], [causal_softmax(1, 2, 3, 3) for _ in range(2)])
     page = attention_html(maps)
     broken = {
-        "syntax error": page.replace("function focus(q) {", "function focus(q) {{", 1),
-        "unescaped data": page.replace("\\u003c", "<"),
-        # Only runs on hover: a listener's error must fail the run too.
-        "misspelt property": page.replace("info.textContent = \"token", "info.textContnt = \"token", 1),
+        "syntax error": page.replace("function show() {", "function show() {{", 1),
+        # Every escape undone: the token "</script>" then ends the data early.
+        "unescaped data": page.replace("\\u003c", "<").replace("\\u003e", ">").replace("\\/", "/"),
+        # Only runs on hover, and a browser takes the misspelt name as a new property: the info line stays empty.
+        "misspelt property": page.replace('info.textContent = "token', 'info.textContnt = "token', 1),
     }[breakage]
     assert broken != page
-    (tmp_path / "page.html").write_text(broken, encoding="utf-8")
-    (tmp_path / "actions.json").write_text(json.dumps([{"event": "mouseenter", "target": "token", "index": 1}]))
-    result = subprocess.run([NODE, str(DOM_SHIM), str(tmp_path / "page.html"), str(tmp_path / "actions.json")],
-                            capture_output=True, text=True, timeout=30)
-    assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.strip()
+    loaded = open_page(browser, tmp_path, broken, errors_allowed=True)
+    if breakage == "misspelt property":
+        hover(browser, element(browser, "#tokens .tok", 1))
+        with pytest.raises(AssertionError):
+            check_query(state(browser), maps, 0, 0, 1)
+    else:
+        assert loaded["ready"] is None  # the script stopped with an error, or (data cut short) never ran
+        with pytest.raises(AssertionError, match="the page's script (failed|did not run to its end)"):
+            state(browser)

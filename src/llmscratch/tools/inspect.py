@@ -4,6 +4,12 @@ The shape trace (``llmscratch explain``) lives here: one forward pass of causal 
 self-attention, printed step by step with each tensor's name, shape, one line of meaning
 and, for small sizes, its values. Later additions (attention-map plots) sit beside it.
 
+The attention maps (scores, mask, weights: one T×T matrix per batch entry and head) are what
+the trace is for, so they are printed whenever T is small enough to read, however many
+elements the whole tensor has; ``max_values`` caps only the other tensors. The printout
+fits the terminal's width: the meaning column wraps within itself and wide tables are cut
+into blocks of columns, so nothing wraps where the terminal would break the alignment.
+
 Without a trained model each whitespace-separated word is one token, and each token maps
 to a 3-dimensional vector with no download: the six words of the book's sentence
 "Your journey starts with one step" get the book's own inputs (chapter 3), so a learner
@@ -16,7 +22,9 @@ import hashlib
 import itertools
 import math
 import re
+import shutil
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, TextIO
 
@@ -27,6 +35,8 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from matplotlib.figure import Figure
 
     from ..nn.model import GPT
     from ..data.tokenizer import Tokenizer
@@ -46,7 +56,10 @@ BOOK_VECTORS: dict[str, tuple[float, float, float]] = {
 }
 
 EMBED_DIM = 3  # the width of every word vector, d_in
-MAX_VALUES = 144  # print a tensor's values when it has at most this many elements
+MAX_VALUES = 144  # print a tensor's values when it has at most this many elements (the T×T maps aside)
+MAP_TOKENS = 16  # print every head's T×T scores, mask and weights when T is at most this, whatever their size
+DEFAULT_WIDTH = 100  # columns of the printout when it does not go to a terminal (a pipe, a file)
+MIN_MEANING_WIDTH = 24  # the meaning column never gets narrower than this, however narrow the terminal
 
 
 @dataclass
@@ -186,25 +199,99 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> t
     return x @ w if bias is None else x @ w + bias
 
 
+def output_width() -> int:
+    """The printout's width in columns: ``$COLUMNS``, else the terminal's width, else ``DEFAULT_WIDTH``.
+
+    A pipe or a file is no terminal, so it gets ``DEFAULT_WIDTH``; ``COLUMNS=80`` forces 80.
+    """
+    return shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
+
+
+def shows_values(step: TraceStep, max_values: int) -> bool:
+    """Whether the trace prints ``step``'s values, not only its shape.
+
+    The T×T maps (scores, mask, weights) whenever T ≤ ``MAP_TOKENS``; any tensor of at most
+    ``max_values`` elements; nothing at all when ``max_values`` is 0 (shapes only).
+    """
+    if max_values <= 0:
+        return False
+    is_map = step.dims[-2:] == ("T", "T")
+    return step.tensor.numel() <= max_values or (is_map and step.shape[-1] <= MAP_TOKENS)
+
+
+def values_note(max_values: int, tokens: int) -> str:
+    """The header line that says which values the trace prints."""
+    if max_values <= 0:
+        return "values not shown (shapes only)"
+    if tokens <= MAP_TOKENS:
+        return (f"values rounded to 4 decimals: every head's T×T scores, mask and weights, and the other "
+                f"tensors of at most {max_values} elements")
+    return (f"values rounded to 4 decimals for tensors of at most {max_values} elements (each head's T×T "
+            f"maps are printed whole up to {MAP_TOKENS} tokens; this sentence has {tokens})")
+
+
+def wrap_lines(lines: Sequence[str], width: int) -> list[str]:
+    """``lines`` with each one longer than ``width`` wrapped, continuations indented 2 more.
+
+    A line of fields set apart by three spaces (``B = 1   T = tokens (8)   …``) breaks between
+    fields where they fit; other text breaks at spaces. A word longer than the line (a long
+    path) is kept whole rather than cut.
+    """
+    out: list[str] = []
+    for line in lines:
+        if len(line) <= width:
+            out.append(line)
+            continue
+        lead = " " * (len(line) - len(line.lstrip(" ")))
+        indent = lead + "  "
+        fields = line.strip().split("   ")
+        if len(fields) > 1 and all(len(indent) + len(f) <= width for f in fields):
+            current = lead + fields[0]
+            for field in fields[1:]:
+                if len(current) + 3 + len(field) <= width:
+                    current += "   " + field
+                else:
+                    out.append(current)
+                    current = indent + field
+            out.append(current)
+            continue
+        out.extend(textwrap.wrap(line, width, subsequent_indent=indent, break_long_words=False,
+                                 break_on_hyphens=False))
+    return out
+
+
 def format_trace(
     steps: Sequence[TraceStep],
     tokens: Sequence[Sequence[str]],
     *,
     header: Sequence[str] = (),
     max_values: int = MAX_VALUES,
+    width: int = DEFAULT_WIDTH,
 ) -> str:
-    """The printed trace: a header, then one aligned row per step, each followed by its values
-    (rounded to 4 decimals, rows and columns labelled) when it has at most ``max_values`` elements."""
-    lines = list(header)
+    """The printed trace: a header, then one aligned row per step (number, name, shape, meaning),
+    each followed by its values when :func:`shows_values` says so (rounded to 4 decimals, rows
+    and columns labelled, one table per batch entry and head).
+
+    Every line fits in ``width`` columns: the meaning wraps within its own column and a table
+    too wide for the line is printed as blocks of columns. (Only a terminal narrower than the
+    name and shape columns plus ``MIN_MEANING_WIDTH``, or a single token label longer than the
+    line, can push a line past ``width``.)
+    """
+    lines = wrap_lines(header, width)
     shapes = [_shape_text(s) for s in steps]
     name_w = max(len("step"), *(len(s.name) for s in steps))
     shape_w = max(len("shape"), *(len(x) for x in shapes))
     num_w = len(str(len(steps)))
+    meaning_at = num_w + 2 + name_w + 2 + shape_w + 2  # the column where every meaning starts
+    meaning_w = max(MIN_MEANING_WIDTH, width - meaning_at)
+    values_at = num_w + 4  # tables are indented under the step's name
     lines.append(f"{'#':>{num_w}}  {'step':<{name_w}}  {'shape':<{shape_w}}  meaning")
     for i, (step, shape) in enumerate(zip(steps, shapes), start=1):
-        lines.append(f"{i:>{num_w}}  {step.name:<{name_w}}  {shape:<{shape_w}}  {step.meaning}")
-        if step.tensor.numel() <= max_values:
-            lines.extend(" " * (num_w + 4) + row for row in _format_values(step, tokens))
+        meaning = textwrap.wrap(step.meaning, meaning_w, break_long_words=False, break_on_hyphens=False) or [""]
+        lines.append(f"{i:>{num_w}}  {step.name:<{name_w}}  {shape:<{shape_w}}  {meaning[0]}")
+        lines.extend(" " * meaning_at + more for more in meaning[1:])
+        if shows_values(step, max_values):
+            lines.extend(" " * values_at + row for row in _format_values(step, tokens, width - values_at))
     return "\n".join(lines) + "\n"
 
 
@@ -213,8 +300,8 @@ def _shape_text(step: TraceStep) -> str:
     return "(" + ", ".join(f"{n}={s}" for n, s in zip(step.dims, step.shape)) + ")"
 
 
-def _format_values(step: TraceStep, tokens: Sequence[Sequence[str]]) -> list[str]:
-    """The tensor as labelled 2-D tables, one per leading index (batch, head)."""
+def _format_values(step: TraceStep, tokens: Sequence[Sequence[str]], width: int) -> list[str]:
+    """The tensor as labelled 2-D tables, one per leading index (batch, head), each at most ``width`` wide."""
     t = step.tensor.double()
     dims = step.dims
     if t.dim() == 1:
@@ -228,25 +315,35 @@ def _format_values(step: TraceStep, tokens: Sequence[Sequence[str]]) -> list[str
                                        for n, i in zip(dims, index)) + "]")
         row_labels = _axis_labels(dims[-2], t.shape[-2], tokens, batch)
         col_labels = _axis_labels(dims[-1], t.shape[-1], tokens, batch)
-        out.extend(_table(t[index], row_labels, col_labels))
+        out.extend(_table(t[index], row_labels, col_labels, width))
     return out
 
 
 def _axis_labels(dim: str, size: int, tokens: Sequence[Sequence[str]], batch: int) -> list[str]:
     if dim == "T":
-        return list(tokens[batch])
+        return [token.replace(" ", "\u2423") for token in tokens[batch]]  # a space token shows as '␣', not blank
     if dim == "":
         return [""]
     return [f"{dim}[{i}]" for i in range(size)]
 
 
-def _table(matrix: torch.Tensor, rows: list[str], cols: list[str]) -> list[str]:
+def _table(matrix: torch.Tensor, rows: list[str], cols: list[str], width: int) -> list[str]:
+    """``matrix`` as right-aligned columns under ``cols``, one line per row labelled with ``rows``.
+
+    When all the columns do not fit in ``width``, they come in blocks that do, each block
+    with its own column labels (the way numpy prints a wide array).
+    """
     cells = [[_number(v) for v in row] for row in matrix.tolist()]
-    width = max(7, *(len(c) for c in cols), *(len(c) for row in cells for c in row))
+    cell_w = max(7, *(len(c) for c in cols), *(len(c) for row in cells for c in row))
     row_w = max(len(r) for r in rows)
-    lines = [" " * row_w + "  " + " ".join(f"{c:>{width}}" for c in cols)] if any(cols) else []
-    for label, row in zip(rows, cells):
-        lines.append(f"{label:<{row_w}}  " + " ".join(f"{c:>{width}}" for c in row))
+    per_block = max(1, (width - row_w - 1) // (cell_w + 1))  # a line is row_w + 1 + n · (cell_w + 1) wide
+    lines = []
+    for start in range(0, len(cols), per_block):
+        block = slice(start, start + per_block)
+        if any(cols):
+            lines.append(" " * row_w + "  " + " ".join(f"{c:>{cell_w}}" for c in cols[block]))
+        for label, row in zip(rows, cells):
+            lines.append(f"{label:<{row_w}}  " + " ".join(f"{c:>{cell_w}}" for c in row[block]))
     return lines
 
 
@@ -335,8 +432,11 @@ def trace_run(run_dir: str | Path, sentence: str) -> tuple[list[list[str]], list
 
 
 def explain_run(run_dir: str | Path, sentence: str, *, max_values: int = MAX_VALUES,
-                out: Optional[TextIO] = sys.stdout) -> list[TraceStep]:
-    """Print :func:`trace_run` for a trained run, checked against the model's own forward pass."""
+                out: Optional[TextIO] = sys.stdout, width: Optional[int] = None) -> list[TraceStep]:
+    """Print :func:`trace_run` for a trained run, checked against the model's own forward pass.
+
+    ``max_values`` and ``width`` (``None``: :func:`output_width`) are :func:`format_trace`'s.
+    """
     from ..store.checkpoint import load_model
     from ..nn.model import _Step
     from ..data.tokenizer import load_tokenizer
@@ -354,10 +454,11 @@ def explain_run(run_dir: str | Path, sentence: str, *, max_values: int = MAX_VAL
             "  ids:    " + " ".join(str(i) for i in ids[-cfg.context_length:]),
             *([f"  (the sentence has {len(ids)} tokens; only its last {cfg.context_length}, the model's context, "
                "are traced)"] if len(ids) > cfg.context_length else []),
-            f"  values shown for tensors of at most {max_values} elements" if max_values > 0 else "  shapes only",
+            "  " + values_note(max_values, len(labels[0])),
             "",
         ]
-        out.write(format_trace(steps, labels, header=header, max_values=max_values))
+        width = output_width() if width is None else width
+        out.write(format_trace(steps, labels, header=header, max_values=max_values, width=width))
         with torch.no_grad():
             # Block 0's input: the embeddings, plus the position step when positions are absolute.
             x = steps[0].tensor if cfg.pos_emb not in ("learned", "sinusoidal") else steps[1].tensor
@@ -374,7 +475,8 @@ def explain_run(run_dir: str | Path, sentence: str, *, max_values: int = MAX_VAL
             reference = block.attn(block.norm1(x.float()), step)
         diff = (reference - steps[-1].tensor).abs().max().item()
         verdict = "gives the same output" if diff <= 1e-4 else "gives a DIFFERENT output"  # float32 rounding: ~1e-7
-        out.write(f"\ncheck: the model's own block-0 attention {verdict} (max |difference| {diff:.1e})\n")
+        check = f"check: the model's own block-0 attention {verdict} (max |difference| {diff:.1e})"
+        out.write("\n" + "\n".join(wrap_lines([check], width)) + "\n")
     return steps
 
 
@@ -388,13 +490,15 @@ def explain(
     scale: Scale = True,
     max_values: int = MAX_VALUES,
     out: Optional[TextIO] = sys.stdout,
+    width: Optional[int] = None,
 ) -> list[TraceStep]:
     """Print a step-by-step shape trace of causal multi-head self-attention over ``sentence``.
 
     Builds :class:`~llmscratch.nn.attention.MultiHeadAttention` (d_in 3, dropout 0) right after
     ``torch.manual_seed(seed)``, runs its forward pass by hand from the module's own weights
     and prints every tensor (``out=None`` prints nothing). ``batch`` > 1 adds rows with the
-    words rotated; ``scale`` is True (1/√d), False (none) or a float factor. Returns the steps;
+    words rotated; ``scale`` is True (1/√d), False (none) or a float factor. ``max_values`` and
+    ``width`` (``None``: :func:`output_width`) are :func:`format_trace`'s. Returns the steps;
     the last one equals the module's output.
 
     Raises:
@@ -405,10 +509,13 @@ def explain(
     module = build_traced_attention(d_out, heads, x.shape[1], seed, scale)
     steps = trace_attention(module, x)
     if out is not None:
-        out.write(format_trace(steps, tokens, header=_header(tokens, module, seed, max_values), max_values=max_values))
+        width = output_width() if width is None else width
+        header = _header(tokens, module, seed, max_values)
+        out.write(format_trace(steps, tokens, header=header, max_values=max_values, width=width))
         with torch.no_grad():
             diff = (module(x) - steps[-1].tensor).abs().max().item()
-        out.write(f"\ncheck: MultiHeadAttention.forward(x) gives the same output (max |difference| {diff:.1e})\n")
+        check = f"check: MultiHeadAttention.forward(x) gives the same output (max |difference| {diff:.1e})"
+        out.write("\n" + "\n".join(wrap_lines([check], width)) + "\n")
     return steps
 
 
@@ -433,10 +540,7 @@ def _header(tokens: Sequence[Sequence[str]], module: MultiHeadAttention, seed: i
     ]
     for i, row in enumerate(tokens):
         lines.append(f"  batch {i}: " + " ".join(row))
-    if max_values > 0:
-        lines.append(f"  values shown for tensors of at most {max_values} elements, rounded to 4 decimals")
-    else:
-        lines.append("  values not shown (shapes only)")
+    lines.append("  " + values_note(max_values, t))
     lines.append("")
     return lines
 
@@ -530,38 +634,29 @@ def _check_layer_head(maps: AttentionMaps, layer: int, head: int) -> None:
 def attention_scores(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     """The raw scores each layer feeds to softmax, ``[(B, H, T, T)]``, with −inf where masked.
 
-    Recomputed from each block's own ``qkv`` projection on the block's real input
-    (captured with a forward pre-hook), with the model's scale (1/√d or 1), RoPE
-    rotation and ALiBi bias applied exactly as the attention does; ``softmax`` of them
-    gives the weights ``model(idx, need_weights=True)`` returns.
+    The per-head q and k come from the model's own attention (its trace hook: after RoPE,
+    exactly what the layer multiplies); the scores apply the model's scale (1/√d or 1), ALiBi
+    bias and causal mask, so ``softmax`` of them gives the weights ``model(idx,
+    need_weights=True)`` returns.
     """
     from ..nn.attention import build_mask
-    from ..nn.positions import alibi_bias, apply_rope, rope_cos_sin
+    from ..nn.positions import alibi_bias
 
     cfg = model.cfg
-    inputs: list[torch.Tensor] = []
-    hooks = [block.attn.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
-             for block in model.blocks]
+    seen: dict[tuple[int, str], torch.Tensor] = {}
     was_training = model.training
     model.eval()
     try:
-        model(idx)
+        with torch.no_grad():
+            model(idx, trace=lambda layer, name, t: seen.__setitem__((layer, name), t) if name in "qk" else None)
     finally:
         model.train(was_training)
-        for h in hooks:
-            h.remove()
-    b, t = idx.shape
-    positions = torch.arange(t, device=idx.device)  # (T,)
+    t = idx.shape[1]
     mask = build_mask(t, t, causal=True, key_padding_mask=None, device=idx.device)  # (T, T), True = visible
     factor = resolve_scale(cfg.scale_attn, cfg.head_dim)
     out = []
-    for block, x in zip(model.blocks, inputs):
-        qkv = block.attn.qkv(x)  # (B, T, 3C)
-        qkv = qkv.view(b, t, 3, cfg.n_heads, cfg.head_dim)  # (B, T, 3, H, d)
-        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, d)
-        if cfg.pos_emb == "rope":
-            cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_base)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    for layer in range(cfg.n_layers):
+        q, k = seen[(layer, "q")], seen[(layer, "k")]  # (B, H, T, d) each
         scores = (q.float() @ k.float().transpose(-2, -1)) * factor  # (B, H, T, T)
         if cfg.pos_emb == "alibi":
             scores = scores + alibi_bias(model.alibi_slopes, t, t, idx.device)  # (H, T, T) broadcasts
@@ -630,10 +725,23 @@ def _label_step(n_tokens: int, room: int) -> int:
     return max(1, math.ceil(n_tokens / room))
 
 
+MASKED_GREY = "#d0d0d0"  # the colour of masked (future) cells in the PNGs: apart from every weight's colour
+
+
 def _draw_head(ax, matrix: torch.Tensor, tokens: Sequence[str], room: int, x_labels: bool, y_labels: bool,
                fontsize: float) -> object:
+    """One head's ``(T, T)`` weights on ``ax``: viridis from 0 to 1, the masked future keys grey.
+
+    Returns the image, for a colour bar.
+    """
+    import matplotlib
+    import numpy as np
+
     t = len(tokens)
-    image = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    future = np.triu(np.ones((t, t), dtype=bool), k=1)  # (T, T), True above the diagonal
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=MASKED_GREY)
+    image = ax.imshow(np.ma.masked_array(matrix.numpy(), mask=future), cmap=cmap, vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
     step = _label_step(t, room)
     ticks = list(range(0, t, step))
     labels = [token_label(tokens[i]) for i in ticks]
@@ -645,35 +753,48 @@ def _draw_head(ax, matrix: torch.Tensor, tokens: Sequence[str], room: int, x_lab
     return image
 
 
-def plot_attention_grid(maps: AttentionMaps, path: str | Path, title: str = "") -> None:
-    """A PNG grid of heatmaps, one row per layer and one column per head.
+def attention_grid_figure(maps: AttentionMaps, title: str = "") -> Figure:
+    """The figure of :func:`plot_attention_grid`: one heatmap per layer (rows) and head (columns).
 
-    Keys run along x, queries down y; token labels sit on the left column and bottom
-    row (every k-th one past about 24 tokens, so they stay readable).
+    Keys run along x, queries down y, as the axis labels say; token labels sit on the left
+    column and bottom row (every k-th one past about 24 tokens, so they stay readable). One
+    colour bar on the right gives the weight of a colour; masked (future) cells are grey.
     """
-    from .experiments.common import pyplot, save_figure
+    from .experiments.common import pyplot
 
     plt = pyplot()
     n_l, n_h, t = maps.n_layers, maps.n_heads, len(maps.tokens)
     cell = 2.2 if t <= 24 else 2.8
-    fig, axes = plt.subplots(n_l, n_h, figsize=(1.2 + cell * n_h, 1.0 + cell * n_l), squeeze=False)
+    fig, axes = plt.subplots(n_l, n_h, figsize=(2.0 + cell * n_h, 1.4 + cell * n_l), squeeze=False,
+                             layout="constrained")
     room = 24 if n_h <= 4 else 16
+    image = None
     for layer in range(n_l):
         for head in range(n_h):
             ax = axes[layer][head]
-            _draw_head(ax, maps.head(layer, head), maps.tokens, room,
-                       x_labels=layer == n_l - 1, y_labels=head == 0, fontsize=6)
+            image = _draw_head(ax, maps.head(layer, head), maps.tokens, room,
+                               x_labels=layer == n_l - 1, y_labels=head == 0, fontsize=6)
             ax.set_title(f"layer {layer}, head {head}", fontsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=min(1.0, 0.9 / n_l + 0.3), label="attention weight")
+    fig.supxlabel("key (attended to)", fontsize=9)
+    fig.supylabel("query (attending)", fontsize=9)
     title = title.replace("$", r"\$")  # a prompt or path with $…$ is text, not mathtext
-    fig.suptitle(title or f"attention weights: {n_l} layers × {n_h} heads, {t} tokens (rows: queries, columns: keys)",
+    fig.suptitle((title or f"attention weights: {n_l} layers × {n_h} heads, {t} tokens") + "  (grey: masked future keys)",
                  fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, _as_path(path))
+    return fig
 
 
-def plot_attention_head(maps: AttentionMaps, layer: int, head: int, path: str | Path) -> None:
-    """A PNG of one head's weights with every token labelled (every k-th past 48 tokens) and a colour bar."""
-    from .experiments.common import pyplot, save_figure
+def plot_attention_grid(maps: AttentionMaps, path: str | Path, title: str = "") -> None:
+    """Save :func:`attention_grid_figure` as a PNG at ``path``."""
+    from .experiments.common import save_figure
+
+    save_figure(attention_grid_figure(maps, title), _as_path(path))
+
+
+def attention_head_figure(maps: AttentionMaps, layer: int, head: int) -> Figure:
+    """The figure of :func:`plot_attention_head`: one head's weights, every token labelled (every
+    k-th past 48 tokens), query and key axes named, a colour bar, masked (future) cells grey."""
+    from .experiments.common import pyplot
 
     _check_layer_head(maps, layer, head)
     plt = pyplot()
@@ -683,10 +804,17 @@ def plot_attention_head(maps: AttentionMaps, layer: int, head: int, path: str | 
     image = _draw_head(ax, maps.head(layer, head), maps.tokens, 48, x_labels=True, y_labels=True, fontsize=8)
     ax.set_xlabel("key (attended to)")
     ax.set_ylabel("query (attending)")
-    ax.set_title(f"layer {layer}, head {head}")
+    ax.set_title(f"layer {layer}, head {head}  (grey: masked future keys)")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="attention weight")
     fig.tight_layout()
-    save_figure(fig, _as_path(path))
+    return fig
+
+
+def plot_attention_head(maps: AttentionMaps, layer: int, head: int, path: str | Path) -> None:
+    """Save :func:`attention_head_figure` as a PNG at ``path``."""
+    from .experiments.common import save_figure
+
+    save_figure(attention_head_figure(maps, layer, head), _as_path(path))
 
 
 def _as_path(path: str | Path) -> Path:
@@ -718,22 +846,37 @@ _HTML_PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>__TITLE__</title>
 <style>
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
-h1 { font-size: 1.2em; }
-.controls { margin: 0.8em 0; }
-.controls label { margin-right: 1.2em; }
-.tokens { line-height: 2.2; font-family: ui-monospace, monospace; max-width: 60em; }
-.tok { padding: 0.15em 0.25em; margin: 0 1px; border-radius: 3px; cursor: default; white-space: pre;
-       border: 1px solid #ddd; }
+h1 { font-size: 1.2em; overflow-wrap: anywhere; }
+.controls, .legend { display: flex; flex-wrap: wrap; align-items: center; gap: 0.5em 1.5em; margin: 0.8em 0; }
+.legend { font-size: 0.85em; color: #444; }
+.legend .item { display: inline-flex; align-items: center; gap: 0.4em; }
+.legend .bar { display: inline-block; width: 12em; height: 1em; border: 1px solid #999; }
+.legend .swatch { display: inline-block; width: 1em; height: 1em; border: 1px solid #999; }
+.legend .swatch.query { border: 2px solid #d33; background: #fff; }
+.masked { background: repeating-linear-gradient(135deg, #b8b8b8 0 1px, #efefef 1px 4px); }
+.tokens { display: flex; flex-wrap: wrap; gap: 0.4em 2px; font-family: ui-monospace, monospace; }
+.tok { padding: 0.15em 0.25em; border-radius: 3px; cursor: pointer; white-space: pre; border: 1px solid #ccc; }
+.tok:focus-visible { outline: 2px solid #222; outline-offset: 2px; }
 .tok.query { outline: 2px solid #d33; }
-table.map { border-collapse: collapse; margin-top: 1em; font-family: ui-monospace, monospace; font-size: 11px; }
-table.map td { width: 16px; height: 16px; padding: 0; }
-table.map th { font-weight: normal; white-space: pre; padding: 0 4px; }
-table.map th.col { writing-mode: vertical-rl; transform: rotate(180deg); text-align: left; }
-table.map tr.hl th { color: #d33; font-weight: bold; }
+.tok.pinned { outline: 3px solid #d33; font-weight: bold; }
+.tok.future { color: #888; border-style: dashed; }
 #info { color: #555; margin-top: 0.5em; min-height: 1.2em; }
+#mapbox { width: 100%; overflow-x: auto; margin-top: 1em; }
+table.map { --cell: 16px; border-collapse: collapse; font-family: ui-monospace, monospace; font-size: 11px; }
+table.map td { width: var(--cell); min-width: var(--cell); max-width: var(--cell); height: var(--cell);
+               padding: 0; box-shadow: inset 0 0 0 0.5px rgba(0, 0, 0, 0.12); }
+table.map.dense td { box-shadow: none; }
+table.map th { font-weight: normal; white-space: pre; padding: 0 4px; line-height: var(--cell); }
+table.map th.row { text-align: right; max-width: 12em; overflow: hidden; text-overflow: ellipsis; }
+table.map.sparse th.row { overflow: visible; }
+table.map th.col { writing-mode: vertical-rl; transform: rotate(180deg); text-align: left; padding: 4px 0;
+                   max-height: 9em; }
+table.map tr.hl th { color: #d33; font-weight: bold; }
+table.map tr.hl td { box-shadow: inset 0 1px #d33, inset 0 -1px #d33; }
 </style>
 </head>
 <body>
@@ -742,18 +885,28 @@ table.map tr.hl th { color: #d33; font-weight: bold; }
 <label>layer <select id="layer"></select></label>
 <label>head <select id="head"></select></label>
 </div>
-<p>Hover a token: the others are shaded by how much attention it gives them (its row of the map below).</p>
+<div class="legend" id="legend">
+<span class="item">weight 0 <span class="bar" id="legend-bar"></span> 1</span>
+<span class="item"><span class="swatch masked"></span> masked: a future key, which the query cannot see</span>
+<span class="item"><span class="swatch query"></span> the query token (hovered or pinned)</span>
+</div>
+<p>Hover a token (or a row of the map) to shade every token by the attention it gives them. Click it, or
+press Enter or Space on it, to pin it; &larr; and &rarr; move the pin, Esc lets it go.</p>
 <div class="tokens" id="tokens"></div>
 <div id="info"></div>
-<table class="map" id="map"></table>
+<div id="mapbox"><table class="map" id="map"></table></div>
 <script id="attention-data" type="application/json">__DATA__</script>
 <script>
 (function () {
+  "use strict";
+  var MAX_CELL = 28, LABEL_PX = 9;  // the largest cell, and the room one label needs (px)
   var data = JSON.parse(document.getElementById("attention-data").textContent);
-  var tokens = data.tokens, attention = data.attention;
+  var tokens = data.tokens, attention = data.attention, T = tokens.length;
   var layerSel = document.getElementById("layer"), headSel = document.getElementById("head");
   var tokBox = document.getElementById("tokens"), info = document.getElementById("info");
-  var table = document.getElementById("map");
+  var table = document.getElementById("map"), box = document.getElementById("mapbox");
+  var pinned = null, hovered = null;  // token indices; the hovered one is shown while there is one
+
   function shown(t) {
     return t.replace(/ /g, "\\u2423").replace(/\\n/g, "\\\\n").replace(/\\r/g, "\\\\r").replace(/\\t/g, "\\\\t");
   }
@@ -763,54 +916,105 @@ table.map tr.hl th { color: #d33; font-weight: bold; }
   }
   option(layerSel, attention.length);
   option(headSel, attention[0][0].length);
+  layerSel.value = String(data.selected.layer);
+  headSel.value = String(data.selected.head);
+  document.getElementById("legend-bar").style.background =
+    "linear-gradient(to right, " + [0, 0.25, 0.5, 0.75, 1].map(colour).join(", ") + ")";
   function weights() { return attention[+layerSel.value][0][+headSel.value]; }
+
   var spans = tokens.map(function (t, i) {
     var s = document.createElement("span");
-    s.className = "tok"; s.textContent = shown(t);
-    s.addEventListener("mouseenter", function () { focus(i); });
-    s.addEventListener("mouseleave", clear);
+    s.className = "tok"; s.textContent = shown(t); s.tabIndex = 0;
+    s.setAttribute("role", "button"); s.setAttribute("aria-pressed", "false");
+    s.addEventListener("mouseenter", function () { hover(i); });
+    s.addEventListener("mouseleave", function () { hover(null); });
+    s.addEventListener("click", function () { togglePin(i); });
+    s.addEventListener("keydown", function (e) { onKey(e, i); });
     tokBox.appendChild(s);
     return s;
   });
-  function focus(q) {
-    var row = weights()[q];
+
+  function hover(q) { hovered = q; show(); }
+  function togglePin(q) { pinned = pinned === q ? null : q; show(); }
+  function onKey(e, i) {  // Enter/Space pin or unpin; arrows, Home and End move the pin; Esc unpins
+    var to = {ArrowLeft: i - 1, ArrowRight: i + 1, Home: 0, End: T - 1}[e.key];
+    if (e.key === "Enter" || e.key === " ") {
+      togglePin(i);
+    } else if (e.key === "Escape") {
+      pinned = null; show();
+    } else if (to !== undefined) {
+      pinned = Math.max(0, Math.min(T - 1, to)); spans[pinned].focus(); show();
+    } else {
+      return;
+    }
+    e.preventDefault();  // Space would scroll the page, arrows too
+  }
+  function show() {
+    var q = hovered !== null ? hovered : pinned;
+    var row = q === null ? null : weights()[q];
     spans.forEach(function (s, k) {
+      var seen = q !== null && k <= q;
       s.classList.toggle("query", k === q);
-      s.style.background = k <= q ? colour(row[k]) : "";
-      s.style.color = k <= q && row[k] > 0.6 ? "#fff" : "";
+      s.classList.toggle("pinned", k === pinned);
+      s.classList.toggle("future", q !== null && k > q);
+      s.setAttribute("aria-pressed", String(k === pinned));
+      s.style.background = seen ? colour(row[k]) : "";
+      s.style.color = seen && row[k] > 0.6 ? "#fff" : "";
     });
+    Array.prototype.forEach.call(table.rows, function (r, i) { r.classList.toggle("hl", q !== null && i === q + 1); });
+    if (q === null) { info.textContent = ""; return; }
     var best = 0;
     for (var k = 1; k <= q; k++) { if (row[k] > row[best]) best = k; }
     info.textContent = "token " + q + " \\u201c" + shown(tokens[q]) + "\\u201d attends most to token " + best +
-      " \\u201c" + shown(tokens[best]) + "\\u201d (" + row[best].toFixed(3) + ")";
-    Array.prototype.forEach.call(table.rows, function (r, i) { r.classList.toggle("hl", i === q + 1); });
+      " \\u201c" + shown(tokens[best]) + "\\u201d (" + row[best].toFixed(3) + ")" +
+      (q === pinned ? " \\u2014 pinned: click it again or press Esc to let it go" : "");
   }
-  function clear() {
-    spans.forEach(function (s) { s.classList.remove("query"); s.style.background = ""; s.style.color = ""; });
-    info.textContent = "";
-    Array.prototype.forEach.call(table.rows, function (r) { r.classList.remove("hl"); });
-  }
+
   function drawTable() {
     var w = weights();
     table.innerHTML = "";
     var head = table.insertRow(); head.appendChild(document.createElement("th"));
-    tokens.forEach(function (t) { var th = document.createElement("th"); th.className = "col"; th.textContent = shown(t); head.appendChild(th); });
+    tokens.forEach(function () { var th = document.createElement("th"); th.className = "col"; head.appendChild(th); });
     w.forEach(function (row, q) {
       var tr = table.insertRow();
-      var th = document.createElement("th"); th.textContent = shown(tokens[q]); tr.appendChild(th);
+      var th = document.createElement("th"); th.className = "row"; tr.appendChild(th);
       row.forEach(function (v, k) {
         var td = tr.insertCell();
-        td.style.background = k <= q ? colour(v) : "#fafafa";
-        td.title = shown(tokens[q]) + " \\u2192 " + shown(tokens[k]) + ": " + v.toFixed(4);
+        var pair = shown(tokens[q]) + " \\u2192 " + shown(tokens[k]) + ": ";
+        if (k <= q) { td.style.background = colour(v); td.title = pair + v.toFixed(4); }
+        else { td.className = "masked"; td.title = pair + "masked (a future key)"; }
       });
-      tr.addEventListener("mouseenter", function () { focus(q); });
-      tr.addEventListener("mouseleave", clear);
+      tr.addEventListener("mouseenter", function () { hover(q); });
+      tr.addEventListener("mouseleave", function () { hover(null); });
+      tr.addEventListener("click", function () { togglePin(q); });
     });
+    fit();
   }
-  function redraw() { clear(); drawTable(); }  // a new head: nothing stays lit from the old one
+  function label(every) {  // tokens on both axes; only every k-th one when the cells are too small for all
+    for (var i = 0; i < T; i++) {
+      var text = i % every === 0 ? shown(tokens[i]) : "";
+      table.rows[0].cells[i + 1].textContent = text;
+      table.rows[i + 1].cells[0].textContent = text;
+    }
+  }
+  function fit() {  // square cells as large as the page's width allows for T of them, at most MAX_CELL
+    table.style.setProperty("--cell", MAX_CELL + "px"); table.style.fontSize = "11px"; label(1);
+    var labels = T ? table.rows[1].cells[0].offsetWidth : 0;  // the widest the label column gets
+    var cell = Math.max(1, Math.min(MAX_CELL, Math.floor((box.clientWidth - labels - 1) / Math.max(T, 1))));
+    table.style.setProperty("--cell", cell + "px");
+    table.style.fontSize = Math.min(11, Math.max(8, cell - 2)) + "px";
+    var every = Math.ceil(LABEL_PX / cell);
+    table.classList.toggle("dense", cell < 6);
+    table.classList.toggle("sparse", every > 1);  // a label may then spill into its blank neighbours
+    label(every);
+  }
+  function redraw() { hovered = null; drawTable(); show(); }  // a new head: the pin stays, its row redrawn
   layerSel.addEventListener("change", redraw);
   headSel.addEventListener("change", redraw);
+  window.addEventListener("resize", fit);
   drawTable();
+  show();
+  document.body.setAttribute("data-ready", "1");
 })();
 </script>
 </body>
@@ -818,17 +1022,28 @@ table.map tr.hl th { color: #d33; font-weight: bold; }
 """
 
 
-def attention_html(maps: AttentionMaps, title: str = "Attention weights") -> str:
+def attention_html(maps: AttentionMaps, title: str = "Attention weights", *, layer: int = 0, head: int = 0) -> str:
     """One self-contained HTML page (inline CSS and JavaScript, no network) to explore the maps.
 
-    Pick a layer and a head; hovering a token (or a row of the map) shades every earlier
-    token by the weight the hovered one gives it. The data sits in the page as bertviz's
-    JSON layout; ``<``, ``>``, ``&`` and ``/`` are escaped so no token can end the script.
+    It opens on ``layer`` and ``head``; the selectors pick any other. Hovering a token (or a
+    row of the map) shades every earlier token by the weight the hovered one gives it;
+    clicking it, or Enter or Space on it (tokens take the keyboard focus), pins it, and the
+    arrow keys move the pin. Masked cells (future keys) are hatched grey, apart from the
+    white of a zero weight; a legend says so. Cells are square and sized so the map fits the
+    page's width (at most 28 px), on load and whenever the window is resized.
+
+    The data sits in the page as bertviz's JSON layout (plus the opening ``selected`` layer
+    and head); ``<``, ``>``, ``&`` and ``/`` are escaped so no token can end the script.
+
+    Raises:
+        InspectError: ``layer`` or ``head`` does not exist.
     """
     import html
     import json
 
-    data = json.dumps(attention_json(maps, digits=4), ensure_ascii=True, separators=(",", ":"))
+    _check_layer_head(maps, layer, head)
+    page_data = {**attention_json(maps, digits=4), "selected": {"layer": layer, "head": head}}
+    data = json.dumps(page_data, ensure_ascii=True, separators=(",", ":"))
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026").replace("/", "\\/")
     fill = {"__TITLE__": html.escape(title), "__DATA__": data}
     return re.sub("__TITLE__|__DATA__", lambda m: fill[m.group(0)], _HTML_PAGE)  # one pass: no text is filled twice
@@ -845,8 +1060,8 @@ def write_attention_outputs(
     title: str = "",
 ) -> list[Path]:
     """Write ``grid.png``, ``layer{L}_head{H}.png`` for the chosen layers × heads (when any
-    is chosen; the other axis defaults to all), and ``attention.html`` / ``attention.json``
-    when asked. Returns the paths written."""
+    is chosen; the other axis defaults to all), and ``attention.html`` (opening on the first
+    chosen layer and head) / ``attention.json`` when asked. Returns the paths written."""
     import json
 
     from ..files import write_text_atomic  # a failed write keeps the previous file whole
@@ -873,7 +1088,8 @@ def write_attention_outputs(
             written.append(path)
     if html_page:
         path = out / "attention.html"
-        write_text_atomic(path, attention_html(maps, title or "Attention weights"))
+        first = {"layer": chosen_layers[0] if chosen_layers else 0, "head": chosen_heads[0] if chosen_heads else 0}
+        write_text_atomic(path, attention_html(maps, title or "Attention weights", **first))
         written.append(path)
     if json_file:
         path = out / "attention.json"
