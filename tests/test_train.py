@@ -876,7 +876,9 @@ def test_the_time_budget_counts_the_checkpoint_and_the_closing_sample(corpus, tm
 
     monkeypatch.setattr(tasks_module, "gather_windows", slow(real_gather, 1.0))  # one micro-batch a step
     monkeypatch.setattr(dist_module, "save_checkpoint", slow(real_save, 10.0))
-    monkeypatch.setattr(train_module, "generate", slow(real_generate, 3.0))
+    import llmscratch.inference.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "generate_ids", slow(real_generate, 3.0))  # the closing sample's decode
     lines: list[str] = []
     start = clock.now
     run = train(tiny_config(corpus, tmp_path, steps=100, eval_interval=2, checkpoint_interval=2, sample_tokens=4,
