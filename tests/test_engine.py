@@ -15,6 +15,7 @@ from llmscratch.errors import CheckpointError, TokenizerError
 from llmscratch.inference.engine import Engine
 from llmscratch.inference.generate import SamplingConfig, generate
 from llmscratch.nn.model import GPT, GPTConfig
+from tiny_files import varied_gpt
 
 CORPUS = "the quick brown fox jumps over the lazy dog, and god said let there be light.\n"
 LONG = "and god said let there be light, and there was light. " * 2  # 108 tokens: past the context of 32
@@ -47,13 +48,7 @@ class ByteTokenizer(Tokenizer):
 
 def make_model(vocab_size: int = 256, seed: int = 0) -> GPT:
     """A "test" preset GPT (context 32) with weights large enough (std 0.1) to give varied tokens."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_preset("test", vocab_size=vocab_size))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.1)
-    return model.eval()
+    return varied_gpt(seed, vocab_size=vocab_size)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from llmscratch.inference.generate import (
 )
 from llmscratch.nn.model import GPT, GPTConfig
 from llmscratch.nn.positions import POSITION_KINDS
+from tiny_files import varied_gpt
 
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [42], [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]
 GREEDY = SamplingConfig(max_new_tokens=20, temperature=0.0)
@@ -33,13 +34,7 @@ GREEDY = SamplingConfig(max_new_tokens=20, temperature=0.0)
 
 def make_model(pos_emb: str = "learned", seed: int = 0, **overrides) -> GPT:
     """A "test" preset GPT with weights large enough (std 0.1) that positions change the output."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig.from_preset("test", pos_emb=pos_emb, **overrides))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.1)
-    return model.eval()
+    return varied_gpt(seed, pos_emb=pos_emb, **overrides)
 
 
 @pytest.fixture(scope="module")

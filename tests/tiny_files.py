@@ -1,4 +1,4 @@
-"""Small files the tests build themselves (nothing is downloaded): a GPT-2-style BPE."""
+"""Small things the tests build themselves (nothing is downloaded): a GPT-2-style BPE, a tiny GPT."""
 
 from __future__ import annotations
 
@@ -30,3 +30,19 @@ def write_tiny_gpt2_files(directory: Path, names=("vocab.json", "merges.txt")) -
     (directory / names[0]).write_text(json.dumps(vocab), encoding="utf-8")
     (directory / names[1]).write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     return len(vocab)
+
+
+def varied_gpt(seed: int = 0, **overrides):
+    """A "test" preset GPT (context 32) in eval mode, its matrices drawn with std 0.1: large enough
+    that positions and prompts change the output (the usual 0.02 gives nearly flat logits)."""
+    import torch
+
+    from llmscratch.nn.model import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_preset("test", **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.1)
+    return model.eval()
