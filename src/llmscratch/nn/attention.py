@@ -116,7 +116,9 @@ def attend(
 
     Args:
         q: queries ``(B, H, Tq, d)`` (any leading dims work).
-        k, v: keys and values ``(B, H, Tk, d)``; ``Tk >= Tq`` with a KV cache.
+        k, v: keys and values ``(B, H_kv, Tk, d)``; ``Tk >= Tq`` with a KV cache. ``H_kv`` divides
+            ``H``: with fewer key/value heads (grouped-query attention) query head ``h`` reads
+            key/value head ``h // (H / H_kv)``.
         causal: hide future keys (queries aligned to the end of the keys).
         key_padding_mask: ``(B, Tk)`` bool, ``True`` for real tokens, ``False`` for padding.
         attn_bias: float tensor added to the scores (ALiBi), broadcastable to ``(B, H, Tq, Tk)``.
@@ -150,17 +152,69 @@ def attend(
     if key_padding_mask is not None and mask is not None:
         dead_rows = ~mask.any(dim=-1, keepdim=True)  # the mask's shape with Tk -> 1, e.g. (B, 1, Tq, 1)
 
+    groups = _query_groups(q, k)
     if backend == "fused" and not need_weights:
         return _fused(q, k, v, mask, attn_bias, dead_rows, factor, dropout_p,
-                      plain_causal=causal and key_padding_mask is None and causal_mask is None and q_len == k_len), None
-    context, weights = _explicit(q, k, v, mask, attn_bias, dead_rows, factor, dropout_p)
+                      plain_causal=causal and key_padding_mask is None and causal_mask is None and q_len == k_len,
+                      grouped=groups > 1), None
+    if groups > 1:
+        context, weights = _explicit_grouped(q, k, v, mask, attn_bias, dead_rows, factor, dropout_p, groups)
+    else:
+        context, weights = _explicit(q, k, v, mask, attn_bias, dead_rows, factor, dropout_p)
     return context, (weights if need_weights else None)
+
+
+def _query_groups(q: torch.Tensor, k: torch.Tensor) -> int:
+    """How many query heads share each key/value head: ``H / H_kv`` (1 for plain multi-head attention)."""
+    if q.dim() < 3 or k.dim() < 3 or q.shape[-3] == k.shape[-3]:
+        return 1
+    if q.shape[-3] % k.shape[-3] != 0:
+        raise ValueError(f"{k.shape[-3]} key/value heads cannot be shared evenly by {q.shape[-3]} query heads "
+                         f"(q {tuple(q.shape)}, k {tuple(k.shape)})")
+    return q.shape[-3] // k.shape[-3]
+
+
+def _explicit_grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                      attn_bias: Optional[torch.Tensor], dead_rows: Optional[torch.Tensor], factor: float,
+                      dropout_p: float, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_explicit` for grouped-query attention, without copying a key or value.
+
+    The ``G = H / H_kv`` query heads that share a key/value head are stacked as extra query
+    rows of that head: ``(B, H, Tq, d)`` → ``(B, H_kv, G·Tq, d)``. Every row still meets the
+    keys of its own head, so the arithmetic is :func:`_explicit`'s; the mask and the bias,
+    given per query row, are repeated (or regrouped, per head) to match.
+    """
+    *lead, h, t, d = q.shape
+    h_kv = h // groups
+    q_rows = q.reshape(*lead, h_kv, groups * t, d)  # (B, H_kv, G·Tq, d): head h = kv·G + g
+    mask, dead_rows = _repeat_rows(mask, groups, t), _repeat_rows(dead_rows, groups, t)
+    if attn_bias is not None:
+        attn_bias = attn_bias.expand(*attn_bias.shape[:-3], h, t, attn_bias.shape[-1])  # (..., H, Tq, Tk)
+        attn_bias = attn_bias.reshape(*attn_bias.shape[:-3], h_kv, groups * t, attn_bias.shape[-1])  # (..., H_kv, G·Tq, Tk)
+    context, weights = _explicit(q_rows, k, v, mask, attn_bias, dead_rows, factor, dropout_p)
+    context = context.reshape(*lead, h, t, d)  # (B, H, Tq, d)
+    weights = weights.reshape(*lead, h, t, weights.shape[-1])  # (B, H, Tq, Tk)
+    return context, weights
+
+
+def _repeat_rows(mask: Optional[torch.Tensor], groups: int, q_len: int) -> Optional[torch.Tensor]:
+    """A mask given per query row ``(..., Tq, Tk)`` repeated for ``groups`` stacked heads: ``(..., G·Tq, Tk)``.
+
+    A mask with one row for every query (``(..., 1, Tk)``, padding only) broadcasts as it is.
+    """
+    if mask is None or mask.dim() < 2 or mask.shape[-2] == 1:
+        return mask
+    assert mask.shape[-2] == q_len, (tuple(mask.shape), q_len)
+    return mask.repeat(*([1] * (mask.dim() - 2)), groups, 1)  # (..., G·Tq, Tk)
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
            attn_bias: Optional[torch.Tensor], dead_rows: Optional[torch.Tensor], factor: float, dropout_p: float,
-           plain_causal: bool) -> torch.Tensor:
-    """:func:`attend`'s fused path: PyTorch's SDPA with our mask (or ``is_causal``) and bias."""
+           plain_causal: bool, grouped: bool = False) -> torch.Tensor:
+    """:func:`attend`'s fused path: PyTorch's SDPA with our mask (or ``is_causal``) and bias.
+
+    ``grouped``: fewer key/value heads than query heads, which SDPA shares itself (``enable_gqa``).
+    """
     sdpa_mask = mask
     is_causal = False
     if attn_bias is not None:
@@ -176,8 +230,9 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
             sdpa_mask = sdpa_mask | dead_rows
         else:
             sdpa_mask = sdpa_mask.masked_fill(dead_rows, 0.0)
+    gqa = {"enable_gqa": True} if grouped else {}  # only where needed: PyTorch before 2.5 lacks the argument
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=is_causal, scale=factor
+        q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=is_causal, scale=factor, **gqa
     )  # (B, H, Tq, d)
     if dead_rows is not None:
         out = out.masked_fill(dead_rows, 0.0)

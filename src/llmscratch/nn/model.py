@@ -65,7 +65,16 @@ class GPTConfig:
     # The feed-forward nonlinearity: "gelu" (GPT-2's tanh approximation) or "relu2"
     # (squared ReLU, from "Primer", So et al. 2021: cheaper, and it learned faster in our CPU runs).
     activation: str = "gelu"
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # the epsilon of every norm (LayerNorm or RMSNorm)
+    # The modern family (Llama, Qwen, SmolLM2); every default keeps GPT-2's shape.
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama, Qwen: no mean, no bias)
+    n_kv_heads: Optional[int] = None  # key/value heads (grouped-query attention); None: n_heads
+    head_size: Optional[int] = None  # each head's dimension; None: emb_dim / n_heads (Qwen3 sets it)
+    hidden_dim: Optional[int] = None  # the MLP's hidden width; None: 4 · emb_dim
+    qk_norm: bool = False  # RMSNorm on each head's q and k before RoPE (Qwen3)
+    # Llama 3's stretch of RoPE's low frequencies: {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}; None: plain RoPE.
+    rope_scaling: Optional[dict[str, Any]] = None
     # Pad the LM head's rows to a multiple of this on CUDA for faster matrix products.
     # Padded rows exist only inside forward: never saved, never sampled, never counted.
     pad_vocab_multiple: int = 64
@@ -78,9 +87,17 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {getattr(self, name)!r}"
                                   f"{_option(name)}")
-        if self.emb_dim % self.n_heads != 0:
+        for name in ("n_kv_heads", "head_size", "hidden_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer or null (derived), "
+                                  f"got {getattr(self, name)!r}")
+        if self.head_size is None and self.emb_dim % self.n_heads != 0:
             raise ConfigError(f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}): "
                               f"each head gets emb_dim / n_heads dimensions (options --emb-dim, --n-heads)")
+        if self.n_heads % self.kv_heads != 0:
+            raise ConfigError(f"GPTConfig.n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads}): "
+                              f"each key/value head serves an equal group of query heads")
+        check_rope_scaling(self.rope_scaling)
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}{_option('drop_rate')}")
         if not self.layer_norm_eps > 0:
@@ -89,20 +106,32 @@ class GPTConfig:
         if not self.rope_base > 1:
             raise ConfigError(f"GPTConfig.rope_base must be greater than 1 (RoPE's frequencies are powers of "
                               f"1/rope_base; the usual value is 10000), got {self.rope_base!r}")
-        for name, choices in (("pos_emb", POSITION_KINDS), ("activation", ACTIVATIONS), ("attn_backend", BACKENDS)):
+        for name, choices in (("pos_emb", POSITION_KINDS), ("activation", ACTIVATIONS), ("attn_backend", BACKENDS),
+                              ("norm", NORMS)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"GPTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}"
                                   f"{_option(name)}")
         if self.pos_emb == "rope" and self.head_dim % 2 != 0:
-            raise ConfigError(f"GPTConfig.pos_emb 'rope' needs an even head dimension (emb_dim / n_heads), "
-                              f"got {self.head_dim}")
+            raise ConfigError(f"GPTConfig.pos_emb 'rope' needs an even head dimension, got {self.head_dim}")
+        if self.rope_scaling is not None and self.pos_emb != "rope":
+            raise ConfigError(f"GPTConfig.rope_scaling is for pos_emb 'rope', not {self.pos_emb!r}")
         if self.pos_emb == "sinusoidal" and self.emb_dim % 2 != 0:
             raise ConfigError(f"GPTConfig.pos_emb 'sinusoidal' needs an even emb_dim, got {self.emb_dim}")
 
     @property
     def head_dim(self) -> int:
-        """Each head's share of the embedding: ``emb_dim / n_heads``."""
-        return self.emb_dim // self.n_heads
+        """Each head's dimension: ``head_size`` where set, else the head's share of the embedding, ``emb_dim / n_heads``."""
+        return self.head_size if self.head_size is not None else self.emb_dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """The key/value heads: ``n_kv_heads`` where set (grouped-query attention), else one per query head."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def ff_hidden(self) -> int:
+        """The MLP's hidden width: ``hidden_dim`` where set, else GPT-2's ``4 · emb_dim``."""
+        return self.hidden_dim if self.hidden_dim is not None else 4 * self.emb_dim
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as a plain mapping."""
@@ -158,8 +187,48 @@ PRESETS: dict[str, dict[str, Any]] = {
     "test": dict(vocab_size=256, context_length=32, emb_dim=32, n_layers=2, n_heads=4, drop_rate=0.0),
 }
 
+# The modern family's common shape: RMSNorm, a SwiGLU MLP, RoPE, no biases, no dropout.
+_MODERN: dict[str, Any] = dict(norm="rmsnorm", activation="swiglu", pos_emb="rope", bias=False, drop_rate=0.0,
+                               tie_weights=True)
+PRESETS.update({
+    # SmolLM2-135M (Hugging Face): Llama's architecture, 9 query heads sharing 3 key/value heads.
+    "smollm2-135m": dict(_MODERN, vocab_size=49152, context_length=8192, emb_dim=576, n_layers=30, n_heads=9,
+                         n_kv_heads=3, hidden_dim=1536, rope_base=100000.0),
+    # Llama 3.2 1B (Meta): 32 query heads over 8 key/value heads, RoPE stretched to 128k tokens.
+    "llama3.2-1b": dict(_MODERN, vocab_size=128256, context_length=131072, emb_dim=2048, n_layers=16, n_heads=32,
+                        n_kv_heads=8, hidden_dim=8192, rope_base=500000.0,
+                        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
+    # Qwen2.5 0.5B (Alibaba): biases on q, k and v only.
+    "qwen2.5-0.5b": dict(_MODERN, vocab_size=151936, context_length=32768, emb_dim=896, n_layers=24, n_heads=14,
+                         n_kv_heads=2, hidden_dim=4864, qkv_bias=True, rope_base=1000000.0, layer_norm_eps=1e-6),
+    # Qwen3 0.6B (Alibaba): heads of 128 dimensions over a 1024-wide stream, RMSNorm on q and k.
+    "qwen3-0.6b": dict(_MODERN, vocab_size=151936, context_length=40960, emb_dim=1024, n_layers=28, n_heads=16,
+                       n_kv_heads=8, head_size=128, hidden_dim=3072, qk_norm=True, rope_base=1000000.0,
+                       layer_norm_eps=1e-6),
+    # A tiny Llama-shaped model for tests: grouped-query attention, SwiGLU, RMSNorm.
+    "test-llama": dict(_MODERN, vocab_size=256, context_length=32, emb_dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                       hidden_dim=48),
+})
 
-ACTIVATIONS = ("gelu", "relu2")
+
+ACTIVATIONS = ("gelu", "relu2", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+ROPE_SCALING_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_rope_scaling(scaling: Optional[dict[str, Any]]) -> None:
+    """Refuse a ``rope_scaling`` that is not Llama 3's, naming what is wrong (the only kind implemented)."""
+    if scaling is None:
+        return
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ConfigError(f"GPTConfig.rope_scaling: only Llama 3's (rope_type 'llama3') is implemented, got {scaling!r}")
+    missing = [k for k in ROPE_SCALING_KEYS[1:] if not isinstance(scaling.get(k), (int, float))]
+    if missing:
+        raise ConfigError(f"GPTConfig.rope_scaling lacks the number(s) {missing}; Llama 3's needs {ROPE_SCALING_KEYS}")
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"] or not scaling["factor"] >= 1:
+        raise ConfigError(f"GPTConfig.rope_scaling needs high_freq_factor > low_freq_factor and factor >= 1, "
+                          f"got {scaling!r}")
 
 
 def numbers_from_strings(config_class: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -327,7 +396,8 @@ class KVCache:
 
     During generation the prompt is run once (prefill) and each new token then attends
     to the stored keys and values instead of recomputing them: one token's work per step
-    instead of the whole sequence's.
+    instead of the whole sequence's. It holds the key/value heads only: with grouped-query
+    attention (``n_kv_heads < n_heads``) that is ``n_heads / n_kv_heads`` times less memory.
     """
 
     def __init__(
@@ -344,7 +414,7 @@ class KVCache:
     def for_model(cls, cfg: GPTConfig, batch: int, max_len: Optional[int] = None,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "KVCache":
         """A cache shaped for ``cfg``'s layers and heads, ``max_len`` tokens long (default: the context length)."""
-        return cls(cfg.n_layers, batch, cfg.n_heads, max_len or cfg.context_length, cfg.head_dim, device, dtype)
+        return cls(cfg.n_layers, batch, cfg.kv_heads, max_len or cfg.context_length, cfg.head_dim, device, dtype)
 
     def reset(self) -> None:
         """Forget the stored tokens (the memory stays allocated), ready for a new prompt."""
@@ -403,7 +473,7 @@ class StaticKVCache:
     def for_model(cls, cfg: GPTConfig, batch: int, max_len: Optional[int] = None,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "StaticKVCache":
         """A cache shaped for ``cfg``'s layers and heads, ``max_len`` tokens long (default: the context length)."""
-        return cls(cfg.n_layers, batch, cfg.n_heads, max_len or cfg.context_length, cfg.head_dim, device, dtype)
+        return cls(cfg.n_layers, batch, cfg.kv_heads, max_len or cfg.context_length, cfg.head_dim, device, dtype)
 
     def visible(self, positions: torch.Tensor) -> torch.Tensor:
         """Which cache slots each new token may attend to: ``(T_new, T_max)`` bool, ``True`` = visible."""
@@ -443,30 +513,70 @@ class _Step:
     trace: Optional[Callable[[int, str, torch.Tensor], None]] = None
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation (Zhang & Sennrich 2019), as Llama and Qwen use it.
+
+    ``x / √(mean(x²) + eps) · weight``: LayerNorm without the mean subtraction and the bias,
+    cheaper and as good in practice. Computed in float32 whatever the input's precision.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., dim)`` → ``(..., dim)``, each vector scaled to unit root mean square, then by ``weight``."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def make_norm(cfg: GPTConfig, dim: Optional[int] = None) -> nn.Module:
+    """The config's norm over ``dim`` features (default ``emb_dim``): LayerNorm or RMSNorm."""
+    dim = dim or cfg.emb_dim
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, eps=cfg.layer_norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.layer_norm_eps, bias=cfg.bias)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention as used inside the GPT.
+    """Multi-head causal self-attention as used inside the GPT, with grouped-query attention as an option.
 
     One ``qkv`` projection computes Q, K and V together (one matrix product instead of
     three); the causal mask is built per call, so relative positions run past the
-    training length.
+    training length. With ``n_kv_heads < n_heads`` there are fewer key/value heads than
+    query heads, each shared by a group of query heads (grouped-query attention, Ainslie et
+    al. 2023): K and V, and the KV cache that stores them, shrink by that factor.
     """
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
         self.cfg = cfg
         self.layer = layer
-        self.n_heads = cfg.n_heads
-        self.head_dim = cfg.head_dim
-        self.qkv = Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
-        self.out_proj = Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.qkv = Linear(cfg.emb_dim, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.out_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.emb_dim, bias=cfg.bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.layer_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.layer_norm_eps)
 
     def project(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x (B, T, C)`` → per-head ``q, k, v``, each ``(B, H, T, d)``; q and k rotated by RoPE's ``(cos, sin)``."""
+        """``x (B, T, C)`` → per-head ``q (B, H, T, d)``, ``k, v (B, H_kv, T, d)``; q and k rotated by RoPE's ``(cos, sin)``."""
         b, t, _ = x.shape
-        qkv = self.qkv(x)  # (B, T, 3C)
-        qkv = qkv.view(b, t, 3, self.n_heads, self.head_dim)  # (B, T, 3, H, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, d)
+        h, h_kv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        qkv = self.qkv(x)  # (B, T, (H + 2·H_kv)·d)
+        if h == h_kv:
+            qkv = qkv.view(b, t, 3, h, d)  # (B, T, 3, H, d)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, d)
+        else:
+            q, k, v = qkv.split([h * d, h_kv * d, h_kv * d], dim=-1)  # (B, T, H·d), 2 × (B, T, H_kv·d)
+            q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, d)
+            k = k.view(b, t, h_kv, d).transpose(1, 2)  # (B, H_kv, T, d)
+            v = v.view(b, t, h_kv, d).transpose(1, 2)  # (B, H_kv, T, d)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # each head's vector normalised on its own
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -474,16 +584,16 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         """``(B, T, C)`` → ``(B, T, C)``: attention over the visible tokens (cache, positions, masks from ``step``)."""
-        b, t, c = x.shape
-        q, k, v = self.project(x, step.rope)  # 3 × (B, H, T, d)
+        b, t, _ = x.shape
+        q, k, v = self.project(x, step.rope)  # (B, H, T, d), 2 × (B, H_kv, T, d)
         trace = step.trace
         if trace is not None:
             for name, tensor in (("q", q), ("k", k), ("v", v)):
                 trace(self.layer, name, tensor)
         if step.cache is not None:
-            k, v = step.cache.update(self.layer, k, v)  # (B, H, T_total, d)
+            k, v = step.cache.update(self.layer, k, v)  # (B, H_kv, T_total, d)
         elif step.static_cache is not None:
-            k, v = step.static_cache.write(self.layer, step.positions, k, v)  # (B, H, T_max, d)
+            k, v = step.static_cache.write(self.layer, step.positions, k, v)  # (B, H_kv, T_max, d)
         dropout_p = self.cfg.drop_rate if self.training else 0.0
         backend = "explicit" if step.need_weights else self.cfg.attn_backend
         y, weights = attend(
@@ -493,8 +603,8 @@ class CausalSelfAttention(nn.Module):
         )  # (B, H, T, d)
         if step.need_weights:
             step.weights.append(weights)
-        y_merged = y.transpose(1, 2).reshape(b, t, c)  # (B, T, C): heads merged
-        out = self.out_proj(y_merged)
+        y_merged = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H·d): heads merged
+        out = self.out_proj(y_merged)  # (B, T, C)
         if trace is not None:
             if weights is not None:
                 trace(self.layer, "weights", weights)
@@ -504,22 +614,27 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: expand to 4·C, a nonlinearity, project back.
+    """Position-wise MLP: expand to ``ff_hidden`` (4·C for GPT-2), a nonlinearity, project back.
 
-    The nonlinearity is GELU with the tanh approximation (as GPT-2) or the squared ReLU
-    ``relu(h)²`` of Primer, by ``cfg.activation``.
+    ``cfg.activation``: GELU with the tanh approximation (GPT-2), the squared ReLU ``relu(h)²``
+    of Primer, or SwiGLU (Shazeer 2020; Llama, Qwen), where ``fc_in`` computes two vectors,
+    a gate and a value, stacked along its output, and ``silu(gate) · value`` goes on.
     """
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.activation = cfg.activation
-        self.fc_in = Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias)
-        self.fc_out = Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias)
+        hidden = cfg.ff_hidden
+        self.fc_in = Linear(cfg.emb_dim, 2 * hidden if cfg.activation == "swiglu" else hidden, bias=cfg.bias)
+        self.fc_out = Linear(hidden, cfg.emb_dim, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, C)`` → ``(B, T, C)``, each position on its own (attention is what mixes the tokens)."""
-        h = self.fc_in(x)  # (B, T, 4C)
-        if self.activation == "relu2":
+        h = self.fc_in(x)  # (B, T, hidden), or (B, T, 2·hidden) for SwiGLU
+        if self.activation == "swiglu":
+            gate, value = h.chunk(2, dim=-1)  # 2 × (B, T, hidden)
+            h = F.silu(gate) * value
+        elif self.activation == "relu2":
             h = torch.square(F.relu(h))
         else:
             h = F.gelu(h, approximate="tanh")
@@ -527,13 +642,13 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-LayerNorm transformer block: attention and feed-forward, each with a residual."""
+    """A pre-norm transformer block: attention and feed-forward, each with a residual."""
 
     def __init__(self, cfg: GPTConfig, layer: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.norm1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.norm2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.norm2 = make_norm(cfg)
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.drop_rate)
 
@@ -545,7 +660,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """A GPT-2-style decoder-only language model."""
+    """A decoder-only language model: GPT-2's shape by default, Llama's and Qwen's by the config's options."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -557,7 +672,7 @@ class GPT(nn.Module):
             self.register_buffer("alibi_slopes", torch.empty(cfg.n_heads), persistent=False)
         self.drop = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layers)])
-        self.final_norm = nn.LayerNorm(cfg.emb_dim, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.final_norm = make_norm(cfg)
         self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
@@ -668,7 +783,7 @@ class GPT(nn.Module):
         if static is not None:
             step.static_cache, step.positions, step.visible = static, positions, static.visible(positions)
         if self.cfg.pos_emb == "rope":
-            step.rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base)
+            step.rope = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_base, self.cfg.rope_scaling)
         elif self.cfg.pos_emb == "alibi":
             step.alibi = alibi_bias(self.alibi_slopes, t, start + t, idx.device)  # (H, T, T_total)
         for block in self.blocks:

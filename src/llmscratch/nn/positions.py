@@ -19,6 +19,7 @@ therefore adds position information, in one of two families:
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -42,20 +43,39 @@ def sinusoidal_embedding(positions: torch.Tensor, dim: int, base: float = 10000.
 
 
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, base: float = 10000.0
+    positions: torch.Tensor, head_dim: int, base: float = 10000.0, scaling: Optional[Mapping[str, Any]] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation angles for RoPE: ``positions (B, T)`` or ``(T,)`` → ``cos, sin`` of shape ``(..., T, head_dim)``.
 
     Uses the "rotate half" layout (GPT-NeoX, Llama): dimension ``i`` pairs with ``i + d/2``.
+    ``scaling``: Llama 3's stretch of the low frequencies (see :func:`llama3_inv_freq`).
     """
     if head_dim % 2 != 0:
         raise ValueError(f"RoPE needs an even head dimension, got {head_dim}")
     inv_freq = 1.0 / (
         base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     )  # (d/2,)
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., T) -> (..., T, 1) -> (..., T, d/2)
     angles = torch.cat([angles, angles], dim=-1)  # (..., T, d): dimensions i and i + d/2 share an angle
     return angles.cos(), angles.sin()
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, scaling: Mapping[str, Any]) -> torch.Tensor:
+    """RoPE's frequencies ``(d/2,)`` as Llama 3 stretches them to reach past its training context.
+
+    A frequency whose wavelength (2π / frequency) is short next to the original context
+    (``original_max_position_embeddings / high_freq_factor``) is kept: it encodes nearby order.
+    One whose wavelength is long (past ``original / low_freq_factor``) never completed a turn in
+    training; it is slowed by ``factor``, so longer contexts stay within the angles it saw.
+    Between the two, the frequency is blended linearly in ``original / wavelength``.
+    """
+    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq  # (d/2,)
+    blend = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)  # 0: slowed by factor, 1: kept
+    return (1 - blend) * inv_freq / factor + blend * inv_freq
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

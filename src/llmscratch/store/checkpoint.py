@@ -846,15 +846,16 @@ def describe(model: GPT) -> str:
 def qkv_sizes(cfg: GPTConfig) -> tuple[int, int, int]:
     """The rows of Q, K and V in our fused ``attn.qkv`` (stacked in that order along its output).
 
-    Each is ``emb_dim``: every query head has its own key and value head. A model with fewer
-    key/value heads (grouped-query attention) changes these sizes here, not the tables.
+    Q has ``n_heads · head_dim`` rows, K and V ``n_kv_heads · head_dim`` each: all three are
+    ``emb_dim`` for GPT-2, where every query head has its own key and value head; fewer with
+    grouped-query attention.
     """
-    return cfg.emb_dim, cfg.emb_dim, cfg.emb_dim
+    return cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
 
 
 def mlp_hidden(cfg: GPTConfig) -> int:
-    """The width of the MLP's hidden layer (``ff.fc_in``'s output): GPT-2's ``4 · emb_dim``."""
-    return 4 * cfg.emb_dim
+    """The width of the MLP's hidden layer (``ff.fc_out``'s input): GPT-2's ``4 · emb_dim`` unless ``hidden_dim`` is set."""
+    return cfg.ff_hidden
 
 
 @dataclass(frozen=True)
@@ -1088,7 +1089,19 @@ def _convert_out(table: tuple[Rule, ...], ours: Mapping[str, torch.Tensor], cfg:
 
 def _config_line(cfg: GPTConfig) -> str:
     return (f"vocab_size={cfg.vocab_size}, context_length={cfg.context_length}, emb_dim={cfg.emb_dim}, "
-            f"n_layers={cfg.n_layers}, qkv_bias={cfg.qkv_bias}, tie_weights={cfg.tie_weights}")
+            f"n_layers={cfg.n_layers}, n_heads={cfg.n_heads}, n_kv_heads={cfg.kv_heads}, head_dim={cfg.head_dim}, "
+            f"hidden_dim={cfg.ff_hidden}, qkv_bias={cfg.qkv_bias}, tie_weights={cfg.tie_weights}")
+
+
+def _modern_refusals(cfg: GPTConfig, family: str) -> dict[str, tuple[bool, str]]:
+    """What a GPT-2-shaped format (``family``: GPT-2's, the book's) cannot hold of the modern options."""
+    return {
+        "norm": (cfg.norm != "layernorm", f"{family} uses LayerNorm"),
+        "n_kv_heads": (cfg.kv_heads != cfg.n_heads, f"{family} has a key and value head per query head"),
+        "head_size": (cfg.head_dim * cfg.n_heads != cfg.emb_dim, f"{family}'s heads split emb_dim evenly"),
+        "hidden_dim": (cfg.ff_hidden != 4 * cfg.emb_dim, f"{family}'s MLP is 4·emb_dim wide"),
+        "qk_norm": (cfg.qk_norm, f"{family} has no q/k norms"),
+    }
 
 
 def _state_dict_of(model_or_state: Union[nn.Module, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -1155,6 +1168,7 @@ def hf_config_from_ours(cfg: GPTConfig, eot_id: Optional[int] = None) -> dict[st
         "pos_emb": (cfg.pos_emb != "learned", "GPT-2 has learned absolute positions only"),
         "bias": (not cfg.bias, "GPT-2 has biases in every linear layer and LayerNorm"),
         "activation": (cfg.activation != "gelu", "GPT-2's MLP uses GELU"),
+        **_modern_refusals(cfg, "GPT-2"),
     })
     hf: dict[str, Any] = {
         "model_type": "gpt2",
@@ -1309,6 +1323,7 @@ def book_config_dict(cfg: GPTConfig) -> dict[str, Any]:
         "scale_attn": (not cfg.scale_attn, "the book's attention always divides by √d_head"),
         "layer_norm_eps": (cfg.layer_norm_eps != 1e-5, "the book's LayerNorm uses eps=1e-5"),
         "activation": (cfg.activation != "gelu", "the book's FeedForward uses GELU"),
+        **_modern_refusals(cfg, "the book's GPTModel"),
     }
     _refuse_all("cannot export to the book's format", cfg, refusals)
     return {"vocab_size": cfg.vocab_size, "context_length": cfg.context_length, "emb_dim": cfg.emb_dim,
