@@ -138,6 +138,11 @@ class Tokenizer(ABC):
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``."""
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """The ids a generation starts from for prompt ``text``: its encoding (a tokenizer with a
+        beginning-of-text token that the model expects first, as Llama's, prepends it)."""
+        return self.encode(text)
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text; the BPE and GPT-2 tokenizers override this with a parallel encoder."""
         return [self.encode(t) for t in texts]

@@ -100,8 +100,12 @@ class Engine:
 
     @property
     def start_ids(self) -> list[int]:
-        """What an empty prompt starts from: the end-of-text token (token 0 for a tokenizer without
-        one), as GPT-2's unconditional samples start."""
+        """What an empty prompt starts from: the beginning-of-text token of a tokenizer that has one
+        (Llama's), else the end-of-text token (token 0 for a tokenizer without one), as GPT-2's
+        unconditional samples start."""
+        bos = getattr(self.tokenizer, "bos_id", None)
+        if bos is not None:
+            return [bos]
         return [self.tokenizer.eot_id if self.tokenizer.eot_id is not None else 0]
 
     def encode(self, prompts: Sequence[Prompt], names: Optional[Sequence[str]] = None) -> list[list[int]]:
@@ -122,7 +126,7 @@ class Engine:
                 encoded.append(list(prompt) or self.start_ids)
                 continue
             try:
-                encoded.append(self.tokenizer.encode(prompt) or self.start_ids)
+                encoded.append(self.tokenizer.prompt_ids(prompt) or self.start_ids)
             except LLMScratchError as err:
                 name = names[i] if names is not None else prompt_label(prompt)
                 number = f" (prompt {i + 1})" if len(prompts) > 1 else ""
@@ -132,7 +136,8 @@ class Engine:
     def sampling_for(self, sampling: SamplingConfig, ignore_eos: bool = False) -> SamplingConfig:
         """``sampling`` with the tokenizer's part filled in.
 
-        ``eos_id``: the one given, else the tokenizer's end-of-text token; ``None`` with
+        ``eos_id``: the one given, else the tokenizer's end-of-text token; ``stop_ids``: the
+        tokenizer's other end-of-turn ids (a chat model's ``<|im_end|>``); both ``None`` with
         ``ignore_eos`` (every row runs to ``max_new_tokens`` or a stop string). ``vocab_limit``:
         never an id the tokenizer cannot decode (a model whose vocabulary is padded past its
         tokenizer's, as nanoGPT's 50,304 for GPT-2's 50,257), nor one past the limit given.
@@ -141,7 +146,9 @@ class Engine:
         if sampling.vocab_limit is not None:
             limit = sampling.vocab_limit if limit is None else min(limit, sampling.vocab_limit)
         eos_id = None if ignore_eos else sampling.eos_id if sampling.eos_id is not None else self.tokenizer.eot_id
-        return dataclasses.replace(sampling, eos_id=eos_id, vocab_limit=limit)
+        stop_ids = () if ignore_eos else tuple(dict.fromkeys(
+            sampling.stop_ids + tuple(getattr(self.tokenizer, "stop_ids", ()) or ())))
+        return dataclasses.replace(sampling, eos_id=eos_id, stop_ids=stop_ids, vocab_limit=limit)
 
     def _rows(self, prompts: Sequence[Prompt], samples: int, names: Optional[Sequence[str]]) -> list[list[int]]:
         """One row of ids per prompt and sample, prompt by prompt (row ``i`` samples with seed + ``i``)."""

@@ -74,6 +74,8 @@ class SamplingConfig:
         top_p: nucleus sampling, keep the smallest set of most likely tokens whose
             probability mass reaches ``top_p`` (always at least one); ``None``: all.
         eos_id: the end-of-text token id; a row stops when it samples it.
+        stop_ids: more ids that end a row as ``eos_id`` does (a chat model's end of turn, say
+            ``<|im_end|>``, beside its end of text).
         seed: seeds the sampling; the same seed gives the same tokens. Row ``i`` of a batch
             draws with ``seed + i``, so it samples what its prompt samples alone with that seed.
         vocab_limit: draw only ids below this (``None``: all). For a model whose vocabulary
@@ -91,6 +93,7 @@ class SamplingConfig:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     eos_id: Optional[int] = None
+    stop_ids: tuple[int, ...] = ()
     seed: Optional[int] = None
     vocab_limit: Optional[int] = None
     repetition_penalty: float = 1.0
@@ -124,6 +127,8 @@ class SamplingConfig:
                               f"got {self.top_p!r}")
         if self.eos_id is not None and (not _is_int(self.eos_id) or self.eos_id < 0):
             raise ConfigError(f"SamplingConfig.eos_id must be None or a token id >= 0, got {self.eos_id!r}")
+        if not isinstance(self.stop_ids, tuple) or not all(_is_int(i) and i >= 0 for i in self.stop_ids):
+            raise ConfigError(f"SamplingConfig.stop_ids must be a tuple of token ids >= 0, got {self.stop_ids!r}")
         if self.vocab_limit is not None and (not _is_int(self.vocab_limit) or self.vocab_limit < 1):
             raise ConfigError(f"SamplingConfig.vocab_limit must be None or an integer >= 1, got {self.vocab_limit!r}")
         if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
@@ -139,6 +144,10 @@ class SamplingConfig:
             raise ConfigError(f"--repetition-penalty (repetition_penalty) must be a finite number > 0 (1.0 = off, "
                               f"above 1 discourages repeats, e.g. 1.2), got {self.repetition_penalty!r}")
         self.stop = _check_stop(self.stop)
+
+    def ends(self, token: int) -> bool:
+        """Whether sampling ``token`` ends a row: it is ``eos_id`` or one of ``stop_ids`` (never part of the text)."""
+        return token == self.eos_id or token in self.stop_ids
 
 
 def _check_stop(stop: object) -> tuple[str, ...]:
@@ -484,7 +493,7 @@ def decode_steps(
             with torch.inference_mode():
                 tokens = sample_next(logits, sampling, generators, seen)  # (B,)
             last = i + 1 == sampling.max_new_tokens
-            ended, text = _end_rows(tokens.tolist(), finished, sampling.eos_id, texts, last)
+            ended, text = _end_rows(tokens.tolist(), finished, sampling, texts, last)
             yield Step(tokens=tokens, logits=logits, finished=list(finished), text=text)
             finished = ended
             if all(finished) or last:
@@ -498,7 +507,7 @@ def decode_steps(
 
 
 def _end_rows(
-    tokens: list[int], finished: list[bool], eos_id: Optional[int], texts: Optional[list[RowText]], last: bool
+    tokens: list[int], finished: list[bool], sampling: SamplingConfig, texts: Optional[list[RowText]], last: bool
 ) -> tuple[list[bool], Optional[list[str]]]:
     """After one step's ``tokens``: which rows have ended (eos or a stop string), and with ``texts``
     the text each row releases (all of what it held back, where the row ends)."""
@@ -507,7 +516,7 @@ def _end_rows(
     for row, token in enumerate(tokens):
         if finished[row]:
             continue
-        if token == eos_id:  # ends the row; not part of its text
+        if sampling.ends(token):  # eos or a stop id: ends the row; not part of its text
             ended[row] = True
         elif texts is not None:
             released[row] = texts[row].push(token)
@@ -540,7 +549,7 @@ def generate(
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in decode_steps(model, prompts, sampling, use_cache):
         for row, token in enumerate(step.tokens.tolist()):
-            if step.finished[row] or token == sampling.eos_id:
+            if step.finished[row] or sampling.ends(token):
                 continue
             outputs[row].append(token)
     return outputs
@@ -572,7 +581,7 @@ def stream(
     _tokens_only(sampling, "stream_text")
     for step in decode_steps(model, [prompt], sampling, use_cache):
         token = int(step.tokens[0])
-        if token == sampling.eos_id:
+        if sampling.ends(token):
             return
         yield token
 

@@ -312,9 +312,9 @@ def load_config(run_dir: PathLike) -> GPTConfig:
         _no_config(run_dir)
     _require_file(path, "restore it from a backup, or train or import the run again")
     data = _read_json(path)
-    if data.get("model_type") == "gpt2":
-        raise CheckpointError(f"{path} is a Hugging Face GPT-2 config, not a run's: turn {run_dir} into a run "
-                              f"with `llmscratch import {run_dir} RUN_DIR`")
+    if "model_type" in data:
+        raise CheckpointError(f"{path} is a Hugging Face {data['model_type']} config, not a run's: turn {run_dir} "
+                              f"into a run with `llmscratch import {run_dir} RUN_DIR`")
     data = _complete_config(data, path, run_dir / WEIGHTS_FILE)
     try:
         return GPTConfig.from_dict(data)
@@ -323,8 +323,8 @@ def load_config(run_dir: PathLike) -> GPTConfig:
 
 
 # A run's config.json holds every GPTConfig field: GPTConfig.to_json has always written them
-# all, and the only field added since the first version is `activation` (GELU before it
-# existed). A field the file lacks (hand-edited, damaged) is
+# all. Fields added since the first version: `activation` (GELU before it existed) and the
+# modern family's (see _MODERN_FIELDS). A field the file lacks (hand-edited, damaged) is
 #   * read from the weights where their names and shapes show it (sizes, which biases and
 #     position table exist, a tied head): the model is then exactly the saved one;
 #   * given its default where it changes neither what the model computes nor how it trains:
@@ -335,6 +335,13 @@ def load_config(run_dir: PathLike) -> GPTConfig:
 #     key, and running a squared-ReLU model as GELU gives wrong numbers without a word.
 #     Those early runs need "activation": "gelu" added, as the message says.
 _HARMLESS_DEFAULTS = ("attn_backend", "pad_vocab_multiple")
+# The modern family's fields came all at once: a config.json with none of them was written
+# before they existed, when every model had their defaults (LayerNorm, a key/value head per
+# query head, ...). Where only some are missing, the shapes' fields take their defaults (a
+# wrong one cannot load: the weights' shapes are checked and the error names the field), and
+# `norm` and `rope_scaling`, which change the numbers without changing a shape, are refused.
+_MODERN_FIELDS = ("norm", "n_kv_heads", "head_size", "hidden_dim", "qk_norm", "rope_scaling")
+_SHAPE_CHECKED = ("n_kv_heads", "head_size", "hidden_dim", "qk_norm")
 
 # What to write for a field the weights cannot show: its meaning and the option that set it.
 _FIELD_HINTS = {
@@ -347,6 +354,9 @@ _FIELD_HINTS = {
     "rope_base": "RoPE's base, 10000.0 unless it was changed",
     "activation": "\"gelu\" or \"relu2\" (train's --activation; runs saved before the field existed used \"gelu\")",
     "layer_norm_eps": "LayerNorm's epsilon, 1e-05 unless it was changed",
+    "norm": "\"layernorm\" (GPT-2) or \"rmsnorm\" (Llama, Qwen, SmolLM2)",
+    "rope_scaling": "null, or Llama 3's {\"rope_type\": \"llama3\", \"factor\", \"low_freq_factor\", "
+                    "\"high_freq_factor\", \"original_max_position_embeddings\"}",
 }
 
 
@@ -379,6 +389,10 @@ def _fill_missing(data: dict[str, Any], missing: list[str],
         if name in found and (name != "context_length" or completed.get("pos_emb", found.get("pos_emb")) == "learned"):
             completed[name] = found[name]
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    modern = _MODERN_FIELDS if all(n in missing for n in _MODERN_FIELDS) else _SHAPE_CHECKED
+    for name in modern:
+        if name in missing:
+            completed[name] = defaults[name]
     for name in _HARMLESS_DEFAULTS + ("rope_base",):
         if name in missing and (name != "rope_base" or completed.get("pos_emb", "rope") != "rope"):
             completed[name] = defaults[name]
@@ -451,8 +465,8 @@ def folder_kind(directory: PathLike) -> str:
     try:
         load_config(directory)
     except CheckpointError as err:
-        if "is a Hugging Face GPT-2 config" in str(err):
-            return "a Hugging Face GPT-2 directory (`llmscratch import` makes a run of it)"
+        if "is a Hugging Face" in str(err) and "config, not a run's" in str(err):
+            return "a Hugging Face model directory (`llmscratch import` makes a run of it)"
         return f"a run that cannot be loaded (`llmscratch info {directory}` says why)"
     return "run"
 

@@ -27,6 +27,7 @@ from .checkpoint import (
     book_config_dict, book_to_ours, describe, load_hf_model, load_model, ours_to_book, read_book_file,
     refuse_non_finite, save_hf, save_run,
 )
+from .hf_llama import is_llama_family, load_hf_llama, save_hf_llama
 from .rundir import (
     BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, TRAIN_CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE,
 )
@@ -146,8 +147,8 @@ def _import_hf_dir(path: Path, *, heads: Optional[int], preset: Optional[str], t
         raise CheckpointError(f"{path} is a Hugging Face directory: its config.json gives the shape and its own "
                               f"files the tokenizer, so {', '.join(moot)} (for the book's format) cannot apply; "
                               "drop them")
-    model = load_hf_model(path)
-    log(f"read the Hugging Face GPT-2 directory {path}")
+    model = load_hf_any(path)
+    log(f"read the Hugging Face {_hf_kind(path)} directory {path}")
     if no_tokenizer:
         return model, None
     from ..data.tokenizer import load_tokenizer
@@ -290,10 +291,24 @@ def _refuse_export_target(run_dir: Path, out: Path, fmt: str) -> None:
         raise CheckpointError(f"{out} exists; choose a new file name or delete it")
 
 
+def _is_llama_shaped(cfg: GPTConfig) -> bool:
+    """Whether ``cfg`` exports as the Llama family (RMSNorm or SwiGLU) rather than as GPT-2."""
+    return cfg.norm == "rmsnorm" or cfg.activation == "swiglu"
+
+
 def _export_hf(model: GPT, run_dir: Path, out: Path, log: Callable[[str], None]) -> None:
-    """Write ``out`` for ``GPT2LMHeadModel.from_pretrained``, with the run's GPT-2 tokenizer files."""
+    """Write ``out`` for transformers' ``from_pretrained`` (GPT-2 or the Llama family), with the run's tokenizer files."""
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} is a file; the Hugging Face format is a directory")
+    if _is_llama_shaped(model.cfg):
+        tokenizer = _run_tokenizer(run_dir)
+        name = save_hf_llama(model, out, bos_id=getattr(tokenizer, "bos_id", None),
+                             eos_id=getattr(tokenizer, "eot_id", None))
+        if tokenizer is not None and tokenizer.kind == "hf":
+            tokenizer.save(out)  # tokenizer.json + a tokenizer_config.json transformers reads
+        log(f"wrote {out} for transformers.{name}.from_pretrained: {describe(model)}"
+            + ("" if tokenizer is not None and tokenizer.kind == "hf" else "; no Hugging Face tokenizer in the run"))
+        return
     save_hf(model, out, eot_id=_saved_eot_id(run_dir))
     copied = []
     for name, hf_name in _HF_TOKENIZER_FILES.items():
@@ -302,6 +317,16 @@ def _export_hf(model: GPT, run_dir: Path, out: Path, log: Callable[[str], None])
             copied.append(hf_name)
     log(f"wrote {out} for transformers.GPT2LMHeadModel.from_pretrained: {describe(model)}"
         + (f"; tokenizer files {', '.join(copied)}" if copied else "; no GPT-2 tokenizer files in the run"))
+
+
+def _run_tokenizer(run_dir: Path) -> Any:
+    """The run's tokenizer, or None where it has none."""
+    from ..data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(run_dir)
+    except LLMScratchError:
+        return None
 
 
 def _export_book(model: GPT, out: Path, log: Callable[[str], None]) -> None:
@@ -336,11 +361,30 @@ def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
     return out
 
 
+def _hf_kind(directory: Path) -> str:
+    """The ``model_type`` of a Hugging Face directory's ``config.json`` ("gpt2" where it says none), or ``""``."""
+    config = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    return str(config.get("model_type", "gpt2")) if "model_type" in config or "n_embd" in config else ""
+
+
+def load_hf_any(directory: PathLike) -> GPT:
+    """Our GPT from a Hugging Face directory of GPT-2 or the Llama family (Llama, Qwen2, Qwen3)."""
+    directory = Path(directory)
+    _require_dir(directory, "Hugging Face model directory")
+    config = _read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    if is_llama_family(config):
+        return load_hf_llama(directory)
+    kind = config.get("model_type", "gpt2")
+    if kind != "gpt2":
+        raise CheckpointError(f"{directory / 'config.json'}: model_type {kind!r} cannot be imported; llmscratch "
+                              "reads gpt2, llama, qwen2 and qwen3 models")
+    return load_hf_model(directory)
+
+
 def load_pretrained(source: PathLike, device: Union[str, torch.device] = "cpu") -> GPT:
-    """Weights to start a new run from: one of our run directories or a Hugging Face GPT-2 directory."""
+    """Weights to start a new run from: one of our run directories or a Hugging Face directory (GPT-2, Llama, Qwen)."""
     source = Path(source)
     _require_dir(source, "--init-from directory")
-    config = _read_json(source / "config.json") if (source / "config.json").is_file() else {}
-    if config.get("model_type") == "gpt2":
-        return load_hf_model(source).to(device)
+    if _hf_kind(source):
+        return load_hf_any(source).to(device)
     return load_model(source, device=device)
