@@ -77,10 +77,48 @@ def _prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return texts, names
 
 
+def _run_chat(args: argparse.Namespace, sampling: "SamplingConfig") -> int:
+    """``--chat``: one user message (after ``--system``, if given) in the model's chat template; the answer streamed."""
+    import dataclasses
+
+    from ..data.chat_template import chat_format
+    from ..data.tokenizer import check_utf8
+    from ..inference.engine import Engine
+
+    check_utf8(args.chat, "--chat")
+    if args.system is not None:
+        check_utf8(args.system, "--system")
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+    messages.append({"role": "user", "content": args.chat})
+    engine = Engine.load(args.run_dir, args.device, use_cache=not args.no_cache, rows=args.num_samples)
+    chat = chat_format(engine.tokenizer)
+    ids = chat.prompt_ids(messages)  # the template's text, special tokens as their ids
+    sampling = dataclasses.replace(sampling, stop_ids=tuple(chat.stop_ids))  # the end of the turn ends the answer
+    if args.num_samples > 1:
+        for i, answer in enumerate(engine.complete([ids], sampling, samples=args.num_samples,
+                                                   ignore_eos=args.ignore_eos)):
+            print(f"--- sample {i + 1} (seed {args.seed + i}) ---")
+            print(answer)
+        return 0
+    for piece in engine.stream(ids, sampling, ignore_eos=args.ignore_eos):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
 def _run_generate(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
     from ..inference.engine import Engine
 
     sampling = _sampling(args)
+    if args.chat is not None:
+        if args.prompts:
+            raise ConfigError("--chat is the user's message, put into the model's chat template: give it or "
+                              "--prompt/--prompt-file (raw text to continue), not both")
+        return _run_chat(args, sampling)
+    if args.system is not None:
+        raise ConfigError("--system is the system message of a --chat request: give --chat too")
     texts, names = _prompts(args)
     rows = len(texts) * args.num_samples  # row i: prompt i // num_samples, seed + i
     engine = Engine.load(args.run_dir, args.device, use_cache=not args.no_cache, rows=rows)
@@ -117,6 +155,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt-file", action="append", dest="prompts", type=lambda v: ("--prompt-file", v),
                    metavar="PATH", help="a UTF-8 file whose whole text is one prompt (- reads standard input); "
                                         "may be repeated; prompts are numbered in the order given")
+    p.add_argument("--chat", metavar="TEXT",
+                   help="a user message, put into the model's chat template (its own, or for our models the book's "
+                        "instruction format) and answered: only the answer is printed, ending at the model's "
+                        "end-of-turn token")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before it")
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")

@@ -848,10 +848,19 @@ def describe(model: GPT) -> str:
         extras.append("no other biases")
     if not c.scale_attn:
         extras.append("unscaled attention")
-    if c.activation != "gelu":
-        extras.append(f"{c.activation} MLP")
+    if c.activation != "gelu" or c.hidden_dim is not None:
+        extras.append(f"{c.activation} MLP" + (f" of {c.ff_hidden}" if c.hidden_dim is not None else ""))
+    if c.norm != "layernorm":
+        extras.append(c.norm)
+    if c.qk_norm:
+        extras.append("q/k norms")
+    if c.rope_scaling is not None:
+        extras.append(f"{c.rope_scaling.get('rope_type')} RoPE scaling")
+    heads = f"{c.n_heads} heads" + (f" sharing {c.kv_heads} key/value heads" if c.kv_heads != c.n_heads else "")
+    if c.head_size is not None:
+        heads += f" of {c.head_dim} dims"
     return (f"{model.num_parameters():,} parameters; vocab {c.vocab_size}, context {c.context_length}, "
-            f"{c.emb_dim} dims, {c.n_heads} heads, {c.n_layers} layers; " + ", ".join(extras))
+            f"{c.emb_dim} dims, {heads}, {c.n_layers} layers; " + ", ".join(extras))
 
 
 # =========================================================================== mapping tables
