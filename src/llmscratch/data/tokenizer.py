@@ -7,11 +7,11 @@
          (OpenAI's vocab.bpe + encoder.json, or Hugging Face's merges.txt + vocab.json)
 ```
 
-Every tokenizer has ``kind``, ``vocab_size``, ``eot_id``, ``encode``, ``decode``,
-``token_byte_lengths`` (for bits per byte) and ``save``; :func:`load_tokenizer` reads any
-of them back from a directory by its ``tokenizer_config.json``, and also reads a plain
-Hugging Face GPT-2 directory. Nothing here downloads: GPT-2's files must be on disk, and
-a clear error says where to put them.
+Every tokenizer has ``kind``, ``vocab_size``, ``eot_id``, ``encode``, ``prompt_ids``, ``decode``,
+``token_byte_lengths`` (for bits per byte) and ``save`` (the interface: ``tokenizer_base.py``);
+:func:`load_tokenizer` reads any of them back from a directory by its ``tokenizer_config.json``,
+and also reads a plain Hugging Face GPT-2 directory. Nothing here downloads: GPT-2's files must
+be on disk, and a clear error says where to put them.
 
 The text ``<|endoftext|>`` is encoded as the end-of-text token by the tokenizers that have
 one (as the book does with ``allowed_special={"<|endoftext|>"}``), so documents can be
@@ -25,8 +25,6 @@ import json
 import os
 import re
 import tempfile
-from abc import ABC, abstractmethod
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
@@ -34,13 +32,22 @@ import numpy as np
 
 from ..errors import TokenizerError
 from ..files import PathLike, write_text_atomic
+# The interface and the helpers every kind shares live in tokenizer_base (still importable from here).
+from .tokenizer_base import (
+    CONFIG_FILE,
+    EOT,
+    Tokenizer,
+    TokenizersBacked,
+    bytes_to_unicode,
+    check_utf8,
+    check_utf8_batch,
+    read_tokenizer_json,
+    unicode_to_bytes,
+)
 
 if TYPE_CHECKING:
     import tokenizers
 
-
-CONFIG_FILE = "tokenizer_config.json"
-EOT = "<|endoftext|>"
 KINDS = ("char", "bpe", "gpt2")
 DEFAULT_BPE_VOCAB_SIZE = 2048
 
@@ -62,27 +69,6 @@ GPT2_FILE_PAIRS = (("vocab.bpe", "encoder.json"), ("merges.txt", "vocab.json"))
 # --------------------------------------------------------------------------- helpers
 
 
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters.
-
-    Printable Latin-1 bytes map to themselves; the other 68 (controls, space, …) map to
-    chr(256), chr(257), … in byte order. GPT-2's encoder.json and merges spell tokens
-    with these characters, and their first 256 ids follow this order.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in keep}
-    others = [b for b in range(256) if b not in mapping]
-    mapping.update({b: chr(256 + n) for n, b in enumerate(others)})
-    return mapping  # insertion order = GPT-2's id order of the single bytes
-
-
-@lru_cache(maxsize=1)
-def unicode_to_bytes() -> dict[str, int]:
-    """The inverse of :func:`bytes_to_unicode`."""
-    return {ch: b for b, ch in bytes_to_unicode().items()}
-
-
 def split_for_encoding(text: str) -> list[str]:
     """Cut text into pieces that tokenize exactly as the whole text does, for batch encoding.
 
@@ -94,100 +80,10 @@ def split_for_encoding(text: str) -> list[str]:
     return re.split(r"(?<=\S\n)(?=\S)", text) if text else []
 
 
-def check_utf8(text: str, what: str = "the text") -> None:
-    """Raise TokenizerError naming the first character of ``text`` that UTF-8 cannot encode.
-
-    Python turns bytes that are not UTF-8 (in a command-line argument, ``$'the \\xff'``) into
-    lone surrogate characters (U+DC80 to U+DCFF, "surrogateescape"), which no tokenizer can
-    encode: the BPE library refuses them with a TypeError and tiktoken would silently replace them.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        code = ord(text[err.start])
-        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate U+{code:04X}"
-        before = text[max(0, err.start - 20):err.start]
-        raise TokenizerError(
-            f"{what} is not valid UTF-8: {bad} at position {err.start} (after {before!r}); "
-            f"give the text as UTF-8 (check the encoding of your terminal or of the file it came from)"
-        ) from None
-
-
-def _check_utf8_batch(texts: Sequence[str]) -> None:
-    for n, text in enumerate(texts):
-        check_utf8(text, "the text" if len(texts) == 1 else f"text {n} of {len(texts)}")
-
-
 def _describe_chars(chars: Iterable[str], limit: int = 10) -> str:
     chars = sorted(set(chars))
     shown = ", ".join(repr(c) for c in chars[:limit])
     return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
-
-
-# --------------------------------------------------------------------------- interface
-
-
-class Tokenizer(ABC):
-    """Text ⇄ token ids. Subclasses set ``kind``, ``vocab_size`` and ``eot_id``."""
-
-    kind: str
-    vocab_size: int
-    eot_id: Optional[int]
-
-    @abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``."""
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text; the BPE and GPT-2 tokenizers override this with a parallel encoder."""
-        return [self.encode(t) for t in texts]
-
-    @abstractmethod
-    def _decode(self, ids: list[int]) -> str:
-        ...
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """The text of ``ids``; an id outside the vocabulary raises TokenizerError."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise TokenizerError(
-                f"token ids outside the vocabulary of {self.vocab_size} ({self.kind} tokenizer): "
-                f"{bad[:10]}; the ids must come from the same tokenizer"
-            )
-        return self._decode(ids)
-
-    @abstractmethod
-    def token_byte_lengths(self) -> np.ndarray:
-        """(vocab_size,) int64: the UTF-8 byte count of each token's text, 0 for special tokens.
-
-        Summing it over evaluated target ids gives the bytes of text they stand for,
-        the denominator of bits per byte (see ``data.bits_per_byte``).
-        """
-
-    @abstractmethod
-    def _save_files(self, directory: Path) -> dict:
-        """Write the tokenizer's own files; return extra fields for tokenizer_config.json."""
-
-    def save(self, directory: PathLike) -> None:
-        """Write the tokenizer's files and ``tokenizer_config.json`` into ``directory`` (atomically)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        extra = self._save_files(directory)
-        config = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, **extra}
-        write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-
-    def fingerprint(self) -> str:
-        """A SHA-256 of the tokenizer's saved files: equal fingerprints, equal tokenization."""
-        h = hashlib.sha256()
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save(tmp)
-            for path in sorted(Path(tmp).iterdir()):
-                h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-        return h.hexdigest()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
 
 
 # --------------------------------------------------------------------------- char
@@ -254,7 +150,7 @@ class CharTokenizer(Tokenizer):
 # --------------------------------------------------------------------------- bpe
 
 
-class BPETokenizer(Tokenizer):
+class BPETokenizer(TokenizersBacked):
     """Byte-level BPE run by the `tokenizers` library; any text round-trips exactly.
 
     Byte level: text is UTF-8 bytes first, so there is no unknown character and accents,
@@ -263,7 +159,6 @@ class BPETokenizer(Tokenizer):
     """
 
     kind = "bpe"
-    FILE = "tokenizer.json"
 
     def __init__(self, backend: tokenizers.Tokenizer):
         self.backend = backend
@@ -296,59 +191,11 @@ class BPETokenizer(Tokenizer):
             raise TokenizerError("cannot train a BPE tokenizer on an empty text")
         return cls(backend)
 
-    def encode(self, text: str) -> list[int]:
-        try:
-            return self.backend.encode(text, add_special_tokens=False).ids
-        except TypeError:  # "TextInputSequence must be str": text that is not UTF-8, or not text at all
-            if isinstance(text, str):
-                check_utf8(text)
-            raise
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        texts = list(texts)
-        try:
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        except TypeError:
-            if all(isinstance(t, str) for t in texts):
-                _check_utf8_batch(texts)
-            raise
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.backend.decode(ids, skip_special_tokens=False)
-
-    def token_byte_lengths(self) -> np.ndarray:
-        decode = unicode_to_bytes()
-        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
-        lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        for token, i in self.backend.get_vocab(with_added_tokens=True).items():
-            if token in special:
-                continue
-            # A byte-level token spells one byte per character; anything else counts as UTF-8.
-            if all(ch in decode for ch in token):
-                lengths[i] = len(token)
-            else:
-                lengths[i] = len(token.encode("utf-8"))
-        return lengths
-
-    def _save_files(self, directory: Path) -> dict:
-        write_text_atomic(directory / self.FILE, self.backend.to_str())
-        return {}
-
     @classmethod
     def load(cls, directory_or_file: PathLike) -> "BPETokenizer":
         """Read a ``tokenizer.json`` (ours or a Hugging Face one), given the file or its folder."""
-        from tokenizers import Tokenizer as Backend
-
         path = Path(directory_or_file)
-        if path.is_dir():
-            path = path / cls.FILE
-        if not path.is_file():
-            raise TokenizerError(f"{path} is {'a directory' if path.is_dir() else 'missing'}; give a tokenizer.json "
-                                 "(ours or a Hugging Face one) or the folder that holds it")
-        try:
-            return cls(Backend.from_file(str(path)))
-        except Exception as e:  # the library raises a bare Exception for bad files
-            raise TokenizerError(f"cannot read the BPE tokenizer {path}: {e}") from e
+        return cls(read_tokenizer_json(path / cls.FILE if path.is_dir() else path, "the BPE tokenizer"))
 
 
 # --------------------------------------------------------------------------- gpt2
@@ -485,7 +332,7 @@ class GPT2Tokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = list(texts)
-        _check_utf8_batch(texts)
+        check_utf8_batch(texts)
         return self.encoding.encode_batch(texts, allowed_special={EOT}, disallowed_special=())
 
     def _decode(self, ids: list[int]) -> str:
