@@ -10,9 +10,11 @@ import pytest
 from llmscratch.data.chat_template import (
     DEFAULT_SOURCE,
     DEFAULT_TEMPLATE,
+    ChatFormat,
     chat_format,
     render_chat,
 )
+from llmscratch.data.pretrained_tokenizer import PretrainedTokenizer
 from llmscratch.data.tokenizer import EOT, BPETokenizer, CharTokenizer
 from llmscratch.errors import ChatTemplateError
 
@@ -162,6 +164,24 @@ def test_chat_format_of_our_kinds_is_the_default():
     messages = [{"role": "user", "content": "Hi"}]
     assert form.prompt_ids(messages) == bpe.encode(form.render(messages, add_generation_prompt=True))
     assert bpe.prompt_ids("Hi") == bpe.encode("Hi")  # our kinds never add BOS
+
+
+def test_chat_format_of_a_pretrained_tokenizer(reference, tmp_path):
+    reference.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(LLAMA3, encoding="utf-8")
+    tok = PretrainedTokenizer.from_hf_dir(tmp_path)
+    form = chat_format(tok)
+    assert not form.is_default and form.template == LLAMA3 and str(tmp_path / "chat_template.jinja") in form.source
+    assert form.stop_ids == (tok.eos_id,) and (form.bos_token, form.eos_token) == ("<|begin_of_text|>", "<|eot_id|>")
+    messages = CONVERSATIONS[1]
+    ids = form.prompt_ids(messages, date_string="1 Jan 2025")
+    assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id  # the template writes BOS
+    # a tokenizer whose prompts start with BOS gets it once, whether or not the template writes it
+    bos_first = PretrainedTokenizer(tok.backend, bos_id=tok.bos_id, eos_id=tok.eos_id, add_bos=True, chat_template=CHATML)
+    for template in (CHATML, LLAMA3):
+        form = ChatFormat(template, "t", (), "<|begin_of_text|>", "<|eot_id|>", False, bos_first)
+        ids = form.prompt_ids(messages, date_string="1 Jan 2025")
+        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
 
 
 # --------------------------------------------------------------------------- errors

@@ -1,10 +1,12 @@
-"""Tokenizers: text ⇄ token ids, three kinds behind one interface.
+"""Tokenizers: text ⇄ token ids, four kinds behind one interface.
 
 ```
 "char"  one id per character of the training text (sorted); tiny vocabulary, long sequences
 "bpe"   byte-level BPE trained on your corpus with the `tokenizers` library  → tokenizer.json
 "gpt2"  GPT-2's own 50,257-token BPE run by `tiktoken`, read from local files
          (OpenAI's vocab.bpe + encoder.json, or Hugging Face's merges.txt + vocab.json)
+"hf"    a pretrained model's tokenizer (Llama 3, Qwen2/3, SmolLM2), from its Hugging Face
+         folder or GGUF file, with its special tokens and chat template  → pretrained_tokenizer.py
 ```
 
 Every tokenizer has ``kind``, ``vocab_size``, ``eot_id``, ``encode``, ``prompt_ids``, ``decode``,
@@ -32,6 +34,7 @@ import numpy as np
 
 from ..errors import TokenizerError
 from ..files import PathLike, write_text_atomic
+from .pretrained_tokenizer import PretrainedTokenizer
 # The interface and the helpers every kind shares live in tokenizer_base (still importable from here).
 from .tokenizer_base import (
     CONFIG_FILE,
@@ -48,7 +51,8 @@ from .tokenizer_base import (
 if TYPE_CHECKING:
     import tokenizers
 
-KINDS = ("char", "bpe", "gpt2")
+KINDS = ("char", "bpe", "gpt2", "hf")
+BUILDABLE_KINDS = ("char", "bpe", "gpt2")  # "hf" comes with a pretrained model, it is not built
 DEFAULT_BPE_VOCAB_SIZE = 2048
 
 # GPT-2's pre-tokenization regex, the form tiktoken uses for "gpt2"/"r50k_base" (equivalent
@@ -368,8 +372,12 @@ def build_tokenizer(
     """
     if kind == "gpt2":
         return GPT2Tokenizer.find(gpt2_dir, run_dir)
-    if kind not in KINDS:
-        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "hf":
+        raise TokenizerError("the hf tokenizer is a pretrained model's own: read it from the model's Hugging Face "
+                             "folder or GGUF file (PretrainedTokenizer.from_hf_dir / from_gguf_metadata), not built; "
+                             f"to build one choose {', '.join(BUILDABLE_KINDS)}")
+    if kind not in BUILDABLE_KINDS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(BUILDABLE_KINDS)}")
     if text is None:
         raise TokenizerError(f"the {kind} tokenizer is trained on text: pass the corpus text")
     if kind == "char":
@@ -378,7 +386,8 @@ def build_tokenizer(
 
 
 # The files each kind's save() writes beside tokenizer_config.json.
-KIND_FILES = {"char": (CharTokenizer.FILE,), "bpe": (BPETokenizer.FILE,), "gpt2": GPT2Tokenizer.FILES}
+KIND_FILES = {"char": (CharTokenizer.FILE,), "bpe": (BPETokenizer.FILE,), "gpt2": GPT2Tokenizer.FILES,
+              "hf": (PretrainedTokenizer.FILE,)}
 
 
 def _check_kind_files(directory: Path, kind: object) -> None:
@@ -399,7 +408,9 @@ def load_tokenizer(directory: PathLike) -> Tokenizer:
 
     A directory written by :meth:`Tokenizer.save` (it has ``tokenizer_config.json``), or a
     Hugging Face GPT-2 directory: ``vocab.json`` + ``merges.txt`` give a "gpt2" tokenizer,
-    ``tokenizer.json`` alone a "bpe" one.
+    ``tokenizer.json`` alone a "bpe" one. A pretrained model's Hugging Face folder (Llama,
+    Qwen, SmolLM2) is read with its special tokens and chat template by
+    ``PretrainedTokenizer.from_hf_dir``; here it would be a plain "bpe" tokenizer.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -419,6 +430,8 @@ def load_tokenizer(directory: PathLike) -> Tokenizer:
             return BPETokenizer.load(directory)
         if kind == "gpt2":
             return GPT2Tokenizer.from_files(directory / "vocab.bpe", directory / "encoder.json")
+        if kind == "hf":
+            return PretrainedTokenizer.from_hf_dir(directory)
         if kind is not None:
             raise TokenizerError(f"{config_path}: unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
     for merges, vocab in GPT2_FILE_PAIRS:
