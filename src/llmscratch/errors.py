@@ -21,6 +21,10 @@ class TokenizerError(LLMScratchError):
     """A tokenizer that cannot be built or loaded, or text it cannot encode."""
 
 
+class ChatTemplateError(LLMScratchError):
+    """A chat template that cannot be compiled, or that refuses a conversation; the message names the template."""
+
+
 class CheckpointError(LLMScratchError):
     """A run directory or weights file that is missing, corrupted or does not match its config."""
 

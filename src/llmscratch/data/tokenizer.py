@@ -1,17 +1,19 @@
-"""Tokenizers: text ⇄ token ids, three kinds behind one interface.
+"""Tokenizers: text ⇄ token ids, four kinds behind one interface.
 
 ```
 "char"  one id per character of the training text (sorted); tiny vocabulary, long sequences
 "bpe"   byte-level BPE trained on your corpus with the `tokenizers` library  → tokenizer.json
 "gpt2"  GPT-2's own 50,257-token BPE run by `tiktoken`, read from local files
          (OpenAI's vocab.bpe + encoder.json, or Hugging Face's merges.txt + vocab.json)
+"hf"    a pretrained model's tokenizer (Llama 3, Qwen2/3, SmolLM2), from its Hugging Face
+         folder or GGUF file, with its special tokens and chat template  → pretrained_tokenizer.py
 ```
 
-Every tokenizer has ``kind``, ``vocab_size``, ``eot_id``, ``encode``, ``decode``,
-``token_byte_lengths`` (for bits per byte) and ``save``; :func:`load_tokenizer` reads any
-of them back from a directory by its ``tokenizer_config.json``, and also reads a plain
-Hugging Face GPT-2 directory. Nothing here downloads: GPT-2's files must be on disk, and
-a clear error says where to put them.
+Every tokenizer has ``kind``, ``vocab_size``, ``eot_id``, ``encode``, ``prompt_ids``, ``decode``,
+``token_byte_lengths`` (for bits per byte) and ``save`` (the interface: ``tokenizer_base.py``);
+:func:`load_tokenizer` reads any of them back from a directory by its ``tokenizer_config.json``,
+and also reads a plain Hugging Face GPT-2 directory. Nothing here downloads: GPT-2's files must
+be on disk, and a clear error says where to put them.
 
 The text ``<|endoftext|>`` is encoded as the end-of-text token by the tokenizers that have
 one (as the book does with ``allowed_special={"<|endoftext|>"}``), so documents can be
@@ -25,8 +27,6 @@ import json
 import os
 import re
 import tempfile
-from abc import ABC, abstractmethod
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
@@ -34,14 +34,25 @@ import numpy as np
 
 from ..errors import TokenizerError
 from ..files import PathLike, write_text_atomic
+from .pretrained_tokenizer import PretrainedTokenizer
+# The interface and the helpers every kind shares live in tokenizer_base (still importable from here).
+from .tokenizer_base import (
+    CONFIG_FILE,
+    EOT,
+    Tokenizer,
+    TokenizersBacked,
+    bytes_to_unicode,
+    check_utf8,
+    check_utf8_batch,
+    read_tokenizer_json,
+    unicode_to_bytes,
+)
 
 if TYPE_CHECKING:
     import tokenizers
 
-
-CONFIG_FILE = "tokenizer_config.json"
-EOT = "<|endoftext|>"
-KINDS = ("char", "bpe", "gpt2")
+KINDS = ("char", "bpe", "gpt2", "hf")
+BUILDABLE_KINDS = ("char", "bpe", "gpt2")  # "hf" comes with a pretrained model, it is not built
 DEFAULT_BPE_VOCAB_SIZE = 2048
 
 # GPT-2's pre-tokenization regex, the form tiktoken uses for "gpt2"/"r50k_base" (equivalent
@@ -62,27 +73,6 @@ GPT2_FILE_PAIRS = (("vocab.bpe", "encoder.json"), ("merges.txt", "vocab.json"))
 # --------------------------------------------------------------------------- helpers
 
 
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters.
-
-    Printable Latin-1 bytes map to themselves; the other 68 (controls, space, …) map to
-    chr(256), chr(257), … in byte order. GPT-2's encoder.json and merges spell tokens
-    with these characters, and their first 256 ids follow this order.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in keep}
-    others = [b for b in range(256) if b not in mapping]
-    mapping.update({b: chr(256 + n) for n, b in enumerate(others)})
-    return mapping  # insertion order = GPT-2's id order of the single bytes
-
-
-@lru_cache(maxsize=1)
-def unicode_to_bytes() -> dict[str, int]:
-    """The inverse of :func:`bytes_to_unicode`."""
-    return {ch: b for b, ch in bytes_to_unicode().items()}
-
-
 def split_for_encoding(text: str) -> list[str]:
     """Cut text into pieces that tokenize exactly as the whole text does, for batch encoding.
 
@@ -94,105 +84,10 @@ def split_for_encoding(text: str) -> list[str]:
     return re.split(r"(?<=\S\n)(?=\S)", text) if text else []
 
 
-def check_utf8(text: str, what: str = "the text") -> None:
-    """Raise TokenizerError naming the first character of ``text`` that UTF-8 cannot encode.
-
-    Python turns bytes that are not UTF-8 (in a command-line argument, ``$'the \\xff'``) into
-    lone surrogate characters (U+DC80 to U+DCFF, "surrogateescape"), which no tokenizer can
-    encode: the BPE library refuses them with a TypeError and tiktoken would silently replace them.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        code = ord(text[err.start])
-        bad = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"the lone surrogate U+{code:04X}"
-        before = text[max(0, err.start - 20):err.start]
-        raise TokenizerError(
-            f"{what} is not valid UTF-8: {bad} at position {err.start} (after {before!r}); "
-            f"give the text as UTF-8 (check the encoding of your terminal or of the file it came from)"
-        ) from None
-
-
-def _check_utf8_batch(texts: Sequence[str]) -> None:
-    for n, text in enumerate(texts):
-        check_utf8(text, "the text" if len(texts) == 1 else f"text {n} of {len(texts)}")
-
-
 def _describe_chars(chars: Iterable[str], limit: int = 10) -> str:
     chars = sorted(set(chars))
     shown = ", ".join(repr(c) for c in chars[:limit])
     return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
-
-
-# --------------------------------------------------------------------------- interface
-
-
-class Tokenizer(ABC):
-    """Text ⇄ token ids. Subclasses set ``kind``, ``vocab_size`` and ``eot_id``."""
-
-    kind: str
-    vocab_size: int
-    eot_id: Optional[int]
-
-    @abstractmethod
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``."""
-
-    def prompt_ids(self, text: str) -> list[int]:
-        """The ids a generation starts from for prompt ``text``: its encoding (a tokenizer with a
-        beginning-of-text token that the model expects first, as Llama's, prepends it)."""
-        return self.encode(text)
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text; the BPE and GPT-2 tokenizers override this with a parallel encoder."""
-        return [self.encode(t) for t in texts]
-
-    @abstractmethod
-    def _decode(self, ids: list[int]) -> str:
-        ...
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """The text of ``ids``; an id outside the vocabulary raises TokenizerError."""
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise TokenizerError(
-                f"token ids outside the vocabulary of {self.vocab_size} ({self.kind} tokenizer): "
-                f"{bad[:10]}; the ids must come from the same tokenizer"
-            )
-        return self._decode(ids)
-
-    @abstractmethod
-    def token_byte_lengths(self) -> np.ndarray:
-        """(vocab_size,) int64: the UTF-8 byte count of each token's text, 0 for special tokens.
-
-        Summing it over evaluated target ids gives the bytes of text they stand for,
-        the denominator of bits per byte (see ``data.bits_per_byte``).
-        """
-
-    @abstractmethod
-    def _save_files(self, directory: Path) -> dict:
-        """Write the tokenizer's own files; return extra fields for tokenizer_config.json."""
-
-    def save(self, directory: PathLike) -> None:
-        """Write the tokenizer's files and ``tokenizer_config.json`` into ``directory`` (atomically)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        extra = self._save_files(directory)
-        config = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, **extra}
-        write_text_atomic(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-
-    def fingerprint(self) -> str:
-        """A SHA-256 of the tokenizer's saved files: equal fingerprints, equal tokenization."""
-        h = hashlib.sha256()
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save(tmp)
-            for path in sorted(Path(tmp).iterdir()):
-                h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-        return h.hexdigest()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
 
 
 # --------------------------------------------------------------------------- char
@@ -259,7 +154,7 @@ class CharTokenizer(Tokenizer):
 # --------------------------------------------------------------------------- bpe
 
 
-class BPETokenizer(Tokenizer):
+class BPETokenizer(TokenizersBacked):
     """Byte-level BPE run by the `tokenizers` library; any text round-trips exactly.
 
     Byte level: text is UTF-8 bytes first, so there is no unknown character and accents,
@@ -268,7 +163,6 @@ class BPETokenizer(Tokenizer):
     """
 
     kind = "bpe"
-    FILE = "tokenizer.json"
 
     def __init__(self, backend: tokenizers.Tokenizer):
         self.backend = backend
@@ -301,59 +195,11 @@ class BPETokenizer(Tokenizer):
             raise TokenizerError("cannot train a BPE tokenizer on an empty text")
         return cls(backend)
 
-    def encode(self, text: str) -> list[int]:
-        try:
-            return self.backend.encode(text, add_special_tokens=False).ids
-        except TypeError:  # "TextInputSequence must be str": text that is not UTF-8, or not text at all
-            if isinstance(text, str):
-                check_utf8(text)
-            raise
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        texts = list(texts)
-        try:
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        except TypeError:
-            if all(isinstance(t, str) for t in texts):
-                _check_utf8_batch(texts)
-            raise
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.backend.decode(ids, skip_special_tokens=False)
-
-    def token_byte_lengths(self) -> np.ndarray:
-        decode = unicode_to_bytes()
-        special = {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
-        lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        for token, i in self.backend.get_vocab(with_added_tokens=True).items():
-            if token in special:
-                continue
-            # A byte-level token spells one byte per character; anything else counts as UTF-8.
-            if all(ch in decode for ch in token):
-                lengths[i] = len(token)
-            else:
-                lengths[i] = len(token.encode("utf-8"))
-        return lengths
-
-    def _save_files(self, directory: Path) -> dict:
-        write_text_atomic(directory / self.FILE, self.backend.to_str())
-        return {}
-
     @classmethod
     def load(cls, directory_or_file: PathLike) -> "BPETokenizer":
         """Read a ``tokenizer.json`` (ours or a Hugging Face one), given the file or its folder."""
-        from tokenizers import Tokenizer as Backend
-
         path = Path(directory_or_file)
-        if path.is_dir():
-            path = path / cls.FILE
-        if not path.is_file():
-            raise TokenizerError(f"{path} is {'a directory' if path.is_dir() else 'missing'}; give a tokenizer.json "
-                                 "(ours or a Hugging Face one) or the folder that holds it")
-        try:
-            return cls(Backend.from_file(str(path)))
-        except Exception as e:  # the library raises a bare Exception for bad files
-            raise TokenizerError(f"cannot read the BPE tokenizer {path}: {e}") from e
+        return cls(read_tokenizer_json(path / cls.FILE if path.is_dir() else path, "the BPE tokenizer"))
 
 
 # --------------------------------------------------------------------------- gpt2
@@ -490,7 +336,7 @@ class GPT2Tokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = list(texts)
-        _check_utf8_batch(texts)
+        check_utf8_batch(texts)
         return self.encoding.encode_batch(texts, allowed_special={EOT}, disallowed_special=())
 
     def _decode(self, ids: list[int]) -> str:
@@ -526,8 +372,12 @@ def build_tokenizer(
     """
     if kind == "gpt2":
         return GPT2Tokenizer.find(gpt2_dir, run_dir)
-    if kind not in KINDS:
-        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "hf":
+        raise TokenizerError("the hf tokenizer is a pretrained model's own: read it from the model's Hugging Face "
+                             "folder or GGUF file (PretrainedTokenizer.from_hf_dir / from_gguf_metadata), not built; "
+                             f"to build one choose {', '.join(BUILDABLE_KINDS)}")
+    if kind not in BUILDABLE_KINDS:
+        raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(BUILDABLE_KINDS)}")
     if text is None:
         raise TokenizerError(f"the {kind} tokenizer is trained on text: pass the corpus text")
     if kind == "char":
@@ -536,7 +386,8 @@ def build_tokenizer(
 
 
 # The files each kind's save() writes beside tokenizer_config.json.
-KIND_FILES = {"char": (CharTokenizer.FILE,), "bpe": (BPETokenizer.FILE,), "gpt2": GPT2Tokenizer.FILES}
+KIND_FILES = {"char": (CharTokenizer.FILE,), "bpe": (BPETokenizer.FILE,), "gpt2": GPT2Tokenizer.FILES,
+              "hf": (PretrainedTokenizer.FILE,)}
 
 
 def _check_kind_files(directory: Path, kind: object) -> None:
@@ -557,7 +408,9 @@ def load_tokenizer(directory: PathLike) -> Tokenizer:
 
     A directory written by :meth:`Tokenizer.save` (it has ``tokenizer_config.json``), or a
     Hugging Face GPT-2 directory: ``vocab.json`` + ``merges.txt`` give a "gpt2" tokenizer,
-    ``tokenizer.json`` alone a "bpe" one.
+    ``tokenizer.json`` alone a "bpe" one. A pretrained model's Hugging Face folder (Llama,
+    Qwen, SmolLM2) is read with its special tokens and chat template by
+    ``PretrainedTokenizer.from_hf_dir``; here it would be a plain "bpe" tokenizer.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -577,6 +430,8 @@ def load_tokenizer(directory: PathLike) -> Tokenizer:
             return BPETokenizer.load(directory)
         if kind == "gpt2":
             return GPT2Tokenizer.from_files(directory / "vocab.bpe", directory / "encoder.json")
+        if kind == "hf":
+            return PretrainedTokenizer.from_hf_dir(directory)
         if kind is not None:
             raise TokenizerError(f"{config_path}: unknown tokenizer kind {kind!r}; expected one of {', '.join(KINDS)}")
     for merges, vocab in GPT2_FILE_PAIRS:
