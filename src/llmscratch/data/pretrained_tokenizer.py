@@ -430,3 +430,69 @@ def _string_list(meta: Mapping[str, Any], key: str, source: str) -> list[str]:
         raise TokenizerError(f"{source}: {key} should be a list of strings, but it is {got}; "
                              "the file has no usable byte-level BPE vocabulary")
     return value
+
+
+# --------------------------------------------------------------------------- to GGUF
+
+
+def _pre_name(backend: "tokenizers.Tokenizer") -> Optional[str]:
+    """The ``tokenizer.ggml.pre`` name whose rules cut text as ``backend`` does (normalizer and
+    pre-tokenizer compared as the library serializes them), or None where no known name does."""
+    from tokenizers import normalizers
+
+    ours = json.loads(backend.to_str())
+    for name, pre in GGUF_PRE_TOKENIZERS.items():
+        wanted = json.loads(_pre_tokenizer(pre).__getstate__())
+        norm = json.loads(normalizers.NFC().__getstate__()) if pre.nfc else None
+        if (wanted == ours.get("pre_tokenizer") and norm == ours.get("normalizer")
+                and bool(ours["model"].get("ignore_merges")) == pre.ignore_merges):
+            return name
+    return None
+
+
+def gguf_tokenizer_metadata(tokenizer: Any) -> dict[str, Any]:
+    """The ``tokenizer.*`` keys a GGUF file needs for ``tokenizer`` (byte-level BPE only), so that
+    llama.cpp, Ollama and transformers' GGUF loader rebuild it: the inverse of
+    :meth:`PretrainedTokenizer.from_gguf_metadata`.
+
+    Works for the "hf" and "bpe" kinds (a `tokenizers` byte-level BPE, whose pre-tokenizer must
+    be one of :data:`GGUF_PRE_TOKENIZERS`) and for "gpt2" (GPT-2's own files). A character
+    tokenizer has no BPE vocabulary for GGUF to hold, and is refused.
+    """
+    if tokenizer.kind == "gpt2":
+        vocab = json.loads(tokenizer.vocab_text)
+        merges = [line for line in tokenizer.merges_text.splitlines() if line and not line.startswith("#version")]
+        pre, specials = "gpt-2", {tokenizer.eot_id}
+    elif tokenizer.kind in ("hf", "bpe"):
+        state = json.loads(tokenizer.backend.to_str())
+        if state["model"].get("type") != "BPE":
+            raise TokenizerError(f"a GGUF file holds a byte-level BPE vocabulary; this {tokenizer.kind} tokenizer's "
+                                 f"model is {state['model'].get('type')!r}")
+        vocab = dict(state["model"]["vocab"])
+        for added in state.get("added_tokens", []):
+            vocab[added["content"]] = added["id"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+        pre = _pre_name(tokenizer.backend)
+        if pre is None:
+            raise TokenizerError(f"this {tokenizer.kind} tokenizer cuts text in a way none of the GGUF pre-tokenizer "
+                                 f"names this project knows ({', '.join(sorted(GGUF_PRE_TOKENIZERS))}) stands for, "
+                                 "so llama.cpp would tokenize differently; export it as a Hugging Face folder instead")
+        specials = {a["id"] for a in state.get("added_tokens", []) if a.get("special")}
+    else:
+        raise TokenizerError(f"a GGUF file holds a byte-level BPE vocabulary; a {tokenizer.kind} tokenizer has none "
+                             "(train with --tokenizer bpe or gpt2 for a model that runs in llama.cpp)")
+    tokens = [""] * (max(vocab.values()) + 1)
+    for text, i in vocab.items():
+        tokens[i] = text
+    meta: dict[str, Any] = {
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [CONTROL if i in specials else NORMAL for i in range(len(tokens))],
+        "tokenizer.ggml.merges": merges, "tokenizer.ggml.add_bos_token": bool(tokenizer.add_bos),
+    }
+    for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eot_id),
+                       ("padding_token_id", getattr(tokenizer, "pad_id", None))):
+        if value is not None:
+            meta[f"tokenizer.ggml.{key}"] = value
+    if tokenizer.chat_template is not None:
+        meta["tokenizer.chat_template"] = tokenizer.chat_template
+    return meta

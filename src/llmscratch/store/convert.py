@@ -151,16 +151,64 @@ def _import_hf_dir(path: Path, *, heads: Optional[int], preset: Optional[str], t
     log(f"read the Hugging Face {_hf_kind(path)} directory {path}")
     if no_tokenizer:
         return model, None
+    from ..data.pretrained_tokenizer import PretrainedTokenizer
     from ..data.tokenizer import load_tokenizer
 
-    try:
-        tokenizer = load_tokenizer(path)
+    try:  # a modern model's tokenizer brings its special tokens, BOS rule, stop ids and chat template
+        tokenizer = PretrainedTokenizer.from_hf_dir(path) if _is_llama_shaped(model.cfg) else load_tokenizer(path)
     except LLMScratchError as err:
         raise CheckpointError(
             f"{path} has no usable tokenizer ({err}); copy its vocab.json + merges.txt (or "
             "tokenizer.json) there, or import without a tokenizer (--no-tokenizer)"
         ) from err
     _check_tokenizer_fits(tokenizer, model.cfg, str(path))
+    return model, tokenizer
+
+
+def _is_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file: its first four bytes are ``GGUF`` (or its name ends in ``.gguf``)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return False
+    return magic == b"GGUF" or path.suffix.lower() == ".gguf"
+
+
+def _refuse_book_options(path: Path, what: str, heads: Optional[int], preset: Optional[str],
+                         tokenizer_dir: Optional[PathLike]) -> None:
+    moot = [name for name, value in (("--heads", heads), ("--preset", preset), ("--tokenizer-dir", tokenizer_dir))
+            if value is not None]
+    if moot:
+        raise CheckpointError(f"{path} is {what}: it records its own shape and tokenizer, so {', '.join(moot)} "
+                              "(for the book's format) cannot apply; drop them")
+
+
+def _import_gguf(path: Path, *, no_tokenizer: bool, log: Callable[[str], None]) -> tuple[GPT, Any]:
+    """The model and tokenizer of a GGUF file (llama.cpp's format), dequantized to float32."""
+    from .checkpoint import config_from_hf, hf_to_ours
+    from .gguf import read_gguf
+    from .hf_llama import config_from_hf_llama, hf_llama_to_ours
+
+    contents = read_gguf(path)
+    if is_llama_family(contents.hf_config):
+        cfg = config_from_hf_llama(contents.hf_config, source=str(path))
+        ours = hf_llama_to_ours(contents.state_dict, cfg, source=str(path))
+    else:
+        cfg = config_from_hf(contents.hf_config, source=str(path))
+        ours = hf_to_ours(contents.state_dict, cfg, source=str(path))
+    refuse_non_finite(ours, path, "get a good copy of the file")
+    model = GPT(cfg)
+    model.load_state_dict(_with_tied_head(ours, cfg), strict=True)
+    model.eval()
+    kinds = sorted(set(contents.tensor_types.values()))
+    log(f"read the GGUF file {path} ({contents.architecture}; {', '.join(kinds)} tensors, dequantized to float32)")
+    if no_tokenizer:
+        return model, None
+    from ..data.pretrained_tokenizer import PretrainedTokenizer
+
+    tokenizer = PretrainedTokenizer.from_gguf_metadata(contents.metadata, source=str(path))
+    _check_tokenizer_fits(tokenizer, cfg, str(path))
     return model, tokenizer
 
 
@@ -246,7 +294,14 @@ def import_checkpoint(
     run_dir = Path(run_dir)
     _prepare_run_dir(run_dir, overwrite)
     path = _hub_or_path(source, log)
-    if path.is_dir():
+    if str(source) == "smollm2" and not path.exists():
+        from .gguf import find_smollm2
+
+        path = find_smollm2()
+    if path.is_file() and _is_gguf(path):
+        _refuse_book_options(path, "a GGUF file", heads, preset, tokenizer_dir)
+        model, tokenizer = _import_gguf(path, no_tokenizer=no_tokenizer, log=log)
+    elif path.is_dir():
         model, tokenizer = _import_hf_dir(path, heads=heads, preset=preset, tokenizer_dir=tokenizer_dir,
                                           no_tokenizer=no_tokenizer, log=log)
     elif path.is_file():
@@ -255,8 +310,8 @@ def import_checkpoint(
                                              no_tokenizer=no_tokenizer, log=log)
     else:
         raise CheckpointError(
-            f"{source} is neither a Hugging Face directory, a book state-dict file, nor one of "
-            f"{', '.join(GPT2_HUB_MODELS)}; check the path"
+            f"{source} is neither a Hugging Face directory, a GGUF file, a book state-dict file, nor one of "
+            f"{', '.join(GPT2_HUB_MODELS)} or smollm2; check the path"
         )
     if overwrite and run_dir.is_dir():  # only now that the source has been read whole
         _clear_leftovers(run_dir)
@@ -287,7 +342,7 @@ def _refuse_export_target(run_dir: Path, out: Path, fmt: str) -> None:
     if fmt == "hf" and out.is_dir() and any(out.iterdir()):
         raise CheckpointError(f"{out} exists and is not empty; choose a new directory or delete it "
                               "(an export never mixes its files with others)")
-    if fmt == "book" and (out.is_symlink() or (out.exists() and not out.is_dir())):  # a file, a link, a device
+    if fmt in ("book", "gguf") and (out.is_symlink() or (out.exists() and not out.is_dir())):  # a file, a link
         raise CheckpointError(f"{out} exists; choose a new file name or delete it")
 
 
@@ -329,6 +384,34 @@ def _run_tokenizer(run_dir: Path) -> Any:
         return None
 
 
+def _export_gguf(model: GPT, run_dir: Path, out: Path, dtype: str, log: Callable[[str], None]) -> None:
+    """Write ``out``: a GGUF file (llama.cpp, Ollama) of a GPT-2- or Llama-shaped run, with its BPE tokenizer."""
+    from ..data.pretrained_tokenizer import gguf_tokenizer_metadata
+    from .checkpoint import hf_config_from_ours, ours_to_hf
+    from .gguf import write_gguf
+    from .hf_llama import hf_llama_config_from_ours, ours_to_hf_llama
+
+    if out.is_dir():
+        raise CheckpointError(f"{out} is a directory; a GGUF export is one file (e.g. model.gguf)")
+    tokenizer = _run_tokenizer(run_dir)
+    if tokenizer is None:
+        raise CheckpointError(f"{run_dir} has no tokenizer, and a GGUF file must carry one (llama.cpp reads its "
+                              "vocabulary from the file); export a run that has its tokenizer files")
+    try:
+        meta = gguf_tokenizer_metadata(tokenizer)
+    except LLMScratchError as err:
+        raise CheckpointError(f"cannot export {run_dir} to GGUF: {err}") from err
+    cfg = model.cfg
+    if _is_llama_shaped(cfg):
+        hf_config = hf_llama_config_from_ours(cfg, tokenizer.bos_id, tokenizer.eot_id)
+        state = ours_to_hf_llama(model, cfg)
+    else:
+        hf_config, state = hf_config_from_ours(cfg, tokenizer.eot_id), ours_to_hf(model, cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_gguf(out, hf_config, state, meta, dtype=dtype, name=run_dir.resolve().name)
+    log(f"wrote {out} ({hf_config['model_type']}, {dtype}): {describe(model)}; {tokenizer.vocab_size} tokens")
+
+
 def _export_book(model: GPT, out: Path, log: Callable[[str], None]) -> None:
     """Write ``out``: a ``torch.save`` state dict for the book's ``GPTModel`` (refusing what it cannot compute)."""
     book_cfg = book_config_dict(model.cfg)
@@ -340,15 +423,21 @@ def _export_book(model: GPT, out: Path, log: Callable[[str], None]) -> None:
         f"model.load_state_dict(torch.load({str(out)!r}, weights_only=True))")
 
 
-def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
-                      log: Callable[[str], None] = lambda message: None) -> Path:
-    """Write the run's model as ``fmt``: ``"hf"`` (a directory for ``GPT2LMHeadModel.from_pretrained``,
-    with the run's GPT-2 tokenizer files), ``"book"`` (a ``torch.save`` state dict for the
-    book's ``GPTModel``) or ``"run"`` (an ordinary run directory, consolidated from the sharded
-    checkpoint of an FSDP run). Returns the path written."""
+EXPORT_FORMATS = ("hf", "gguf", "book", "run")
 
-    if fmt not in ("hf", "book", "run"):
-        raise CheckpointError(f"unknown export format {fmt!r}; choose 'hf', 'book' or 'run'")
+
+def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
+                      log: Callable[[str], None] = lambda message: None, dtype: str = "f16") -> Path:
+    """Write the run's model as ``fmt``: ``"hf"`` (a directory for transformers' ``from_pretrained``:
+    GPT-2, or Llama/Qwen2/Qwen3 for a modern model, with the run's tokenizer files), ``"gguf"``
+    (one file for llama.cpp and Ollama, in ``dtype`` ``"f16"`` or ``"f32"``), ``"book"`` (a
+    ``torch.save`` state dict for the book's ``GPTModel``) or ``"run"`` (an ordinary run
+    directory, consolidated from the sharded checkpoint of an FSDP run). Returns the path written."""
+
+    if fmt not in EXPORT_FORMATS:
+        raise CheckpointError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if dtype not in ("f16", "f32"):
+        raise CheckpointError(f"unknown GGUF precision {dtype!r}; choose f16 or f32 (no quantization on export)")
     run_dir, out = Path(run_dir), Path(out)
     if fmt == "run":
         return sharded.consolidate(run_dir, out, log=log)
@@ -356,6 +445,8 @@ def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
     model = sharded.load_sharded(run_dir)[0] if sharded.latest_is_sharded(run_dir) else load_model(run_dir)
     if fmt == "hf":
         _export_hf(model, run_dir, out, log)
+    elif fmt == "gguf":
+        _export_gguf(model, run_dir, out, dtype, log)
     else:
         _export_book(model, out, log)
     return out
