@@ -641,6 +641,25 @@ def test_d_out_not_divisible_by_heads(d_out, num_heads):
         MultiHeadAttention(3, d_out, 6, 0.0, num_heads)
 
 
+@pytest.mark.parametrize("num_kv_heads", [0, 3, 8])
+def test_kv_heads_must_divide_the_heads(num_kv_heads):
+    with pytest.raises(ValueError, match=rf"num_kv_heads \({num_kv_heads}\) must divide num_heads \(4\)"):
+        MultiHeadAttention(3, 8, 6, 0.0, 4, num_kv_heads=num_kv_heads)
+
+
+@pytest.mark.parametrize("backend", ["explicit", "fused"])
+def test_grouped_query_attention_has_narrower_keys_and_values_and_both_backends_agree(backend):
+    torch.manual_seed(0)
+    grouped = MultiHeadAttention(3, 8, 6, 0.0, 4, num_kv_heads=2, backend=backend).eval()
+    assert grouped.W_key.weight.shape == grouped.W_value.weight.shape == (4, 3)  # 2 heads × d = 2, by d_in 3
+    explicit = MultiHeadAttention(3, 8, 6, 0.0, 4, num_kv_heads=2, backend="explicit").eval()
+    explicit.load_state_dict(grouped.state_dict())
+    with torch.no_grad():
+        out, weights = explicit(BOOK_BATCH, need_weights=True)
+        torch.testing.assert_close(grouped(BOOK_BATCH), out, rtol=1e-5, atol=1e-6)
+    assert weights.shape == (2, 4, 6, 6)  # one map per query head
+
+
 def test_wrapper_needs_a_head():
     with pytest.raises(ValueError, match=r"num_heads must be at least 1, got 0"):
         MultiHeadAttentionWrapper(3, 2, 6, 0.0, 0)

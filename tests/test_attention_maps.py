@@ -78,6 +78,65 @@ def test_recomputed_scores_give_the_models_own_weights(tmp_path, pos_emb):
         torch.testing.assert_close(s.softmax(-1), w, atol=1e-6, rtol=1e-5)
 
 
+MODERN = {  # the modern family's options, on the test-llama preset (4 heads over 2 key/value heads)
+    "gqa": dict(),
+    "qk_norm, wide heads, one kv head": dict(qk_norm=True, head_size=12, n_kv_heads=1),
+    "mha, rmsnorm, swiglu": dict(n_kv_heads=None),
+    "gqa, alibi": dict(pos_emb="alibi"),
+}
+
+
+def modern_run(tmp_path: Path, **overrides) -> Path:
+    tokenizer = build_tokenizer("char", TEXT)
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("test-llama", vocab_size=tokenizer.vocab_size, context_length=48, **overrides)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 2.0)  # norm scales away from 1, so QK-norm's weights count
+    save_run(tmp_path / "run", model, tokenizer)
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("overrides", MODERN.values(), ids=MODERN.keys())
+def test_maps_and_scores_of_modern_models_have_one_map_per_query_head(tmp_path, overrides):
+    model, tokenizer, _ = load_run(modern_run(tmp_path, **overrides))
+    h, t = model.cfg.n_heads, len(PROMPT)
+    maps = attention_maps(model, tokenizer, PROMPT)
+    assert maps.n_heads == h and [w.shape for w in maps.weights] == [(1, h, t, t)] * 2
+    for w in maps.weights:
+        torch.testing.assert_close(w.sum(-1), torch.ones(1, h, t))
+        assert torch.all(w.triu(diagonal=1) == 0)
+    idx = torch.tensor([tokenizer.encode(PROMPT), tokenizer.encode(PROMPT[::-1])])  # (2, T)
+    with torch.no_grad():
+        _, weights = model(idx, need_weights=True)
+    for s, w in zip(attention_scores(model, idx), weights):
+        assert s.shape == w.shape == (2, h, t, t)
+        torch.testing.assert_close(s.softmax(-1), w, atol=1e-6, rtol=1e-5)
+    # Query heads that share a key/value head still attend differently: their queries differ.
+    if model.cfg.kv_heads < h:
+        assert not torch.allclose(maps.weights[0][0, 0], maps.weights[0][0, 1])
+
+
+def test_cli_draws_a_grouped_query_model_per_query_head(tmp_path, capsys):
+    run = modern_run(tmp_path)
+    out = tmp_path / "maps"
+    assert main(["attention", str(run), "--prompt", "the earth", "--out", str(out), "--json", "--head", "3",
+                 "--device", "cpu"]) == 0
+    data = json.loads((out / "attention.json").read_text())
+    assert [torch.tensor(a).shape for a in data["attention"]] == [(1, 4, 9, 9)] * 2
+    assert sorted(p.name for p in out.iterdir()) == ["attention.json", "grid.png", "layer0_head3.png", "layer1_head3.png"]
+    assert "9 tokens, 2 layers × 4 heads" in capsys.readouterr().out
+
+
+def test_cli_names_the_prompt_the_tokenizer_cannot_encode(tmp_path, capsys):
+    assert main(["attention", str(modern_run(tmp_path)), "--prompt", "the zebra", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmscratch attention: error: --prompt 'the zebra': ")
+    assert "'z'" in err and "leave those characters out" in err
+
+
 def test_scores_follow_the_scale_setting(tmp_path):
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset("test", vocab_size=50, emb_dim=32, n_heads=2)

@@ -197,6 +197,9 @@ def test_a_run_without_a_tokenizer_is_refused_with_the_command_line_s_message(tm
         Engine.load(tmp_path / "run", "cpu")
     assert main(["generate", str(tmp_path / "run"), "--prompt", "the", "--device", "cpu"]) == 2
     assert capsys.readouterr().err == f"llmscratch generate: error: {refused.value}\n"
+    # Another command names its own text.
+    with pytest.raises(CheckpointError, match="so the sentence to trace cannot be turned into tokens; "):
+        Engine.load(tmp_path / "run", "cpu", purpose="the sentence to trace")
 
 
 # --------------------------------------------------------------------------- training's samples

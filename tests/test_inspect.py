@@ -376,6 +376,9 @@ def test_out_none_prints_nothing(capsys):
         (dict(batch=0), r"batch must be at least 1, got 0"),
         (dict(seed=2**64), r"seed \(--seed\) must be a 64-bit integer, from -2\*\*63 to 2\*\*64 - 1, got 18446744073709551616"),
         (dict(seed=-(2**63) - 1), r"seed \(--seed\) must be a 64-bit integer"),
+        (dict(heads=4, d_out=8, kv_heads=3), r"--kv-heads \(3\) must divide --heads \(4\).*try --kv-heads 1, 2 or 4$"),
+        (dict(heads=2, d_out=4, kv_heads=0), r"--kv-heads \(0\) must divide --heads \(2\).*try --kv-heads 1 or 2$"),
+        (dict(heads=2, d_out=4, kv_heads=4), r"--kv-heads \(4\) must divide --heads \(2\)"),
     ],
 )
 def test_bad_settings_raise_config_error(kwargs, pattern):
@@ -452,9 +455,67 @@ def test_cli_bad_heads_d_out_pair_exits_2_with_a_clear_message():
 def test_cli_help_lists_the_options():
     result = _cli("--help")
     assert result.returncode == 0
-    for option in ("--batch", "--heads", "--d-out", "--seed", "--no-scale", "--max-values"):
+    for option in ("--batch", "--heads", "--kv-heads", "--d-out", "--seed", "--no-scale", "--max-values"):
         assert option in result.stdout
     assert f"at most {MAP_TOKENS} tokens" in " ".join(result.stdout.split())  # --max-values says what it caps
+
+
+# --------------------------------------------------------------------------- explain --kv-heads (grouped-query attention)
+
+
+@pytest.mark.parametrize("batch, heads, kv_heads, d_out", [(1, 4, 2, 8), (2, 2, 1, 4), (1, 6, 3, 12), (1, 3, 1, 3)])
+def test_grouped_trace_equals_the_modules_forward_and_multi_head_attention_with_shared_weights(
+        batch, heads, kv_heads, d_out):
+    steps, text = run_explain(BOOK_SENTENCE, batch=batch, heads=heads, kv_heads=kv_heads, d_out=d_out)
+    _, x = trace_batch(BOOK_SENTENCE, batch)
+    module = build_traced_attention(d_out, heads, x.shape[1], 123, True, kv_heads)
+    d, groups, t = d_out // heads, heads // kv_heads, x.shape[1]
+    s = by_name(steps)
+    with torch.no_grad():
+        expected, weights = module(x, need_weights=True)
+        # The same attention as multi-head attention whose K/V weights repeat each shared head's rows.
+        full = MultiHeadAttention(3, d_out, t, 0.0, heads).eval()
+        state = module.state_dict()
+        for name in ("W_key.weight", "W_value.weight"):
+            state[name] = state[name].view(kv_heads, d, 3).repeat_interleave(groups, dim=0).reshape(d_out, 3)
+        full.load_state_dict(state)
+        torch.testing.assert_close(full(x), expected)
+    torch.testing.assert_close(s["output"].tensor, expected)
+    torch.testing.assert_close(s["attention weights"].tensor, weights)
+    assert s["W_k"].shape == s["W_v"].shape == (3, kv_heads * d) and s["W_k"].dims == ("d_in", "d_kv")
+    assert s["K = x·W_k"].shape == (batch, t, kv_heads * d)
+    assert s["K heads"].shape == s["V heads"].shape == (batch, kv_heads, t, d)
+    assert s["K heads"].dims == ("B", "H_kv", "T", "d")
+    assert s["K per query head"].shape == s["Q heads"].shape == (batch, heads, t, d)
+    for h in range(heads):  # query head h reads key/value head h // groups
+        torch.testing.assert_close(s["K per query head"].tensor[:, h], s["K heads"].tensor[:, h // groups])
+        torch.testing.assert_close(s["V per query head"].tensor[:, h], s["V heads"].tensor[:, h // groups])
+    flat = " ".join(text.split())
+    assert f"H_kv = key/value heads ({kv_heads})" in flat and f"num_kv_heads={kv_heads}" in flat
+    assert f"(B={batch}, H_kv={kv_heads}, T={t}, d={d})" in flat
+    assert (f"KV cache per token: 2 · layers · H_kv · d = 2 · 1 · {kv_heads} · {d} = {2 * kv_heads * d} values"
+            in flat)
+    assert f"against 2 · layers · H · d = 2 · 1 · {heads} · {d} = {2 * heads * d} for multi-head attention: " \
+           f"{groups}× smaller" in flat
+    assert ("shared by all H" if kv_heads == 1 else f"each shared by a group of H / H_kv = {groups} query heads") in flat
+    assert "check: MultiHeadAttention.forward(x) gives the same output" in flat
+
+
+def test_kv_heads_equal_to_heads_is_todays_trace():
+    _, plain = run_explain(BOOK_SENTENCE, heads=2, d_out=4)
+    steps, same = run_explain(BOOK_SENTENCE, heads=2, d_out=4, kv_heads=2)
+    assert same == plain
+    assert [s.name for s in steps] == STEP_NAMES
+    assert "KV cache" not in plain and "H_kv" not in plain
+
+
+def test_cli_kv_heads_prints_the_grouped_trace_and_refuses_a_count_that_does_not_divide():
+    result = _cli("--heads", "4", "--d-out", "8", "--kv-heads", "2", "--max-values", "0")
+    assert result.returncode == 0, result.stderr
+    assert "K per query head" in result.stdout and "2× smaller" in " ".join(result.stdout.split())
+    bad = _cli("--heads", "4", "--d-out", "8", "--kv-heads", "3")
+    assert bad.returncode == 2
+    assert "--kv-heads (3) must divide --heads (4)" in bad.stderr and "Traceback" not in bad.stderr
 
 
 # --------------------------------------------------------------------------- explain --run
@@ -523,6 +584,116 @@ def test_explain_run_says_when_a_long_sentence_is_cut_to_the_context(tmp_path):
         explain_run(tmp_path, sentence, out=out)
         note = f"(the sentence has {len(sentence)} tokens; only its last 8, the model's context, are traced)"
         assert (note in out.getvalue()) == cut
+
+
+MODERN_RUNS = {
+    "llama (GQA, RMSNorm, SwiGLU, RoPE)": dict(),
+    "qwen3 (QK-norm, wide heads, one KV head)": dict(qk_norm=True, head_size=16, n_kv_heads=1),
+    "llama 3 RoPE scaling": dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                   high_freq_factor=4.0, original_max_position_embeddings=4)),
+    "qwen2 (qkv biases, MHA)": dict(qkv_bias=True, n_kv_heads=None),
+    "GQA with ALiBi and LayerNorm": dict(pos_emb="alibi", norm="layernorm", activation="gelu", bias=True),
+    "GQA without positions, QK-norm": dict(pos_emb="none", qk_norm=True),
+}
+
+
+def modern_char_run(path: Path, **config) -> Path:
+    """A saved run of a random ``test-llama`` character GPT (2 layers, 4 heads over 2 KV heads) over "abcdefgh "."""
+    from llmscratch.store.checkpoint import save_run
+    from llmscratch.nn.model import GPT, GPTConfig
+    from llmscratch.data.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("test-llama", vocab_size=tok.vocab_size, **config)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # far from the init (norm weights too), so every step matters
+    save_run(path, model, tokenizer=tok)
+    return path
+
+
+@pytest.mark.parametrize("config", MODERN_RUNS.values(), ids=MODERN_RUNS.keys())
+def test_trace_run_of_modern_models_reads_the_model_and_shows_shared_kv_heads(tmp_path, config):
+    from llmscratch.store.checkpoint import load_run
+    from llmscratch.tools.inspect import explain_run, trace_run
+
+    model, tok, _ = load_run(modern_char_run(tmp_path, **config))
+    cfg, attn = model.cfg, model.blocks[0].attn
+    h, h_kv, d = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    text = "bad cafe"
+    captured = {}
+    attn.register_forward_pre_hook(lambda m, args: captured.update(x=args[0]))  # update gives None: args unchanged
+    attn.register_forward_hook(lambda m, args, out: captured.update(out=out))
+    with torch.no_grad():
+        model(torch.tensor([tok.encode(text)]))
+    labels, steps = trace_run(tmp_path, text)
+    s, t = by_name(steps), len(text)
+    torch.testing.assert_close(s["output"].tensor, captured["out"])
+    torch.testing.assert_close(s["norm1(x)"].tensor, captured["x"])
+    assert s["K heads"].shape == s["V heads"].shape == (1, h_kv, t, d)
+    assert s["Q heads"].shape == s["context"].shape == (1, h, t, d)
+    assert s["attention weights"].shape == (1, h, t, t)
+    assert s["merged heads"].shape == (1, t, h * d)
+    torch.testing.assert_close(s["causal mask"].tensor.softmax(-1), s["attention weights"].tensor)
+    # The q and k the scores use are the attention's own project(): after QK-norm and RoPE where there are.
+    with torch.no_grad():
+        q_plain, k_plain, v = attn.project(captured["x"])  # without RoPE
+        rope = None
+        if cfg.pos_emb == "rope":
+            from llmscratch.nn.positions import rope_cos_sin
+
+            rope = rope_cos_sin(torch.arange(t), d, cfg.rope_base, cfg.rope_scaling)
+        q, k, _ = attn.project(captured["x"], rope)
+    last_q = "RoPE(Q)" if rope is not None else "q_norm(Q)" if cfg.qk_norm else "Q heads"
+    last_k = "RoPE(K)" if rope is not None else "k_norm(K)" if cfg.qk_norm else "K heads"
+    torch.testing.assert_close(s[last_q].tensor, q)
+    torch.testing.assert_close(s[last_k].tensor, k)
+    torch.testing.assert_close(s["V heads"].tensor, v)
+    if cfg.qk_norm:
+        torch.testing.assert_close(s["q_norm(Q)"].tensor, q_plain)
+        torch.testing.assert_close(s["k_norm(K)"].tensor, k_plain)
+    names = [step.name for step in steps]
+    assert ("K per query head" in names) == (h_kv < h) == ("V per query head" in names)
+    assert ("q_norm(Q)" in names) == cfg.qk_norm
+    out = io.StringIO()
+    explain_run(tmp_path, text, out=out, width=100)
+    flat = " ".join(out.getvalue().split())
+    assert ("RMSNorm" in flat) == (cfg.norm == "rmsnorm")
+    check = re.search(r"check: the model's own block-0 attention gives the same output \(max \|difference\| (\S+)\)", flat)
+    assert check and float(check.group(1)) < 1e-5, flat[-400:]
+    if h_kv < h:
+        assert f"H_kv = key/value heads ({h_kv})" in flat
+        assert (f"KV cache per token: 2 · layers · H_kv · d = 2 · {cfg.n_layers} · {h_kv} · {d} = "
+                f"{2 * cfg.n_layers * h_kv * d} values") in flat
+        assert f"for multi-head attention: {h // h_kv}× smaller" in flat
+        assert f"(B=1, H_kv={h_kv}, T={t}, d={d})" in flat
+    else:
+        assert "KV cache" not in flat
+
+
+def test_the_run_check_catches_scores_that_do_not_give_the_models_weights(tmp_path, monkeypatch):
+    import llmscratch.tools.inspect as inspect_module
+
+    modern_char_run(tmp_path)
+    monkeypatch.setattr(inspect_module, "resolve_scale", lambda scale, d: 1.0)  # the printed scores, unscaled
+    out = io.StringIO()
+    inspect_module.explain_run(tmp_path, "bad cafe", out=out, width=100)
+    assert "gives a DIFFERENT output" in out.getvalue()
+
+
+def test_explain_run_and_attention_name_their_own_input_when_the_run_has_no_tokenizer(tmp_path, capsys):
+    from llmscratch.cli import main
+    from llmscratch.store.checkpoint import save_model
+    from llmscratch.nn.model import GPT, GPTConfig
+
+    save_model(tmp_path / "bare", GPT(GPTConfig.from_preset("test-llama")))
+    assert main(["explain", "--run", str(tmp_path / "bare"), "bad"]) == 2
+    assert "has no tokenizer files" in (err := capsys.readouterr().err)
+    assert "so the sentence to trace cannot be turned into tokens" in err
+    assert main(["attention", str(tmp_path / "bare"), "--prompt", "bad", "--out", str(tmp_path / "maps")]) == 2
+    assert "so the prompt to draw cannot be turned into tokens" in capsys.readouterr().err
+    assert not (tmp_path / "maps").exists()
 
 
 # --------------------------------------------------------------------------- the HTML page, in a real browser

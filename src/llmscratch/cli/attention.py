@@ -10,15 +10,13 @@ from .commands import command
 def _run_attention(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..store.checkpoint import load_run
-    from ..tools.inspect import attention_maps, write_attention_outputs
-    from ..runtime import setup_runtime
     from ..data.tokenizer import check_utf8
+    from ..inference.engine import Engine, prompt_label
+    from ..tools.inspect import attention_maps, write_attention_outputs
 
     check_utf8(args.prompt, "--prompt")
-    runtime = setup_runtime(args.device, "fp32")
-    model, tokenizer, _ = load_run(args.run_dir, device=runtime.device)
-    maps = attention_maps(model, tokenizer, args.prompt)
+    engine = Engine.load(args.run_dir, args.device, use_cache=False, purpose="the prompt to draw")
+    maps = attention_maps(engine.model, engine.tokenizer, args.prompt, name=f"--prompt {prompt_label(args.prompt)}")
     out = Path(args.out) if args.out else Path(args.run_dir) / "attention"
     written = write_attention_outputs(maps, out, layers=args.layer, heads=args.head, html_page=args.html,
                                       json_file=args.json, title=f"Attention of {args.run_dir} on {args.prompt!r}")

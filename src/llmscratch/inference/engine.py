@@ -72,18 +72,21 @@ class Engine:
         self.use_cache = use_cache
 
     @classmethod
-    def load(cls, run_dir: PathLike, device: str = "auto", *, use_cache: bool = True, rows: int = 1) -> "Engine":
+    def load(cls, run_dir: PathLike, device: str = "auto", *, use_cache: bool = True, rows: int = 1,
+             purpose: str = "the prompt") -> "Engine":
         """The model and tokenizer of a run directory (from ``llmscratch train`` or ``llmscratch import``).
 
         ``device``: ``auto``, ``cpu``, ``cuda`` or ``mps``, resolved by ``runtime.setup_runtime``
         (float32 on a CPU). A run without tokenizer files raises the store's
-        :class:`errors.CheckpointError`, which says where the files come from. With
+        :class:`errors.CheckpointError`, which says where the files come from and names the text
+        that needed them by ``purpose`` ("the prompt"; ``llmscratch explain --run`` passes "the
+        sentence to trace", ``llmscratch attention`` "the prompt to draw"). With
         ``use_cache`` on a CPU, each shape of weight matrix is stored the way this CPU multiplies
         it fastest for batches of ``rows`` rows (:func:`generate.choose_weight_layout`: timed,
         the same values, about a second for gpt2-124m); elsewhere the weights are left alone.
         """
         runtime = setup_runtime(device, "fp32" if device in (None, "auto", "cpu") else "auto")
-        model, tokenizer, _ = load_run(run_dir, device=runtime.device, need_tokenizer="the prompt")
+        model, tokenizer, _ = load_run(run_dir, device=runtime.device, need_tokenizer=purpose)
         if use_cache:
             choose_weight_layout(model, rows=rows)
         return cls(model, tokenizer, use_cache=use_cache)

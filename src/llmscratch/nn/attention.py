@@ -420,11 +420,18 @@ class MultiHeadAttention(nn.Module):
 
     ``d_out`` is the total width; each of the ``num_heads`` heads works in its own
     ``d_out / num_heads``-dimensional subspace. An output projection mixes the heads.
+
+    ``num_kv_heads`` (default ``num_heads``) below ``num_heads`` gives grouped-query attention
+    (Ainslie et al. 2023, as in Llama and Qwen): ``W_key`` and ``W_value`` are only
+    ``num_kv_heads · d`` wide, and each key/value head is shared by ``num_heads / num_kv_heads``
+    query heads (:func:`attend` pairs them), so a KV cache holds that many times fewer values.
+    With the default the module is the book's, weight for weight.
     """
 
     def __init__(
         self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
         qkv_bias: bool = False, scale: Scale = True, backend: Backend = "explicit",
+        num_kv_heads: Optional[int] = None,
     ):
         super().__init__()
         if num_heads < 1 or d_out % num_heads != 0:
@@ -432,25 +439,35 @@ class MultiHeadAttention(nn.Module):
                 f"d_out ({d_out}) must be divisible by num_heads ({num_heads}): "
                 "each head gets d_out / num_heads dimensions"
             )
+        kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if kv_heads < 1 or num_heads % kv_heads != 0:
+            raise ValueError(
+                f"num_kv_heads ({kv_heads}) must divide num_heads ({num_heads}): "
+                "each key/value head is shared by an equal group of query heads"
+            )
         _check_dropout(dropout)
         self.d_out = d_out
         self.num_heads = num_heads
+        self.num_kv_heads = kv_heads
         self.head_dim = d_out // num_heads
         self.context_length = context_length
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, kv_heads * self.head_dim, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, kv_heads * self.head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length), diagonal=1))
         self.scale = scale
         self.backend = backend
 
-    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """``(B, T, d_out)`` → ``(B, H, T, d)``: each head gets its own ``d = d_out / H`` columns."""
+    def split_heads(self, t: torch.Tensor, heads: Optional[int] = None) -> torch.Tensor:
+        """``(B, T, heads · d)`` → ``(B, heads, T, d)``: each head gets its own ``d = d_out / H`` columns.
+
+        ``heads`` defaults to the query heads ``H``; the keys and values pass ``num_kv_heads``.
+        """
         b, num_tokens, _ = t.shape
-        t = t.view(b, num_tokens, self.num_heads, self.head_dim)  # (B, T, H, d)
-        return t.transpose(1, 2)  # (B, H, T, d)
+        t = t.view(b, num_tokens, heads or self.num_heads, self.head_dim)  # (B, T, heads, d)
+        return t.transpose(1, 2)  # (B, heads, T, d)
 
     def forward(
         self,
@@ -464,8 +481,8 @@ class MultiHeadAttention(nn.Module):
         b, num_tokens, _ = x.shape
         _check_length(num_tokens, self.context_length, type(self).__name__)
         queries = self.split_heads(self.W_query(x))  # (B, H, T, d)
-        keys = self.split_heads(self.W_key(x))  # (B, H, T, d)
-        values = self.split_heads(self.W_value(x))  # (B, H, T, d)
+        keys = self.split_heads(self.W_key(x), self.num_kv_heads)  # (B, H_kv, T, d)
+        values = self.split_heads(self.W_value(x), self.num_kv_heads)  # (B, H_kv, T, d)
         visible = ~self.mask.bool()[:num_tokens, :num_tokens]  # (T, T), True = may attend
         context, weights = attend(
             queries, keys, values, causal=True, key_padding_mask=key_padding_mask,

@@ -18,6 +18,7 @@ sees the book's numbers; any other word gets a vector derived from a hash of the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
     from ..nn.model import GPT
     from ..data.tokenizer import Tokenizer
+    from ..inference.engine import Engine
 
 # --------------------------------------------------------------------------- shape trace
 
@@ -110,11 +112,14 @@ def trace_batch(sentence: str, batch: int) -> tuple[list[list[str]], torch.Tenso
     return rows, x
 
 
-def build_traced_attention(d_out: int, heads: int, context_length: int, seed: int, scale: Scale) -> MultiHeadAttention:
+def build_traced_attention(d_out: int, heads: int, context_length: int, seed: int, scale: Scale,
+                           kv_heads: Optional[int] = None) -> MultiHeadAttention:
     """The efficient ``MultiHeadAttention`` the trace follows, built right after ``manual_seed(seed)``.
 
     With ``d_out=2, heads=2, seed=123`` on the book's sentence this is the book's module
-    (its first output row is [0.3190, 0.4858]). The global RNG is left as it was.
+    (its first output row is [0.3190, 0.4858]). ``kv_heads`` (default ``heads``) below ``heads``
+    makes it grouped-query attention: ``W_k`` and ``W_v`` are ``kv_heads · d`` wide. The global
+    RNG is left as it was.
     """
     if heads < 1:
         raise ConfigError(f"heads must be at least 1, got {heads}")
@@ -128,10 +133,56 @@ def build_traced_attention(d_out: int, heads: int, context_length: int, seed: in
             f"d_out ({d_out}) must be divisible by heads ({heads}): each head gets d_out / heads "
             f"dimensions; try d_out {suggestion} (--d-out {suggestion} --heads {heads})"
         )
+    kv_heads = heads if kv_heads is None else kv_heads
+    if kv_heads < 1 or heads % kv_heads != 0:
+        divisors = [str(n) for n in range(1, heads + 1) if heads % n == 0]
+        choices = " or ".join(divisors) if len(divisors) < 3 else ", ".join(divisors[:-1]) + " or " + divisors[-1]
+        raise ConfigError(
+            f"--kv-heads ({kv_heads}) must divide --heads ({heads}): each key/value head is shared by an equal "
+            f"group of heads / kv-heads query heads; try --kv-heads {choices}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = MultiHeadAttention(EMBED_DIM, d_out, context_length, dropout=0.0, num_heads=heads, scale=scale)
+        module = MultiHeadAttention(EMBED_DIM, d_out, context_length, dropout=0.0, num_heads=heads, scale=scale,
+                                    num_kv_heads=kv_heads)
     return module.eval()
+
+
+def _add(steps: list[TraceStep], name: str, dims: tuple[str, ...], meaning: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Append ``tensor`` (a copy) to ``steps`` as a step; return it, so a computation can go on from it."""
+    steps.append(TraceStep(name, tuple(tensor.shape), meaning, tensor.detach().clone(), dims))
+    return tensor
+
+
+def per_query_head(kv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Keys or values ``(B, H_kv, T, d)`` repeated for the query heads that share them: ``(B, H, T, d)``.
+
+    Query head ``h`` reads key/value head ``h // (H / H_kv)``, as :func:`~llmscratch.nn.attention.attend`
+    pairs them; attention shares the heads without copying, this copy is for showing and
+    for scores computed outside the model. With as many key/value heads as query heads, ``kv`` itself.
+    """
+    groups = n_heads // kv.shape[1]
+    return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)  # (B, H, T, d)
+
+
+def _kv_head_notes(width: str, heads: int, kv_heads: int, head_dim: int) -> tuple[str, str]:
+    """The meanings of the "K heads" and "V heads" steps of grouped-query attention: the split of
+    the ``width``-wide keys and values, and which query heads share each head."""
+    if kv_heads == 1:
+        return (f"{width} is one key head of d = {head_dim}, shared by all H = {heads} query heads (multi-query "
+                "attention: grouped-query with one group)",
+                f"the same for the values: one value head, shared by all {heads} query heads")
+    shared = f"each shared by a group of H / H_kv = {heads // kv_heads} query heads"
+    return (f"{width} split into {kv_heads} key heads of d = {head_dim}, {shared} (grouped-query attention)",
+            f"the same split for the values: {kv_heads} value heads, {shared}")
+
+
+def kv_cache_line(layers: int, heads: int, kv_heads: int, head_dim: int) -> str:
+    """One line comparing the KV cache per token with grouped-query and with multi-head attention."""
+    grouped, full = 2 * layers * kv_heads * head_dim, 2 * layers * heads * head_dim
+    return (f"KV cache per token: 2 · layers · H_kv · d = 2 · {layers} · {kv_heads} · {head_dim} = {grouped:,} values "
+            f"(a key and a value per layer and key/value head), against 2 · layers · H · d = 2 · {layers} · {heads} · "
+            f"{head_dim} = {full:,} for multi-head attention: {heads // kv_heads}× smaller")
 
 
 @torch.no_grad()
@@ -139,35 +190,48 @@ def trace_attention(module: MultiHeadAttention, x: torch.Tensor) -> list[TraceSt
     """Run ``module``'s forward pass by hand on ``x (B, T, d_in)``, keeping every tensor.
 
     Uses the module's own weights, mask rule and scale, so the last step equals ``module(x)``.
+    With fewer key/value heads than heads (grouped-query attention) K and V get their own,
+    narrower width ``d_kv = H_kv · d``, and two steps show each K and V head repeated for the
+    query heads of its group.
     """
     b, t, _ = x.shape
-    h, d = module.num_heads, module.head_dim
+    h, h_kv, d = module.num_heads, module.num_kv_heads, module.head_dim
+    groups = h // h_kv
+    kv_width = "d_kv" if groups > 1 else "d_out"
     factor = resolve_scale(module.scale, d)
     steps: list[TraceStep] = []
-
-    def add(name: str, dims: tuple[str, ...], meaning: str, tensor: torch.Tensor) -> torch.Tensor:
-        steps.append(TraceStep(name, tuple(tensor.shape), meaning, tensor.detach().clone(), dims))
-        return tensor
+    add = functools.partial(_add, steps)
 
     add("inputs x", ("B", "T", "d_in"), "one vector per token (the token embeddings)", x)
     # nn.Linear stores its weight as (out, in); transposed it is the book's W in x · W.
     w_q = add("W_q", ("d_in", "d_out"), "query projection (learned): what each token looks for",
               module.W_query.weight.T)
-    w_k = add("W_k", ("d_in", "d_out"), "key projection (learned): what each token offers to be found by",
+    narrower = f", {h_kv} head{'s' if h_kv > 1 else ''} wide, not {h}" if groups > 1 else ""  # {h} > 1 here
+    w_k = add("W_k", ("d_in", kv_width), f"key projection (learned): what each token offers to be found by{narrower}",
               module.W_key.weight.T)
-    w_v = add("W_v", ("d_in", "d_out"), "value projection (learned): what each token passes on",
+    w_v = add("W_v", ("d_in", kv_width), f"value projection (learned): what each token passes on{narrower}",
               module.W_value.weight.T)
     q = add("Q = x·W_q", ("B", "T", "d_out"), "queries, one per token", _linear(x, w_q, module.W_query.bias))
-    k = add("K = x·W_k", ("B", "T", "d_out"), "keys, one per token", _linear(x, w_k, module.W_key.bias))
-    v = add("V = x·W_v", ("B", "T", "d_out"), "values, one per token", _linear(x, w_v, module.W_value.bias))
+    k = add("K = x·W_k", ("B", "T", kv_width), "keys, one per token", _linear(x, w_k, module.W_key.bias))
+    v = add("V = x·W_v", ("B", "T", kv_width), "values, one per token", _linear(x, w_v, module.W_value.bias))
 
-    def split(t_: torch.Tensor) -> torch.Tensor:
-        return t_.view(b, t, h, d).transpose(1, 2)  # (B, T, d_out) → (B, T, H, d) → (B, H, T, d)
+    def split(t_: torch.Tensor, n: int) -> torch.Tensor:
+        return t_.view(b, t, n, d).transpose(1, 2)  # (B, T, n·d) → (B, T, n, d) → (B, n, T, d)
 
     split_note = f"d_out split into {h} head{'s' if h > 1 else ''} of d = {d}, heads moved before T"
-    q = add("Q heads", ("B", "H", "T", "d"), split_note, split(q))
-    k = add("K heads", ("B", "H", "T", "d"), "the same split for the keys", split(k))
-    v = add("V heads", ("B", "H", "T", "d"), "the same split for the values", split(v))
+    q = add("Q heads", ("B", "H", "T", "d"), split_note, split(q, h))
+    if groups == 1:
+        k = add("K heads", ("B", "H", "T", "d"), "the same split for the keys", split(k, h))
+        v = add("V heads", ("B", "H", "T", "d"), "the same split for the values", split(v, h))
+    else:
+        k_note, v_note = _kv_head_notes("d_kv", h, h_kv, d)
+        k = add("K heads", ("B", "H_kv", "T", "d"), k_note, split(k, h_kv))
+        v = add("V heads", ("B", "H_kv", "T", "d"), v_note, split(v, h_kv))
+        k = add("K per query head", ("B", "H", "T", "d"), f"each K head repeated for the {groups} query heads of its "
+                f"group: query head h reads K head h // {groups} (attention shares it without copying)",
+                per_query_head(k, h))
+        v = add("V per query head", ("B", "H", "T", "d"), f"the same for V: query head h reads V head h // {groups}",
+                per_query_head(v, h))
 
     scores = add("scores Q·Kᵀ", ("B", "H", "T", "T"),
                  "row i, column j: how well query i matches key j (dot product)", q @ k.transpose(-2, -1))
@@ -300,6 +364,9 @@ def _shape_text(step: TraceStep) -> str:
     return "(" + ", ".join(f"{n}={s}" for n, s in zip(step.dims, step.shape)) + ")"
 
 
+_AXIS_WORDS = {"B": "batch", "H": "head", "H_kv": "kv head"}  # how a table's heading names its leading indices
+
+
 def _format_values(step: TraceStep, tokens: Sequence[Sequence[str]], width: int) -> list[str]:
     """The tensor as labelled 2-D tables, one per leading index (batch, head), each at most ``width`` wide."""
     t = step.tensor.double()
@@ -311,8 +378,7 @@ def _format_values(step: TraceStep, tokens: Sequence[Sequence[str]], width: int)
     for index in itertools.product(*(range(n) for n in lead)):  # () once when there is no lead axis
         batch = index[dims.index("B")] if "B" in dims[:-2] else 0
         if index:
-            out.append("[" + ", ".join(f"{'batch' if n == 'B' else 'head'} {i}"
-                                       for n, i in zip(dims, index)) + "]")
+            out.append("[" + ", ".join(f"{_AXIS_WORDS.get(n, 'head')} {i}" for n, i in zip(dims, index)) + "]")
         row_labels = _axis_labels(dims[-2], t.shape[-2], tokens, batch)
         col_labels = _axis_labels(dims[-1], t.shape[-1], tokens, batch)
         out.extend(_table(t[index], row_labels, col_labels, width))
@@ -354,81 +420,217 @@ def _number(v: float) -> str:
     return "0.0000" if text == "-0.0000" else text
 
 
-@torch.no_grad()
-def trace_run(run_dir: str | Path, sentence: str) -> tuple[list[list[str]], list[TraceStep]]:
-    """Trace a trained model's first attention layer on the real tokens of ``sentence``.
+@dataclass
+class RunTrace:
+    """A trained model's first attention layer on one sentence, as :func:`trace_engine` traced it.
 
-    Embeddings, the first LayerNorm, the Q/K/V projections (split from the fused ``qkv``
-    weight), heads, position handling (RoPE rotation or ALiBi bias), scores, mask, weights,
-    context and the output projection, all from the run's own weights. The last step
-    equals the first block's attention output inside the model's forward pass.
+    ``labels``: one row of token labels (B = 1); ``ids``: the token ids traced (the sentence's
+    last ``context_length``) out of ``total`` in the whole sentence; ``difference``: the largest
+    gap between what the printed steps give when carried on by hand (softmax of the masked
+    scores, times V, merged, through W_o) and the weights and output the model computed.
     """
-    from ..store.checkpoint import load_run
-    from ..nn.model import INIT_STD
-    from ..nn.positions import alibi_bias, apply_rope, rope_cos_sin, sinusoidal_embedding
 
-    model, tokenizer, _ = load_run(run_dir, need_tokenizer="the sentence")
-    cfg = model.cfg
-    ids = tokenizer.encode(sentence)
-    if not ids:
+    labels: list[list[str]]
+    ids: list[int]
+    total: int
+    steps: list[TraceStep]
+    difference: float
+
+
+def load_for_trace(run_dir: str | Path) -> Engine:
+    """The run's model and tokenizer through the inference :class:`~llmscratch.inference.engine.Engine`,
+    on the CPU in float32 (no decoding, so no weight layout is timed); a run without a
+    tokenizer is refused with the Engine's message, naming "the sentence to trace"."""
+    from ..inference.engine import Engine
+
+    return Engine.load(run_dir, "cpu", use_cache=False, purpose="the sentence to trace")
+
+
+def trace_run(run_dir: str | Path, sentence: str) -> tuple[list[list[str]], list[TraceStep]]:
+    """Trace a trained model's first attention layer on the real tokens of ``sentence``: ``(labels, steps)``.
+
+    See :func:`trace_engine`; the last step equals the first block's attention output
+    inside the model's forward pass (it is that output).
+    """
+    traced = trace_engine(load_for_trace(run_dir), sentence)
+    return traced.labels, traced.steps
+
+
+@torch.no_grad()
+def trace_engine(engine: Engine, sentence: str) -> RunTrace:
+    """Trace the first attention layer of ``engine``'s model on ``sentence`` (its last context's worth of tokens).
+
+    One forward pass with ``need_weights=True`` and the model's trace hook gives the per-head
+    q, k, v (after QK-norm and RoPE, where the model has them), the weights, the context and
+    the output: the attention arithmetic is the model's own, written once. Around them the
+    trace shows what leads there (embeddings, positions, the first norm, the Q/K/V
+    projections and their split into heads, QK-norm and RoPE by the layer's own modules), the
+    scores softmax turns into the weights, and with grouped-query attention each K and V
+    head repeated for the query heads that share it.
+
+    Raises:
+        ConfigError: an empty sentence.
+        TokenizerError: text the tokenizer cannot encode (the Engine's message, naming "the sentence").
+    """
+    if not sentence:
         raise ConfigError("the sentence is empty: give some text to trace")
-    ids = ids[-cfg.context_length :]
-    labels = [[repr(tokenizer.decode([i]))[1:-1] or "·" for i in ids]]
-    idx = torch.tensor([ids])  # (B=1, T)
-    b, t = idx.shape
-    h, d, c = cfg.n_heads, cfg.head_dim, cfg.emb_dim
+    model, cfg = engine.model, engine.model.cfg
+    ids = engine.encode([sentence], names=["the sentence"])[0]
+    kept = ids[-cfg.context_length:]
+    labels = [[repr(engine.tokenizer.decode([i]))[1:-1] or "·" for i in kept]]
+    seen = _capture_first_layer(model, torch.tensor([kept], device=engine.device))  # idx (B=1, T)
     steps: list[TraceStep] = []
+    _input_steps(steps, model, seen)
+    q, k, v = _head_steps(steps, model, seen)
+    masked = _score_steps(steps, model, q, k)
+    difference = _output_steps(steps, model, seen, masked, v)
+    return RunTrace(labels, kept, len(ids), steps, difference)
 
-    def add(name: str, dims: tuple[str, ...], meaning: str, tensor: torch.Tensor) -> torch.Tensor:
-        steps.append(TraceStep(name, tuple(tensor.shape), meaning, tensor.detach().clone(), dims))
-        return tensor
 
-    x = add("token embeddings", ("B", "T", "C"), "row idx of tok_emb for each token", model.tok_emb(idx))
-    positions = torch.arange(t)
-    if cfg.pos_emb == "learned":
-        x = add("+ positions", ("B", "T", "C"), "plus row t of the learned pos_emb (absolute, GPT-2)",
-                x + model.pos_emb(positions))
-    elif cfg.pos_emb == "sinusoidal":
-        x = add("+ positions", ("B", "T", "C"), f"plus fixed sines and cosines of the position (× {INIT_STD})",
-                x + INIT_STD * sinusoidal_embedding(positions, c))
+def _capture_first_layer(model: GPT, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One forward pass of ``model`` on ``idx (B, T)``, keeping what its first layer sees and computes.
+
+    The trace hook gives block 0's ``q``, ``k``, ``v``, ``weights``, ``context`` and
+    ``output``; forward hooks catch the token embeddings, block 0's input (after the
+    positions) and its attention's input (after the first norm), so nothing is recomputed.
+    """
+    seen: dict[str, torch.Tensor] = {}
     block = model.blocks[0]
-    x = add("norm1(x)", ("B", "T", "C"), "block 0's LayerNorm: each token's vector to mean 0, variance 1, then a learned "
-              "scale and shift", block.norm1(x))
-    w_q, w_k, w_v = block.attn.qkv.weight.split(c, dim=0)  # 3 × (C, C), nn.Linear's (out, in) layout
-    b_q = b_k = b_v = None
-    if block.attn.qkv.bias is not None:
-        b_q, b_k, b_v = block.attn.qkv.bias.split(c)  # (3C,) → 3 × (C,)
-    q = add("Q = x·W_q", ("B", "T", "C"), "queries (W_q is the first third of the fused qkv weight)", _linear(x, w_q.T, b_q))
-    k = add("K = x·W_k", ("B", "T", "C"), "keys (second third)", _linear(x, w_k.T, b_k))
-    v = add("V = x·W_v", ("B", "T", "C"), "values (last third)", _linear(x, w_v.T, b_v))
 
-    def split(t_: torch.Tensor) -> torch.Tensor:
-        return t_.view(b, t, h, d).transpose(1, 2)  # (B, T, C) → (B, T, H, d) → (B, H, T, d)
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        seen[name] = tensor.detach().float().cpu().clone()
 
-    q = add("Q heads", ("B", "H", "T", "d"), f"C split into {h} heads of d = {d}", split(q))
-    k = add("K heads", ("B", "H", "T", "d"), "the same split for the keys", split(k))
-    v = add("V heads", ("B", "H", "T", "d"), "the same split for the values", split(v))
+    handles = [
+        model.tok_emb.register_forward_hook(lambda module, args, out: keep("embeddings", out)),
+        block.register_forward_pre_hook(lambda module, args: keep("block input", args[0])),
+        block.attn.register_forward_pre_hook(lambda module, args: keep("attention input", args[0])),
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        model(idx, need_weights=True, trace=lambda layer, name, t: keep(name, t) if layer == 0 else None)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return seen
+
+
+def _input_steps(steps: list[TraceStep], model: GPT, seen: dict[str, torch.Tensor]) -> None:
+    """Token embeddings, the positions added to them (absolute kinds only), block 0's first norm."""
+    from ..nn.model import INIT_STD
+
+    cfg = model.cfg
+    _add(steps, "token embeddings", ("B", "T", "C"), "row idx of tok_emb for each token", seen["embeddings"])
+    if cfg.pos_emb == "learned":
+        _add(steps, "+ positions", ("B", "T", "C"), "plus row t of the learned pos_emb (absolute, GPT-2)",
+             seen["block input"])
+    elif cfg.pos_emb == "sinusoidal":
+        _add(steps, "+ positions", ("B", "T", "C"), "plus fixed sines and cosines of the position "
+             f"(× {INIT_STD})", seen["block input"])
+    if cfg.norm == "rmsnorm":
+        meaning = ("block 0's RMSNorm: each token's vector divided by its root mean square, then a learned scale "
+                   "(no mean subtracted, no shift)")
+    else:
+        meaning = "block 0's LayerNorm: each token's vector to mean 0, variance 1, then a learned scale and shift"
+    _add(steps, "norm1(x)", ("B", "T", "C"), meaning, seen["attention input"])
+
+
+def _head_steps(steps: list[TraceStep], model: GPT, seen: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Q/K/V projections, their split into heads, QK-norm and RoPE; returns q ``(B, H, T, d)``
+    and k, v repeated per query head ``(B, H, T, d)``, as the scores and the context use them."""
+    cfg, attn = model.cfg, model.blocks[0].attn
+    x = seen["attention input"]
+    b, t, _ = x.shape
+    h, h_kv, d = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    grouped = h_kv != h
+    gpt2 = not grouped and h * d == cfg.emb_dim  # GPT-2's shape: Q, K and V each C wide
+    q_dim, kv_dim = ("C", "C") if gpt2 else ("H·d", "H_kv·d" if grouped else "H·d")
+    bias = ", plus its bias" if cfg.qkv_bias else ""
+    q, k, v = attn.qkv(x).split([h * d, h_kv * d, h_kv * d], dim=-1)  # (B, T, H·d), 2 × (B, T, H_kv·d)
+    if gpt2:
+        notes = ("queries (W_q is the first third of the fused qkv weight)", "keys (second third)",
+                 "values (last third)")
+    else:
+        notes = (f"queries (W_q: the first H·d = {h * d} rows of the fused qkv weight{bias})",
+                 f"keys (W_k: the next {kv_dim} = {h_kv * d} rows{': fewer key heads than query heads' if grouped else ''})",
+                 f"values (W_v: the last {h_kv * d} rows)")
+    q = _add(steps, "Q = x·W_q", ("B", "T", q_dim), notes[0], q)
+    k = _add(steps, "K = x·W_k", ("B", "T", kv_dim), notes[1], k)
+    _add(steps, "V = x·W_v", ("B", "T", kv_dim), notes[2], v)
+
+    def split(t_: torch.Tensor, n: int) -> torch.Tensor:
+        return t_.view(b, t, n, d).transpose(1, 2)  # (B, T, n·d) → (B, T, n, d) → (B, n, T, d)
+
+    # The q and k the layer multiplies are the trace hook's; the forms before QK-norm and RoPE are shown on the way.
+    changed = cfg.qk_norm or cfg.pos_emb == "rope"
+    kv_dims = ("B", "H_kv", "T", "d") if grouped else ("B", "H", "T", "d")
+    q = _add(steps, "Q heads", ("B", "H", "T", "d"), f"{q_dim} split into {h} heads of d = {d}",
+             split(q, h) if changed else seen["q"])
+    k_note, v_note = (_kv_head_notes(kv_dim, h, h_kv, d) if grouped else
+                      ("the same split for the keys", "the same split for the values"))
+    k = _add(steps, "K heads", kv_dims, k_note, split(k, h_kv) if changed else seen["k"])
+    v = _add(steps, "V heads", kv_dims, v_note, seen["v"])
+    if cfg.qk_norm:
+        rope = cfg.pos_emb == "rope"
+        norm_note = ("QK-norm: each head's {} RMS-normalised on its own, then a learned scale per dimension "
+                     "(keeps the scores from growing large)")
+        q = _add(steps, "q_norm(Q)", ("B", "H", "T", "d"), norm_note.format("query"),
+                 attn.q_norm(q) if rope else seen["q"])
+        k = _add(steps, "k_norm(K)", kv_dims, norm_note.format("key"), attn.k_norm(k) if rope else seen["k"])
     if cfg.pos_emb == "rope":
-        cos, sin = rope_cos_sin(positions, d, cfg.rope_base)
-        q = add("RoPE(Q)", ("B", "H", "T", "d"), "queries rotated by an angle proportional to the position", apply_rope(q, cos, sin))
-        k = add("RoPE(K)", ("B", "H", "T", "d"), "keys rotated the same way: q·k now depends on the distance", apply_rope(k, cos, sin))
-    scores = add("scores Q·Kᵀ", ("B", "H", "T", "T"), "how well query i matches key j", q @ k.transpose(-2, -1))
-    factor = resolve_scale(cfg.scale_attn, d)
-    scaled = add("scaled scores", ("B", "H", "T", "T"),
-                 f"× {factor:.4f} (1/√{d})" if cfg.scale_attn else "× 1: this model was trained without scaling",
-                 scores * factor)
-    if cfg.pos_emb == "alibi":
-        scaled = add("+ ALiBi bias", ("B", "H", "T", "T"), "minus slope_h × distance: far keys count less",
-                     scaled + alibi_bias(model.alibi_slopes, t, t, scaled.device))
-    hidden = torch.ones(t, t, dtype=torch.bool).triu(1)  # (T, T), True above the diagonal = future
-    masked = add("causal mask", ("B", "H", "T", "T"), "future keys set to -inf", scaled.masked_fill(hidden, float("-inf")))
-    weights = add("attention weights", ("B", "H", "T", "T"), "softmax of each row", torch.softmax(masked, dim=-1))
-    context = add("context", ("B", "H", "T", "d"), "weights · V", weights @ v)
-    merged = context.transpose(1, 2).reshape(b, t, c)  # (B, H, T, d) → (B, T, H, d) → (B, T, C)
-    merged = add("merged heads", ("B", "T", "C"), "heads side by side again", merged)
-    add("output", ("B", "T", "C"), "merged · W_o + b_o: block 0's attention output (added to the residual)",
-        block.attn.out_proj(merged))
-    return labels, steps
+        stretched = "; the slow frequencies stretched as Llama 3 does" if cfg.rope_scaling else ""
+        q = _add(steps, "RoPE(Q)", ("B", "H", "T", "d"),
+                 f"queries rotated by an angle proportional to the position{stretched}", seen["q"])
+        k = _add(steps, "RoPE(K)", kv_dims, "keys rotated the same way: q·k now depends on the distance", seen["k"])
+    if grouped:
+        g = h // h_kv
+        k = _add(steps, "K per query head", ("B", "H", "T", "d"), f"each K head repeated for the {g} query heads of "
+                 f"its group: query head h reads K head h // {g} (the model shares it without copying)",
+                 per_query_head(k, h))
+        v = _add(steps, "V per query head", ("B", "H", "T", "d"),
+                 f"the same for V: query head h reads V head h // {g}", per_query_head(v, h))
+    return q, k, v
+
+
+def _score_steps(steps: list[TraceStep], model: GPT, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Scores, scaled, ALiBi's bias (where the model has it), the causal mask; returns the masked scores."""
+    cfg = model.cfg
+    parts = score_parts(model, q, k)
+    _add(steps, "scores Q·Kᵀ", ("B", "H", "T", "T"), "how well query i matches key j", parts["raw"])
+    factor = resolve_scale(cfg.scale_attn, cfg.head_dim)
+    _add(steps, "scaled scores", ("B", "H", "T", "T"),
+         f"× {factor:.4f} (1/√{cfg.head_dim})" if cfg.scale_attn else "× 1: this model was trained without scaling",
+         parts["scaled"])
+    if "biased" in parts:
+        _add(steps, "+ ALiBi bias", ("B", "H", "T", "T"), "minus slope_h × distance: far keys count less",
+             parts["biased"])
+    return _add(steps, "causal mask", ("B", "H", "T", "T"), "future keys set to -inf", parts["masked"])
+
+
+def _output_steps(steps: list[TraceStep], model: GPT, seen: dict[str, torch.Tensor], masked: torch.Tensor,
+                  v: torch.Tensor) -> float:
+    """The model's weights, context and output, the heads merged between; returns the check's difference.
+
+    The check carries the printed steps on by hand (softmax of the masked scores, times V,
+    merged, through the layer's W_o) and compares them with what the model computed.
+    """
+    attn = model.blocks[0].attn
+    weights = _add(steps, "attention weights", ("B", "H", "T", "T"), "softmax of each row", seen["weights"])
+    shared = " (each query head with its group's V)" if model.cfg.kv_heads != model.cfg.n_heads else ""
+    context = _add(steps, "context", ("B", "H", "T", "d"), f"weights · V{shared}", seen["context"])
+    b, h, t, d = context.shape
+    merged = context.transpose(1, 2).reshape(b, t, h * d)  # (B, H, T, d) → (B, T, H, d) → (B, T, H·d)
+    merged = _add(steps, "merged heads", ("B", "T", "H·d" if h * d != model.cfg.emb_dim else "C"),
+                  "heads side by side again", merged)
+    plus_bias = " + b_o" if attn.out_proj.bias is not None else ""
+    output = _add(steps, "output", ("B", "T", "C"),
+                  f"merged · W_o{plus_bias}: block 0's attention output (added to the residual)", seen["output"])
+    by_hand = torch.softmax(masked, dim=-1)  # (B, H, T, T)
+    again = (by_hand @ v).transpose(1, 2).reshape(b, t, h * d)  # (B, H, T, d) → (B, T, H, d) → (B, T, H·d)
+    again = attn.out_proj(again.to(attn.out_proj.weight.dtype)).float()  # (B, T, C)
+    return max((by_hand - weights).abs().max().item(), (again - output).abs().max().item())
 
 
 def explain_run(run_dir: str | Path, sentence: str, *, max_values: int = MAX_VALUES,
@@ -436,48 +638,36 @@ def explain_run(run_dir: str | Path, sentence: str, *, max_values: int = MAX_VAL
     """Print :func:`trace_run` for a trained run, checked against the model's own forward pass.
 
     ``max_values`` and ``width`` (``None``: :func:`output_width`) are :func:`format_trace`'s.
+    A grouped-query model's header compares its KV cache per token with multi-head attention's.
     """
-    from ..store.checkpoint import load_model
-    from ..nn.model import _Step
-    from ..data.tokenizer import load_tokenizer
-
-    labels, steps = trace_run(run_dir, sentence)
-    if out is not None:
-        model = load_model(run_dir)
-        cfg = model.cfg
-        ids = load_tokenizer(run_dir).encode(sentence)
-        header = [
-            f"The first attention layer of the trained model in {run_dir}, step by step.",
-            f"  B = 1   T = tokens ({len(labels[0])})   C = embedding width ({cfg.emb_dim})   "
-            f"H = heads ({cfg.n_heads})   d = head width ({cfg.head_dim})   positions: {cfg.pos_emb}",
-            "  tokens: " + " | ".join(labels[0]),
-            "  ids:    " + " ".join(str(i) for i in ids[-cfg.context_length:]),
-            *([f"  (the sentence has {len(ids)} tokens; only its last {cfg.context_length}, the model's context, "
-               "are traced)"] if len(ids) > cfg.context_length else []),
-            "  " + values_note(max_values, len(labels[0])),
-            "",
-        ]
-        width = output_width() if width is None else width
-        out.write(format_trace(steps, labels, header=header, max_values=max_values, width=width))
-        with torch.no_grad():
-            # Block 0's input: the embeddings, plus the position step when positions are absolute.
-            x = steps[0].tensor if cfg.pos_emb not in ("learned", "sinusoidal") else steps[1].tensor
-            step = _Step()
-            if cfg.pos_emb == "rope":
-                from ..nn.positions import rope_cos_sin
-
-                step.rope = rope_cos_sin(torch.arange(x.shape[1]), cfg.head_dim, cfg.rope_base)
-            elif cfg.pos_emb == "alibi":
-                from ..nn.positions import alibi_bias
-
-                step.alibi = alibi_bias(model.alibi_slopes, x.shape[1], x.shape[1], x.device)
-            block = model.blocks[0]
-            reference = block.attn(block.norm1(x.float()), step)
-        diff = (reference - steps[-1].tensor).abs().max().item()
-        verdict = "gives the same output" if diff <= 1e-4 else "gives a DIFFERENT output"  # float32 rounding: ~1e-7
-        check = f"check: the model's own block-0 attention {verdict} (max |difference| {diff:.1e})"
-        out.write("\n" + "\n".join(wrap_lines([check], width)) + "\n")
-    return steps
+    engine = load_for_trace(run_dir)
+    traced = trace_engine(engine, sentence)
+    if out is None:
+        return traced.steps
+    cfg = engine.model.cfg
+    t = len(traced.ids)
+    grouped = cfg.kv_heads != cfg.n_heads
+    kv_count = f"H_kv = key/value heads ({cfg.kv_heads})   " if grouped else ""
+    header = [
+        f"The first attention layer of the trained model in {run_dir}, step by step.",
+        f"  B = 1   T = tokens ({t})   C = embedding width ({cfg.emb_dim})   H = heads ({cfg.n_heads})   "
+        f"{kv_count}d = head width ({cfg.head_dim})   positions: {cfg.pos_emb}",
+        "  tokens: " + " | ".join(traced.labels[0]),
+        "  ids:    " + " ".join(str(i) for i in traced.ids),
+        *([f"  (the sentence has {traced.total} tokens; only its last {cfg.context_length}, the model's context, "
+           "are traced)"] if traced.total > cfg.context_length else []),
+        *(["  " + kv_cache_line(cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.head_dim)] if grouped else []),
+        "  " + values_note(max_values, t),
+        "",
+    ]
+    width = output_width() if width is None else width
+    out.write(format_trace(traced.steps, traced.labels, header=header, max_values=max_values, width=width))
+    diff = traced.difference
+    verdict = "gives the same output" if diff <= 1e-4 else "gives a DIFFERENT output"  # float32 rounding: ~1e-7
+    check = (f"check: the model's own block-0 attention {verdict} (max |difference| {diff:.1e}): softmax of the "
+             "masked scores above, times V, merged and through W_o, against the weights and output it computed")
+    out.write("\n" + "\n".join(wrap_lines([check], width)) + "\n")
+    return traced.steps
 
 
 def explain(
@@ -488,6 +678,7 @@ def explain(
     d_out: int = 4,
     seed: int = 123,
     scale: Scale = True,
+    kv_heads: Optional[int] = None,
     max_values: int = MAX_VALUES,
     out: Optional[TextIO] = sys.stdout,
     width: Optional[int] = None,
@@ -497,16 +688,18 @@ def explain(
     Builds :class:`~llmscratch.nn.attention.MultiHeadAttention` (d_in 3, dropout 0) right after
     ``torch.manual_seed(seed)``, runs its forward pass by hand from the module's own weights
     and prints every tensor (``out=None`` prints nothing). ``batch`` > 1 adds rows with the
-    words rotated; ``scale`` is True (1/√d), False (none) or a float factor. ``max_values`` and
-    ``width`` (``None``: :func:`output_width`) are :func:`format_trace`'s. Returns the steps;
-    the last one equals the module's output.
+    words rotated; ``scale`` is True (1/√d), False (none) or a float factor; ``kv_heads``
+    (default ``heads``) fewer than ``heads`` traces grouped-query attention and compares its
+    KV cache with multi-head attention's. ``max_values`` and ``width`` (``None``:
+    :func:`output_width`) are :func:`format_trace`'s. Returns the steps; the last one equals
+    the module's output.
 
     Raises:
-        ConfigError: an empty sentence, or a bad ``batch``/``heads``/``d_out`` (``d_out`` must be
-            divisible by ``heads``).
+        ConfigError: an empty sentence, or a bad ``batch``/``heads``/``d_out``/``kv_heads``
+            (``d_out`` must be divisible by ``heads``, ``kv_heads`` must divide ``heads``).
     """
     tokens, x = trace_batch(sentence, batch)
-    module = build_traced_attention(d_out, heads, x.shape[1], seed, scale)
+    module = build_traced_attention(d_out, heads, x.shape[1], seed, scale, kv_heads)
     steps = trace_attention(module, x)
     if out is not None:
         width = output_width() if width is None else width
@@ -521,7 +714,8 @@ def explain(
 
 def _header(tokens: Sequence[Sequence[str]], module: MultiHeadAttention, seed: int, max_values: int) -> list[str]:
     b, t = len(tokens), len(tokens[0])
-    h, d = module.num_heads, module.head_dim
+    h, h_kv, d = module.num_heads, module.num_kv_heads, module.head_dim
+    grouped = h_kv != h
     words = {w.lower() for row in tokens for w in row}
     if words <= BOOK_VECTORS.keys():
         source = "the book's inputs (chapter 3)"
@@ -529,15 +723,21 @@ def _header(tokens: Sequence[Sequence[str]], module: MultiHeadAttention, seed: i
         source = "the book's inputs for its six words, hashed vectors for the others"
     else:
         source = "hashed vectors (a word's SHA-256 seeds its vector)"
+    kv_count = f"H_kv = key/value heads ({h_kv})   " if grouped else ""
+    kv_width = f"   d_kv = key/value width = H_kv · d ({h_kv * d})" if grouped else ""
+    kv_arg = f", num_kv_heads={h_kv}" if grouped else ""
     lines = [
-        "Causal multi-head self-attention, one forward pass, step by step.",
-        f"  B = batch size ({b})   H = heads ({h})   T = tokens per sequence ({t})",
+        "Causal multi-head self-attention, one forward pass, step by step." if not grouped else
+        "Causal grouped-query self-attention, one forward pass, step by step.",
+        f"  B = batch size ({b})   H = heads ({h})   {kv_count}T = tokens per sequence ({t})",
         f"  d_in = input width ({EMBED_DIM})   d_out = output width ({module.d_out})   "
-        f"d = head width = d_out / H ({d})",
-        f"  module: MultiHeadAttention(d_in={EMBED_DIM}, d_out={module.d_out}, num_heads={h}, dropout=0), "
+        f"d = head width = d_out / H ({d}){kv_width}",
+        f"  module: MultiHeadAttention(d_in={EMBED_DIM}, d_out={module.d_out}, num_heads={h}{kv_arg}, dropout=0), "
         f"built after torch.manual_seed({seed})",
         f"  token vectors: {source}",
     ]
+    if grouped:
+        lines.append("  " + kv_cache_line(1, h, h_kv, d))
     for i, row in enumerate(tokens):
         lines.append(f"  batch {i}: " + " ".join(row))
     lines.append("  " + values_note(max_values, t))
@@ -590,21 +790,27 @@ def token_strings(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 @torch.no_grad()
-def attention_maps(model: GPT, tokenizer: Optional[Tokenizer], prompt: str) -> AttentionMaps:
+def attention_maps(model: GPT, tokenizer: Optional[Tokenizer], prompt: str, name: Optional[str] = None) -> AttentionMaps:
     """Run ``model`` on ``prompt`` and return its tokens and per-layer weights ``(1, H, T, T)``.
 
-    Works for every position kind and for imported models: it only asks the model for
-    its weights (``need_weights=True``, which runs the explicit attention path).
+    Works for every position kind, grouped-query attention (one map per query head) and
+    imported models: it only asks the model for its weights (``need_weights=True``, which
+    runs the explicit attention path). The prompt is encoded by the inference
+    :class:`~llmscratch.inference.engine.Engine`, so text the tokenizer cannot encode gets its
+    message, naming the prompt by ``name`` (default: the text, shortened).
 
     Raises:
-        InspectError: an empty prompt, or one longer than the model's context.
+        InspectError: no tokenizer, an empty prompt, or one longer than the model's context.
+        TokenizerError: text the tokenizer cannot encode.
     """
+    from ..inference.engine import Engine
+
     if tokenizer is None:
         raise InspectError("this run has no tokenizer, so a text prompt cannot be turned into tokens; "
                            "import it with its tokenizer files")
-    ids = tokenizer.encode(prompt)
-    if not ids:
+    if not prompt:
         raise InspectError("the prompt is empty: pass some text with --prompt")
+    ids = Engine(model, tokenizer, use_cache=False).encode([prompt], None if name is None else [name])[0]
     limit = model.cfg.context_length
     if len(ids) > limit:
         raise InspectError(f"the prompt is {len(ids)} tokens long, more than the model's context of {limit}; "
@@ -634,36 +840,42 @@ def _check_layer_head(maps: AttentionMaps, layer: int, head: int) -> None:
 def attention_scores(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
     """The raw scores each layer feeds to softmax, ``[(B, H, T, T)]``, with −inf where masked.
 
-    The per-head q and k come from the model's own attention (its trace hook: after RoPE,
-    exactly what the layer multiplies); the scores apply the model's scale (1/√d or 1), ALiBi
-    bias and causal mask, so ``softmax`` of them gives the weights ``model(idx,
+    The per-head q and k come from the model's own attention (its trace hook: after QK-norm
+    and RoPE, exactly what the layer multiplies; k with its ``H_kv`` heads, each repeated for
+    the query heads that share it); :func:`score_parts` applies the model's scale (1/√d or 1),
+    ALiBi bias and causal mask, so ``softmax`` of them gives the weights ``model(idx,
     need_weights=True)`` returns.
     """
-    from ..nn.attention import build_mask
-    from ..nn.positions import alibi_bias
-
-    cfg = model.cfg
     seen: dict[tuple[int, str], torch.Tensor] = {}
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            model(idx, trace=lambda layer, name, t: seen.__setitem__((layer, name), t) if name in "qk" else None)
+        model(idx, trace=lambda layer, name, t: seen.__setitem__((layer, name), t) if name in ("q", "k") else None)
     finally:
         model.train(was_training)
-    t = idx.shape[1]
-    mask = build_mask(t, t, causal=True, key_padding_mask=None, device=idx.device)  # (T, T), True = visible
-    factor = resolve_scale(cfg.scale_attn, cfg.head_dim)
-    out = []
-    for layer in range(cfg.n_layers):
-        q, k = seen[(layer, "q")], seen[(layer, "k")]  # (B, H, T, d) each
-        scores = (q.float() @ k.float().transpose(-2, -1)) * factor  # (B, H, T, T)
-        if cfg.pos_emb == "alibi":
-            scores = scores + alibi_bias(model.alibi_slopes, t, t, idx.device)  # (H, T, T) broadcasts
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        out.append(scores)
-    return out
+    return [score_parts(model, seen[(layer, "q")], seen[(layer, "k")])["masked"] for layer in range(model.cfg.n_layers)]
+
+
+def score_parts(model: GPT, q: torch.Tensor, k: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One layer's scores on their way to softmax, from its q ``(B, H, T, d)`` and k ``(B, H_kv, T, d)``.
+
+    ``raw`` Q·Kᵀ, ``scaled`` by the model's factor, ``biased`` by ALiBi (only where the model
+    uses it) and ``masked`` (−inf above the diagonal), each ``(B, H, T, T)`` in float32.
+    Query head ``h`` meets key head ``h // (H / H_kv)`` (:func:`per_query_head`).
+    """
+    cfg = model.cfg
+    t = q.shape[-2]
+    k = per_query_head(k, q.shape[1])  # (B, H, T, d)
+    raw = q.float() @ k.float().transpose(-2, -1)  # (B, H, T, T)
+    parts = {"raw": raw, "scaled": raw * resolve_scale(cfg.scale_attn, cfg.head_dim)}
+    last = parts["scaled"]
+    if cfg.pos_emb == "alibi":
+        from ..nn.positions import alibi_bias
+
+        last = parts["biased"] = last + alibi_bias(model.alibi_slopes, t, t, q.device)  # (H, T, T) broadcasts
+    future = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)  # (T, T), True above the diagonal
+    parts["masked"] = last.masked_fill(future, float("-inf"))
+    return parts
 
 
 def score_std(scores: torch.Tensor) -> float:
