@@ -44,6 +44,7 @@ multi-byte character still missing bytes), so that streamed text never shows any
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -102,47 +103,32 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         """Check every field. A message names the command-line option first and the field after
         it (``--top-k (top_k)``): the option is what a user of ``llmscratch generate`` typed."""
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
-            raise ConfigError(
-                f"--max-new-tokens (max_new_tokens) must be an integer >= 0, got {self.max_new_tokens!r}"
-            )
-        if (
-            isinstance(self.temperature, bool)
-            or not isinstance(self.temperature, (int, float))
-            or not math.isfinite(self.temperature)
-            or self.temperature < 0
-        ):
-            raise ConfigError(
-                f"--temperature (temperature) must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
-            )
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            raise ConfigError(f"--top-k (top_k) must be an integer >= 1 (leave it out to keep every token), "
-                              f"got {self.top_k!r}")
-        if self.top_p is not None and (
-            isinstance(self.top_p, bool)
-            or not isinstance(self.top_p, (int, float))
-            or not 0.0 < self.top_p <= 1.0
-        ):
-            raise ConfigError(f"--top-p (top_p) must be a number in (0, 1] (leave it out to keep every token), "
-                              f"got {self.top_p!r}")
-        if self.eos_id is not None and (not _is_int(self.eos_id) or self.eos_id < 0):
-            raise ConfigError(f"SamplingConfig.eos_id must be None or a token id >= 0, got {self.eos_id!r}")
-        if not isinstance(self.stop_ids, tuple) or not all(_is_int(i) and i >= 0 for i in self.stop_ids):
-            raise ConfigError(f"SamplingConfig.stop_ids must be a tuple of token ids >= 0, got {self.stop_ids!r}")
-        if self.vocab_limit is not None and (not _is_int(self.vocab_limit) or self.vocab_limit < 1):
-            raise ConfigError(f"SamplingConfig.vocab_limit must be None or an integer >= 1, got {self.vocab_limit!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63):
-            raise ConfigError(
-                f"--seed (seed) must be a 64-bit signed integer (row i uses seed + i), got {self.seed!r}"
-            )
-        if (
-            isinstance(self.repetition_penalty, bool)
-            or not isinstance(self.repetition_penalty, (int, float))
-            or not math.isfinite(self.repetition_penalty)
-            or self.repetition_penalty <= 0
-        ):
-            raise ConfigError(f"--repetition-penalty (repetition_penalty) must be a finite number > 0 (1.0 = off, "
-                              f"above 1 discourages repeats, e.g. 1.2), got {self.repetition_penalty!r}")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        optional = lambda v, ok: v is None or ok(v)  # noqa: E731
+        rules = (  # (the field's value is fine, the message when it is not)
+            (_is_int(self.max_new_tokens) and self.max_new_tokens >= 0,
+             "--max-new-tokens (max_new_tokens) must be an integer >= 0, got {max_new_tokens!r}"),
+            (number(self.temperature) and self.temperature >= 0,
+             "--temperature (temperature) must be a finite number >= 0 (0 = greedy), got {temperature!r}"),
+            (optional(self.top_k, lambda k: _is_int(k) and k >= 1),
+             "--top-k (top_k) must be an integer >= 1 (leave it out to keep every token), got {top_k!r}"),
+            (optional(self.top_p, lambda p: number(p) and 0.0 < p <= 1.0),
+             "--top-p (top_p) must be a number in (0, 1] (leave it out to keep every token), got {top_p!r}"),
+            (optional(self.eos_id, lambda i: _is_int(i) and i >= 0),
+             "SamplingConfig.eos_id must be None or a token id >= 0, got {eos_id!r}"),
+            (isinstance(self.stop_ids, tuple) and all(_is_int(i) and i >= 0 for i in self.stop_ids),
+             "SamplingConfig.stop_ids must be a tuple of token ids >= 0, got {stop_ids!r}"),
+            (optional(self.vocab_limit, lambda n: _is_int(n) and n >= 1),
+             "SamplingConfig.vocab_limit must be None or an integer >= 1, got {vocab_limit!r}"),
+            (optional(self.seed, lambda n: _is_int(n) and -(2**63) <= n < 2**63),
+             "--seed (seed) must be a 64-bit signed integer (row i uses seed + i), got {seed!r}"),
+            (number(self.repetition_penalty) and self.repetition_penalty > 0,
+             "--repetition-penalty (repetition_penalty) must be a finite number > 0 (1.0 = off, above 1 "
+             "discourages repeats, e.g. 1.2), got {repetition_penalty!r}"),
+        )
+        for ok, message in rules:
+            if not ok:
+                raise ConfigError(message.format(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}))
         self.stop = _check_stop(self.stop)
 
     def ends(self, token: int) -> bool:

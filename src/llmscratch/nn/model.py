@@ -757,18 +757,10 @@ class GPT(nn.Module):
                 raise ValueError("a StaticKVCache does not support alibi positions; use KVCache")
             cache = None
         start = cache.length if cache is not None else 0
-        given = positions is not None
+        if self.cfg.pos_emb == "learned" and static is None:
+            self._check_learned_positions(positions, start + t - 1)
         if positions is None:
             positions = torch.arange(start, start + t, device=idx.device)  # (T,)
-        if self.cfg.pos_emb == "learned" and static is None:
-            # Default positions are checked on the host's ints: no device sync (and no graph
-            # break under torch.compile) in the training step.
-            top = (int(positions.max()) if positions.numel() else 0) if given else start + t - 1
-            if top >= self.cfg.context_length:
-                raise ValueError(
-                    f"position {top} is past the context length {self.cfg.context_length} of learned "
-                    "position embeddings; crop the input or use rope/alibi/sinusoidal/none positions"
-                )
 
         x = self.tok_emb(idx)  # (B, T, C)
         if self.cfg.pos_emb == "learned":
@@ -797,6 +789,17 @@ class GPT(nn.Module):
         else:
             out = self.loss(x, targets)
         return (out, step.weights) if need_weights else out
+
+    def _check_learned_positions(self, positions: Optional[torch.Tensor], default_top: int) -> None:
+        """Refuse a position past the learned table. Default positions (``None``: their top is
+        ``default_top``) are checked on the host's ints: no device sync (and no graph break
+        under torch.compile) in the training step."""
+        top = default_top if positions is None else (int(positions.max()) if positions.numel() else 0)
+        if top >= self.cfg.context_length:
+            raise ValueError(
+                f"position {top} is past the context length {self.cfg.context_length} of learned "
+                "position embeddings; crop the input or use rope/alibi/sinusoidal/none positions"
+            )
 
     def _head_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head's weight, padded to a multiple of ``pad_vocab_multiple`` rows on CUDA."""

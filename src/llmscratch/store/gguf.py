@@ -53,7 +53,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Optional
