@@ -535,7 +535,7 @@ def test_written_files_get_the_mode_open_would_give(tmp_path):
 
 
 def test_unknown_source(tmp_path):
-    with pytest.raises(CheckpointError, match="neither a Hugging Face directory, a book state-dict file"):
+    with pytest.raises(CheckpointError, match="neither a Hugging Face directory, a GGUF file, a book state-dict file"):
         import_checkpoint(tmp_path / "missing.pth", tmp_path / "run")
 
 
