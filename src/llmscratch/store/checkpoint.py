@@ -299,6 +299,10 @@ def save_model(run_dir: PathLike, model: nn.Module,
     write_text_atomic(run_dir / CONFIG_FILE, gpt.cfg.to_json() + "\n")
 
 
+# How messages name the model types of Hugging Face configs.
+HF_FAMILY_NAMES = {"gpt2": "GPT-2", "llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
 def load_config(run_dir: PathLike) -> GPTConfig:
     """The GPTConfig in ``run_dir/config.json``; bad JSON or bad fields raise CheckpointError.
 
@@ -313,7 +317,8 @@ def load_config(run_dir: PathLike) -> GPTConfig:
     _require_file(path, "restore it from a backup, or train or import the run again")
     data = _read_json(path)
     if "model_type" in data:
-        raise CheckpointError(f"{path} is a Hugging Face {data['model_type']} config, not a run's: turn {run_dir} "
+        name = HF_FAMILY_NAMES.get(data["model_type"], repr(data["model_type"]))
+        raise CheckpointError(f"{path} is a Hugging Face {name} config, not a run's: turn {run_dir} "
                               f"into a run with `llmscratch import {run_dir} RUN_DIR`")
     data = _complete_config(data, path, run_dir / WEIGHTS_FILE)
     try:
@@ -465,8 +470,9 @@ def folder_kind(directory: PathLike) -> str:
     try:
         load_config(directory)
     except CheckpointError as err:
-        if "is a Hugging Face" in str(err) and "config, not a run's" in str(err):
-            return "a Hugging Face model directory (`llmscratch import` makes a run of it)"
+        found = re.search(r"is a Hugging Face (.+) config, not a run's", str(err))
+        if found:
+            return f"a Hugging Face {found.group(1)} directory (`llmscratch import` makes a run of it)"
         return f"a run that cannot be loaded (`llmscratch info {directory}` says why)"
     return "run"
 
