@@ -342,3 +342,116 @@ def test_tables_keep_their_columns_where_a_value_is_missing():
     table = bench.format_train([row])
     assert "-%" not in table and "25.0%" in table
     assert len({line.count("|") for line in table.splitlines()}) == 1, table
+
+
+# ---------------------------------------------------------------------------- decoding modern models
+
+
+def _peaked_llama(seed: int = 0) -> GPT:
+    """A tiny Llama-shaped GPT (``test-llama``: RMSNorm, SwiGLU, 4 query heads over 2 K/V heads) whose weights
+    are spread wide enough that its greedy tokens are not decided by rounding (random init gives near-flat logits)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.from_preset("test-llama"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(25.0)
+    return model.eval()
+
+
+def test_kv_cache_bytes_per_token_are_two_layers_kv_heads_head_dim_bytes():
+    cfg = GPTConfig.from_preset("smollm2-135m")
+    kv = bench.kv_cache_bytes(cfg)  # measured on the cache our KVCache allocates
+    assert kv["bytes_per_token"] == 2 * 30 * 3 * 64 * 4 == 46_080
+    assert kv["mha_bytes_per_token"] == 2 * 30 * 9 * 64 * 4  # a key and a value for every query head
+    assert kv["fraction_of_mha"] == pytest.approx(1 / 3)
+    assert bench.kv_cache_bytes(cfg, torch.bfloat16)["bytes_per_token"] == 2 * 30 * 3 * 64 * 2
+    plain = bench.kv_cache_bytes(GPTConfig.from_preset("test"))
+    assert plain["bytes_per_token"] == plain["mha_bytes_per_token"] == 2 * 2 * 4 * 8 * 4
+
+
+def test_decode_of_a_llama_config_runs_transformers_llama_with_our_weights():
+    """The hf peer of a Llama-shaped model is transformers' LlamaForCausalLM holding our weights: the same
+    greedy tokens, its tokens/s beside ours with the ratio; the book's GPT-2 blocks are skipped, with the reason."""
+    pytest.importorskip("transformers")
+    model = _peaked_llama()
+    rows = bench.bench_decode(model.cfg, CPU, batches=(1, 2), new_tokens=5, repeats=1, modes=["cache", "static"],
+                              peers=["book", "hf"], log=lambda _: None, model=model)
+    for batch in (1, 2):
+        at = {r["mode"]: r for r in rows if r["batch"] == batch}
+        assert set(at) == {"llmscratch cache", "llmscratch static", "book GPTModel, no cache",
+                           "transformers generate (LlamaForCausalLM, cache)"}
+        skipped = at["book GPTModel, no cache"]
+        assert "tokens_per_s" not in skipped and "SwiGLU" in skipped["skipped"] and "grouped-query" in skipped["skipped"]
+        hf = at["transformers generate (LlamaForCausalLM, cache)"]
+        assert hf["tokens_per_s"] > 0 and hf["same_weights"] and hf["same_tokens"], hf
+        assert hf["tokens_compared_with"] == "llmscratch cache" and at["llmscratch cache"]["tokens_reference"]
+        assert at["llmscratch static"]["same_tokens"]
+        ours = at["llmscratch cache"]
+        assert ours["over_transformers"] == pytest.approx(ours["tokens_per_s"] / hf["tokens_per_s"])
+    table = bench.format_decode(rows, bench.kv_cache_bytes(model.cfg))
+    assert "skipped: the book's GPTModel" in table and "× transformers" in table and "ref. |" in table
+    measured = [line for line in table.splitlines() if line.startswith("| llmscratch") or "(LlamaForCausalLM" in line]
+    assert len(measured) == 6 and {line.count("|") for line in measured} == {8}, table  # 7 cells in every row
+    assert "KV cache per token (one row, float32): 256 bytes" in table and "512 bytes, 2.00 × ours" in table
+
+
+def test_the_gpt2_peers_have_other_weights_so_their_tokens_are_not_compared():
+    pytest.importorskip("transformers")
+    rows = bench.bench_decode(GPTConfig.from_preset("test"), CPU, batches=(1,), new_tokens=3, repeats=1,
+                              modes=["cache"], peers=["hf"], log=lambda _: None)
+    hf = next(r for r in rows if r["mode"].startswith("transformers"))
+    assert hf["mode"] == "transformers generate (cache)" and not hf["same_weights"] and "same_tokens" not in hf
+
+
+def test_token_agreement_names_the_first_new_token_that_differs():
+    a = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert bench.token_agreement(a, a.clone()) is None
+    b = a.clone()
+    b[1, 2] = 0
+    b[0, 3] = 0
+    assert bench.token_agreement(b, a) == 2
+
+
+def test_cli_bench_decode_of_a_run_reports_the_kv_cache(tmp_path, capsys):
+    """`llmscratch bench decode --run RUN_DIR`: the run's config and weights, the KV cache's bytes per token
+    (ours and multi-head attention's) in the table and the JSON."""
+    from llmscratch.store.checkpoint import save_model
+
+    pytest.importorskip("transformers")
+    save_model(tmp_path / "run", _peaked_llama())
+    out = tmp_path / "bench.json"
+    assert main(["bench", "decode", "--run", str(tmp_path / "run"), "--device", "cpu", "--new-tokens", "3",
+                 "--decode-batches", "1", "--repeats", "1", "--decode-modes", "cache", "laid-out", "--peers", "hf",
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"run {tmp_path / 'run'}" in printed and "KV cache per token" in printed
+    record = json.loads(out.read_text())
+    assert record["run"] == str(tmp_path / "run") and record["preset"] is None and record["peers"] == ["hf"]
+    cfg = GPTConfig.from_preset("test-llama")
+    assert record["decode_kv_cache"]["bytes_per_token"] == 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * 4
+    assert record["decode_kv_cache"]["mha_bytes_per_token"] == 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 4
+    modes = [r["mode"] for r in record["decode"]]
+    assert modes == ["llmscratch cache", "llmscratch cache, weights laid out",
+                     "transformers generate (LlamaForCausalLM, cache)"]
+    assert all(r["same_tokens"] for r in record["decode"][1:])  # the run's own weights, in transformers too
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--run", "RUN"], "--run measures a run's own model decoding, not 'train'"),
+    (["decode", "--run", "RUN", "--preset", "test"], "--run RUN and --preset test both name the model"),
+    (["decode", "--run", "no/such/run"], "no/such/run"),
+])
+def test_cli_bench_refuses_run_where_it_does_not_apply(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_decode_modes_are_the_benchs():
+    """The CLI lists the decode modes without importing torch; the list must be bench.DECODE_MODES."""
+    from llmscratch.cli.app import build_parser
+
+    parser = build_parser()
+    bench_parser = parser._subparsers._group_actions[0].choices["bench"]
+    (action,) = [a for a in bench_parser._actions if a.dest == "decode_modes"]
+    assert list(action.choices) == list(bench.DECODE_MODES)

@@ -27,6 +27,7 @@ class _Session:
     peers: list[str]
     compile: bool
     record: dict[str, Any]
+    model_name: str  # how headings name the model: "preset cpu" or "run runs/smollm2"
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
@@ -41,7 +42,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ConfigError(f"{option} must be at least 1, got {value}")
 
 
-def _check_decode_fits(args: argparse.Namespace, cfg: GPTConfig) -> None:
+def _check_decode_fits(args: argparse.Namespace, cfg: GPTConfig, model_name: str) -> None:
     """Refuse a decode that runs past a learned position table (it would fail mid-run)."""
     from ..errors import ConfigError
 
@@ -49,15 +50,50 @@ def _check_decode_fits(args: argparse.Namespace, cfg: GPTConfig) -> None:
         return
     if PROMPT_TOKENS + args.new_tokens > cfg.context_length:
         raise ConfigError(f"--new-tokens {args.new_tokens} and the {PROMPT_TOKENS}-token prompt do not fit the "
-                          f"{cfg.context_length}-token context of preset {args.preset} (learned positions): give "
+                          f"{cfg.context_length}-token context of {model_name} (learned positions): give "
                           f"--new-tokens {cfg.context_length - PROMPT_TOKENS} or less")
+
+
+def _model_config(args: argparse.Namespace) -> tuple[GPTConfig, str]:
+    """The config to measure and how headings name it: ``--run``'s (decode only) or ``--preset``'s (default cpu)."""
+    from ..errors import ConfigError
+    from ..nn.model import GPTConfig
+    from ..store.checkpoint import load_config
+
+    if args.run is None:
+        preset = args.preset or "cpu"
+        return GPTConfig.from_preset(preset, drop_rate=0.0), f"preset {preset}"
+    if args.what != "decode":
+        raise ConfigError(f"--run measures a run's own model decoding, not {args.what!r}: give "
+                          f"`llmscratch bench decode --run {args.run}` (train and attention take --preset)")
+    if args.preset is not None:
+        raise ConfigError(f"--run {args.run} and --preset {args.preset} both name the model: give one of them")
+    return load_config(args.run), f"run {args.run}"
+
+
+def _chosen_peers(args: argparse.Namespace) -> list[str]:
+    """The peers to measure: none without ``--peers``, every installed one with it alone, else those named."""
+    from ..errors import ConfigError
+    from ..tools import bench
+
+    if args.peers is None:
+        return []
+    installed = bench.available_peers()
+    if not args.peers:
+        return installed
+    missing = [p for p in args.peers if p not in installed]
+    if missing:
+        package = {"hf": "transformers", "book": "llms_from_scratch", "book-fast": "llms_from_scratch"}
+        raise ConfigError(f"--peers {' '.join(missing)}: not installed here (pip install "
+                          f"{' '.join(sorted({package[p] for p in missing}))}); installed peers: "
+                          f"{', '.join(installed) or 'none'}")
+    return list(dict.fromkeys(args.peers))
 
 
 def _start(args: argparse.Namespace) -> _Session:
     """Check the options, choose the device and precision, and print the heading of the run."""
     import torch
 
-    from ..nn.model import GPTConfig
     from ..runtime import resolve_precision, setup_runtime
     from ..tools import bench
 
@@ -68,16 +104,17 @@ def _start(args: argparse.Namespace) -> _Session:
         torch.set_num_threads(args.threads)
     device = setup_runtime(args.device, "fp32" if args.device == "cpu" else "auto").device
     precision = resolve_precision(args.precision, device)
-    cfg = GPTConfig.from_preset(args.preset, drop_rate=0.0)
+    cfg, model_name = _model_config(args)
     context = args.context or cfg.context_length
-    _check_decode_fits(args, cfg)
-    peers = bench.available_peers() if args.peers else []
+    _check_decode_fits(args, cfg, model_name)
+    peers = _chosen_peers(args)
     compile_ = device.type == "cuda" if args.compile is None else args.compile
-    record: dict[str, Any] = {"environment": bench.environment(device), "preset": args.preset, "batch": args.batch,
-                              "context": context, "precision": precision, "peers": peers}
-    print(f"llmscratch bench on {record['environment']['device']} (torch {torch.__version__}), preset "
-          f"{args.preset}, batch {args.batch}, context {context}, {precision}, peers: {', '.join(peers) or 'none'}")
-    return _Session(device, precision, cfg, context, peers, compile_, record)
+    record: dict[str, Any] = {"environment": bench.environment(device), "preset": None if args.run else
+                              (args.preset or "cpu"), "run": args.run, "batch": args.batch, "context": context,
+                              "precision": precision, "peers": peers}
+    print(f"llmscratch bench on {record['environment']['device']} (torch {torch.__version__}), {model_name}, "
+          f"batch {args.batch}, context {context}, {precision}, peers: {', '.join(peers) or 'none'}")
+    return _Session(device, precision, cfg, context, peers, compile_, record, model_name)
 
 
 def _attention(args: argparse.Namespace, s: _Session) -> None:
@@ -110,17 +147,22 @@ def _train(args: argparse.Namespace, s: _Session) -> None:
 
 
 def _decode(args: argparse.Namespace, s: _Session) -> None:
-    """Measure greedy decoding of ours and the peers and print its table."""
+    """Measure greedy decoding of ours and the peers (of ``--run``'s model, or a random one) and print its table."""
+    from ..store.checkpoint import load_model
     from ..tools import bench
 
-    decode_peers = [p for p in ("book", "hf") if args.peers and
-                    (p == "hf" and "hf" in s.peers or p != "hf" and "book" in s.peers)]
+    decode_peers = [p for p in ("book", "hf") if p in s.peers]
+    modes = [bench.DECODE_MODES[m] for m in args.decode_modes] if args.decode_modes else None
+    model = load_model(args.run) if args.run else None
     rows = bench.bench_decode(s.cfg, s.device, batches=tuple(args.decode_batches), new_tokens=args.new_tokens,
-                              prompt_len=PROMPT_TOKENS, repeats=args.repeats, peers=decode_peers)
+                              prompt_len=PROMPT_TOKENS, repeats=args.repeats, modes=modes, peers=decode_peers,
+                              model=model)
+    kv = bench.kv_cache_bytes(s.cfg, bench.decode_dtype(s.device))
     s.record["decode"] = rows
-    print(f"\ngreedy decoding, {args.preset}, prompt {PROMPT_TOKENS} tokens, "
+    s.record["decode_kv_cache"] = kv
+    print(f"\ngreedy decoding, {s.model_name}, prompt {PROMPT_TOKENS} tokens, "
           f"{bench.count(args.new_tokens, 'new token')} (median of {bench.count(args.repeats, 'run')}):")
-    print(bench.format_decode(rows))
+    print(bench.format_decode(rows, kv))
 
 
 SECTIONS = (("attention", _attention), ("train", _train), ("decode", _decode))
@@ -145,18 +187,25 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="measure training throughput and MFU, decode speed and the attention op",
-        description="Benchmark llmscratch on this device with random weights and tokens, and the peers "
-        "(the book's GPTModel/GPTModelFast, transformers' GPT-2) in the same run with --peers. "
+        description="Benchmark llmscratch on this device with random weights and tokens (decode: or a run's model, "
+        "--run), and the peers (the book's GPTModel/GPTModelFast, transformers' GPT-2, or its Llama/Qwen class "
+        "holding our weights) in the same run with --peers. "
         "Prints tables; --json writes every number with the date, device and versions.",
     )
     p.add_argument("what", nargs="?", default="all", choices=["train", "decode", "attention", "all"],
                    help="what to measure (default all)")
-    p.add_argument("--preset", default="cpu", help="model preset, e.g. cpu (default), nanogpt-124m, gpt2-124m")
+    p.add_argument("--preset", default=None, help="model preset, e.g. cpu (default), nanogpt-124m, gpt2-124m, "
+                   "smollm2-135m (random weights)")
+    p.add_argument("--run", default=None, metavar="RUN_DIR",
+                   help="decode with this run's model (its config and weights; from llmscratch train or import) "
+                   "instead of a preset's random one: `bench decode --run RUN_DIR`")
     p.add_argument("--batch", type=int, default=16, help="training (and attention) batch size (default 16)")
     p.add_argument("--context", type=int, default=None, help="training context length (default: the preset's)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="precision of training and of the attention op (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--peers", action="store_true", help="also measure the installed peers, reported as ratios")
+    p.add_argument("--peers", nargs="*", default=None, choices=["book", "book-fast", "hf"], metavar="PEER",
+                   help="also measure peers, reported as ratios: every installed one (--peers alone) or those "
+                   "named (book, book-fast, hf); put the section first: `bench decode --peers hf`")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also train a torch.compile'd llmscratch model (default: on CUDA only)")
     p.add_argument("--steps", type=int, default=5, help="training steps per timed run (default 5)")
@@ -165,6 +214,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="how our model computes the head and loss in training (as in `llmscratch train --loss`)")
     p.add_argument("--new-tokens", type=int, default=200, help="tokens to decode (default 200)")
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8], help="decode batch sizes (default 1 8)")
+    p.add_argument("--decode-modes", nargs="+", default=None, choices=["no-cache", "cache", "laid-out", "static",
+                                                                       "static-compiled"],
+                   metavar="MODE", help="our decode modes to measure: no-cache, cache, laid-out (the KV cache with "
+                   "the weights laid out for this CPU, as generate does), static, static-compiled (default: no-cache "
+                   "cache laid-out static on a CPU, no-cache cache static static-compiled on CUDA)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None, metavar="OUT", help="write all results as JSON to this file")

@@ -543,23 +543,36 @@ def bench_train(
 
 # ---------------------------------------------------------------------------- decoding
 
+# A decode runner decodes every new token greedily and returns them, ``(B, N)`` on the CPU; it
+# calls its argument (if any) once the first new token exists, for the time to first token.
+DecodeRun = Callable[[Optional[Callable[[], None]]], torch.Tensor]
+# Our decode modes as ``--decode-modes`` spells them (no spaces or commas to quote in a shell).
+DECODE_MODES = {"no-cache": "no cache", "cache": "cache", "laid-out": "cache, weights laid out",
+                "static": "static", "static-compiled": "static compiled"}
 
-def _decode_runner(mode: str, model: nn.Module, prompt: torch.Tensor, new_tokens: int,
-                   compile: bool) -> Callable[[Optional[Callable[[], None]]], None]:
+
+def _decode_runner(mode: str, model: nn.Module, prompt: torch.Tensor, new_tokens: int, compile: bool) -> DecodeRun:
     """A function that decodes ``new_tokens`` greedily after ``prompt (B, T0)`` by ``mode``."""
     from ..inference.generate import SamplingConfig, StaticDecoder, decode_steps
 
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
     prompts = prompt.tolist()
     if mode in ("cache", "no cache", "cache, weights laid out"):
-        def run(first: Optional[Callable[[], None]] = None) -> None:
-            for i, _ in enumerate(decode_steps(model, prompts, sampling, use_cache=mode != "no cache")):
+        def run(first: Optional[Callable[[], None]] = None) -> torch.Tensor:
+            tokens = []
+            for i, step in enumerate(decode_steps(model, prompts, sampling, use_cache=mode != "no cache")):
                 if i == 0 and first:
                     first()
+                tokens.append(step.tokens)
+            return torch.stack(tokens, dim=1).cpu()  # N × (B,) → (B, N)
         return run
     if mode.startswith("static"):
         decoder = StaticDecoder(model, prompt.shape[0], prompt.shape[1] + new_tokens, compile=compile)
-        return lambda first=None: decoder.generate(prompt, sampling, on_first_token=(lambda _: first()) if first else None)
+
+        def run_static(first: Optional[Callable[[], None]] = None) -> torch.Tensor:
+            on_first = (lambda _: first()) if first else None
+            return decoder.generate(prompt, sampling, on_first_token=on_first).cpu()  # (B, N)
+        return run_static
     raise ValueError(mode)
 
 
@@ -567,53 +580,131 @@ DECODE_PEER_LABELS = {"book": "book GPTModel, no cache", "book-cache": "book GPT
                       "hf": "transformers generate (cache)"}
 
 
-def _peer_decode_runner(name: str, cfg: GPTConfig, device: torch.device, dtype: torch.dtype, prompt: torch.Tensor,
-                        new_tokens: int) -> tuple[str, Callable]:
-    """Decode runners of the peers, with the same shape and greedy decoding.
+def book_misfits(cfg: GPTConfig) -> list[str]:
+    """What of ``cfg``'s shape GPT-2's blocks (the book's ``GPTModel``, transformers' GPT-2) lack; empty where none.
 
-    The cached peers get a position table long enough for the whole generation (a cached decode
-    never crops its window; past its table a learned-position model cannot go on at all).
+    Positions and the MLP's nonlinearity are not counted: with learned positions and GELU the
+    peer does the same work per token, and the decode benchmark compares speed at one shape.
+    """
+    misfits = []
+    if cfg.norm != "layernorm":
+        misfits.append(cfg.norm)
+    if cfg.activation == "swiglu":
+        misfits.append("a SwiGLU MLP")
+    if cfg.kv_heads != cfg.n_heads:
+        misfits.append(f"grouped-query attention ({cfg.n_heads} query heads, {cfg.kv_heads} K/V heads)")
+    if cfg.head_dim * cfg.n_heads != cfg.emb_dim:
+        misfits.append(f"heads of {cfg.head_dim} over a {cfg.emb_dim}-wide stream")
+    if cfg.ff_hidden != 4 * cfg.emb_dim:
+        misfits.append(f"an MLP {cfg.ff_hidden} wide (GPT-2's is 4 · {cfg.emb_dim})")
+    if cfg.qk_norm:
+        misfits.append("RMSNorm on q and k")
+    return misfits
+
+
+def llama_family(cfg: GPTConfig) -> Optional[str]:
+    """The transformers class that computes ``cfg`` (``LlamaForCausalLM``, Qwen2's, Qwen3's); None if none does."""
+    from ..errors import CheckpointError, ConfigError
+    from ..store.hf_llama import LLAMA_FAMILY, hf_family
+
+    try:
+        return LLAMA_FAMILY[hf_family(cfg)]
+    except (CheckpointError, ConfigError):
+        return None
+
+
+def peer_skip_reason(name: str, cfg: GPTConfig) -> Optional[str]:
+    """Why decode peer ``name`` cannot compute ``cfg`` (the row says so instead of timing it); None where it can."""
+    if name == "hf":
+        if llama_family(cfg) is not None or not book_misfits(cfg):
+            return None
+        return "neither transformers' GPT-2 nor its Llama family computes " + ", ".join(book_misfits(cfg))
+    misfits = book_misfits(cfg)
+    return "the book's GPTModel has GPT-2's blocks, without " + ", ".join(misfits) if misfits else None
+
+
+def _hf_llama_peer(model: GPT, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """transformers' class of ``model``'s family (Llama, Qwen2, Qwen3) holding ``model``'s own weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..store.hf_llama import hf_llama_config_from_ours, ours_to_hf_llama
+
+    cfg = model.cfg
+    fields = hf_llama_config_from_ours(cfg)
+    hf_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    hf_cfg.pad_token_id = 0
+    hf = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
+    missing, unexpected = hf.load_state_dict(ours_to_hf_llama(model, cfg), strict=False)
+    missing = [k for k in missing if not (cfg.tie_weights and k == "lm_head.weight")]  # tied: the embedding's
+    if missing or unexpected:
+        raise ValueError(f"our weights do not fill transformers' {type(hf).__name__}: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return hf.to(device, dtype).eval()
+
+
+def _hf_generate(hf: nn.Module, prompt: torch.Tensor, new_tokens: int) -> DecodeRun:
+    """transformers' greedy ``generate`` with its KV cache, exactly ``new_tokens`` tokens a row."""
+    def run(first: Optional[Callable[[], None]] = None) -> torch.Tensor:
+        with torch.no_grad():
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # (B, T0 + N)
+        return out[:, prompt.shape[1]:].cpu()  # (B, N)
+    return run
+
+
+def _peer_decode_runner(name: str, cfg: GPTConfig, device: torch.device, dtype: torch.dtype, prompt: torch.Tensor,
+                        new_tokens: int, model: Optional[GPT] = None) -> tuple[str, DecodeRun, bool]:
+    """A peer's decoder with the same shape and greedy decoding: ``(label, run, same weights as ours)``.
+
+    The ``hf`` peer of a Llama-family config (:func:`llama_family`) is transformers' own class
+    of that family loaded with ``model``'s weights, so it decodes the same tokens as ours; the
+    GPT-2 shaped peers have random weights of the same shape. The cached GPT-2 peers get a
+    position table long enough for the whole generation (a cached decode never crops its
+    window; past its table a learned-position model cannot go on at all).
     """
     torch.manual_seed(0)
     positions = max(cfg.context_length, prompt.shape[1] + new_tokens)
+    t0 = prompt.shape[1]
     if name == "book":
         from llms_from_scratch.ch04 import GPTModel, generate_text_simple
 
-        model = GPTModel(book_config(cfg)).to(device, dtype).eval()
+        book = GPTModel(book_config(cfg)).to(device, dtype).eval()
 
-        def run(first=None) -> None:
+        def run(first=None) -> torch.Tensor:
             with torch.no_grad():
-                generate_text_simple(model, prompt, new_tokens, cfg.context_length)
-        return DECODE_PEER_LABELS["book"], run
+                return generate_text_simple(book, prompt, new_tokens, cfg.context_length)[:, t0:].cpu()  # (B, N)
+        return DECODE_PEER_LABELS["book"], run, False
     if name == "book-cache":
         from llms_from_scratch.kv_cache.gpt2 import GPTModel
         from llms_from_scratch.kv_cache.utils import KVCache as BookKVCache
 
-        model = GPTModel({**book_config(cfg), "context_length": positions}).to(device, dtype).eval()
+        book = GPTModel({**book_config(cfg), "context_length": positions}).to(device, dtype).eval()
 
-        def run(first=None) -> None:  # the book's cached greedy loop (its chapter 4 bonus code)
+        def run_cached(first=None) -> torch.Tensor:  # the book's cached greedy loop (its chapter 4 bonus code)
             with torch.no_grad():
-                model.current_pos = 0
+                book.current_pos = 0
                 cache = BookKVCache(cfg.n_layers)
-                logits = model(prompt, use_cache=True, cache=cache)  # (B, T0, V)
+                logits = book(prompt, use_cache=True, cache=cache)  # (B, T0, V)
+                picked = []
                 for _ in range(new_tokens):
                     next_idx = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
-                    logits = model(next_idx, use_cache=True, cache=cache)  # (B, 1, V)
-        return DECODE_PEER_LABELS["book-cache"], run
+                    picked.append(next_idx)
+                    logits = book(next_idx, use_cache=True, cache=cache)  # (B, 1, V)
+            return torch.cat(picked, dim=1).cpu()  # (B, N)
+        return DECODE_PEER_LABELS["book-cache"], run_cached, False
     if name == "hf":
+        family = llama_family(cfg)
+        if family is not None:
+            hf = _hf_llama_peer(model if model is not None else GPT(cfg), device, dtype)
+            return f"transformers generate ({family}, cache)", _hf_generate(hf, prompt, new_tokens), model is not None
         from transformers import GPT2Config, GPT2LMHeadModel
 
         hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=positions, n_embd=cfg.emb_dim,
                             n_layer=cfg.n_layers, n_head=cfg.n_heads, tie_word_embeddings=cfg.tie_weights,
                             bos_token_id=None, eos_token_id=None, pad_token_id=0)
         hf_cfg._attn_implementation = "sdpa"
-        model = GPT2LMHeadModel(hf_cfg).to(device, dtype).eval()
-
-        def run(first=None) -> None:
-            with torch.no_grad():
-                model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        return DECODE_PEER_LABELS["hf"], run
+        gpt2 = GPT2LMHeadModel(hf_cfg).to(device, dtype).eval()
+        return DECODE_PEER_LABELS["hf"], _hf_generate(gpt2, prompt, new_tokens), False
     raise ValueError(name)
 
 
@@ -628,11 +719,13 @@ class _Decoder:
     """One decode row being measured: how to run it, how to warm it up, and the times taken."""
 
     label: str
-    run: Callable[[Optional[Callable[[], None]]], None]  # decodes every new token; calls its argument at the first
-    warm: Optional[Callable[[Optional[Callable[[], None]]], None]] = None  # a shorter warm-up run (None: ``run``)
+    run: DecodeRun  # decodes every new token; calls its argument at the first
+    warm: Optional[DecodeRun] = None  # a shorter warm-up run (None: ``run``)
     layout: Optional[dict[str, str]] = None  # the weight layout chosen, for "cache, weights laid out"
+    same_weights: bool = True  # the weights of our model: its greedy tokens must be ours
     totals: list[float] = dataclasses.field(default_factory=list)  # seconds of each timed run
     firsts: list[float] = dataclasses.field(default_factory=list)  # seconds to the first token of each run
+    tokens: Optional[torch.Tensor] = None  # (B, N) the new tokens of the last timed run
 
 
 def _our_decoders(modes: list[str], model: GPT, prompt: torch.Tensor, new_tokens: int, warmup_tokens: int,
@@ -659,16 +752,22 @@ def _our_decoders(modes: list[str], model: GPT, prompt: torch.Tensor, new_tokens
     return decoders
 
 
-def _peer_decoders(peers: list[str], cfg: GPTConfig, device: torch.device, dtype: torch.dtype, prompt: torch.Tensor,
+def _peer_decoders(peers: list[str], model: GPT, device: torch.device, dtype: torch.dtype, prompt: torch.Tensor,
                    new_tokens: int, rows: list[dict[str, Any]]) -> list[_Decoder]:
-    """The peers' decoders; a peer that cannot be built is appended to ``rows`` as an error row."""
+    """The peers' decoders (the transformers peer of a Llama-family ``model`` with its weights); a peer
+    that cannot compute the config, or cannot be built, is appended to ``rows`` with its reason."""
     decoders = []
     for peer in peers:
+        label = DECODE_PEER_LABELS.get(peer, peer)
+        reason = peer_skip_reason(peer, model.cfg)
+        if reason is not None:
+            rows.append({"mode": label, "batch": prompt.shape[0], "skipped": reason})
+            continue
         try:
-            decoders.append(_Decoder(*_peer_decode_runner(peer, cfg, device, dtype, prompt, new_tokens)))
+            label, run, same = _peer_decode_runner(peer, model.cfg, device, dtype, prompt, new_tokens, model)
+            decoders.append(_Decoder(label, run, same_weights=same))
         except Exception as err:
-            rows.append({"mode": DECODE_PEER_LABELS.get(peer, peer), "batch": prompt.shape[0],
-                         "error": repr(err)[:300]})
+            rows.append({"mode": label, "batch": prompt.shape[0], "error": repr(err)[:300]})
     return decoders
 
 
@@ -692,7 +791,7 @@ def _warm_up(decoders: list[_Decoder], device: torch.device, batch: int, log: Ca
 
 
 def _time_decode(d: _Decoder, device: torch.device) -> None:
-    """Time one run of ``d``, whole and to its first token, and keep both."""
+    """Time one run of ``d``, whole and to its first token, and keep both (and the tokens it decoded)."""
     synchronize(device)
     start = time.perf_counter()
     first_at: list[float] = []
@@ -701,35 +800,79 @@ def _time_decode(d: _Decoder, device: torch.device) -> None:
         synchronize(device)
         first_at.append(time.perf_counter() - start)
 
-    d.run(first)
+    d.tokens = d.run(first)
     synchronize(device)
     d.totals.append(time.perf_counter() - start)
     d.firsts.extend(first_at)
 
 
-def _decode_row(d: _Decoder, batch: int, new_tokens: int, prompt_len: int, dtype: torch.dtype) -> dict[str, Any]:
-    """The row of a measured decoder: medians of its runs, and every run."""
+def token_agreement(tokens: torch.Tensor, reference: torch.Tensor) -> Optional[int]:
+    """The index of the first new token where ``tokens`` and ``reference`` (both ``(B, N)``) differ in any row;
+    None where every token agrees."""
+    differ = (tokens != reference).any(dim=0).nonzero()  # (k, 1) the columns where some row differs
+    return int(differ[0, 0]) if len(differ) else None
+
+
+def _decode_row(d: _Decoder, batch: int, new_tokens: int, prompt_len: int, dtype: torch.dtype,
+                reference: Optional[_Decoder]) -> dict[str, Any]:
+    """The row of a measured decoder: medians of its runs, every run, and whether its greedy tokens are
+    ``reference``'s (for a decoder with our weights)."""
     seconds = statistics.median(d.totals)
-    return {"mode": d.label, "batch": batch, "new_tokens": new_tokens, "prompt": prompt_len,
-            "tokens_per_s": batch * new_tokens / seconds, "seconds": seconds,
-            "first_token_ms": 1000 * statistics.median(d.firsts) if d.firsts else None,
-            "dtype": str(dtype), "runs_s": d.totals, **({"weight_layout": d.layout} if d.layout is not None else {})}
+    row = {"mode": d.label, "batch": batch, "new_tokens": new_tokens, "prompt": prompt_len,
+           "tokens_per_s": batch * new_tokens / seconds, "seconds": seconds,
+           "first_token_ms": 1000 * statistics.median(d.firsts) if d.firsts else None,
+           "dtype": str(dtype), "runs_s": d.totals, "same_weights": d.same_weights,
+           **({"weight_layout": d.layout} if d.layout is not None else {})}
+    if d.same_weights and reference is not None and d is not reference and d.tokens is not None:
+        first_difference = token_agreement(d.tokens, reference.tokens)
+        row.update(same_tokens=first_difference is None, first_different_token=first_difference,
+                   tokens_compared_with=reference.label)
+    if d is reference:
+        row["tokens_reference"] = True
+    return row
 
 
 def add_decode_ratios(rows: list[dict[str, Any]], batches: tuple[int, ...]) -> None:
-    """Add ``over_no_cache`` to the measured rows, in place: tokens/s over ours without a cache at that batch."""
+    """Add ratios to the measured rows, in place, at each batch: ``over_no_cache`` (tokens/s over ours
+    without a cache) and ``over_transformers`` (tokens/s over transformers' ``generate``)."""
     for batch in batches:
-        base = next((r for r in rows if r["mode"] == "llmscratch no cache" and r["batch"] == batch
-                     and r.get("tokens_per_s")), None)
-        for r in rows:
-            if base and r["batch"] == batch and r.get("tokens_per_s"):
-                r["over_no_cache"] = r["tokens_per_s"] / base["tokens_per_s"]
+        measured = [r for r in rows if r["batch"] == batch and r.get("tokens_per_s")]
+        no_cache = next((r for r in measured if r["mode"] == "llmscratch no cache"), None)
+        hf = next((r for r in measured if r["mode"].startswith("transformers")), None)
+        for r in measured:
+            if no_cache:
+                r["over_no_cache"] = r["tokens_per_s"] / no_cache["tokens_per_s"]
+            if hf:
+                r["over_transformers"] = r["tokens_per_s"] / hf["tokens_per_s"]
+
+
+def kv_cache_bytes(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The KV cache's memory per token (one row), ours against multi-head attention's of the same shape.
+
+    Ours is measured on the cache :class:`~llmscratch.nn.model.KVCache` allocates, one token
+    long: ``2 · layers · kv_heads · head_dim · bytes`` (keys and values). Multi-head attention
+    stores a key and a value for every query head, ``n_heads / kv_heads`` times as much.
+    """
+    from ..nn.model import KVCache
+
+    cache = KVCache.for_model(cfg, batch=1, max_len=1, dtype=dtype)
+    ours = cache.k.nbytes + cache.v.nbytes
+    mha = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * cache.k.element_size()
+    return {"bytes_per_token": ours, "mha_bytes_per_token": mha, "fraction_of_mha": ours / mha,
+            "dtype": str(dtype), "layers": cfg.n_layers, "kv_heads": cfg.kv_heads, "n_heads": cfg.n_heads,
+            "head_dim": cfg.head_dim}
+
+
+def decode_dtype(device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """The precision :func:`bench_decode` decodes in: bf16 on CUDA (decoding is memory-bound), else float32."""
+    return dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def bench_decode(
     cfg: GPTConfig, device: torch.device, batches: tuple[int, ...] = (1, 8), new_tokens: int = 200,
     prompt_len: int = 8, repeats: int = 3, modes: Optional[list[str]] = None, peers: list[str] = (),
     dtype: Optional[torch.dtype] = None, log: Callable[[str], None] = print, warmup_tokens: Optional[int] = None,
+    model: Optional[GPT] = None,
 ) -> list[dict[str, Any]]:
     """Greedy decode speed (tokens/s over all rows) and time to first token, per mode and batch.
 
@@ -737,30 +880,37 @@ def bench_decode(
     a copy of the model whose weights :func:`generate.choose_weight_layout` stored or packed the
     way this CPU multiplies ``batch`` rows fastest, as ``llmscratch generate`` does; CPU only),
     ``static`` (static cache, eager) and ``static compiled`` (the one-token step compiled;
-    CUDA graphs on CUDA). On CUDA the
-    weights are bf16 (decoding is memory-bound); on the CPU float32. The warm-up run decodes
-    ``warmup_tokens`` (default: all of them on CUDA, where it compiles the step for these
-    shapes; 2 on the CPU, where there is nothing to compile and a run is slow). The modes and
-    peers of a batch are timed interleaved, run by run.
+    CUDA graphs on CUDA). ``model``: the model to decode with (a run's, moved to ``device``
+    and ``dtype``); default a random one of ``cfg``. Peers that cannot compute its config are
+    rows that say why; the transformers peer of a Llama-family model holds its weights, and
+    every row with our weights says whether its greedy tokens are those of our first mode
+    (``same_tokens``, ``first_different_token``). On CUDA the weights are bf16 (decoding is
+    memory-bound); on the CPU float32. The warm-up run decodes ``warmup_tokens`` (default: all
+    of them on CUDA, where it compiles the step for these shapes; 2 on the CPU, where there is
+    nothing to compile and a run is slow). The modes and peers of a batch are timed
+    interleaved, run by run.
     """
     if warmup_tokens is None:
         warmup_tokens = new_tokens if device.type == "cuda" else 2
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cfg = GPTConfig.from_dict({**cfg.to_dict(), "drop_rate": 0.0})
+    dtype = decode_dtype(device, dtype)
     modes = default_decode_modes(device) if modes is None else modes
-    torch.manual_seed(0)
-    model = GPT(cfg).to(device, dtype).eval()
+    if model is None:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_dict({**cfg.to_dict(), "drop_rate": 0.0}))
+    model = model.to(device, dtype).eval()
     rows: list[dict[str, Any]] = []
     for batch in batches:
-        prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
+        prompt = torch.randint(0, model.cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
         prompt = prompt.to(device)  # (B, T0)
         decoders = _our_decoders(modes, model, prompt, new_tokens, warmup_tokens, rows)
-        decoders += _peer_decoders(peers, cfg, device, dtype, prompt, new_tokens, rows)
+        decoders += _peer_decoders(list(peers), model, device, dtype, prompt, new_tokens, rows)
         live = _warm_up(decoders, device, batch, log, rows)
         for _ in range(repeats):  # interleaved: a passing load on a shared machine hits every mode alike
             for d in live:
                 _time_decode(d, device)
-        rows += [_decode_row(d, batch, new_tokens, prompt_len, dtype) for d in live]
+        reference = next((d for d in live if d.label.startswith("llmscratch")), None)
+        rows += [_decode_row(d, batch, new_tokens, prompt_len, dtype, reference) for d in live]
+        del decoders, live  # the laid-out copy and the peers' models, before the next batch builds its own
     add_decode_ratios(rows, batches)
     return rows
 
@@ -806,16 +956,34 @@ def format_train(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_decode(rows: list[dict[str, Any]]) -> str:
-    """The rows of :func:`bench_decode` as a Markdown table (what ``llmscratch bench`` prints)."""
-    lines = [f"| {'mode':<34} | {'batch':>5} | {'tokens/s':>9} | {'first token ms':>14} | {'× no cache':>10} |",
-             "| " + " | ".join(["---"] * 5) + " |"]
+def _same_tokens_cell(r: dict[str, Any]) -> str:
+    """``yes``, ``from N`` (the first new token that differs), ``ref.`` (the row the others are compared with)
+    or ``-`` (other weights)."""
+    if r.get("tokens_reference"):
+        return "ref."
+    if "same_tokens" not in r:
+        return "-"
+    return "yes" if r["same_tokens"] else f"from {r['first_different_token']}"
+
+
+def format_decode(rows: list[dict[str, Any]], kv: Optional[dict[str, Any]] = None) -> str:
+    """The rows of :func:`bench_decode` as a Markdown table (what ``llmscratch bench`` prints), and under it
+    the KV cache's bytes per token (``kv``: :func:`kv_cache_bytes`)."""
+    lines = [f"| {'mode':<48} | {'batch':>5} | {'tokens/s':>9} | {'first token ms':>14} | {'× no cache':>10} | "
+             f"{'× transformers':>14} | {'same tokens':>11} |", "| " + " | ".join(["---"] * 7) + " |"]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['mode']:<34} | {r['batch']:>5} | error: {r['error'][:80]} |")
+        if "error" in r or "skipped" in r:
+            what = f"error: {r['error'][:80]}" if "error" in r else f"skipped: {r['skipped']}"
+            lines.append(f"| {r['mode']:<48} | {r['batch']:>5} | {what} |")
             continue
-        lines.append(f"| {r['mode']:<34} | {r['batch']:>5} | {r['tokens_per_s']:>9.1f} | "
-                     f"{_fmt(r['first_token_ms'], '>14.1f')} | {_fmt(r.get('over_no_cache'), '>10.2f')} |")
+        lines.append(f"| {r['mode']:<48} | {r['batch']:>5} | {r['tokens_per_s']:>9.1f} | "
+                     f"{_fmt(r['first_token_ms'], '>14.1f')} | {_fmt(r.get('over_no_cache'), '>10.2f')} | "
+                     f"{_fmt(r.get('over_transformers'), '>14.2f')} | {_same_tokens_cell(r):>11} |")
+    if kv is not None:
+        lines.append(f"\nKV cache per token (one row, {kv['dtype'].removeprefix('torch.')}): {kv['bytes_per_token']:,} "
+                     f"bytes (2 × {kv['layers']} layers × {count(kv['kv_heads'], 'K/V head')} × {kv['head_dim']} "
+                     f"dims); multi-head attention with {kv['n_heads']} heads: {kv['mha_bytes_per_token']:,} bytes, "
+                     f"{kv['mha_bytes_per_token'] / kv['bytes_per_token']:.2f} × ours")
     return "\n".join(lines)
 
 
