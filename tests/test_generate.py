@@ -247,6 +247,26 @@ def test_cache_equals_no_cache_past_the_context(pos_emb):
     assert len(set(tokens[0])) > 5  # a real sequence, not one token repeated
 
 
+@pytest.mark.parametrize("new_tokens, expected", [(5, 12 + 5 - 1), (1, 12), (90, 32)])
+def test_the_kv_cache_is_as_long_as_the_decode_can_fill(monkeypatch, new_tokens, expected):
+    """The longest prompt and every new token but the last (never fed back), at most the context (32):
+    not the whole context for a short decode (SmolLM2's 8,192 positions at batch 8: 3 GB zeroed a call)."""
+    from llmscratch.inference import generate as gen
+
+    lengths = []
+    real = gen.KVCache.for_model
+
+    def recording(cfg, batch, max_len=None, **kw):
+        lengths.append(max_len)
+        return real(cfg, batch, max_len, **kw)
+
+    monkeypatch.setattr(gen.KVCache, "for_model", recording)
+    model = make_model("rope")
+    cfg = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
+    assert generate(model, PROMPTS, cfg) == generate(model, PROMPTS, cfg, use_cache=False)
+    assert lengths == [expected]  # the longest prompt has 12 tokens (the uncached run has no cache)
+
+
 @pytest.mark.parametrize("pos_emb", POSITION_KINDS)
 def test_long_prompts_follow_the_window_rule(pos_emb):
     """A prompt past the context is cut to its last half; both paths agree with running that cut."""

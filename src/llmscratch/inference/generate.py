@@ -380,7 +380,7 @@ class Step:
 class _Decoder:
     """The per-row windows, the optional KV cache, and the two ways to get the next logits."""
 
-    def __init__(self, model: GPT, prompts: list[list[int]], use_cache: bool):
+    def __init__(self, model: GPT, prompts: list[list[int]], use_cache: bool, max_new_tokens: int):
         self.model = model
         self.ctx = model.cfg.context_length
         param = next(model.parameters())
@@ -388,8 +388,13 @@ class _Decoder:
         self.windows = [crop_window(list(p), self.ctx) for p in prompts]
         self.cache: Optional[KVCache] = None
         if use_cache:
+            # As long as this decode can fill it, not the whole context: the longest window and every
+            # new token but the last (sampled, never fed back), at most the context (the window rule
+            # keeps every window within it). SmolLM2's 8,192 positions at batch 8 would be 3 GB of
+            # zeros written on every call, for 136 tokens used.
+            longest = max(len(w) for w in self.windows) + max_new_tokens - 1
             self.cache = KVCache.for_model(
-                model.cfg, len(prompts), self.ctx, device=self.device, dtype=param.dtype
+                model.cfg, len(prompts), min(self.ctx, longest), device=self.device, dtype=param.dtype
             )
         self.mask: Optional[torch.Tensor] = None  # (B, T_total) key padding of the cached keys
 
@@ -465,7 +470,7 @@ def decode_steps(
         if sampling.max_new_tokens == 0:
             return
         with torch.inference_mode():
-            decoder = _Decoder(model, prompts, use_cache)
+            decoder = _Decoder(model, prompts, use_cache, sampling.max_new_tokens)
             generators = make_generators(sampling.seed, len(prompts), decoder.device)
             logits = decoder.run_windows()  # (B, V)
             if not bool(torch.isfinite(logits).all()):  # once, after the prompt: broken weights say so here
