@@ -345,3 +345,10 @@ def test_generated_logprobs_are_those_of_the_prompt_and_completion_read_at_once(
     for mine, reference in zip(got, whole):
         assert mine.logprob == pytest.approx(reference.logprob, abs=1e-4)
         assert [t for t, _ in mine.top] == [t for t, _ in reference.top]
+
+
+def test_the_model_s_last_only_logits_are_the_last_column_of_all(chars):
+    model = varied_gpt(0, vocab_size=chars.vocab_size)
+    idx = torch.tensor([PROMPTS[1], PROMPTS[0] * 2 + [1]])  # (2, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])

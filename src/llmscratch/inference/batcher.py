@@ -66,8 +66,7 @@ different times::
     row 1:     ·   ·   ·   ·   ·   b0  b1  b2   n=3  (joined 2 steps ago with a 2-token prompt… )
     row 2:     ·   ·   c0  c1  c2  c3  c4  c5   n=6  (· = hidden by the mask)
 
-A new request is prefilled on its own (with the others that join at the same step, as one
-left-padded batch) and its keys and values are copied into the next free row, ending at column
+A new request is prefilled on its own and its keys and values are copied into the next free row, ending at column
 ``length`` (if its window is longer than ``length``, every row first moves right to make room).
 A request that leaves gives its row to the last row (one row copied), so the running rows stay
 ``0 … n-1`` and a step runs the model on exactly ``n`` rows. When ``length`` reaches the buffer's
@@ -100,7 +99,6 @@ from .generate import (
     SamplingConfig,
     _check_prompts,
     crop_window,
-    left_pad,
     make_generator,
     sample_next,
     token_presence,
@@ -504,29 +502,28 @@ class Batcher:
             self._sample(request, logits[row : row + 1])
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Run the joining requests' windows (one left-padded batch), sample their first tokens,
-        and give each that goes on a row of the batch cache."""
+        """Run each joining request's window through the model alone, sample its first token, and
+        give it a row of the batch cache if it goes on.
+
+        One at a time, not as one left-padded batch: prompts of mixed lengths would be padded to
+        the longest, and a prefill's matrix products are already many rows each.
+        """
+        param = next(self.model.parameters())
         for request in requests:
             if not request._window:  # new (a cut window is already set)
                 request._window = list(crop_window(request.prompt_ids, self.engine.context_length))  # a copy: it grows
-                request._generator = make_generator(request.sampling.seed, self.engine.device)
+                request._generator = make_generator(request.sampling.seed, param.device)
                 if request.sampling.repetition_penalty != 1.0:
-                    request._seen = token_presence([request.prompt_ids], self.model.cfg.vocab_size, self.engine.device)
-        windows = [r._window for r in requests]
-        idx, positions, mask = left_pad(windows, self.engine.device)  # (b, W) each
-        width = idx.shape[1]
-        param = next(self.model.parameters())
-        cache = KVCache.for_model(self.model.cfg, len(requests), width, device=param.device, dtype=param.dtype)
-        logits = self.model(idx, positions=positions, key_padding_mask=mask, cache=cache)[:, -1]  # (b, V)
-        for j, request in enumerate(requests):
-            if not bool(torch.isfinite(logits[j]).all()):
+                    request._seen = token_presence([request.prompt_ids], self.model.cfg.vocab_size, param.device)
+            n = len(request._window)
+            cache = KVCache.for_model(self.model.cfg, 1, n, device=param.device, dtype=param.dtype)
+            idx = torch.tensor([request._window], device=param.device)  # (1, n)
+            logits = self.model(idx, cache=cache, last_only=True)[:, -1]  # (1, V)
+            if not bool(torch.isfinite(logits).all()):
                 request._finish("error", "the model's logits for the prompt are not finite (NaN or inf): its weights "
                                          "are damaged or diverged")
-                continue
-            if not self._sample(request, logits[j : j + 1]):
-                continue
-            n = len(request._window)
-            self._place(request, cache.k[:, j, :, width - n :], cache.v[:, j, :, width - n :])  # (L, H, n, d) each
+            elif self._sample(request, logits):
+                self._place(request, cache.k[:, 0], cache.v[:, 0])  # (L, H, n, d) each
 
     def _sample(self, request: Request, logits: torch.Tensor) -> bool:
         """Sample ``request``'s next token from ``logits (1, V)`` and publish it; whether it goes on.
