@@ -5,7 +5,8 @@ through one :class:`llmscratch.inference.batcher.Batcher`: each client is a thre
 ``--requests`` requests one after the other (the next when the last is done), each greedy with
 ``--new-tokens`` new tokens, after prompts of mixed lengths (``--prompt-lengths``, one per
 request in turn). The aggregate speed of a round is every completion token of every client over
-the round's wall time (the prefills included). The client counts take turns round after round
+the round's wall time (the prefills included); beside it, per second of this process's CPU time
+(``time.process_time``, every thread), which a machine shared with other work disturbs less. The client counts take turns round after round
 (1, 4, 16, 1, 4, 16, …), so that a load passing on a shared machine slows them alike; each
 round's ratios to one client and their medians are printed. Usage::
 
@@ -41,8 +42,8 @@ class IdTokenizer:
 
 
 def one_round(batcher: Batcher, clients: int, requests: int, prompts: list[list[int]], sampling: SamplingConfig
-              ) -> tuple[float, int]:
-    """Seconds for ``clients`` threads to finish ``requests`` requests each, and the completion tokens made."""
+              ) -> tuple[float, float, int]:
+    """Wall and CPU seconds for ``clients`` threads to finish ``requests`` requests each, and the completion tokens made."""
     tokens = [0] * clients
 
     def client(c: int) -> None:
@@ -53,12 +54,12 @@ def one_round(batcher: Batcher, clients: int, requests: int, prompts: list[list[
             tokens[c] += request.completion_tokens
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return time.perf_counter() - start, sum(tokens)
+    return time.perf_counter() - start, time.process_time() - cpu, sum(tokens)
 
 
 def main() -> None:
@@ -94,20 +95,25 @@ def main() -> None:
           f"weights laid out for {args.layout_rows or max(counts)} rows ({sorted(set(layout.values()))}), "
           f"greedy, {args.new_tokens} new tokens, prompts of {lengths} tokens in turn, "
           f"{args.requests} requests per client per round")
-    speeds: dict[int, list[float]] = {c: [] for c in counts}
+    speeds: dict[str, dict[int, list[float]]] = {"wall": {c: [] for c in counts}, "cpu": {c: [] for c in counts}}
     for r in range(args.rounds):
         for c in counts:
-            seconds, tokens = one_round(batcher, c, args.requests, prompts, sampling)
-            speeds[c].append(tokens / seconds)
-        ratios = "  ".join(f"{c}:{speeds[c][-1] / speeds[counts[0]][-1]:.2f}x" for c in counts[1:])
-        print(f"round {r + 1}: " + "  ".join(f"{c} clients {speeds[c][-1]:7.1f} tok/s" for c in counts)
-              + f"   ratios to {counts[0]}: {ratios}", flush=True)
+            wall, cpu, tokens = one_round(batcher, c, args.requests, prompts, sampling)
+            speeds["wall"][c].append(tokens / wall)
+            speeds["cpu"][c].append(tokens / cpu)
+        for clock, unit in (("wall", "tok/s"), ("cpu", "tok/cpu-s")):
+            got = speeds[clock]
+            ratios = "  ".join(f"{c}:{got[c][-1] / got[counts[0]][-1]:.2f}x" for c in counts[1:])
+            print(f"round {r + 1} {clock:4}: " + "  ".join(f"{c} clients {got[c][-1]:7.1f} {unit}" for c in counts)
+                  + f"   ratios to {counts[0]}: {ratios}", flush=True)
     batcher.stop(grace_s=0)
-    print("median:  " + "  ".join(f"{c} clients {statistics.median(speeds[c]):7.1f} tok/s" for c in counts))
-    for c in counts[1:]:
-        per_round = [s / base for s, base in zip(speeds[c], speeds[counts[0]])]
-        print(f"{c} clients / {counts[0]}: median of per-round ratios {statistics.median(per_round):.2f}x "
-              f"({', '.join(f'{x:.2f}' for x in per_round)})")
+    for clock, unit in (("wall", "tok/s"), ("cpu", "tok/cpu-s")):
+        got = speeds[clock]
+        print(f"median {clock:4}: " + "  ".join(f"{c} clients {statistics.median(got[c]):7.1f} {unit}" for c in counts))
+        for c in counts[1:]:
+            per_round = [s / base for s, base in zip(got[c], got[counts[0]])]
+            print(f"  {clock} {c} clients / {counts[0]}: median of per-round ratios {statistics.median(per_round):.2f}x "
+                  f"({', '.join(f'{x:.2f}' for x in per_round)})")
 
 
 if __name__ == "__main__":

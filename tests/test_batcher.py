@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -352,3 +356,14 @@ def test_the_model_s_last_only_logits_are_the_last_column_of_all(chars):
     idx = torch.tensor([PROMPTS[1], PROMPTS[0] * 2 + [1]])  # (2, 7)
     with torch.no_grad():
         torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])
+
+
+@pytest.mark.slow
+def test_the_speed_benchmark_runs_at_a_tiny_size():
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "benchmarks/batcher_speed.py", "--preset", "test", "--rounds", "1", "--requests", "1",
+         "--new-tokens", "4", "--prompt-lengths", "3,5", "--clients", "1,2", "--threads", "1"],
+        capture_output=True, text=True, timeout=600, cwd=root, env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert result.returncode == 0, result.stderr
+    assert "2 clients / 1: median of per-round ratios" in result.stdout
