@@ -212,6 +212,38 @@ def test_an_error_in_one_request_fails_it_alone(engine):
         assert request.finish_reason == "length" and request.token_ids == engine.generate([prompt], GREEDY)[0]
 
 
+def test_a_failing_prefill_fails_its_request_and_a_failing_step_those_running_then_serving_goes_on(engine, monkeypatch):
+    forward = engine.model.forward
+    broken = {"prefill": True, "step": False}
+
+    def failing_forward(idx, *args, **kwargs):
+        if broken["prefill"] and idx.shape[1] > 1 and 13 in idx[0].tolist():
+            raise RuntimeError("out of memory (pretend)")
+        if broken["step"] and idx.shape[1] == 1:
+            raise RuntimeError("a kernel failed (pretend)")
+        return forward(idx, *args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", failing_forward)
+    batcher = Batcher(engine, max_batch=4)
+    others = [batcher.submit(p, GREEDY) for p in PROMPTS[:2]]
+    batcher.run_step()
+    failing = batcher.submit([13, 1, 2], GREEDY)
+    while batcher.run_step():
+        pass
+    assert failing.finish_reason == "error" and failing.error == "out of memory (pretend)"
+    assert [r.token_ids for r in others] == [engine.generate([p], GREEDY)[0] for p in PROMPTS[:2]]
+    running = [batcher.submit(p, GREEDY) for p in PROMPTS[:2]]
+    batcher.run_step()
+    broken["step"] = True
+    batcher.run_step()
+    assert [r.finish_reason for r in running] == ["error", "error"] and "kernel failed" in running[0].error
+    broken["step"] = False
+    after = batcher.submit(PROMPTS[2], GREEDY)
+    while batcher.run_step():
+        pass
+    assert after.token_ids == engine.generate([PROMPTS[2]], GREEDY)[0]
+
+
 def test_bad_requests_are_refused_when_submitted(engine):
     batcher = Batcher(engine)
     with pytest.raises(ConfigError, match="outside the vocabulary"):

@@ -516,9 +516,13 @@ class Batcher:
                 if request.sampling.repetition_penalty != 1.0:
                     request._seen = token_presence([request.prompt_ids], self.model.cfg.vocab_size, param.device)
             n = len(request._window)
-            cache = KVCache.for_model(self.model.cfg, 1, n, device=param.device, dtype=param.dtype)
-            idx = torch.tensor([request._window], device=param.device)  # (1, n)
-            logits = self.model(idx, cache=cache, last_only=True)[:, -1]  # (1, V)
+            try:  # a prefill that fails (out of memory, say) fails its own request only
+                cache = KVCache.for_model(self.model.cfg, 1, n, device=param.device, dtype=param.dtype)
+                idx = torch.tensor([request._window], device=param.device)  # (1, n)
+                logits = self.model(idx, cache=cache, last_only=True)[:, -1]  # (1, V)
+            except Exception as err:
+                request._finish("error", _message(err))
+                continue
             if not bool(torch.isfinite(logits).all()):
                 request._finish("error", "the model's logits for the prompt are not finite (NaN or inf): its weights "
                                          "are damaged or diverged")
