@@ -10,7 +10,7 @@ joins the batch at the next step; a request that ends (end-of-text, a stop strin
 queue (first in, first out) takes its row. At most ``max_batch`` requests decode at once.
 
 ```
-batcher = Batcher(Engine.load("runs/latest"), max_batch=16)
+batcher = Batcher(Engine.load("runs/latest", rows=16), max_batch=16)
 batcher.start()
 request = batcher.submit(prompt_ids, SamplingConfig(max_new_tokens=64, temperature=0.8, seed=1))
 for event in request:                          # a thread; ``async for event in request.events()`` in asyncio
@@ -47,7 +47,9 @@ request with ``finish_reason == "error"`` and its message; the others go on.
   Once finished: ``token_ids``, ``text``, ``finish_reason``, ``error`` (the message, for
   ``"error"``), ``prompt_tokens``, ``completion_tokens``; ``done`` and ``wait()`` tell when.
 * :meth:`Batcher.stop` ``(grace_s)``: refuse new requests, let the running and queued ones finish
-  for up to ``grace_s`` seconds, cancel the rest, end the thread.
+  for up to ``grace_s`` seconds, cancel the rest, end the thread. :attr:`Batcher.load`:
+  ``(running, queued)``. :meth:`Batcher.run_step`: one step on the calling thread, for tests and
+  callers without threads (instead of :meth:`start`).
 * :func:`prompt_logprobs` ``(engine, ids, top=0)``: the log-probability of every prompt token
   given the ones before it (the completions API's ``echo`` with ``logprobs``), one forward pass.
 
@@ -63,11 +65,14 @@ different times::
 
     columns:   0   1   2   3   4   5   6   7   (length = 8; next token → column 8)
     row 0:     a0  a1  a2  a3  a4  a5  a6  a7   n=8, positions 0..7, next at position 8
-    row 1:     ·   ·   ·   ·   ·   b0  b1  b2   n=3  (joined 2 steps ago with a 2-token prompt… )
+    row 1:     ·   ·   ·   ·   ·   b0  b1  b2   n=3  (a 2-token prompt, prefilled at length 7)
     row 2:     ·   ·   c0  c1  c2  c3  c4  c5   n=6  (· = hidden by the mask)
 
-A new request is prefilled on its own and its keys and values are copied into the next free row, ending at column
-``length`` (if its window is longer than ``length``, every row first moves right to make room).
+A new request is prefilled on its own and its keys and values are copied into the next free row,
+ending at column ``length`` (if its window is longer than ``length``, every row first moves right
+to make room). On its own, not as one left-padded batch with the others that join at the same
+step: prompts of mixed lengths would be padded to the longest, and a prefill's matrix products
+are already many rows each.
 A request that leaves gives its row to the last row (one row copied), so the running rows stay
 ``0 … n-1`` and a step runs the model on exactly ``n`` rows. When ``length`` reaches the buffer's
 end, the rows move left to column 0 (they all end at ``length``, so it is one slice copy), and
@@ -502,12 +507,8 @@ class Batcher:
             self._sample(request, logits[row : row + 1])
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Run each joining request's window through the model alone, sample its first token, and
-        give it a row of the batch cache if it goes on.
-
-        One at a time, not as one left-padded batch: prompts of mixed lengths would be padded to
-        the longest, and a prefill's matrix products are already many rows each.
-        """
+        """Run each joining request's window through the model alone (the module docstring says
+        why), sample its first token, and give it a row of the batch cache if it goes on."""
         param = next(self.model.parameters())
         for request in requests:
             if not request._window:  # new (a cut window is already set)
