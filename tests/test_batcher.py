@@ -280,6 +280,18 @@ def test_the_batch_cache_moves_rows_left_and_grows_without_changing_them(chars):
     assert torch.equal(cache.k[:, :3, :, 6:10], before) and cache.k.shape[3] == 16 == cache.max_len
 
 
+def test_when_the_longest_row_leaves_the_others_move_left_and_decode_on_unchanged(engine):
+    batcher = Batcher(engine, max_batch=2)
+    short = batcher.submit([4], GREEDY)
+    long = batcher.submit(list(range(1, 29)), dataclasses.replace(GREEDY, max_new_tokens=2))
+    batcher.run_step()
+    batcher.run_step()
+    assert long.done and batcher._cache.length == len(short._window) == 2  # not 29: the columns before it are gone
+    while batcher.run_step():
+        pass
+    assert short.token_ids == engine.generate([[4]], GREEDY)[0]
+
+
 # --------------------------------------------------------------------------- threads and asyncio
 
 

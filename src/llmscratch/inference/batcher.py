@@ -74,7 +74,8 @@ to make room). On its own, not as one left-padded batch with the others that joi
 step: prompts of mixed lengths would be padded to the longest, and a prefill's matrix products
 are already many rows each.
 A request that leaves gives its row to the last row (one row copied), so the running rows stay
-``0 … n-1`` and a step runs the model on exactly ``n`` rows. When ``length`` reaches the buffer's
+``0 … n-1`` and a step runs the model on exactly ``n`` rows; if it was the longest, leaving many
+columns before every row (at least 16, and a quarter of them), the rows move left to column 0. When ``length`` reaches the buffer's
 end, the rows move left to column 0 (they all end at ``length``, so it is one slice copy), and
 the buffer doubles if they fill more than half of it, up to the context length.
 
@@ -597,8 +598,11 @@ class Batcher:
             self._cache.move(last, row, len(self._rows[last]._window))
             self._rows[row] = self._rows[last]
         self._rows.pop()
-        if not self._rows:
-            self._cache.length = 0
+        live = max((len(r._window) for r in self._rows), default=0)
+        if self._cache.length - live >= max(16, self._cache.length // 4):
+            # The longest row left: the others move left, so that no step reads the columns
+            # before them (every step's attention reads all `length` columns of every row).
+            self._cache.relayout(len(self._rows), live, live, self._cache.max_len)
 
     def _retire(self, request: Request, reason: str, error: Optional[str] = None) -> None:
         """End ``request`` (publishing its last event where it has none yet) and free its row."""
