@@ -190,6 +190,18 @@ def test_a_saved_conversation_loads_back_and_is_openai_shaped(tmp_path):
     assert Conversation.from_messages({"messages": data[1:]}).system is None  # an OpenAI request body
 
 
+def test_a_request_ending_with_a_user_message_gets_its_prompt(chars):
+    from llmscratch.inference.chat import fit
+
+    engine = char_engine(chars)
+    fmt = chat_format_for(chars)
+    request = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    ids, dropped = fit(Conversation.from_messages(request, pending=True), fmt, engine.context_length, 100)
+    assert chars.decode(ids) == book_prompt(None, [("a", "b")], "c") and dropped == 0
+    with pytest.raises(ChatError, match="should end with a user message to answer, not an assistant message"):
+        Conversation.from_messages(request[:2], "the request", pending=True)
+
+
 @pytest.mark.parametrize("messages, message", [
     ({"role": "user"}, "should be a JSON list of messages"),
     ([{"role": "user", "content": "a"}], r"ends with a user message \(message 1\) that has no answer"),

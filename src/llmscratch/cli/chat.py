@@ -126,7 +126,7 @@ class Repl:
                 self.out.flush()
         except KeyboardInterrupt:
             reply.stop()
-            self.out.write("\n[interrupted]")
+            self.out.write("\n[interrupted]" if reply.text else "[interrupted]")
         self.out.write("\n")
         self.out.flush()
 

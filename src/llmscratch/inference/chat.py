@@ -18,6 +18,8 @@ turn a conversation into a prompt here, the same way:
   later does not bring it back, so the model's view only ever loses its oldest part) but stays in
   the transcript (:meth:`Conversation.messages`, saved files). A new message that does not fit
   even alone after the system prompt is refused, and the conversation is left as it was.
+* **Requests.** ``Conversation.from_messages(messages, pending=True)`` takes the messages of a
+  request that ends with a user message, and :func:`fit` makes the prompt for its answer.
 * **The file.** A conversation is saved as a JSON list of OpenAI-style messages,
   ``{"role": "system" | "user" | "assistant", "content": text}``; an answer stopped by the user
   carries ``"interrupted": true``. :meth:`Conversation.load` reads it back (a list, or an object
@@ -143,11 +145,13 @@ class Conversation:
         write_text_atomic(path, self.to_json())
 
     @classmethod
-    def from_messages(cls, messages: Any, source: str = "the conversation") -> "Conversation":
+    def from_messages(cls, messages: Any, source: str = "the conversation", *,
+                      pending: bool = False) -> "Conversation":
         """A conversation from OpenAI-style messages: an optional system message first, then user
-        and assistant messages alternating, ending with an answer. Keys other than ``role``,
-        ``content`` and ``interrupted`` are left out. Anything else raises :class:`ChatError`
-        naming ``source`` and the message's number (from 1)."""
+        and assistant messages alternating, ending with an answer, or with ``pending`` a user
+        message still to be answered (a request, as a server gets it; then :func:`fit` makes its
+        prompt). Keys other than ``role``, ``content`` and ``interrupted`` are left out. Anything
+        else raises :class:`ChatError` naming ``source`` and the message's number (from 1)."""
         if isinstance(messages, Mapping) and "messages" in messages:
             messages = messages["messages"]
         if not isinstance(messages, list):
@@ -167,7 +171,10 @@ class Conversation:
                 conversation.add_user(content)
             else:
                 conversation.add_assistant(content, interrupted)
-        if len(conversation.turns) % 2:
+        if pending and len(conversation.turns) % 2 == 0:
+            raise ChatError(f"{source} should end with a user message to answer, not "
+                            f"{'an assistant message' if conversation.turns else 'nothing but a system message'}")
+        if not pending and len(conversation.turns) % 2:
             raise ChatError(f"{source} ends with a user message (message {len(messages)}) that has no answer: "
                             "remove it and ask it again")
         return conversation
