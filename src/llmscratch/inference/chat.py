@@ -68,10 +68,9 @@ def chat_format_for(tokenizer: "Tokenizer", run: str = "RUN") -> ChatFormat:
     """
     fmt = chat_format(tokenizer)
     if fmt.is_default and tokenizer.kind not in DEFAULT_KINDS:
-        raise ChatError(f"{run} has no chat template: its tokenizer (a pretrained model's) brings none, so it is "
-                        "not a model tuned to chat, and the default chat format (the book's instruction format) "
-                        f"is for the models trained here; continue text with `llmscratch generate {run} --prompt "
-                        "TEXT` instead")
+        raise ChatError(f"{run} has no chat template: its tokenizer (a pretrained model's) brings none, as a base "
+                        "model's does, and the default chat format (the book's instruction format) is for the "
+                        f"models trained here; continue text with `llmscratch generate {run} --prompt TEXT` instead")
     return fmt
 
 
