@@ -359,6 +359,15 @@ def test_stop_lets_running_requests_finish_within_the_grace_then_cancels(engine)
     assert not batcher._thread.is_alive()
 
 
+def test_stopping_a_batcher_that_never_started_cancels_what_was_queued(engine):
+    batcher = Batcher(engine)
+    queued = batcher.submit(PROMPTS[0], GREEDY)
+    batcher.stop(grace_s=0)
+    assert queued.finish_reason == "cancelled" and [e.finish_reason for e in queued] == ["cancelled"]
+    with pytest.raises(BatcherClosed):
+        batcher.submit(PROMPTS[0], GREEDY)
+
+
 # --------------------------------------------------------------------------- log-probabilities
 
 
