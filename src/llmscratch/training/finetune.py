@@ -222,7 +222,8 @@ def train_config_for(opts: FinetuneOptions, steps: int, run_dir: RunDir) -> Trai
         grad_clip=opts.grad_clip, optimizer="adamw", eval_interval=opts.eval_every, log_interval=opts.log_every,
         checkpoint_interval=opts.checkpoint_every, sample_tokens=0, device=opts.device, precision=opts.precision,
         seed=opts.seed, out_dir=str(run_dir.path.parent), name=run_dir.path.name,
-        resume=str(run_dir) if opts.resume else None, init_from=opts.base, time_budget=opts.time_budget,
+        resume=str(run_dir) if opts.resume else None, init_from=None if opts.resume else opts.base,
+        time_budget=opts.time_budget,
         stop_at=opts.stop_at, progress=opts.progress)
 
 
