@@ -323,3 +323,19 @@ def test_judge_unreachable_is_a_clear_error(tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", [{"instruction": "a", "input": "", "output": "b", "model_response": "c"}])
     with pytest.raises(JudgeError, match="cannot reach it"):
         judge_file(path, "http://127.0.0.1:9/v1", "m")
+
+
+@pytest.mark.slow
+def test_lora_run_saves_a_plain_model_and_resumes_exactly(base_run, tmp_path):
+    data = write_json(tmp_path / "data.json", alpaca_records(16))
+    kw = dict(steps=6, lr=1e-2, train="lora", lora_rank=4, lora_targets="qkv,mlp_out", checkpoint_every=100,
+              eval_every=100, extra={"max_new_tokens": 2, "test_limit": 1})
+    whole = finetune_instruct(finetune_opts(base_run, data, tmp_path / "a", **kw), log=lambda m: None)
+    half = finetune_instruct(finetune_opts(base_run, data, tmp_path / "b", stop_at=3, **kw), log=lambda m: None)
+    resumed = finetune_instruct(FinetuneOptions(resume=str(half), progress=False), log=lambda m: None,
+                                given={"resume"})
+    base, a, b = (load_model(p).state_dict() for p in (base_run, whole, resumed))  # plain models (strict load)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    changed = sorted(k for k in base if not torch.equal(base[k], a[k]))
+    assert changed and all(k.endswith(("attn.qkv.weight", "ff.fc_out.weight")) for k in changed)
+    assert json.loads((whole / "finetune.json").read_text())["lora"]["rank"] == 4

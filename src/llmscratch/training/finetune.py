@@ -247,16 +247,28 @@ def choose_trainable(model: GPT, opts: FinetuneOptions, log: Log) -> dict[str, A
 
 
 def add_adapters(model: GPT, opts: FinetuneOptions, log: Log) -> dict[str, Any]:
-    """``--train lora``: adapters from ``nn/lora.py`` (AdamW updates them alone)."""
-    try:
-        from ..nn import lora  # type: ignore[attr-defined]
-    except ImportError:
-        raise ConfigError("--train lora needs LoRA adapters (llmscratch.nn.lora), which this version does not "
-                          "have; use --train all or --train last-block") from None
-    targets = tuple(t for t in opts.lora_targets.split(",") if t) if opts.lora_targets else None
-    kwargs = {"targets": targets} if targets else {}
-    info = lora.add_lora(model, rank=opts.lora_rank, alpha=opts.lora_alpha, dropout=opts.lora_dropout, **kwargs)
-    return {"train": "lora", "lora": info if isinstance(info, dict) else str(info)}
+    """``--train lora``: adapters from ``nn/lora.py`` on ``--lora-targets``; AdamW updates them alone."""
+    from ..nn import lora
+
+    targets = tuple(t.strip() for t in opts.lora_targets.split(",") if t.strip()) if opts.lora_targets else None
+    info = lora.add_lora(model, rank=opts.lora_rank, alpha=opts.lora_alpha, dropout=opts.lora_dropout,
+                         **({"targets": targets} if targets else {}))
+    return {"train": "lora", "lora": info.config.to_dict(), "lora_layers": len(info.layers)}
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of a model with LoRA adapters as a plain model's: each adapted weight plus its
+    adapters' ``scaling·(A·B)ᵀ`` on their rows (copies: the model being trained is unchanged)."""
+    from ..nn import lora
+
+    sd = {k: v for k, v in model.state_dict().items() if ".lora." not in k}
+    with torch.no_grad():
+        for name, layer in lora.lora_layers(model).items():
+            weight = layer.weight.detach().float().clone()  # (out, in)
+            for adapter in layer.lora.values():
+                weight[adapter.start:adapter.stop] += adapter.delta_weight()  # (rows, in)
+            sd[f"{name}.weight"] = weight.to(layer.weight.dtype)
+    return sd
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -324,7 +336,7 @@ def _finetune(opts: FinetuneOptions, make_task: TaskFactory, log: Log, given: se
         if steps <= int(state["step"]):
             raise ConfigError(f"{run_dir} is already at step {state['step']}, so {steps} steps leave nothing to "
                               f"train; give --steps above {state['step']} to train further")
-        load_checkpoint_weights(model, run_dir, state)
+        load_checkpoint_weights(model, run_dir, state, lora_run=opts.train == "lora")
     model.to(runtime.device)
     run = Run(cfg=cfg, run_dir=run_dir, group=dist.Group(), runtime=runtime, tokenizer=tokenizer, splits=None,
               corpus_sha=task.data_sha, model=model, train_model=model, forward=model,
@@ -334,6 +346,11 @@ def _finetune(opts: FinetuneOptions, make_task: TaskFactory, log: Log, given: se
               micro_size=dist.micro_batch_size(cfg.batch_size, cfg.grad_accum, 1, cfg.micro_batch),
               log=log, t_start=t_start, new_run=new_run, state=state,
               extra={"options": opts, "chosen": chosen, "task": task})
+    if opts.train == "lora":  # checkpoints hold the merged weights (a plain model) and the adapters beside
+        from ..nn import lora
+
+        run.extra["weights_for_file"] = lambda: merged_state_dict(model)
+        run.extra["checkpoint_state"] = lambda: {"lora": lora.lora_state_dict(model)}
     run.loss_label = loss_label(model.loss_implementation(runtime.device), runtime.device)
     if hasattr(task, "start"):
         task.start(run, int(state["step"]) if state else 0)
@@ -376,14 +393,20 @@ def start_directory(run: Run, opts: FinetuneOptions, chosen: dict[str, Any]) -> 
     run.tokenizer.save(run.run_dir.path)
 
 
-def load_checkpoint_weights(model: GPT, run_dir: RunDir, state: dict) -> None:
-    """A resumed run's weights, saved with its training state, into the (adapted) model."""
+def load_checkpoint_weights(model: GPT, run_dir: RunDir, state: dict, lora_run: bool = False) -> None:
+    """A resumed run's weights, saved with its training state, into the (adapted) model: a LoRA run's
+    adapters from the training state (its base weights are the base run's), any other's weights file."""
     ckpt.check_saved_together(run_dir.path, state)
+    if lora_run:
+        from ..nn import lora
+
+        lora.load_lora_state_dict(model, state["lora"])
+        return
     tensors = ckpt.read_safetensors(run_dir.weights)
     if model.cfg.tie_weights and "tok_emb.weight" in tensors:
         tensors.setdefault("out_head.weight", tensors["tok_emb.weight"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or [k for k in missing if "lora" not in k]:
+    if unexpected or missing:
         raise CheckpointError(f"{run_dir.weights} does not fit the model this fine-tuning run builds "
                               f"(missing {missing[:4]}, unexpected {unexpected[:4]}); start a new run")
 
