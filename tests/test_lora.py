@@ -10,6 +10,8 @@ adapters and leaves every base weight bit-identical.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ from llmscratch.nn.lora import (
     DEFAULT_TARGETS, TARGETS, LoRAAdapter, LoRAConfig, LoRALinear, add_lora, has_lora, load_lora_state_dict,
     lora_layers, lora_state_dict, merge_lora,
 )
-from llmscratch.nn.model import GPT, GPTConfig, Linear
+from llmscratch.nn.model import GPT, Linear
 from tiny_files import varied_gpt
 
 ALL_GPT2 = ("qkv", "out", "mlp_in", "mlp_out")
@@ -266,3 +268,152 @@ def test_llama_with_per_projection_adapters_equals_peft(tmp_path, targets):
     x = ids(300, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(x), peft_model.eval()(x).logits, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- training, saving, export
+
+TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
+        "and darkness was upon the face of the deep. And God said, Let there be light: and there was light. ") * 12
+
+
+@pytest.fixture()
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def tiny_config(corpus, out, **kw):
+    from llmscratch.training.config import TrainConfig
+
+    base = dict(data=str(corpus), tokenizer="char", preset="test", model={"context_length": 16}, steps=4,
+                batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=1, eval_interval=2, eval_windows=2, log_interval=2,
+                checkpoint_interval=2, sample_tokens=0, device="cpu", progress=False, out_dir=str(out), seed=7)
+    if "init_from" in kw or "resume" in kw:  # the model and tokenizer come from the run
+        for name in ("tokenizer", "preset", "model"):
+            base.pop(name)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture()
+def base_run(corpus, tmp_path):
+    from llmscratch.training.train import train
+
+    return train(tiny_config(corpus, tmp_path, name="base"), log=lambda m: None)
+
+
+def test_lora_training_moves_only_the_adapters_and_saves_them_with_the_base_reference(corpus, tmp_path, base_run):
+    from safetensors.torch import load_file
+
+    from llmscratch.store.checkpoint import load_model
+    from llmscratch.training.train import train
+
+    lines = []
+    run = train(tiny_config(corpus, tmp_path, name="lora", init_from=str(base_run), lora_rank=2,
+                            lora_targets="query,value,mlp_out"), log=lines.append)
+    said = "\n".join(lines)
+    assert "trainable of" in said and "AdamW on the adapters" in said and "peak memory:" in said
+    saved = load_file(str(run / "model.safetensors"))
+    assert saved and all(".lora." in k for k in saved)  # the adapters alone
+    assert json.loads((run / "adapter.json").read_text())["base_run"] == str(base_run.resolve())
+    base, adapted = load_model(base_run), load_model(run)
+    assert has_lora(adapted) and not has_lora(base)
+    base_sd = base.state_dict()
+    for name, tensor in adapted.state_dict().items():
+        if ".lora." in name:
+            continue
+        assert torch.equal(tensor, base_sd[name]), name  # bit-identical: frozen, and no weight decay on it
+    assert any(v.abs().max() > 0 for k, v in saved.items() if k.endswith(".B"))  # B left zero: it trained
+    assert (run / "best" / "adapter.json").is_file()
+
+
+def test_the_optimizer_of_a_lora_model_is_adamw_over_the_adapters_alone():
+    from llmscratch.training.config import TrainConfig
+    from llmscratch.training.step import build_optimizer
+
+    model = varied_gpt()
+    add_lora(model, rank=2, alpha=2)
+    opt = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW)
+    handed = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert handed == {id(p) for p in model.parameters() if p.requires_grad} and len(handed) == 4 * model.cfg.n_layers
+
+
+def json_of(path):
+    return json.loads(path.read_text())
+
+
+def test_lora_resume_is_bit_exact(corpus, tmp_path, base_run):
+    from llmscratch.store.checkpoint import load_model
+    from llmscratch.training.train import train
+
+    quiet = dict(log=lambda m: None)
+    whole = train(tiny_config(corpus, tmp_path, name="whole", init_from=str(base_run), lora_rank=2), **quiet)
+    half = train(tiny_config(corpus, tmp_path, name="half", init_from=str(base_run), lora_rank=2, stop_at=2), **quiet)
+    train(tiny_config(corpus, tmp_path, resume=str(half), out_dir=str(tmp_path)), **quiet)
+    a, b = lora_state_dict(load_model(whole)), lora_state_dict(load_model(half))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_options_are_checked(corpus, tmp_path, base_run):
+    from llmscratch.training.train import train
+
+    with pytest.raises(ConfigError, match="--init-from"):
+        tiny_config(corpus, tmp_path, lora_rank=2)
+    with pytest.raises(ConfigError, match="unknown LoRA target"):
+        tiny_config(corpus, tmp_path, init_from=str(base_run), lora_rank=2, lora_targets="query,wq")
+    with pytest.raises(ConfigError, match="lora_rank"):
+        tiny_config(corpus, tmp_path, init_from=str(base_run), lora_rank=-1)
+    run = train(tiny_config(corpus, tmp_path, name="a", init_from=str(base_run), lora_rank=2, steps=1),
+                log=lambda m: None)
+    with pytest.raises(ConfigError, match="holds LoRA adapters already"):
+        train(tiny_config(corpus, tmp_path, name="b", init_from=str(run), lora_rank=2, steps=1), log=lambda m: None)
+
+
+def test_adapter_save_and_load_round_trip(tmp_path):
+    from llmscratch.store.checkpoint import load_model, save_model
+    from llmscratch.store.lora import save_adapter
+
+    base = varied_gpt()
+    save_model(tmp_path / "base", base)
+    add_lora(base, rank=3, alpha=5, dropout=0.1, targets=("key", "out"), scaling="alpha")
+    randomize_b(base)
+    save_adapter(base, tmp_path / "adapter", tmp_path / "base")
+    assert json_of(tmp_path / "adapter" / "adapter.json")["lora"] == {
+        "rank": 3, "alpha": 5, "dropout": 0.1, "targets": ["key", "out"], "scaling": "alpha"}
+    again = load_model(tmp_path / "adapter")
+    x = ids(base.cfg.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(again(x), base.eval()(x))
+    # the base moved along with the adapter (the runs folder renamed): found by the relative path
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "base").rename(tmp_path / "runs" / "base")
+    (tmp_path / "adapter").rename(tmp_path / "runs" / "adapter")
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "runs" / "adapter")(x), base(x))
+    (tmp_path / "runs" / "base").rename(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="not there"):
+        load_model(tmp_path / "runs" / "adapter")
+
+
+@pytest.mark.parametrize("fmt", ["run", "hf"])
+def test_export_merge_gives_the_adapted_logits(tmp_path, fmt):
+    from llmscratch.store.checkpoint import load_model, save_model
+    from llmscratch.store.convert import export_checkpoint, load_pretrained
+    from llmscratch.store.lora import save_adapter
+
+    base = varied_gpt()
+    save_model(tmp_path / "base", base)
+    add_lora(base, rank=2, alpha=4, targets=("qkv", "mlp_in"))
+    randomize_b(base)
+    save_adapter(base, tmp_path / "adapter", tmp_path / "base")
+    with pytest.raises(CheckpointError, match="--merge"):
+        export_checkpoint(tmp_path / "adapter", tmp_path / "out", fmt)
+    export_checkpoint(tmp_path / "adapter", tmp_path / "out", fmt, merge=True)
+    merged = load_pretrained(tmp_path / "out")
+    assert not has_lora(merged)
+    x = ids(base.cfg.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), base.eval()(x), atol=2e-5, rtol=2e-5)
+        assert not torch.allclose(merged(x), load_model(tmp_path / "base")(x), atol=1e-3)
