@@ -334,7 +334,13 @@ def test_lora_run_saves_a_plain_model_and_resumes_exactly(base_run, tmp_path):
     half = finetune_instruct(finetune_opts(base_run, data, tmp_path / "b", stop_at=3, **kw), log=lambda m: None)
     resumed = finetune_instruct(FinetuneOptions(resume=str(half), progress=False), log=lambda m: None,
                                 given={"resume"})
-    base, a, b = (load_model(p).state_dict() for p in (base_run, whole, resumed))  # plain models (strict load)
+    from llmscratch.nn.lora import has_lora, merge_lora
+
+    models = [load_model(p) for p in (base_run, whole, resumed)]  # the base with the run's adapters on it
+    assert [has_lora(m) for m in models] == [False, True, True] and (whole / "adapter.json").is_file()
+    for m in models[1:]:
+        merge_lora(m)
+    base, a, b = (m.state_dict() for m in models)
     assert all(torch.equal(a[k], b[k]) for k in a)
     changed = sorted(k for k in base if not torch.equal(base[k], a[k]))
     assert changed and all(k.endswith(("attn.qkv.weight", "ff.fc_out.weight")) for k in changed)

@@ -713,11 +713,8 @@ def new_save_tag(step: int) -> dict[str, str]:
     return {"save_id": uuid.uuid4().hex, "step": str(step)}
 
 
-def save_checkpoint(run_dir: PathLike, model: nn.Module, state: dict,
-                    state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+def save_checkpoint(run_dir: PathLike, model: nn.Module, state: dict) -> None:
     """Write a resumable checkpoint, weights and training state, so that a kill at any moment leaves one whole pair.
-
-    ``state_dict``: the weights to write instead of the model's own (a LoRA run's, adapters folded in).
 
     Each file is atomic on its own (:mod:`files`), but a kill between two writes would leave
     new weights beside the previous optimizer state, and the previous weights gone. So both are
@@ -742,7 +739,7 @@ def save_checkpoint(run_dir: PathLike, model: nn.Module, state: dict,
     run_dir.mkdir(parents=True, exist_ok=True)
     _mark_adapters(run_dir, gpt)
     staged_weights, staged_state = run_dir / (PENDING + WEIGHTS_FILE), run_dir / (PENDING + TRAINING_STATE_FILE)
-    weights = _state_dict_for_file(gpt, state_dict)
+    weights = _state_dict_for_file(gpt, None)
     try:
         _write_safetensors(staged_weights, weights, tag)
         _write_torch(staged_state, state)

@@ -419,20 +419,18 @@ def _full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_weights(directory: Union[str, Path], model: nn.Module, group: Group,
-                 state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+def save_weights(directory: Union[str, Path], model: nn.Module, group: Group) -> None:
     """Every rank calls: rank 0 writes ``config.json`` and ``model.safetensors`` of the unwrapped model.
 
     A sharded model is gathered first (a collective, to rank 0's CPU one tensor at a time).
     """
-    state = _full_model_state(model) if is_sharded(model) else state_dict
+    state = _full_model_state(model) if is_sharded(model) else None
     if group.is_main:
         ckpt.save_model(directory, model, state_dict=state)
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    training_state: dict[str, Any], group: Group,
-                    state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+                    training_state: dict[str, Any], group: Group) -> None:
     """Every rank calls. ``training_state`` holds everything but the weights and the optimizer.
 
     Ordinary (one process, DDP): rank 0 writes the weights and ``training_state.pt`` with
@@ -442,8 +440,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     """
     if not is_sharded(model):
         if group.is_main:  # staged, then renamed: a kill at any moment leaves one whole pair
-            ckpt.save_checkpoint(run_dir, model, {**training_state, "optimizer": optimizer.state_dict()},
-                                 state_dict=state_dict)
+            ckpt.save_checkpoint(run_dir, model, {**training_state, "optimizer": optimizer.state_dict()})
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict

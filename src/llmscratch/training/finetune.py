@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError, Stopped
+from ..nn.lora import has_lora, merge_lora
 from ..nn.model import GPT, loss_label
 from ..runtime import Runtime, seed_everything, setup_runtime
 from ..store import checkpoint as ckpt
@@ -247,28 +248,23 @@ def choose_trainable(model: GPT, opts: FinetuneOptions, log: Log) -> dict[str, A
 
 
 def add_adapters(model: GPT, opts: FinetuneOptions, log: Log) -> dict[str, Any]:
-    """``--train lora``: adapters from ``nn/lora.py`` on ``--lora-targets``; AdamW updates them alone."""
-    from ..nn import lora
+    """``--train lora``: adapters from ``nn/lora.py`` on ``--lora-targets``; AdamW updates them alone.
 
+    The run then saves the adapters only, with a reference to the base run (``store/lora.py``):
+    ``load_model`` puts them back on the base, so every command loads the run as it is, and
+    ``llmscratch export RUN OUT --merge`` folds them into plain weights.
+    """
+    from ..nn import lora
+    from ..store.lora import set_base_run
+
+    if ckpt.folder_kind(opts.base) != "run":
+        raise ConfigError(f"--train lora saves adapters with a reference to the run they adapt, and {opts.base} is "
+                          f"not a run directory: make one first (`llmscratch import {opts.base} RUN_DIR`)")
     targets = tuple(t.strip() for t in opts.lora_targets.split(",") if t.strip()) if opts.lora_targets else None
     info = lora.add_lora(model, rank=opts.lora_rank, alpha=opts.lora_alpha, dropout=opts.lora_dropout,
                          **({"targets": targets} if targets else {}))
+    set_base_run(model, opts.base)
     return {"train": "lora", "lora": info.config.to_dict(), "lora_layers": len(info.layers)}
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of a model with LoRA adapters as a plain model's: each adapted weight plus its
-    adapters' ``scaling·(A·B)ᵀ`` on their rows (copies: the model being trained is unchanged)."""
-    from ..nn import lora
-
-    sd = {k: v for k, v in model.state_dict().items() if ".lora." not in k}
-    with torch.no_grad():
-        for name, layer in lora.lora_layers(model).items():
-            weight = layer.weight.detach().float().clone()  # (out, in)
-            for adapter in layer.lora.values():
-                weight[adapter.start:adapter.stop] += adapter.delta_weight()  # (rows, in)
-            sd[f"{name}.weight"] = weight.to(layer.weight.dtype)
-    return sd
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -324,6 +320,9 @@ def _finetune(opts: FinetuneOptions, make_task: TaskFactory, log: Log, given: se
     runtime = setup_runtime(opts.device, opts.precision)
     seed_everything(opts.seed)
     model, tokenizer = load_base(opts.base, runtime.device)
+    if has_lora(model):  # a LoRA run as the base: its adapters folded in first, as `train --init-from` does
+        merge_lora(model)
+        log(f"{opts.base} holds LoRA adapters: merged into its base weights before fine-tuning")
     task = make_task(opts, tokenizer, runtime, log)
     model = task.adapt(model)
     chosen = choose_trainable(model, opts, log)
@@ -346,11 +345,6 @@ def _finetune(opts: FinetuneOptions, make_task: TaskFactory, log: Log, given: se
               micro_size=dist.micro_batch_size(cfg.batch_size, cfg.grad_accum, 1, cfg.micro_batch),
               log=log, t_start=t_start, new_run=new_run, state=state,
               extra={"options": opts, "chosen": chosen, "task": task})
-    if opts.train == "lora":  # checkpoints hold the merged weights (a plain model) and the adapters beside
-        from ..nn import lora
-
-        run.extra["weights_for_file"] = lambda: merged_state_dict(model)
-        run.extra["checkpoint_state"] = lambda: {"lora": lora.lora_state_dict(model)}
     run.loss_label = loss_label(model.loss_implementation(runtime.device), runtime.device)
     if hasattr(task, "start"):
         task.start(run, int(state["step"]) if state else 0)
@@ -395,14 +389,14 @@ def start_directory(run: Run, opts: FinetuneOptions, chosen: dict[str, Any]) -> 
 
 def load_checkpoint_weights(model: GPT, run_dir: RunDir, state: dict, lora_run: bool = False) -> None:
     """A resumed run's weights, saved with its training state, into the (adapted) model: a LoRA run's
-    adapters from the training state (its base weights are the base run's), any other's weights file."""
+    file holds its adapters (the base weights are the base run's), any other's every weight."""
     ckpt.check_saved_together(run_dir.path, state)
+    tensors = ckpt.read_safetensors(run_dir.weights)
     if lora_run:
         from ..nn import lora
 
-        lora.load_lora_state_dict(model, state["lora"])
+        lora.load_lora_state_dict(model, tensors)
         return
-    tensors = ckpt.read_safetensors(run_dir.weights)
     if model.cfg.tie_weights and "tok_emb.weight" in tensors:
         tensors.setdefault("out_head.weight", tensors["tok_emb.weight"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)

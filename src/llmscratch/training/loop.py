@@ -225,7 +225,7 @@ def evaluate_now(run: Run, task: Task, st: LoopState, say: Callable[[str], Any],
     say(msg)
     if improved:
         best = run.run_dir.best
-        dist.save_weights(best.path, run.model, run.group, state_dict=weights_for_file(run))
+        dist.save_weights(best.path, run.model, run.group)
         if run.group.is_main and not has_tokenizer_files(best.path):
             run.tokenizer.save(best.path)  # so that best/ generates on its own
         run.new_run.saved = True
@@ -238,21 +238,11 @@ def save_checkpoint(run: Run, st: LoopState) -> None:
              "corpus_sha256": run.corpus_sha}
     if run.scaler is not None:
         state["scaler"] = run.scaler.state_dict()
-    if "checkpoint_state" in run.extra:  # a task's own (a LoRA run's adapters)
-        state.update(run.extra["checkpoint_state"]())
-    dist.save_checkpoint(run.run_dir.path, run.model, run.optimizer, state, run.group,
-                         state_dict=weights_for_file(run))
+    dist.save_checkpoint(run.run_dir.path, run.model, run.optimizer, state, run.group)
     if run.group.is_main and not run.cfg.resume and not run.new_run.checkpointed:
         run.run_dir.point_latest()  # the newest run with a checkpoint
     run.new_run.saved = run.new_run.checkpointed = True
     st.last_good = st.step
-
-
-def weights_for_file(run: Run) -> Optional[dict[str, torch.Tensor]]:
-    """The weights a checkpoint writes: the model's own (None), or what ``run.extra["weights_for_file"]()``
-    gives (a LoRA run: its adapters folded into the base weights, so the file loads as a plain model)."""
-    make = run.extra.get("weights_for_file")
-    return make() if make is not None else None
 
 
 def write_metrics(run: Run, record: dict[str, Any]) -> None:
