@@ -364,6 +364,9 @@ def _finetune(opts: FinetuneOptions, make_task: TaskFactory, log: Log, given: se
             f"(continue with: llmscratch finetune --resume {run_dir})")
     else:
         task.after(run, st)
+    from .train import peak_memory
+
+    log(f"peak memory: {peak_memory(runtime.device)}")
     try:
         from .train import plot_metrics
 
