@@ -231,6 +231,9 @@ def test_finetune_lowers_the_response_loss_and_the_run_generates(base_run, tmp_p
     assert load_model(run_dir).cfg == load_model(base_run).cfg
     assert load_tokenizer(run_dir).vocab_size == load_tokenizer(base_run).vocab_size
     assert main(["generate", str(run_dir), "--chat", "Say cat.", "--max-new-tokens", "4"]) == 0
+    from llmscratch.store.describe import describe_run
+
+    assert f"fine-tuned from {base_run.resolve()} (--task instruct, --train all)" in describe_run(run_dir)
 
 
 @pytest.mark.slow

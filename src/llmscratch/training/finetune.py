@@ -39,7 +39,7 @@ from ..nn.model import GPT, loss_label
 from ..runtime import Runtime, seed_everything, setup_runtime
 from ..store import checkpoint as ckpt
 from ..store.convert import load_pretrained
-from ..store.rundir import RunDir, new_run_dir
+from ..store.rundir import FINETUNE_FILE, RunDir, new_run_dir
 from . import distributed as dist
 from .config import TrainConfig
 from .loop import LoopState, run_loop
@@ -52,7 +52,6 @@ Log = Callable[[str], None]
 
 TASKS = ("instruct", "classify")
 TRAIN_MODES = ("all", "last-block", "lora")
-FINETUNE_FILE = "finetune.json"  # beside train_config.json: the base run, the task and its options
 
 
 @dataclass
