@@ -348,3 +348,17 @@ def test_lora_run_saves_a_plain_model_and_resumes_exactly(base_run, tmp_path):
     changed = sorted(k for k in base if not torch.equal(base[k], a[k]))
     assert changed and all(k.endswith(("attn.qkv.weight", "ff.fc_out.weight")) for k in changed)
     assert json.loads((whole / "finetune.json").read_text())["lora"]["rank"] == 4
+
+
+@pytest.mark.slow
+def test_last_block_learns_only_the_last_block_and_final_norm(base_run, tmp_path, capsys):
+    data = write_json(tmp_path / "data.json", alpaca_records(12))
+    run = finetune_instruct(finetune_opts(base_run, data, tmp_path / "r", steps=2, train="last-block",
+                                          extra={"max_new_tokens": 1, "test_limit": 1}), log=lambda m: None)
+    base, tuned = load_model(base_run).state_dict(), load_model(run).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    last = f"blocks.{load_model(base_run).cfg.n_layers - 1}."
+    assert changed and all(k.startswith((last, "final_norm.")) for k in changed)
+    # `train --resume` on a fine-tuning run points at `finetune --resume`
+    assert main(["train", "--resume", str(run)]) == 2
+    assert f"llmscratch finetune --resume {run}" in capsys.readouterr().err

@@ -12,6 +12,17 @@ The classification task plugs in here; ``cli/finetune.py`` imports this module l
   ``FinetuneTask`` (``tasks.Task`` plus ``train_examples``, ``data_sha``, ``adapt(model)``,
   ``before(run)``, ``after(run, state)``; see ``training/instruct.py`` for the instruction task).
 
+What the shared run (``training/finetune.py``) does with a task, in order: ``task = make_task(opts,
+tokenizer, runtime, log)``; ``model = task.adapt(model)`` (swap in a class head here); the task's
+``new_parameters(model)`` if it has one (they learn under every ``--train``: all, last-block, lora);
+``task.start(run, step)`` if it has one (a resume's first step, for the batch order); ``task.before(run)``
+on a new run; ``run_loop``; ``task.after(run, state)`` unless stopped. ``task.evaluate`` returns at
+least ``loss``, ``ppl``, ``bpb`` and ``tokens``: ``bpb`` is what picks ``best/`` (lower is better; a
+classifier may put its loss or error rate there). ``task.data_sha`` must change when the data do
+(``finetune.data_fingerprint``). Note that a LoRA run's weights file holds the adapters only (the
+lora branch's ``store/lora.py``): a new head must be saved another way. A new head also changes
+the model ``config.json`` describes: ``load_model`` must be able to rebuild it.
+
 Until the classification task lands, both exist and ``run_classify`` says it is not available.
 """
 

@@ -28,7 +28,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -146,7 +146,9 @@ class FinetuneTask(Task, Protocol):
 
     def adapt(self, model: GPT) -> GPT:
         """The model to fine-tune made from the base one (a class head in place of the LM head, say);
-        called on a new run before anything is frozen or wrapped, and on a resume before its weights load."""
+        called on a new run before anything is frozen or wrapped, and on a resume before its weights load.
+        A task with new parameters may also define ``new_parameters(model) -> list`` (they learn under
+        every ``--train``)."""
 
     def before(self, run: Run) -> None:
         """At the start of a new run, before the first step (the held-out numbers before, say)."""
@@ -227,23 +229,26 @@ def train_config_for(opts: FinetuneOptions, steps: int, run_dir: RunDir) -> Trai
         stop_at=opts.stop_at, progress=opts.progress)
 
 
-def choose_trainable(model: GPT, opts: FinetuneOptions, log: Log) -> dict[str, Any]:
+def choose_trainable(model: GPT, opts: FinetuneOptions, log: Log, new: Sequence[nn.Parameter] = ()) -> dict[str, Any]:
     """Freeze what ``--train`` leaves alone; return what was chosen (for finetune.json and the log).
 
     ``all``: every weight. ``last-block``: the last transformer block and the final norm (the
     book's chapter 6 choice; a task's own new layers stay trainable). ``lora``: low-rank adapters
-    on the chosen linear layers, everything else frozen (``nn/lora.py``).
+    on the chosen linear layers, everything else frozen (``nn/lora.py``). ``new``: the task's own new
+    parameters (a class head), which learn whatever ``--train`` says.
     """
     if opts.train == "all":
         return {"train": "all"}
     if opts.train == "last-block":
         keep = {id(p) for m in (model.blocks[-1], model.final_norm) for p in m.parameters()}
-        new = getattr(model, "task_parameters", lambda: [])()  # a task's new head stays trainable
-        keep |= {id(p) for p in new}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
-        return {"train": "last-block"}
-    return add_adapters(model, opts, log)
+        chosen = {"train": "last-block"}
+    else:
+        chosen = add_adapters(model, opts, log)
+    for p in new:
+        p.requires_grad_(True)
+    return chosen
 
 
 def add_adapters(model: GPT, opts: FinetuneOptions, log: Log) -> dict[str, Any]:
@@ -324,7 +329,7 @@ def _finetune(opts: FinetuneOptions, make_task: TaskFactory, log: Log, given: se
         log(f"{opts.base} holds LoRA adapters: merged into its base weights before fine-tuning")
     task = make_task(opts, tokenizer, runtime, log)
     model = task.adapt(model)
-    chosen = choose_trainable(model, opts, log)
+    chosen = choose_trainable(model, opts, log, getattr(task, "new_parameters", lambda m: [])(model))
     steps = total_steps(opts, task.train_examples)
     cfg = train_config_for(opts, steps, run_dir)
     if state is not None:

@@ -116,6 +116,9 @@ def check_resumable(run_dir: Path) -> None:
         raise ConfigError(f"--resume {run_dir}: no such folder; give a run directory (runs/NAME, or runs/latest)")
     if not run_dir.is_dir():
         raise ConfigError(f"--resume {run_dir} is a file; give the run directory that holds it ({run_dir.parent})")
+    if run.finetune.is_file():
+        raise ConfigError(f"--resume {run_dir}: a fine-tuning run (it has {run.finetune.name}); continue it with "
+                          f"`llmscratch finetune --resume {run_dir}`")
     if not run.train_config.is_file() and run.config.is_file():
         raise ConfigError(f"--resume {run_dir}: these weights were not trained by `llmscratch train` (no "
                           f"{run.train_config.name}: imported?), so there is no run to continue; start one from them "
