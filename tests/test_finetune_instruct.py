@@ -362,3 +362,41 @@ def test_last_block_learns_only_the_last_block_and_final_norm(base_run, tmp_path
     # `train --resume` on a fine-tuning run points at `finetune --resume`
     assert main(["train", "--resume", str(run)]) == 2
     assert f"llmscratch finetune --resume {run}" in capsys.readouterr().err
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_the_models_chat_template_is_what_transformers_renders(tmp_path):
+    """``--template model``: the prompt is transformers' ``apply_chat_template`` with the generation prompt;
+    the learned ids are the answer and its ``<|im_end|>`` (not the newline after it)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from llmscratch.data.pretrained_tokenizer import PretrainedTokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([" ".join(WORDS) + " Repeat the word. Say it."] * 10, trainer=trainer)
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>",
+                                               eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                               chat_template=CHATML)
+    ref.save_pretrained(str(tmp_path / "tok"))
+    tok = PretrainedTokenizer.from_hf_dir(tmp_path / "tok")
+    records = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say cat."},
+                             {"role": "assistant", "content": "cat cat"}]},
+               {"instruction": "Repeat the word.", "input": "dog", "output": "dog dog"}]
+    examples = read_examples(write_jsonl(tmp_path / "c.jsonl", records))
+    fmt = prompt_format(tok, "auto")
+    assert not fmt.is_default
+    for example, messages in zip(examples, [records[0]["messages"],
+                                            [{"role": "user", "content": "Repeat the word.\n\ndog"},
+                                             {"role": "assistant", "content": "dog dog"}]]):
+        enc = encode_example(example, fmt, 256)
+        prompt = ref.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        assert enc.ids[:enc.prompt_len] == ref.encode(prompt, add_special_tokens=False)
+        assert enc.ids[enc.prompt_len:] == ref.encode(messages[-1]["content"] + "<|im_end|>", add_special_tokens=False)
