@@ -91,7 +91,7 @@ def main() -> None:
         learn = r["learn"].split("learn)")[0].split(": ", 1)[-1] + "learn" if "learn)" in r["learn"] else "?"
         print(f"| {r['kind']} | {learn} | {r['before']['val_response_loss']:.3f} → {r['after']['val_response_loss']:.3f} "
               f"| {r['before']['test_response_loss']:.3f} → {r['after']['test_response_loss']:.3f} "
-              f"| {r['tokens_per_s_median']:,.0f} | {r['peak']} |")
+              f"| {r['tokens_per_s_median']:,.1f} | {r['peak']} |")
     for r in results:
         print(f"\n--- {r['kind']}: five test responses ---")
         for rec in r["responses"][:5]:
