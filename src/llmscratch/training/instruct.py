@@ -349,6 +349,7 @@ class InstructionTask:
             chosen = perm[i * per_step:(i + 1) * per_step].tolist()
         self.step += 1
         examples = [self.encoded["train"][j] for j in chosen]
+        self.tokens_per_step = sum(len(e.ids) - 1 for e in examples)  # this step's tokens, no padding (tokens/s)
         return [self._to_device(collate(examples[k:k + self.micro_size], self.pad_id, self.extra["mask_prompt"]))
                 for k in range(0, len(examples), self.micro_size)]
 
