@@ -326,6 +326,10 @@ def test_judge_unreachable_is_a_clear_error(tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", [{"instruction": "a", "input": "", "output": "b", "model_response": "c"}])
     with pytest.raises(JudgeError, match="cannot reach it"):
         judge_file(path, "http://127.0.0.1:9/v1", "m")
+    from llmscratch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not an http"):
+        judge_file(path, "localhost:11434/v1", "m")
 
 
 @pytest.mark.slow

@@ -486,6 +486,7 @@ class JudgeError(LLMScratchError):
 def judge_file(path: Path, url: str, model: str, log: Log = print) -> dict[str, Any]:
     """Score every response of a ``test_responses.jsonl`` 0-100 with the book's prompt; the scores go
     into the file (``judge_score``, null where the answer was no integer) and the mean is returned."""
+    check_judge_url(url)
     records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     scores: list[int] = []
     for record in records:
@@ -519,5 +520,17 @@ def finetune_instruct(opts: FinetuneOptions, log: Log = print, given: Optional[s
         raise ConfigError(f"--template must be auto, alpaca or model, got {extra['template']!r}")
     if extra["max_new_tokens"] < 1:
         raise ConfigError(f"--max-new-tokens must be a positive integer, got {extra['max_new_tokens']}")
+    if extra["judge"]:
+        check_judge_url(extra["judge"])
     opts.extra = extra
     return finetune(opts, InstructionTask, log, given)
+
+
+def check_judge_url(url: str) -> None:
+    """``--judge`` is an http(s) address (checked before training, not after it)."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(f"--judge {url!r} is not an http(s) address; give the endpoint's base URL, such as "
+                          "http://localhost:11434/v1 (Ollama) or http://127.0.0.1:8000/v1 (`llmscratch serve`)")
