@@ -15,6 +15,7 @@ from ..errors import CheckpointError, LLMScratchError
 from ..files import PathLike
 from ..nn.model import GPT
 from . import checkpoint as ckpt
+from . import lora as lora_files
 from . import sharded
 from .rundir import BEST_DIR, SHARDED_DIR, RunDir
 
@@ -32,7 +33,10 @@ def describe_run(run_dir: PathLike) -> str:
     lines += [f"  {k}: {v}" for k, v in sorted(cfg.to_dict().items())]
     lines.append(_tokenizer_line(run.path))
     lines.append(_weights_line(run))
+    if lora_files.is_adapter(run.path):
+        lines.append(_adapter_line(run))
     lines += _training_lines(run)
+    lines += _finetune_lines(run)
     best, final = run.best_evaluation(), run.final_evaluation()
     if best:
         lines.append(f"best validation (during training): step {best['step']}, loss {best['val_loss']:.4f}, "
@@ -41,6 +45,37 @@ def describe_run(run_dir: PathLike) -> str:
         lines.append(f"final validation (whole split): loss {final['val_loss']:.4f}, ppl {final['val_ppl']:.2f}, "
                      f"{final['val_bpb']:.4f} bits/byte")
     return "\n".join(lines)
+
+
+def _finetune_lines(run: RunDir) -> list[str]:
+    """What a fine-tuned run records of its base run and task, and its held-out response loss before/after."""
+    if not run.finetune.is_file():
+        return []
+    try:
+        record = ckpt.read_json(run.finetune)
+    except CheckpointError as err:
+        return [f"fine-tuned: {run.finetune.name} cannot be read: {err}"]
+    lines = [f"fine-tuned from {record.get('base')} (--task {record.get('task')}, --train {record.get('train')})"]
+    metrics = run.read_metrics()
+    before = next((r for r in metrics if r.get("before")), None)
+    after = next((r for r in reversed(metrics) if r.get("after")), None)
+    for name in ("val", "test"):
+        key = f"{name}_response_loss"
+        if before and after and key in before and key in after:
+            lines.append(f"  held-out {name} response loss: {before[key]:.4f} before, {after[key]:.4f} after")
+    return lines
+
+
+def _adapter_line(run: RunDir) -> str:
+    """What a LoRA run's adapters are and which run's weights they adapt."""
+    try:
+        adapter = lora_files.read_adapter_config(run.path)
+    except CheckpointError as err:
+        return f"LoRA adapters: cannot be used ({err})"
+    c = adapter.config
+    return (f"LoRA adapters: rank {c.rank}, alpha {c.alpha:g} (scaling {c.scaling}), dropout {c.dropout:g}, on "
+            f"{','.join(c.targets)}; the weights file holds only them, on the base run {adapter.base_run} "
+            "(`llmscratch export RUN OUT --merge` folds them in)")
 
 
 def _tokenizer_line(path: Path) -> str:
@@ -74,6 +109,8 @@ def _training_lines(run: RunDir) -> list[str]:
         if run.train_config.exists():
             saved = ckpt.read_json(run.train_config)
             total, optimizer = saved.get("steps"), saved.get("optimizer", "adamw")
+            if saved.get("lora_rank"):
+                optimizer = "adamw on LoRA adapters"
         lines = [f"training: step {state['step']}" + (f" of {total}" if total else "")
                  + f", {state.get('tokens_seen', 0):,} tokens seen" + (f", {optimizer}" if optimizer else "")]
         if "optimizer" not in state:

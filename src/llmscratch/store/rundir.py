@@ -11,6 +11,9 @@ runs/
     metrics.jsonl                    one JSON record per log or evaluation step
     loss.png                         the curves so far
     tokenizer files                  as the tokenizer saves them
+    adapter.json                     a LoRA run: its adapters' settings and the base run (then
+                                     model.safetensors holds the adapters only; store/lora.py)
+    finetune.json                    a fine-tuned run: its base run, task and options
     best/                            the best validation weights, with the tokenizer
     sharded/                         an FSDP checkpoint (every rank's shard), until consolidated
 ```
@@ -40,6 +43,8 @@ PLOT_FILE = "loss.png"
 BEST_DIR = "best"
 SHARDED_DIR = "sharded"
 LATEST = "latest"
+FINETUNE_FILE = "finetune.json"
+ADAPTER_CONFIG_FILE = "adapter.json"
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,14 @@ class RunDir:
     @property
     def plot(self) -> Path:
         return self.path / PLOT_FILE
+
+    @property
+    def adapter_config(self) -> Path:
+        return self.path / ADAPTER_CONFIG_FILE
+
+    @property
+    def finetune(self) -> Path:
+        return self.path / FINETUNE_FILE
 
     @property
     def best(self) -> "RunDir":
