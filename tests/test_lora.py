@@ -276,12 +276,28 @@ TEXT = ("In the beginning God created the heaven and the earth. And the earth wa
         "and darkness was upon the face of the deep. And God said, Let there be light: and there was light. ") * 12
 
 
-@pytest.fixture()
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "tiny.txt"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(the corpus, a base run trained 4 steps on it), once for the module; the token cache is the module's."""
+    from llmscratch.training.train import train
+
+    root = tmp_path_factory.mktemp("lora_runs")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("LLMSCRATCH_CACHE", str(root / "cache"))
+    path = root / "tiny.txt"
     path.write_text(TEXT, encoding="utf-8")
-    return path
+    yield path, train(tiny_config(path, root, name="base"), log=lambda m: None)
+    patch.undo()
+
+
+@pytest.fixture()
+def corpus(trained):
+    return trained[0]
+
+
+@pytest.fixture()
+def base_run(trained):
+    return trained[1]
 
 
 def tiny_config(corpus, out, **kw):
@@ -294,13 +310,6 @@ def tiny_config(corpus, out, **kw):
         for name in ("tokenizer", "preset", "model"):
             base.pop(name)
     return TrainConfig(**{**base, **kw})
-
-
-@pytest.fixture()
-def base_run(corpus, tmp_path):
-    from llmscratch.training.train import train
-
-    return train(tiny_config(corpus, tmp_path, name="base"), log=lambda m: None)
 
 
 def test_lora_training_moves_only_the_adapters_and_saves_them_with_the_base_reference(corpus, tmp_path, base_run):
@@ -344,6 +353,7 @@ def json_of(path):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_lora_resume_is_bit_exact(corpus, tmp_path, base_run):
     from llmscratch.store.checkpoint import load_model
     from llmscratch.training.train import train
