@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, CorpusError
 from ..files import PathLike, human_bytes, write_atomic, write_text_atomic
+from .shards import ShardedTokens
 from .tokenizer import Tokenizer, split_for_encoding
 
 
@@ -143,6 +144,94 @@ def load_corpus(path: Optional[PathLike] = None, encoding: str = "utf-8") -> Cor
     return Corpus(text, files, name)
 
 
+@dataclass
+class CorpusDigest:
+    """What identifies a corpus's text without holding it: the SHA-256 of the text (equal to
+    :meth:`Corpus.fingerprint`), its length in characters and UTF-8 bytes, its files and name."""
+
+    sha256: str
+    n_chars: int
+    n_bytes: int
+    sources: list[Path]
+    name: str
+
+
+def _stream_text(files: list[Path], encoding: str, block: int = 1 << 22):
+    """The corpus text as :func:`load_corpus` joins it (files with a blank line between), in pieces."""
+    for i, path in enumerate(files):
+        if i:
+            yield "\n\n"
+        try:
+            codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+        except LookupError:
+            raise CorpusError(f"unknown text encoding {encoding!r} (for {path}); use a Python codec name such as utf-8 or latin-1") from None
+        decoder = codecs.getincrementaldecoder(codec)()
+        offset = 0
+        try:
+            with path.open("rb") as f:
+                while True:
+                    raw = f.read(block)
+                    try:
+                        yield decoder.decode(raw, final=not raw)
+                    except UnicodeDecodeError as e:
+                        raise CorpusError(
+                            f"{path} is not valid {encoding}: the byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
+                            f"cannot be decoded ({e.reason}); if the file uses another encoding, pass it with --encoding "
+                            "(e.g. --encoding latin-1)") from None
+                    offset += len(raw)
+                    if not raw:
+                        break
+        except OSError as e:
+            raise CorpusError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _stream_builtin():
+    path = builtin_corpus_path()
+    with path.open(encoding="utf-8") as f:
+        first = True
+        for line in f:
+            if line.strip():
+                yield ("" if first else "\n") + json.loads(line)["text"]
+                first = False
+
+
+def corpus_digest(path: Optional[PathLike] = None, encoding: str = "utf-8",
+                  cache_dir: Optional[PathLike] = None) -> CorpusDigest:
+    """The corpus's :class:`CorpusDigest`, read as a stream (never the whole text in memory).
+
+    With ``cache_dir``, the result is kept there under the files' paths, sizes and modification
+    times, so an unchanged corpus is not read again: the next run checks a few ``stat`` calls.
+    """
+    builtin = path is None or (str(path) == BUILTIN_CORPUS and not Path(BUILTIN_CORPUS).exists())
+    files, name = ([builtin_corpus_path()], BUILTIN_CORPUS) if builtin else _corpus_files(path)
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    memo = None
+    if cache_dir is not None:
+        memo_key = hashlib.sha256(json.dumps([builtin, encoding, stats]).encode()).hexdigest()[:32]
+        memo = Path(cache_dir) / "digests" / f"{memo_key}.json"
+        try:
+            saved = json.loads(memo.read_text(encoding="utf-8"))
+            return CorpusDigest(saved["sha256"], saved["n_chars"], saved["n_bytes"], files, name)
+        except (OSError, ValueError, KeyError):
+            pass
+    pieces = _stream_builtin() if builtin else _stream_text(files, encoding)
+    h, n_chars, n_bytes, blank = hashlib.sha256(), 0, 0, True
+    for piece in pieces:
+        data = piece.encode("utf-8", "surrogatepass")
+        h.update(data)
+        n_chars += len(piece)
+        n_bytes += len(data)
+        blank = blank and not piece.strip()
+    if blank:
+        shown = ", ".join(str(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        raise CorpusError(f"the corpus is empty: {shown} {'holds' if len(files) == 1 else 'hold'} no text")
+    digest = CorpusDigest(h.hexdigest(), n_chars, n_bytes, files, name)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(memo, json.dumps({"sha256": digest.sha256, "n_chars": n_chars, "n_bytes": n_bytes}) + "\n")
+    return digest
+
+
 # --------------------------------------------------------------------------- token files
 
 
@@ -194,10 +283,11 @@ def encode_text(text: str, tokenizer: Tokenizer, dtype: np.dtype) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=count)
 
 
-def _cache_key(text: str, tokenizer: Tokenizer, val_fraction: float) -> str:
+def _cache_key(corpus_sha: str, tokenizer: Tokenizer, val_fraction: float) -> str:
+    """The token cache's key: the corpus text's SHA-256 (streamed, see :func:`corpus_digest`), the
+    tokenizer's files and the split."""
     h = hashlib.sha256()
-    h.update(f"llmscratch-tokens-v{TOKEN_CACHE_VERSION}\0{val_fraction!r}\0{tokenizer.fingerprint()}\0".encode())
-    h.update(text.encode("utf-8", "surrogatepass"))
+    h.update(f"llmscratch-tokens-v{TOKEN_CACHE_VERSION}\0{val_fraction!r}\0{tokenizer.fingerprint()}\0{corpus_sha}".encode())
     return h.hexdigest()
 
 
@@ -245,22 +335,37 @@ def prepare_tokens(
     val_fraction: float = 0.1,
     progress: Optional[Callable[[str], None]] = None,
 ) -> TokenSplits:
-    """Tokenize the corpus once into ``train.bin`` / ``val.bin`` under ``cache_dir``, or read them.
+    """Tokenize the corpus once into ``train.bin`` / ``val.bin`` under ``cache_dir``, or read them
+    (:func:`cached_tokens` for a corpus given by its :class:`CorpusDigest`, read only on a miss)."""
+    digest = CorpusDigest(corpus.fingerprint(), len(corpus.text), corpus.n_bytes, corpus.sources, corpus.name)
+    return cached_tokens(digest, tokenizer, cache_dir, lambda: corpus, val_fraction, progress)
 
-    The cache folder is named by a hash of the corpus text, the tokenizer's saved files
-    and ``val_fraction``, so any change re-tokenizes and nothing stale is read. Files are
-    written atomically and ``meta.json`` last, so an interrupted run leaves no half cache.
-    The validation split is the tail of the text (see :func:`split_text`). ``progress`` is
-    told, in one line, when the text is tokenized (the slow part for a large corpus), not when
-    the cache is read.
+
+def cached_tokens(
+    digest: CorpusDigest,
+    tokenizer: Tokenizer,
+    cache_dir: PathLike,
+    load: Callable[[], Corpus],
+    val_fraction: float = 0.1,
+    progress: Optional[Callable[[str], None]] = None,
+) -> TokenSplits:
+    """The token splits of the corpus ``digest`` names: from the cache, else ``load()``-ed and tokenized.
+
+    The cache folder is named by a hash of the corpus text's SHA-256, the tokenizer's saved files
+    and ``val_fraction``, so any change re-tokenizes and nothing stale is read; a hit needs no
+    text in memory. Files are written atomically and ``meta.json`` last, so an interrupted run
+    leaves no half cache. The validation split is the tail of the text (see :func:`split_text`).
+    ``progress`` is told, in one line, when the text is tokenized (the slow part for a large
+    corpus), not when the cache is read.
     """
-    train_text, val_text = split_text(corpus.text, val_fraction)
-    key = _cache_key(corpus.text, tokenizer, val_fraction)
+    key = _cache_key(digest.sha256, tokenizer, val_fraction)
     folder = Path(cache_dir) / key[:24]
     cached = _load_cached(folder, tokenizer.vocab_size)
     if cached is not None:
         return cached
 
+    corpus = load()
+    train_text, val_text = split_text(corpus.text, val_fraction)
     if progress is not None:
         progress(f"data: tokenizing {human_bytes(corpus.n_bytes)} of text into {folder}")
     dtype = token_dtype(tokenizer.vocab_size)
@@ -337,13 +442,15 @@ def window_starts(n_tokens: int, batch_size: int, context_length: int, generator
 
 
 def gather_windows(
-    tokens: np.ndarray | torch.Tensor, starts: torch.Tensor, context_length: int
+    tokens: np.ndarray | torch.Tensor | ShardedTokens, starts: torch.Tensor, context_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) int64 (B, T): ``x[b] = tokens[s:s+T]`` and ``y[b] = tokens[s+1:s+T+1]`` for each start s."""
     offsets = np.arange(context_length + 1)
     index = np.asarray(starts, dtype=np.int64)[:, None] + offsets  # (B, T+1)
     if isinstance(tokens, torch.Tensor):
         windows = tokens[torch.from_numpy(index)].long()
+    elif isinstance(tokens, ShardedTokens):  # a prepared folder's shards: a window may span two of them
+        windows = torch.from_numpy(tokens.take(index).astype(np.int64))
     else:
         windows = torch.from_numpy(np.asarray(tokens)[index].astype(np.int64))
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # (B, T), (B, T)
