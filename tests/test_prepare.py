@@ -269,3 +269,17 @@ def test_train_on_a_prepared_folder(tmp_path, monkeypatch, capsys):
     evals = [x for x in lines if "val_bpb" in x or "bpb" in x]
     assert evals and all(np.isfinite(list(v for k, v in e.items() if "bpb" in k)).all() for e in evals)
     assert load_tokenizer(run_dir).fingerprint() == load_tokenizer(tmp_path / "prep" / "tokenizer").fingerprint()
+
+
+def test_the_implicit_cache_is_tokenized_as_a_stream_with_the_ids_of_the_whole_text(tmp_path, gpt2_dir, small_units):
+    from llmscratch.data.corpus import Corpus, encode_text, prepare_tokens, split_text, token_dtype
+    from llmscratch.data.tokenizer import build_tokenizer
+
+    text = "\n".join(documents(80, seed=8))
+    train, val = split_text(text, 0.1)
+    for tok in (load_tokenizer(gpt2_dir), build_tokenizer("char", text), build_tokenizer("bpe", text, vocab_size=300)):
+        splits = prepare_tokens(Corpus(text, [], "x"), tok, tmp_path / tok.kind, val_fraction=0.1)
+        dtype = token_dtype(tok.vocab_size)
+        assert np.array_equal(np.asarray(splits.train), encode_text(train, tok, dtype)), tok.kind
+        assert np.array_equal(np.asarray(splits.val), encode_text(val, tok, dtype)), tok.kind
+        assert splits.train_bytes == len(train.encode()) and splits.val_bytes == len(val.encode())

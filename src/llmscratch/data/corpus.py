@@ -28,7 +28,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, CorpusError
 from ..files import PathLike, human_bytes, write_atomic, write_text_atomic
+from .prepare import tokenize_text_stream
 from .shards import ShardedTokens
 from .tokenizer import Tokenizer, split_for_encoding
 
@@ -156,7 +157,14 @@ class CorpusDigest:
     name: str
 
 
-def _stream_text(files: list[Path], encoding: str, block: int = 1 << 22):
+def corpus_pieces(path: Optional[PathLike] = None, encoding: str = "utf-8") -> Iterator[str]:
+    """The text :func:`load_corpus` returns, in pieces of a few MB, read as a stream."""
+    if path is None or (str(path) == BUILTIN_CORPUS and not Path(BUILTIN_CORPUS).exists()):
+        return _stream_builtin()
+    return _stream_text(_corpus_files(path)[0], encoding)
+
+
+def _stream_text(files: list[Path], encoding: str, block: int = 1 << 22) -> Iterator[str]:
     """The corpus text as :func:`load_corpus` joins it (files with a blank line between), in pieces."""
     for i, path in enumerate(files):
         if i:
@@ -185,7 +193,7 @@ def _stream_text(files: list[Path], encoding: str, block: int = 1 << 22):
             raise CorpusError(f"cannot read {path}: {e.strerror or e}") from e
 
 
-def _stream_builtin():
+def _stream_builtin() -> Iterator[str]:
     path = builtin_corpus_path()
     with path.open(encoding="utf-8") as f:
         first = True
@@ -338,18 +346,19 @@ def prepare_tokens(
     """Tokenize the corpus once into ``train.bin`` / ``val.bin`` under ``cache_dir``, or read them
     (:func:`cached_tokens` for a corpus given by its :class:`CorpusDigest`, read only on a miss)."""
     digest = CorpusDigest(corpus.fingerprint(), len(corpus.text), corpus.n_bytes, corpus.sources, corpus.name)
-    return cached_tokens(digest, tokenizer, cache_dir, lambda: corpus, val_fraction, progress)
+    return cached_tokens(digest, tokenizer, cache_dir, lambda: [corpus.text], val_fraction, progress)
 
 
 def cached_tokens(
     digest: CorpusDigest,
     tokenizer: Tokenizer,
     cache_dir: PathLike,
-    load: Callable[[], Corpus],
+    text: Callable[[], Iterable[str]],
     val_fraction: float = 0.1,
     progress: Optional[Callable[[str], None]] = None,
 ) -> TokenSplits:
-    """The token splits of the corpus ``digest`` names: from the cache, else ``load()``-ed and tokenized.
+    """The token splits of the corpus ``digest`` names: from the cache, else tokenized from ``text()``
+    (its text in pieces: :func:`corpus_pieces`) as a stream, a unit at a time (``prepare.tokenize_text_stream``).
 
     The cache folder is named by a hash of the corpus text's SHA-256, the tokenizer's saved files
     and ``val_fraction``, so any change re-tokenizes and nothing stale is read; a hit needs no
@@ -364,36 +373,42 @@ def cached_tokens(
     if cached is not None:
         return cached
 
-    corpus = load()
-    train_text, val_text = split_text(corpus.text, val_fraction)
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if progress is not None:
-        progress(f"data: tokenizing {human_bytes(corpus.n_bytes)} of text into {folder}")
+        progress(f"data: tokenizing {human_bytes(digest.n_bytes)} of text into {folder}")
     dtype = token_dtype(tokenizer.vocab_size)
-    train = encode_text(train_text, tokenizer, dtype)
-    val = encode_text(val_text, tokenizer, dtype)
+    cut = int(digest.n_chars * (1.0 - val_fraction))  # as split_text cuts
+    folder.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+
+    def write_both(train_tmp: str) -> None:
+        def write_val(val_tmp: str) -> None:
+            with open(train_tmp, "wb") as tf, open(val_tmp, "wb") as vf:
+                counts.update(tokenize_text_stream(text(), cut, tokenizer, dtype, tf, vf))
+        write_atomic(folder / "val.bin", write_val)
+
+    write_atomic(folder / "train.bin", write_both)
     meta = {
         "version": TOKEN_CACHE_VERSION,
         "key": key,
-        "corpus": corpus.name,
-        "sources": [str(s) for s in corpus.sources[:100]],
-        "n_sources": len(corpus.sources),
+        "corpus": digest.name,
+        "sources": [str(s) for s in digest.sources[:100]],
+        "n_sources": len(digest.sources),
         "tokenizer": tokenizer.kind,
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype.name,
         "val_fraction": val_fraction,
-        "n_train_tokens": int(train.size),
-        "n_val_tokens": int(val.size),
-        "train_chars": len(train_text),
-        "val_chars": len(val_text),
-        "train_bytes": len(train_text.encode("utf-8")),
-        "val_bytes": len(val_text.encode("utf-8")),
+        "n_train_tokens": counts["train_tokens"],
+        "n_val_tokens": counts["val_tokens"],
+        "train_chars": counts["train_chars"],
+        "val_chars": counts["val_chars"],
+        "train_bytes": counts["train_bytes"],
+        "val_bytes": counts["val_bytes"],
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "train.bin", train.tofile)
-    write_atomic(folder / "val.bin", val.tofile)
     write_text_atomic(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
-    return TokenSplits(_open_tokens(folder / "train.bin", dtype, train.size),
-                       _open_tokens(folder / "val.bin", dtype, val.size), meta, folder)
+    return TokenSplits(_open_tokens(folder / "train.bin", dtype, counts["train_tokens"]),
+                       _open_tokens(folder / "val.bin", dtype, counts["val_tokens"]), meta, folder)
 
 
 def check_split_sizes(splits: TokenSplits, context_length: int, val_fraction_option: bool = True) -> None:

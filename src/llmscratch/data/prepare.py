@@ -32,14 +32,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..errors import ConfigError, CorpusError, TokenizerError
 from ..files import human_bytes, write_text_atomic
 from .shards import INDEX_FILE, INDEX_FORMAT
-from .sources import BadCounter, Source, find_sources, read_documents, source_fingerprint
+from .sources import BadCounter, Source, safe_cut, find_sources, read_documents, source_fingerprint
 from .tokenizer import BUILDABLE_KINDS, DEFAULT_BPE_VOCAB_SIZE, Tokenizer, build_tokenizer, load_tokenizer
 from .tokenizer_base import EOT, check_utf8_batch
 
@@ -180,22 +180,64 @@ def _encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer.encode_batch(texts)
 
 
-def encode_unit(segments: list[str], ends: list[bool], dtype: str) -> tuple[np.ndarray, int, int, float]:
-    """(ids, UTF-8 bytes, worker pid, seconds spent) of one unit: each segment's ids, the separator
-    after each document's last segment."""
-    t0 = time.perf_counter()
-    tok = _worker_tokenizer
-    assert tok is not None, "the worker's tokenizer was not loaded"
-    ids = _encode_batch(tok, segments)
-    sep = np.asarray(_worker_sep, dtype=dtype)
+def encode_segments(tokenizer: Tokenizer, sep: Sequence[int], segments: list[str], ends: list[bool], dtype: str,
+                    one_thread: bool = True) -> np.ndarray:
+    """The ids of ``segments`` in order, ``sep`` after each one that ends a document."""
+    ids = _encode_batch(tokenizer, segments) if one_thread else tokenizer.encode_batch(segments)
+    sep_ids = np.asarray(sep, dtype=dtype)
     parts = []
     for piece, end in zip(ids, ends):
         parts.append(np.asarray(piece, dtype=dtype))
         if end:
-            parts.append(sep)
-    out = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+            parts.append(sep_ids)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def encode_unit(segments: list[str], ends: list[bool], dtype: str) -> tuple[np.ndarray, int, int, float]:
+    """In a worker: (ids, UTF-8 bytes, worker pid, seconds spent) of one unit."""
+    t0 = time.perf_counter()
+    assert _worker_tokenizer is not None, "the worker's tokenizer was not loaded"
+    out = encode_segments(_worker_tokenizer, _worker_sep, segments, ends, dtype)
     n_bytes = sum(len(s.encode("utf-8", "surrogatepass")) for s in segments)
     return out, n_bytes, os.getpid(), time.perf_counter() - t0
+
+
+def tokenize_text_stream(pieces: Iterable[str], cut: int, tokenizer: Tokenizer, dtype: np.dtype,
+                         train_file: BinaryIO, val_file: BinaryIO) -> dict[str, int]:
+    """A text given in pieces, tokenized unit by unit into two files: its first ``cut`` characters
+    (training) and the rest (validation), with the ids that encoding each part whole gives.
+
+    How ``train --data corpus.txt`` fills its token cache: no separator is added (the text is one
+    stream), each part is cut only at safe points (``sources.safe_cut``), so no more than a few
+    units of text and ids are ever in memory.
+    """
+    counts = {"train_tokens": 0, "val_tokens": 0, "train_chars": 0, "val_chars": 0, "train_bytes": 0, "val_bytes": 0}
+    files = {"train": train_file, "val": val_file}
+
+    def emit(split: str, text: str) -> None:
+        if text:
+            ids = encode_segments(tokenizer, [], [text], [False], dtype.name, one_thread=False)
+            files[split].write(ids.tobytes())
+            counts[f"{split}_tokens"] += ids.size
+            counts[f"{split}_chars"] += len(text)
+            counts[f"{split}_bytes"] += len(text.encode("utf-8", "surrogatepass"))
+
+    buffer, split, seen = "", "train", 0
+    for piece in pieces:
+        if split == "train" and seen + len(piece) >= cut:  # the piece that holds the cut
+            head, piece = piece[: cut - seen], piece[cut - seen:]
+            emit("train", buffer + head)
+            buffer, split = "", "val"
+            seen = cut
+        seen += len(piece)
+        buffer += piece
+        if len(buffer) >= UNIT_CHARS:
+            at = safe_cut(buffer, 0, len(buffer))
+            if at > 0:
+                emit(split, buffer[:at])
+                buffer = buffer[at:]
+    emit(split, buffer)
+    return counts
 
 
 # --------------------------------------------------------------------------- shards

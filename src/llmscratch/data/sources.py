@@ -135,7 +135,7 @@ def open_binary(source: Source) -> IO[bytes]:
     return raw
 
 
-def _last_cut(text: str, lo: int, hi: int) -> int:
+def safe_cut(text: str, lo: int, hi: int) -> int:
     """The last safe cut in ``text[lo:hi]``: just after a newline that follows a non-space and
     precedes one (where ``split_for_encoding`` cuts), or -1."""
     i = text.rfind("\n", lo, hi - 1)
@@ -150,9 +150,9 @@ def _segments(text: str) -> Iterator[str]:
     """``text`` in segments of about SEGMENT_CHARS, cut only at safe points (a text without one stays whole)."""
     start = 0
     while len(text) - start > SEGMENT_CHARS:
-        cut = _last_cut(text, start, start + SEGMENT_CHARS)
+        cut = safe_cut(text, start, start + SEGMENT_CHARS)
         if cut <= start:
-            cut = _last_cut(text, start, len(text))  # no cut in this stretch: the first one after it
+            cut = safe_cut(text, start, len(text))  # no cut in this stretch: the first one after it
             if cut <= start:
                 break
         yield text[start:cut]
@@ -197,7 +197,7 @@ def _text_documents(source: Source, skip_bad: bool, bad: BadCounter) -> Iterator
                 pending, started = pending[at + len(EOT):], False
             # then, for a long document, the segments before its last safe cut (a marker may straddle blocks)
             if len(pending) > SEGMENT_CHARS:
-                cut = _last_cut(pending, 0, len(pending) - len(EOT))
+                cut = safe_cut(pending, 0, len(pending) - len(EOT))
                 if cut > 0:
                     for seg in _segments(pending[:cut]):
                         yield seg, False

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..data.corpus import TokenSplits, cached_tokens, check_split_sizes, corpus_digest, load_corpus
+from ..data.corpus import TokenSplits, cached_tokens, check_split_sizes, corpus_digest, corpus_pieces, load_corpus
 from ..data.shards import is_prepared, load_prepared
 from ..data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from ..errors import CheckpointError, ConfigError, TokenizerError
@@ -319,10 +319,13 @@ def prepare_data(cfg: TrainConfig, run_dir: RunDir, state: Optional[dict], group
         if cfg.tokenizer == "bpe" and tokenizer.vocab_size < cfg.vocab_size:
             log(f"note: --vocab-size {cfg.vocab_size} asks for more tokens than BPE finds merges for in this corpus: "
                 f"the tokenizer has {tokenizer.vocab_size} (more text gives more)")
+    def text():  # the text in pieces: the one read already (to train the tokenizer), else streamed from the files
+        return [loaded[0].text] if loaded else corpus_pieces(cfg.data, encoding=cfg.encoding)
+
     if group.is_main:  # rank 0 writes the token cache; then every rank (rank 0 again) reads it
-        cached_tokens(digest, tokenizer, cache / "tokens", load, val_fraction=cfg.val_fraction, progress=log)
+        cached_tokens(digest, tokenizer, cache / "tokens", text, val_fraction=cfg.val_fraction, progress=log)
     group.barrier()
-    splits = cached_tokens(digest, tokenizer, cache / "tokens", load, val_fraction=cfg.val_fraction)
+    splits = cached_tokens(digest, tokenizer, cache / "tokens", text, val_fraction=cfg.val_fraction)
     return corpus_sha, tokenizer, splits
 
 
