@@ -84,6 +84,8 @@ def test_shards_are_the_tokens_of_the_concatenated_documents(tmp_path, gpt2_dir,
     assert split_tokens(tmp_path / "out", "train").tolist() == tok.encode(EOT.join(docs[5:]) + EOT)
     assert index["train"]["documents"] == 55 and index["val"]["documents"] == 5
     assert index["train"]["bytes"] == sum(len(d.encode()) for d in docs[5:])
+    lengths = tok.token_byte_lengths()  # what bits per byte counts: the same bytes as the index says
+    assert int(lengths[split_tokens(tmp_path / "out", "val").astype(np.int64)].sum()) == index["val"]["bytes"]
     assert len(index["train"]["shards"]) > 2 and all(s["tokens"] == 500 for s in index["train"]["shards"][:-1])
     assert index["dtype"] == "uint16" and index["val_shards"] == [s["file"] for s in index["val"]["shards"]]
     assert (tmp_path / "out" / "tokenizer").is_dir() and is_prepared(tmp_path / "out")
@@ -104,10 +106,10 @@ def test_the_same_shards_whatever_the_number_of_workers(tmp_path, gpt2_dir, smal
 def test_validation_documents_are_chosen_the_same_on_every_run(tmp_path, gpt2_dir, small_units):
     data = write_jsonl(tmp_path / "docs.jsonl", documents(200, seed=2))
     a = run([data], tmp_path / "a", gpt2_dir, val_fraction=0.1)
-    b = run([data], tmp_path / "b", gpt2_dir, val_fraction=0.1)
+    run([data], tmp_path / "b", gpt2_dir, val_fraction=0.1)
     assert 5 <= a["val"]["documents"] <= 40  # about 10% of 200
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
-    c = run([data], tmp_path / "c", gpt2_dir, val_fraction=0.1, seed=1)  # another seed, other documents
+    run([data], tmp_path / "c", gpt2_dir, val_fraction=0.1, seed=1)  # another seed, other documents
     assert shard_bytes(tmp_path / "c")["val_000000.bin"] != shard_bytes(tmp_path / "a")["val_000000.bin"]
 
 

@@ -152,7 +152,7 @@ def _segments(text: str) -> Iterator[str]:
     while len(text) - start > SEGMENT_CHARS:
         cut = safe_cut(text, start, start + SEGMENT_CHARS)
         if cut <= start:
-            cut = safe_cut(text, start, len(text))  # no cut in this stretch: the first one after it
+            cut = safe_cut(text, start, len(text))  # no cut in this stretch: the last one in the rest
             if cut <= start:
                 break
         yield text[start:cut]
@@ -185,6 +185,8 @@ def _text_documents(source: Source, skip_bad: bool, bad: BadCounter) -> Iterator
                 if not skip_bad:
                     raise error from None
                 bad.add(str(error))
+                if started:  # the document begun before the bad byte ends here
+                    yield "", True
                 return
             offset += len(block)
             lines += block.count(b"\n")
