@@ -256,6 +256,7 @@ def test_streamed_digest_equals_the_corpus_fingerprint(tmp_path):
     assert corpus_digest(tmp_path, cache_dir=tmp_path / "cache").sha256 == load_corpus(tmp_path).fingerprint()
 
 
+@pytest.mark.slow
 def test_train_on_a_prepared_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path / "cache"))
     data = write_jsonl(tmp_path / "docs.jsonl", documents(120, seed=7))
