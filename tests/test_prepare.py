@@ -286,3 +286,23 @@ def test_the_implicit_cache_is_tokenized_as_a_stream_with_the_ids_of_the_whole_t
         assert np.array_equal(np.asarray(splits.train), encode_text(train, tok, dtype)), tok.kind
         assert np.array_equal(np.asarray(splits.val), encode_text(val, tok, dtype)), tok.kind
         assert splits.train_bytes == len(train.encode()) and splits.val_bytes == len(val.encode())
+
+
+def test_resume_after_a_kill_between_a_shard_s_rename_and_the_index(tmp_path, gpt2_dir, small_units, monkeypatch):
+    data = write_jsonl(tmp_path / "docs.jsonl", documents(40, seed=9))
+    run([data], tmp_path / "whole", gpt2_dir, shard_tokens=300, val_docs=0)
+    real_sha, calls = prep._file_sha256, []
+
+    def die_on_third(path):  # the third shard is in place under its name, the index does not list it yet
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_sha(path)
+
+    monkeypatch.setattr(prep, "_file_sha256", die_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run([data], tmp_path / "out", gpt2_dir, shard_tokens=300, val_docs=0)
+    assert (tmp_path / "out" / "train_000002.bin").exists() and len(load_index(tmp_path / "out")["progress"]["train"]["shards"]) == 2
+    monkeypatch.setattr(prep, "_file_sha256", real_sha)
+    run([data], tmp_path / "out", gpt2_dir, shard_tokens=300, val_docs=0)
+    assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "whole")
