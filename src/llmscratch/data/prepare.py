@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import ConfigError, CorpusError, TokenizerError
 from ..files import human_bytes, write_text_atomic
 from .shards import INDEX_FILE, INDEX_FORMAT
-from .sources import BadCounter, Source, safe_cut, find_sources, read_documents, source_fingerprint
+from .sources import BadCounter, ReadPosition, Source, find_sources, read_documents, safe_cut, source_fingerprint
 from .tokenizer import BUILDABLE_KINDS, DEFAULT_BPE_VOCAB_SIZE, Tokenizer, build_tokenizer, load_tokenizer
 from .tokenizer_base import EOT, check_utf8_batch
 
@@ -115,16 +115,21 @@ class Reading:
 
     def __init__(self, sources: Sequence[Source], cfg: PrepareConfig, bad: BadCounter):
         self.sources, self.cfg, self.bad = sources, cfg, bad
-        self.input_done = 0  # bytes of the files already read whole
-        self.current = 0  # the file being read
+        self.files_done = 0  # bytes of the files already read whole
+        self.position = ReadPosition()  # where the reading is in the file being read
+
+    @property
+    def input_done(self) -> int:
+        """Bytes of the input files read so far (as stored: compressed bytes for a compressed file)."""
+        return self.files_done + self.position.bytes_read()
 
     def units(self) -> Iterator[Unit]:
         buffers: dict[str, Unit] = {s: Unit(s, [], []) for s in ("train", "val")}
         chars = {"train": 0, "val": 0}
         doc, split = 0, None
-        for i, source in enumerate(self.sources):
-            self.current = i
-            for segment, ends in read_documents(source, self.cfg.text_field, self.cfg.skip_bad, self.bad):
+        for source in self.sources:
+            self.position.raw = None
+            for segment, ends in read_documents(source, self.cfg.text_field, self.cfg.skip_bad, self.bad, self.position):
                 if split is None:
                     split = "val" if _is_val(doc, self.cfg) else "train"
                 buf = buffers[split]
@@ -140,7 +145,7 @@ class Reading:
                 elif chars[split] >= UNIT_CHARS:  # a long document goes on in the next unit
                     yield buf
                     buffers[split], chars[split] = Unit(split, [], []), 0
-            self.input_done += source.path.stat().st_size
+            self.files_done += source.path.stat().st_size
         for s in ("train", "val"):
             if buffers[s].segments:
                 yield buffers[s]
@@ -489,7 +494,7 @@ def prepare(cfg: PrepareConfig, log: Log = lambda message: None) -> dict:
         progress.add(n_bytes, ids.size, pid, busy)
         if any(x.closed_one for x in writers.values()):
             checkpoint(units_done)
-        progress.maybe_log(max(reading.input_done, progress.bytes))
+        progress.maybe_log(reading.input_done)
 
     for_workers = enumerate(reading.units())
     if cfg.workers == 1:

@@ -62,6 +62,19 @@ class BadCounter:
             self.examples.append(reason)
 
 
+@dataclass
+class ReadPosition:
+    """How far into the file being read the reading has got, in bytes of the file (compressed or not): for an ETA."""
+
+    raw: Optional[IO[bytes]] = None
+
+    def bytes_read(self) -> int:
+        try:
+            return self.raw.tell() if self.raw is not None and not self.raw.closed else 0
+        except (OSError, ValueError):
+            return 0
+
+
 def classify(path: Path) -> Source:
     """The format and compression of ``path`` from its name: ``web.jsonl.zst`` is zstd-compressed JSONL."""
     suffixes = [s.lower() for s in path.suffixes]
@@ -117,12 +130,14 @@ def source_fingerprint(path: Path) -> dict:
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def open_binary(source: Source) -> IO[bytes]:
-    """The file's bytes, decompressed as a stream."""
+def open_binary(source: Source, position: Optional[ReadPosition] = None) -> IO[bytes]:
+    """The file's bytes, decompressed as a stream; ``position`` follows the file's own offset."""
     try:
         raw = open(source.path, "rb")
     except OSError as e:
         raise CorpusError(f"cannot read {source.path}: {e.strerror or e}") from e
+    if position is not None:
+        position.raw = raw
     if source.compression == "gzip":
         return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
     if source.compression == "zstd":
@@ -168,14 +183,15 @@ def _decode_error(source: Source, consumed: bytes, lines_before: int, err: Unico
                        "or pass --skip-bad to leave the file out")
 
 
-def _text_documents(source: Source, skip_bad: bool, bad: BadCounter) -> Iterator[tuple[str, bool]]:
+def _text_documents(source: Source, skip_bad: bool, bad: BadCounter,
+                    position: Optional[ReadPosition] = None) -> Iterator[tuple[str, bool]]:
     """A text file's documents (split at ``<|endoftext|>``), in segments; a file that is not UTF-8 is
     an error naming its line, or with ``skip_bad`` left out from that point on."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")()
     pending = ""  # text of the current document not yet passed on
     offset = lines = 0
     started = False  # the current document has given at least one segment
-    with open_binary(source) as f:
+    with open_binary(source, position) as f:
         while True:
             block = f.read(READ_BYTES)
             try:
@@ -210,8 +226,9 @@ def _text_documents(source: Source, skip_bad: bool, bad: BadCounter) -> Iterator
         yield pending, True
 
 
-def _jsonl_documents(source: Source, text_field: str, skip_bad: bool, bad: BadCounter) -> Iterator[tuple[str, bool]]:
-    with open_binary(source) as f:
+def _jsonl_documents(source: Source, text_field: str, skip_bad: bool, bad: BadCounter,
+                     position: Optional[ReadPosition] = None) -> Iterator[tuple[str, bool]]:
+    with open_binary(source, position) as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -279,11 +296,11 @@ def _with_last(items: Iterator[str]) -> Iterator[tuple[str, bool]]:
 
 
 def read_documents(source: Source, text_field: str = "text", skip_bad: bool = False,
-                   bad: Optional[BadCounter] = None) -> Iterator[tuple[str, bool]]:
+                   bad: Optional[BadCounter] = None, position: Optional[ReadPosition] = None) -> Iterator[tuple[str, bool]]:
     """The documents of one file as ``(segment, ends_document)`` pairs, read as a stream."""
     bad = bad if bad is not None else BadCounter()
     if source.format == "jsonl":
-        return _jsonl_documents(source, text_field, skip_bad, bad)
+        return _jsonl_documents(source, text_field, skip_bad, bad, position)
     if source.format == "parquet":
         return _parquet_documents(source, text_field, skip_bad, bad)
-    return _text_documents(source, skip_bad, bad)
+    return _text_documents(source, skip_bad, bad, position)
