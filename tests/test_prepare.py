@@ -306,3 +306,14 @@ def test_resume_after_a_kill_between_a_shard_s_rename_and_the_index(tmp_path, gp
     monkeypatch.setattr(prep, "_file_sha256", real_sha)
     run([data], tmp_path / "out", gpt2_dir, shard_tokens=300, val_docs=0)
     assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "whole")
+
+
+def test_a_prepared_folder_without_enough_validation_says_how_to_prepare_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LLMSCRATCH_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "docs.jsonl", documents(20, seed=10))
+    run([data], tmp_path / "prep", "char", val_docs=0)
+    argv = ["train", "--data", str(tmp_path / "prep"), "--preset", "test", "--steps", "1", "--device", "cpu",
+            "--out-dir", str(tmp_path / "runs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "its validation split has 0 tokens" in err and "--val-docs" in err, err

@@ -431,6 +431,9 @@ def check_split_sizes(splits: TokenSplits, context_length: int, val_fraction_opt
     ):
         if len(tokens) < need:
             advice = f"more text, {hint} or a shorter context" if val_fraction_option else "more text"
+            if meta.get("prepared"):  # a folder of `llmscratch prepare`: its split was chosen there
+                advice = (f"a shorter context, or prepare {meta['prepared']} again with more text"
+                          + (" or more validation documents (prepare's --val-docs or --val-fraction)" if name == "validation" else ""))
             raise CorpusError(f"{corpus} is too small: its {name} split has {len(tokens):,} token{'s' if len(tokens) != 1 else ''}, fewer than "
                               f"one window of {context_length}+1; use {advice}")
 
