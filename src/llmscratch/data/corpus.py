@@ -2,8 +2,10 @@
 
 ```
 load_corpus(path)            text: the built-in King James Bible, a file, a folder of .txt, a glob
+corpus_digest(path)          the text's SHA-256 and size, streamed, remembered by the files' sizes and times
 prepare_tokens(corpus, tok)  train / val token arrays (uint16 or uint32 memmaps), cached on disk;
                              val is the tail of the text (10% by default), train the rest
+cached_tokens(digest, ...)   the same for a corpus known by its digest: tokenized as a stream on a miss
 window_starts(...)           nanoGPT-style batches: B random window starts, then
 gather_windows(...)          the windows of T tokens   x, y (B, T)  (random_windows: both in one call)
 SlidingWindowDataset(...)    the book's GPTDatasetV1: windows at 0, stride, 2·stride, …
