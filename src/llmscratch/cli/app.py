@@ -63,6 +63,7 @@ _SMALLER = {
     "chat": "a shorter conversation (--load, /reset) or a smaller model",
     "attention": "a shorter --prompt, or a smaller model",
     "eval": "a smaller --batch-size",
+    "prepare": "fewer --workers",
     "bench": "a smaller --batch, --context, --decode-batches or --preset",
     "experiment": "--quick or --tiny",
 }
