@@ -58,7 +58,7 @@ class PrepareConfig:
     out: str
     tokenizer: str = "gpt2"  # "gpt2", "bpe", "char", or a folder holding a saved tokenizer
     vocab_size: int = DEFAULT_BPE_VOCAB_SIZE
-    sample_bytes: int = 64 * 1024 * 1024  # text a bpe / char tokenizer is trained on
+    sample_bytes: int = 64_000_000  # UTF-8 bytes of text a bpe / char tokenizer is trained on
     text_field: str = "text"
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     shard_tokens: int = 100_000_000
