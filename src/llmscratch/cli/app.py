@@ -11,13 +11,14 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import attention, bench, chat, convert, evaluate, experiment, explain, finetune, generate, info, runs, train
+from . import (attention, bench, chat, convert, evaluate, experiment, explain, finetune, generate, info, prepare,
+               runs, train)
 from ..errors import LLMScratchError
 from .commands import COMMANDS
 
 
 # importing a command's module registers it (``@command``)
-COMMAND_MODULES = (explain, train, generate, chat, info, runs, evaluate, convert, attention, experiment, bench,
+COMMAND_MODULES = (explain, train, prepare, generate, chat, info, runs, evaluate, convert, attention, experiment, bench,
                    finetune)
 
 
@@ -65,6 +66,7 @@ _SMALLER = {
     "attention": "a shorter --prompt, or a smaller model",
     "eval": "a smaller --batch-size",
     "finetune": "a smaller --batch-size or --micro-batch, --train lora, or a smaller model",
+    "prepare": "fewer --workers",
     "bench": "a smaller --batch, --context, --decode-batches or --preset",
     "experiment": "--quick or --tiny",
 }

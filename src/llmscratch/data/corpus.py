@@ -2,8 +2,10 @@
 
 ```
 load_corpus(path)            text: the built-in King James Bible, a file, a folder of .txt, a glob
+corpus_digest(path)          the text's SHA-256 and size, streamed, remembered by the files' sizes and times
 prepare_tokens(corpus, tok)  train / val token arrays (uint16 or uint32 memmaps), cached on disk;
                              val is the tail of the text (10% by default), train the rest
+cached_tokens(digest, ...)   the same for a corpus known by its digest: tokenized as a stream on a miss
 window_starts(...)           nanoGPT-style batches: B random window starts, then
 gather_windows(...)          the windows of T tokens   x, y (B, T)  (random_windows: both in one call)
 SlidingWindowDataset(...)    the book's GPTDatasetV1: windows at 0, stride, 2·stride, …
@@ -28,7 +30,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,6 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, CorpusError
 from ..files import PathLike, human_bytes, write_atomic, write_text_atomic
+from .prepare import tokenize_text_stream
+from .shards import ShardedTokens
 from .tokenizer import Tokenizer, split_for_encoding
 
 
@@ -143,6 +147,101 @@ def load_corpus(path: Optional[PathLike] = None, encoding: str = "utf-8") -> Cor
     return Corpus(text, files, name)
 
 
+@dataclass
+class CorpusDigest:
+    """What identifies a corpus's text without holding it: the SHA-256 of the text (equal to
+    :meth:`Corpus.fingerprint`), its length in characters and UTF-8 bytes, its files and name."""
+
+    sha256: str
+    n_chars: int
+    n_bytes: int
+    sources: list[Path]
+    name: str
+
+
+def corpus_pieces(path: Optional[PathLike] = None, encoding: str = "utf-8") -> Iterator[str]:
+    """The text :func:`load_corpus` returns, in pieces of a few MB, read as a stream."""
+    if path is None or (str(path) == BUILTIN_CORPUS and not Path(BUILTIN_CORPUS).exists()):
+        return _stream_builtin()
+    return _stream_text(_corpus_files(path)[0], encoding)
+
+
+def _stream_text(files: list[Path], encoding: str, block: int = 1 << 22) -> Iterator[str]:
+    """The corpus text as :func:`load_corpus` joins it (files with a blank line between), in pieces."""
+    for i, path in enumerate(files):
+        if i:
+            yield "\n\n"
+        try:
+            codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+        except LookupError:
+            raise CorpusError(f"unknown text encoding {encoding!r} (for {path}); use a Python codec name such as utf-8 or latin-1") from None
+        decoder = codecs.getincrementaldecoder(codec)()
+        offset = 0
+        try:
+            with path.open("rb") as f:
+                while True:
+                    raw = f.read(block)
+                    try:
+                        yield decoder.decode(raw, final=not raw)
+                    except UnicodeDecodeError as e:
+                        raise CorpusError(
+                            f"{path} is not valid {encoding}: the byte 0x{raw[e.start]:02x} at byte offset {offset + e.start} "
+                            f"cannot be decoded ({e.reason}); if the file uses another encoding, pass it with --encoding "
+                            "(e.g. --encoding latin-1)") from None
+                    offset += len(raw)
+                    if not raw:
+                        break
+        except OSError as e:
+            raise CorpusError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _stream_builtin() -> Iterator[str]:
+    path = builtin_corpus_path()
+    with path.open(encoding="utf-8") as f:
+        first = True
+        for line in f:
+            if line.strip():
+                yield ("" if first else "\n") + json.loads(line)["text"]
+                first = False
+
+
+def corpus_digest(path: Optional[PathLike] = None, encoding: str = "utf-8",
+                  cache_dir: Optional[PathLike] = None) -> CorpusDigest:
+    """The corpus's :class:`CorpusDigest`, read as a stream (never the whole text in memory).
+
+    With ``cache_dir``, the result is kept there under the files' paths, sizes and modification
+    times, so an unchanged corpus is not read again: the next run checks a few ``stat`` calls.
+    """
+    builtin = path is None or (str(path) == BUILTIN_CORPUS and not Path(BUILTIN_CORPUS).exists())
+    files, name = ([builtin_corpus_path()], BUILTIN_CORPUS) if builtin else _corpus_files(path)
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    memo = None
+    if cache_dir is not None:
+        memo_key = hashlib.sha256(json.dumps([builtin, encoding, stats]).encode()).hexdigest()[:32]
+        memo = Path(cache_dir) / "digests" / f"{memo_key}.json"
+        try:
+            saved = json.loads(memo.read_text(encoding="utf-8"))
+            return CorpusDigest(saved["sha256"], saved["n_chars"], saved["n_bytes"], files, name)
+        except (OSError, ValueError, KeyError):
+            pass
+    pieces = _stream_builtin() if builtin else _stream_text(files, encoding)
+    h, n_chars, n_bytes, blank = hashlib.sha256(), 0, 0, True
+    for piece in pieces:
+        data = piece.encode("utf-8", "surrogatepass")
+        h.update(data)
+        n_chars += len(piece)
+        n_bytes += len(data)
+        blank = blank and not piece.strip()
+    if blank:
+        shown = ", ".join(str(f) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        raise CorpusError(f"the corpus is empty: {shown} {'holds' if len(files) == 1 else 'hold'} no text")
+    digest = CorpusDigest(h.hexdigest(), n_chars, n_bytes, files, name)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(memo, json.dumps({"sha256": digest.sha256, "n_chars": n_chars, "n_bytes": n_bytes}) + "\n")
+    return digest
+
+
 # --------------------------------------------------------------------------- token files
 
 
@@ -194,10 +293,11 @@ def encode_text(text: str, tokenizer: Tokenizer, dtype: np.dtype) -> np.ndarray:
     return np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=count)
 
 
-def _cache_key(text: str, tokenizer: Tokenizer, val_fraction: float) -> str:
+def _cache_key(corpus_sha: str, tokenizer: Tokenizer, val_fraction: float) -> str:
+    """The token cache's key: the corpus text's SHA-256 (streamed, see :func:`corpus_digest`), the
+    tokenizer's files and the split."""
     h = hashlib.sha256()
-    h.update(f"llmscratch-tokens-v{TOKEN_CACHE_VERSION}\0{val_fraction!r}\0{tokenizer.fingerprint()}\0".encode())
-    h.update(text.encode("utf-8", "surrogatepass"))
+    h.update(f"llmscratch-tokens-v{TOKEN_CACHE_VERSION}\0{val_fraction!r}\0{tokenizer.fingerprint()}\0{corpus_sha}".encode())
     return h.hexdigest()
 
 
@@ -245,50 +345,72 @@ def prepare_tokens(
     val_fraction: float = 0.1,
     progress: Optional[Callable[[str], None]] = None,
 ) -> TokenSplits:
-    """Tokenize the corpus once into ``train.bin`` / ``val.bin`` under ``cache_dir``, or read them.
+    """Tokenize the corpus once into ``train.bin`` / ``val.bin`` under ``cache_dir``, or read them
+    (:func:`cached_tokens` for a corpus given by its :class:`CorpusDigest`, read only on a miss)."""
+    digest = CorpusDigest(corpus.fingerprint(), len(corpus.text), corpus.n_bytes, corpus.sources, corpus.name)
+    return cached_tokens(digest, tokenizer, cache_dir, lambda: [corpus.text], val_fraction, progress)
 
-    The cache folder is named by a hash of the corpus text, the tokenizer's saved files
-    and ``val_fraction``, so any change re-tokenizes and nothing stale is read. Files are
-    written atomically and ``meta.json`` last, so an interrupted run leaves no half cache.
-    The validation split is the tail of the text (see :func:`split_text`). ``progress`` is
-    told, in one line, when the text is tokenized (the slow part for a large corpus), not when
-    the cache is read.
+
+def cached_tokens(
+    digest: CorpusDigest,
+    tokenizer: Tokenizer,
+    cache_dir: PathLike,
+    text: Callable[[], Iterable[str]],
+    val_fraction: float = 0.1,
+    progress: Optional[Callable[[str], None]] = None,
+) -> TokenSplits:
+    """The token splits of the corpus ``digest`` names: from the cache, else tokenized from ``text()``
+    (its text in pieces: :func:`corpus_pieces`) as a stream, a unit at a time (``prepare.tokenize_text_stream``).
+
+    The cache folder is named by a hash of the corpus text's SHA-256, the tokenizer's saved files
+    and ``val_fraction``, so any change re-tokenizes and nothing stale is read; a hit needs no
+    text in memory. Files are written atomically and ``meta.json`` last, so an interrupted run
+    leaves no half cache. The validation split is the tail of the text (see :func:`split_text`).
+    ``progress`` is told, in one line, when the text is tokenized (the slow part for a large
+    corpus), not when the cache is read.
     """
-    train_text, val_text = split_text(corpus.text, val_fraction)
-    key = _cache_key(corpus.text, tokenizer, val_fraction)
+    key = _cache_key(digest.sha256, tokenizer, val_fraction)
     folder = Path(cache_dir) / key[:24]
     cached = _load_cached(folder, tokenizer.vocab_size)
     if cached is not None:
         return cached
 
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if progress is not None:
-        progress(f"data: tokenizing {human_bytes(corpus.n_bytes)} of text into {folder}")
+        progress(f"data: tokenizing {human_bytes(digest.n_bytes)} of text into {folder}")
     dtype = token_dtype(tokenizer.vocab_size)
-    train = encode_text(train_text, tokenizer, dtype)
-    val = encode_text(val_text, tokenizer, dtype)
+    cut = int(digest.n_chars * (1.0 - val_fraction))  # as split_text cuts
+    folder.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+
+    def write_both(train_tmp: str) -> None:
+        def write_val(val_tmp: str) -> None:
+            with open(train_tmp, "wb") as tf, open(val_tmp, "wb") as vf:
+                counts.update(tokenize_text_stream(text(), cut, tokenizer, dtype, tf, vf))
+        write_atomic(folder / "val.bin", write_val)
+
+    write_atomic(folder / "train.bin", write_both)
     meta = {
         "version": TOKEN_CACHE_VERSION,
         "key": key,
-        "corpus": corpus.name,
-        "sources": [str(s) for s in corpus.sources[:100]],
-        "n_sources": len(corpus.sources),
+        "corpus": digest.name,
+        "sources": [str(s) for s in digest.sources[:100]],
+        "n_sources": len(digest.sources),
         "tokenizer": tokenizer.kind,
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype.name,
         "val_fraction": val_fraction,
-        "n_train_tokens": int(train.size),
-        "n_val_tokens": int(val.size),
-        "train_chars": len(train_text),
-        "val_chars": len(val_text),
-        "train_bytes": len(train_text.encode("utf-8")),
-        "val_bytes": len(val_text.encode("utf-8")),
+        "n_train_tokens": counts["train_tokens"],
+        "n_val_tokens": counts["val_tokens"],
+        "train_chars": counts["train_chars"],
+        "val_chars": counts["val_chars"],
+        "train_bytes": counts["train_bytes"],
+        "val_bytes": counts["val_bytes"],
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / "train.bin", train.tofile)
-    write_atomic(folder / "val.bin", val.tofile)
     write_text_atomic(folder / "meta.json", json.dumps(meta, indent=2) + "\n")
-    return TokenSplits(_open_tokens(folder / "train.bin", dtype, train.size),
-                       _open_tokens(folder / "val.bin", dtype, val.size), meta, folder)
+    return TokenSplits(_open_tokens(folder / "train.bin", dtype, counts["train_tokens"]),
+                       _open_tokens(folder / "val.bin", dtype, counts["val_tokens"]), meta, folder)
 
 
 def check_split_sizes(splits: TokenSplits, context_length: int, val_fraction_option: bool = True) -> None:
@@ -311,6 +433,9 @@ def check_split_sizes(splits: TokenSplits, context_length: int, val_fraction_opt
     ):
         if len(tokens) < need:
             advice = f"more text, {hint} or a shorter context" if val_fraction_option else "more text"
+            if meta.get("prepared"):  # a folder of `llmscratch prepare`: its split was chosen there
+                advice = (f"a shorter context, or prepare {meta['prepared']} again with more text"
+                          + (" or more validation documents (prepare's --val-docs or --val-fraction)" if name == "validation" else ""))
             raise CorpusError(f"{corpus} is too small: its {name} split has {len(tokens):,} token{'s' if len(tokens) != 1 else ''}, fewer than "
                               f"one window of {context_length}+1; use {advice}")
 
@@ -337,13 +462,15 @@ def window_starts(n_tokens: int, batch_size: int, context_length: int, generator
 
 
 def gather_windows(
-    tokens: np.ndarray | torch.Tensor, starts: torch.Tensor, context_length: int
+    tokens: np.ndarray | torch.Tensor | ShardedTokens, starts: torch.Tensor, context_length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) int64 (B, T): ``x[b] = tokens[s:s+T]`` and ``y[b] = tokens[s+1:s+T+1]`` for each start s."""
     offsets = np.arange(context_length + 1)
     index = np.asarray(starts, dtype=np.int64)[:, None] + offsets  # (B, T+1)
     if isinstance(tokens, torch.Tensor):
         windows = tokens[torch.from_numpy(index)].long()
+    elif isinstance(tokens, ShardedTokens):  # a prepared folder's shards: a window may span two of them
+        windows = torch.from_numpy(tokens.take(index).astype(np.int64))
     else:
         windows = torch.from_numpy(np.asarray(tokens)[index].astype(np.int64))
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # (B, T), (B, T)

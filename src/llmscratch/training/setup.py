@@ -13,12 +13,13 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from ..data.corpus import TokenSplits, check_split_sizes, load_corpus, prepare_tokens
+from ..data.corpus import TokenSplits, cached_tokens, check_split_sizes, corpus_digest, corpus_pieces, load_corpus
+from ..data.shards import is_prepared, load_prepared
 from ..data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..files import human_bytes
@@ -201,18 +202,24 @@ def tokenizer_cache_dir() -> Path:
     return Path(os.environ.get("LLMSCRATCH_CACHE", Path.home() / ".cache" / "llmscratch"))
 
 
-def prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: dist.Group,
-                      log: Log = lambda message: None) -> Tokenizer:
+def prepare_tokenizer(cfg: TrainConfig, corpus_text: Union[str, Callable[[], str]], cache: Path, group: dist.Group,
+                      log: Log = lambda message: None, corpus_sha: Optional[str] = None) -> Tokenizer:
     """Train (or load the cached) tokenizer for this corpus and settings.
 
-    Rank 0 trains it into ``cache`` and every rank reads it from there, so every machine of a
-    job must see the same cache (a shared ``$LLMSCRATCH_CACHE``, or one prepared on each
-    machine from the same inputs: the key below); a rank that does not find it says so.
+    ``corpus_text`` is the text, or a function that reads it, called only when the tokenizer must be
+    trained; the cache key is the text's SHA-256 (``corpus_sha``, streamed by :func:`corpus_digest`,
+    else computed here) and the settings. Rank 0 trains it into ``cache``
+    and every rank reads it from there, so every machine of a job must see the same cache (a
+    shared ``$LLMSCRATCH_CACHE``, or one prepared on each machine from the same inputs: the key
+    below); a rank that does not find it says so.
     """
     import hashlib
 
+    if corpus_sha is None:
+        text_now = corpus_text() if callable(corpus_text) else corpus_text
+        corpus_sha = hashlib.sha256(text_now.encode("utf-8", "surrogatepass")).hexdigest()
     key = hashlib.sha256(
-        f"tokenizer-v2:{cfg.tokenizer}:{cfg.vocab_size}:{cfg.val_fraction}:".encode() + corpus_text.encode("utf-8")
+        f"tokenizer-v3:{cfg.tokenizer}:{cfg.vocab_size}:{cfg.val_fraction}:{corpus_sha}".encode()
     ).hexdigest()[:16]
     tok_dir = cache / "tokenizers" / key
     if cfg.tokenizer == "gpt2":
@@ -230,6 +237,8 @@ def prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: di
         # BPE merges are learned from the training part only, so the validation text stays
         # unseen (byte-level BPE still encodes any text). A character vocabulary must cover
         # every character of the corpus, or validation text could not be encoded at all.
+        if callable(corpus_text):
+            corpus_text = corpus_text()
         text = corpus_text
         if cfg.tokenizer == "bpe":
             text = corpus_text[: int(len(corpus_text) * (1.0 - cfg.val_fraction))]
@@ -249,34 +258,79 @@ def prepare_tokenizer(cfg: TrainConfig, corpus_text: str, cache: Path, group: di
     return load_tokenizer(tok_dir)
 
 
-def prepare_data(cfg: TrainConfig, run_dir: RunDir, state: Optional[dict], group: dist.Group,
-                 log: Log) -> tuple[str, Tokenizer, TokenSplits]:
-    """The corpus's fingerprint (the same text a resumed run started on), its tokenizer and its token splits."""
-    if cfg.resume and cfg.data and not Path(cfg.data).is_absolute() and not glob.glob(cfg.data):
-        raise ConfigError(f"{run_dir} was started with --data {cfg.data}, a path relative to the folder it was "
-                          f"started in, which is not {Path.cwd()}: resume from that folder")
-    log(f"data: reading {cfg.data or 'the built-in corpus'}")
-    corpus = load_corpus(cfg.data, encoding=cfg.encoding)
-    corpus_sha = corpus.fingerprint()
+def _check_same_corpus(cfg: TrainConfig, run_dir: RunDir, state: Optional[dict], corpus_sha: str) -> None:
     if state is not None and state.get("corpus_sha256", corpus_sha) != corpus_sha:
         raise ConfigError(
             f"the text of {cfg.data or 'the built-in corpus'} is not what {run_dir} started on (its SHA-256 "
             f"changed): resuming would train on other batches. Restore that text, or start a new run from these "
             f"weights with --init-from {run_dir}")
+
+
+def prepared_data(cfg: TrainConfig, run_dir: RunDir, state: Optional[dict],
+                  log: Log) -> tuple[str, Tokenizer, TokenSplits]:
+    """A folder made by ``llmscratch prepare``: its shards memory-mapped (never loaded), its tokenizer,
+    and its index's byte counts. Every rank maps the same files; none copies them."""
+    prepared = load_prepared(cfg.data)
+    index = prepared.index
+    _check_same_corpus(cfg, run_dir, state, prepared.fingerprint)
+    tokenizer = load_tokenizer(prepared.tokenizer_dir)
+    if cfg.resume or cfg.init_from:
+        own = load_tokenizer(run_dir.path if cfg.resume else cfg.init_from)
+        if own.fingerprint() != tokenizer.fingerprint():
+            raise ConfigError(f"--data {cfg.data} was tokenized with another tokenizer than "
+                              f"{run_dir.path if cfg.resume else cfg.init_from}'s; prepare it again with "
+                              f"--tokenizer {run_dir.path if cfg.resume else cfg.init_from}")
+    log(f"data: {cfg.data}, prepared: {len(prepared.train):,} training tokens in {len(prepared.train.paths)} shards, "
+        f"{len(prepared.val):,} validation tokens")
+    sources = [s["path"] for s in index.get("sources", [])]
+    meta = {"corpus": Path(cfg.data).name, "sources": sources[:100], "n_sources": len(sources),
+            "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "dtype": index["dtype"],
+            "n_train_tokens": len(prepared.train), "n_val_tokens": len(prepared.val),
+            "train_bytes": index["train"]["bytes"], "val_bytes": index["val"]["bytes"], "prepared": str(cfg.data)}
+    return prepared.fingerprint, tokenizer, TokenSplits(prepared.train, prepared.val, meta, prepared.folder)  # type: ignore[arg-type]
+
+
+def prepare_data(cfg: TrainConfig, run_dir: RunDir, state: Optional[dict], group: dist.Group,
+                 log: Log) -> tuple[str, Tokenizer, TokenSplits]:
+    """The corpus's fingerprint (the same text a resumed run started on), its tokenizer and its token splits.
+
+    A prepared folder (``llmscratch prepare``) is read as it is. Otherwise the corpus is known by
+    its streamed SHA-256 (kept in the cache under the files' sizes and times) and read whole only
+    when its tokenizer or tokens are not in the cache yet.
+    """
+    if cfg.resume and cfg.data and not Path(cfg.data).is_absolute() and not glob.glob(cfg.data):
+        raise ConfigError(f"{run_dir} was started with --data {cfg.data}, a path relative to the folder it was "
+                          f"started in, which is not {Path.cwd()}: resume from that folder")
+    if cfg.data and Path(cfg.data).is_dir() and is_prepared(cfg.data):
+        return prepared_data(cfg, run_dir, state, log)
+    log(f"data: reading {cfg.data or 'the built-in corpus'}")
     cache = tokenizer_cache_dir()
+    digest = corpus_digest(cfg.data, encoding=cfg.encoding, cache_dir=cache)
+    corpus_sha = digest.sha256
+    _check_same_corpus(cfg, run_dir, state, corpus_sha)
+    loaded: list = []
+
+    def load():  # the whole text, read once and only if needed
+        if not loaded:
+            loaded.append(load_corpus(cfg.data, encoding=cfg.encoding))
+        return loaded[0]
+
     if cfg.resume:
         tokenizer = load_tokenizer(run_dir.path)
     elif cfg.init_from:
         tokenizer = load_tokenizer(cfg.init_from)
     else:
-        tokenizer = prepare_tokenizer(cfg, corpus.text, cache, group, log)
+        tokenizer = prepare_tokenizer(cfg, lambda: load().text, cache, group, log, corpus_sha=corpus_sha)
         if cfg.tokenizer == "bpe" and tokenizer.vocab_size < cfg.vocab_size:
             log(f"note: --vocab-size {cfg.vocab_size} asks for more tokens than BPE finds merges for in this corpus: "
                 f"the tokenizer has {tokenizer.vocab_size} (more text gives more)")
+    def text():  # the text in pieces: the one read already (to train the tokenizer), else streamed from the files
+        return [loaded[0].text] if loaded else corpus_pieces(cfg.data, encoding=cfg.encoding)
+
     if group.is_main:  # rank 0 writes the token cache; then every rank (rank 0 again) reads it
-        prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction, progress=log)
+        cached_tokens(digest, tokenizer, cache / "tokens", text, val_fraction=cfg.val_fraction, progress=log)
     group.barrier()
-    splits = prepare_tokens(corpus, tokenizer, cache / "tokens", val_fraction=cfg.val_fraction)
+    splits = cached_tokens(digest, tokenizer, cache / "tokens", text, val_fraction=cfg.val_fraction)
     return corpus_sha, tokenizer, splits
 
 
