@@ -11,13 +11,13 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import attention, bench, convert, evaluate, experiment, explain, generate, info, runs, train
+from . import attention, bench, convert, evaluate, experiment, explain, generate, info, runs, serve, train
 from ..errors import LLMScratchError
 from .commands import COMMANDS
 
 
 # importing a command's module registers it (``@command``)
-COMMAND_MODULES = (explain, train, generate, info, runs, evaluate, convert, attention, experiment, bench)
+COMMAND_MODULES = (explain, train, generate, info, runs, evaluate, convert, attention, experiment, bench, serve)
 
 
 def _version() -> str:
