@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..data.chat_template import chat_format
 from ..errors import LLMScratchError
+from ..inference.batcher import BatcherClosed
 from ..inference.engine import Engine
 from ..inference.generate import SamplingConfig
 from . import protocol
@@ -232,7 +233,7 @@ class _Server:
                 seed=seed, repetition_penalty=body.repetition_penalty, stop=body.stops())
         except LLMScratchError as err:  # a rule SamplingConfig holds that the body's types did not
             raise bad_request(str(err)) from None
-        return self.engine.sampling_for(sampling)
+        return sampling  # the batcher completes it with the tokenizer's end-of-text and stop ids
 
     # ---------------------------------------------------------------- generation
 
@@ -242,6 +243,10 @@ class _Server:
         try:
             for row, sampling in zip(rows, samplings):
                 requests.append(self.batcher.submit(row.prompt_ids, sampling))
+        except BatcherClosed:
+            for req in requests:
+                req.cancel()
+            raise APIError(503, "the server is shutting down and takes no new requests", code="shutting_down")
         except BaseException:
             for req in requests:
                 req.cancel()
@@ -313,31 +318,12 @@ class _Server:
         answer = Answer(model=self.config.model_name, chat=True)
         request.state.prompt_tokens = len(prompt_ids)
         if body.stream:
-            return _event_stream(self._chat_stream(body, request, answer, rows, samplings))
+            opening = [protocol.chat_delta(i, text="", role=True) for i in range(len(rows))]
+            return _event_stream(self.stream(request, answer, rows, samplings, _chat_piece, opening, body.n,
+                                             body.include_usage))
         await self.run(request, rows, samplings)
         usage = _usage(rows[:1], rows, request)
         return answer.full([protocol.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(rows)], usage)
-
-    async def _chat_stream(self, body: ChatRequest, request: Request, answer: Answer, rows: list[Row],
-                           samplings: list[SamplingConfig]) -> AsyncIterator[str]:
-        with_usage = body.include_usage
-        requests = self.submit(rows, samplings)
-        for i in range(len(rows)):
-            yield sse(answer.chunk([protocol.chat_delta(i, text="", role=True)], with_usage_field=with_usage))
-        async with contextlib.aclosing(self.events(requests)) as events:
-            async for i, event in events:
-                _apply(rows[i], event)
-                if event.text or event.finish_reason:
-                    yield sse(answer.chunk([protocol.chat_delta(i, event.finish_reason, event.text or None)],
-                                           with_usage_field=with_usage))
-        for i, (row, req) in enumerate(zip(rows, requests)):
-            if row.finish_reason is None:  # the batcher ended the row without saying how in an event
-                row.finish_reason = getattr(req, "finish_reason", None) or "length"
-                yield sse(answer.chunk([protocol.chat_delta(i, row.finish_reason)], with_usage_field=with_usage))
-        usage = _usage(rows[:1], rows, request)
-        if with_usage:
-            yield sse(answer.chunk([], usage, with_usage_field=True))
-        yield sse("[DONE]")
 
     async def complete(self, body: CompletionRequest, request: Request):
         body.check()
@@ -352,7 +338,10 @@ class _Server:
         answer = Answer(model=self.config.model_name, chat=False)
         request.state.prompt_tokens = sum(len(p) for p in ids)
         if body.stream:
-            return _event_stream(self._completion_stream(body, request, answer, rows, samplings, prompts))
+            opening = [protocol.text_choice(k, self._prompt_text(prompts[k // body.n], row), None)
+                       for k, row in enumerate(rows)] if body.echo else []
+            return _event_stream(self.stream(request, answer, rows, samplings, _text_piece, opening, body.n,
+                                             body.include_usage))
         live = [k for k, s in enumerate(samplings) if s.max_new_tokens > 0]
         if live:
             await self.run(request, [rows[k] for k in live], [samplings[k] for k in live])
@@ -372,28 +361,47 @@ class _Server:
     def _prompt_text(self, prompt: protocol.Prompt, row: Row) -> str:
         return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(row.prompt_ids)
 
-    async def _completion_stream(self, body: CompletionRequest, request: Request, answer: Answer, rows: list[Row],
-                                 samplings: list[SamplingConfig], prompts: list[protocol.Prompt]) -> AsyncIterator[str]:
-        with_usage = body.include_usage
+    async def stream(self, request: Request, answer: Answer, rows: list[Row], samplings: list[SamplingConfig],
+                     choice: Callable[..., dict[str, Any]], opening: list[dict[str, Any]], prompts_every: int,
+                     with_usage: bool) -> AsyncIterator[str]:
+        """The server-sent events of a streamed request: the ``opening`` chunks' choices, one chunk per event
+        that shows text or ends a row (``choice(row, text, finish_reason)``), the usage if asked, ``[DONE]``.
+        A failure after the stream began cannot change its status: it is sent as an error event."""
+        def chunk(choices: list[dict[str, Any]], usage: Optional[Usage] = None) -> str:
+            return sse(answer.chunk(choices, usage, with_usage_field=with_usage))
+
         requests = self.submit(rows, samplings)
-        if body.echo:
-            for k, row in enumerate(rows):
-                text = self._prompt_text(prompts[k // body.n], row)
-                yield sse(answer.chunk([protocol.text_choice(k, text, None)], with_usage_field=with_usage))
-        async with contextlib.aclosing(self.events(requests)) as events:
-            async for k, event in events:
-                _apply(rows[k], event)
-                if event.text or event.finish_reason:
-                    yield sse(answer.chunk([protocol.text_choice(k, event.text, event.finish_reason)],
-                                           with_usage_field=with_usage))
-        for k, (row, req) in enumerate(zip(rows, requests)):
-            if row.finish_reason is None:
-                row.finish_reason = getattr(req, "finish_reason", None) or "length"
-                yield sse(answer.chunk([protocol.text_choice(k, "", row.finish_reason)], with_usage_field=with_usage))
-        usage = _usage(rows[::body.n], rows, request)
+        for opened in opening:
+            yield chunk([opened])
+        try:
+            async with contextlib.aclosing(self.events(requests)) as events:
+                async for i, event in events:
+                    _apply(rows[i], event)
+                    if event.text or event.finish_reason:
+                        yield chunk([choice(i, event.text or None, event.finish_reason)])
+        except Exception as err:  # noqa: BLE001 - this request fails, the server goes on
+            log.exception("a streamed request failed")
+            request.state.error = f"{type(err).__name__}: {err}"
+            yield sse(APIError(500, f"the server failed on this request: {type(err).__name__}: {err}",
+                               code="internal_error").body())
+            yield sse("[DONE]")
+            return
+        for i, row in enumerate(rows):
+            if row.finish_reason is None:  # ended without saying how in an event
+                row.finish_reason = "length"
+                yield chunk([choice(i, None, row.finish_reason)])
+        usage = _usage(rows[::prompts_every], rows, request)
         if with_usage:
             yield sse(answer.chunk([], usage, with_usage_field=True))
         yield sse("[DONE]")
+
+
+def _chat_piece(i: int, text: Optional[str], finish_reason: Optional[str]) -> dict[str, Any]:
+    return protocol.chat_delta(i, finish_reason, text)
+
+
+def _text_piece(i: int, text: Optional[str], finish_reason: Optional[str]) -> dict[str, Any]:
+    return protocol.text_choice(i, text or "", finish_reason)
 
 
 def _apply(row: Row, event: Any) -> None:
