@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
@@ -62,6 +63,7 @@ def create_app(engine: Engine, batcher: Any, config: ServeConfig) -> FastAPI:
     """The application serving ``engine``'s model through ``batcher`` (started and stopped by the caller)."""
     app = FastAPI(title="llmscratch", docs_url=None, redoc_url=None, openapi_url=None)
     server = _Server(engine, batcher, config)
+    app.state.server = server  # the endpoints' state, for a test or a notebook to look at
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -74,15 +76,6 @@ def create_app(engine: Engine, batcher: Any, config: ServeConfig) -> FastAPI:
         request.state.error = f"{type(err).__name__}: {err}"
         return JSONResponse(APIError(500, f"the server failed on this request: {type(err).__name__}: {err}",
                                      code="internal_error").body(), status_code=500)
-
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1/") and \
-                request.headers.get("authorization") != f"Bearer {config.api_key}":
-            err = APIError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY' "
-                           "with the key the server was started with (--api-key)", code="invalid_api_key")
-            return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -108,7 +101,26 @@ def create_app(engine: Engine, batcher: Any, config: ServeConfig) -> FastAPI:
         return await server.complete(body, request)
 
     _tokenizer_routes(app, server)
+    if config.api_key:
+        app.add_middleware(_RequireKey, key=config.api_key)
     return app
+
+
+class _RequireKey:
+    """ASGI middleware: ``/v1/`` requests need ``Authorization: Bearer KEY`` (401 otherwise); ``/health`` does not.
+    (A plain ASGI class, not ``BaseHTTPMiddleware``, which would re-stream every response.)"""
+
+    def __init__(self, app: Any, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and \
+                not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected):
+            err = APIError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY' with the "
+                           "key the server was started with (--api-key)", code="invalid_api_key")
+            scope.setdefault("state", {})["error"] = "no valid API key"
+            return await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _tokenizer_routes(app: FastAPI, server: "_Server") -> None:

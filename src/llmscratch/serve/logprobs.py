@@ -29,8 +29,16 @@ def completion_logprobs(engine: Engine, prompt_ids: list[int], new_ids: list[int
     for text in tokens:
         offsets.append(at)
         at += len(text)
-    tops = []
-    for e in entries:  # the token itself is always listed beside its rivals, as OpenAI lists it
-        tops.append(None if e.logprob is None else {**{decode([i]): v for i, v in e.top}, decode([e.token_id]): e.logprob})
+    tops = [None if e.logprob is None else _by_text(decode, [*e.top, (e.token_id, e.logprob)]) for e in entries]
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
             "text_offset": offsets}
+
+
+def _by_text(decode: Any, pairs: list[tuple[int, float]]) -> dict[str, float]:
+    """``{token text: log-probability}`` of the rivals and the token itself (always listed, as OpenAI lists it).
+    Ids with the same text (bytes of a character cut in two all show as U+FFFD) keep the likeliest."""
+    out: dict[str, float] = {}
+    for token_id, logprob in pairs:
+        text = decode([token_id])
+        out[text] = max(logprob, out.get(text, logprob))
+    return out

@@ -73,9 +73,9 @@ class AccessLog:
         async def logged_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-            await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self._line(scope, status[0], state, time.perf_counter() - start)
+                self._line(scope, status[0], state, time.perf_counter() - start)  # before the client can see the end
+            await send(message)
 
         try:
             await self.app(scope, receive, logged_send)
@@ -150,6 +150,41 @@ class _Server:
     def run(self, sock: socket.socket) -> None:
         self.inner.capture_signals = self.signals  # type: ignore[method-assign]
         self.inner.run(sockets=[sock])
+
+
+class BackgroundServer:
+    """A server on a thread of this process (a notebook, a test): ``url`` at once, :meth:`stop` to end it.
+
+    ``BackgroundServer(engine, ServeOptions(port=0))`` serves an engine already loaded; the batcher,
+    the app and uvicorn are the command's own. ``lines`` collects the access log.
+    """
+
+    def __init__(self, engine: Engine, options: ServeOptions, model_name: str = "model"):
+        import uvicorn
+
+        self.lines: list[str] = []
+        self.sock = bind(options.host, options.port)
+        self.app, self.batcher = build(engine, options, model_name, self.lines.append)
+        host, port = self.sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        self.options = options
+        self._server = _Server(uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                              timeout_graceful_shutdown=options.grace_s))
+        self._thread = threading.Thread(target=self._server.run, args=(self.sock,), name="llmscratch-serve",
+                                        daemon=True)
+        self._thread.start()  # the socket already listens: a request made now waits until uvicorn accepts it
+
+    @property
+    def state(self) -> Any:
+        """The app's endpoint state (``_Server``): its engine, batcher and config."""
+        return self.app.app.state.server
+
+    def stop(self) -> None:
+        """Stop as SIGTERM does: no new connections, the requests in flight finish, the batcher stops."""
+        self._server.inner.should_exit = True
+        self._thread.join()
+        self.batcher.stop(self.options.grace_s)
+        self.sock.close()
 
 
 def serve(run_dir: str | Path, options: ServeOptions, write: Callable[[str], None] = print,
