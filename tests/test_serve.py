@@ -355,3 +355,53 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(run_dir, engine):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# --------------------------------------------------------------------------- lm-evaluation-harness
+
+
+TASK = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_scores_through_the_server_as_its_hf_backend_does(tmp_path, run_dir, server, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need it: pip install 'lm-eval[api]'")
+    from lm_eval.tasks import TaskManager
+
+    from llmscratch.store.convert import export_checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    questions = [{"question": " ".join(WORDS[i:i + 3]), "choices": [" the", " heaven", " and earth", " light"],
+                  "answer": i % 4} for i in range(8)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
+    tasks = TaskManager(include_path=str(tmp_path / "tasks"))
+    export_checkpoint(run_dir, tmp_path / "hf", "hf")
+
+    def evaluate(model: str, args: dict) -> dict:
+        out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["tiny_mc"], task_manager=tasks,
+                                      log_samples=True, limit=None)
+        scores = [float(r[0][0]) for s in out["samples"]["tiny_mc"] for r in s["resps"]]  # each choice's log p
+        return {"acc": out["results"]["tiny_mc"]["acc,none"], "scores": scores}
+
+    # the server's own tokenizer (its /tokenizer_info and /tokenize, as vLLM's): nothing downloaded
+    ours = evaluate("local-completions", {"base_url": server.url + "/v1/completions", "model": "tiny",
+                                          "tokenizer_backend": "remote", "max_length": CONTEXT, "num_concurrent": 4})
+    hf = evaluate("hf", {"pretrained": str(tmp_path / "hf"), "device": "cpu", "dtype": "float32"})
+    assert ours["acc"] == hf["acc"] and len(ours["scores"]) == 4 * len(questions)
+    assert ours["scores"] == pytest.approx(hf["scores"], abs=1e-3)
