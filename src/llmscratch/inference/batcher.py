@@ -432,19 +432,23 @@ class Batcher:
         The decode thread (:meth:`start`) calls it in a loop; a test or a caller without threads
         may call it instead of starting the thread (never both).
         """
-        with self._cond:
-            if self._abort:
-                self._cancel_queued(everything=True)
-                for request in self._rows:
-                    request.cancel()
-            self._cancel_queued()
-            room = self.max_batch - len(self._rows)
-            joining = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
-            self._busy = bool(joining or self._rows)
         if self.model.training:
             self.model.eval()
+        joining: list[Request] = []
         try:
             with torch.inference_mode():
+                with self._cond:
+                    if self._abort:
+                        self._cancel_queued(everything=True)
+                        for request in self._rows:
+                            request.cancel()
+                    self._cancel_queued()
+                for request in [r for r in self._rows if r.cancelled]:  # their rows are free for this very step
+                    self._retire(request, "cancelled")
+                with self._cond:
+                    room = self.max_batch - len(self._rows)
+                    joining = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+                    self._busy = bool(joining or self._rows)
                 self._step(joining)
         except Exception as err:  # a bug or an out-of-memory: fail what was running, keep serving
             for request in self._rows + joining:
@@ -464,9 +468,6 @@ class Batcher:
     def _step(self, joining: list[Request]) -> None:
         """One step: every running row gets a token from one batched forward, every joining
         request (and every row whose window is cut) a first token from its prefill."""
-        for request in list(self._rows):
-            if request.cancelled:
-                self._retire(request, "cancelled")
         for request in list(self._rows):
             if len(request._window) + 1 > self.engine.context_length:  # the window rule: prefill again
                 request._window = crop_window(request._window + [request._next], self.engine.context_length)
@@ -507,7 +508,7 @@ class Batcher:
         and give each that goes on a row of the batch cache."""
         for request in requests:
             if not request._window:  # new (a cut window is already set)
-                request._window = crop_window(request.prompt_ids, self.engine.context_length)
+                request._window = list(crop_window(request.prompt_ids, self.engine.context_length))  # a copy: it grows
                 request._generator = make_generator(request.sampling.seed, self.engine.device)
                 if request.sampling.repetition_penalty != 1.0:
                     request._seen = token_presence([request.prompt_ids], self.model.cfg.vocab_size, self.engine.device)
