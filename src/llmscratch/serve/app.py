@@ -249,12 +249,12 @@ class _Server:
 
     # ---------------------------------------------------------------- generation
 
-    def submit(self, rows: list[Row], samplings: list[SamplingConfig]) -> list[Any]:
+    def submit(self, rows: list[Row], samplings: list[SamplingConfig], ignore_eos: bool) -> list[Any]:
         """Each row joins the running batch; returns the batcher's requests, in order."""
         requests = []
         try:
             for row, sampling in zip(rows, samplings):
-                requests.append(self.batcher.submit(row.prompt_ids, sampling))
+                requests.append(self.batcher.submit(row.prompt_ids, sampling, ignore_eos=ignore_eos))
         except BatcherClosed:
             for req in requests:
                 req.cancel()
@@ -298,9 +298,9 @@ class _Server:
             for task in tasks:
                 task.cancel()
 
-    async def run(self, request: Request, rows: list[Row], samplings: list[SamplingConfig]) -> None:
+    async def run(self, request: Request, rows: list[Row], samplings: list[SamplingConfig], ignore_eos: bool) -> None:
         """Generate every row to its end (no stream), cancelling all if the client disconnects meanwhile."""
-        requests = self.submit(rows, samplings)
+        requests = self.submit(rows, samplings, ignore_eos)
         watch = asyncio.create_task(_wait_disconnect(request))
         try:
             async with contextlib.aclosing(self.events(requests)) as events:
@@ -331,9 +331,8 @@ class _Server:
         request.state.prompt_tokens = len(prompt_ids)
         if body.stream:
             opening = [protocol.chat_delta(i, text="", role=True) for i in range(len(rows))]
-            return _event_stream(self.stream(request, answer, rows, samplings, _chat_piece, opening, body.n,
-                                             body.include_usage))
-        await self.run(request, rows, samplings)
+            return _event_stream(self.stream(request, answer, rows, samplings, _chat_piece, opening, body))
+        await self.run(request, rows, samplings, body.ignore_eos)
         usage = _usage(rows[:1], rows, request)
         return answer.full([protocol.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(rows)], usage)
 
@@ -352,11 +351,10 @@ class _Server:
         if body.stream:
             opening = [protocol.text_choice(k, self._prompt_text(prompts[k // body.n], row), None)
                        for k, row in enumerate(rows)] if body.echo else []
-            return _event_stream(self.stream(request, answer, rows, samplings, _text_piece, opening, body.n,
-                                             body.include_usage))
+            return _event_stream(self.stream(request, answer, rows, samplings, _text_piece, opening, body))
         live = [k for k, s in enumerate(samplings) if s.max_new_tokens > 0]
         if live:
-            await self.run(request, [rows[k] for k in live], [samplings[k] for k in live])
+            await self.run(request, [rows[k] for k in live], [samplings[k] for k in live], body.ignore_eos)
         for row in rows:
             row.finish_reason = row.finish_reason or "length"
         choices = []
@@ -374,15 +372,15 @@ class _Server:
         return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(row.prompt_ids)
 
     async def stream(self, request: Request, answer: Answer, rows: list[Row], samplings: list[SamplingConfig],
-                     choice: Callable[..., dict[str, Any]], opening: list[dict[str, Any]], prompts_every: int,
-                     with_usage: bool) -> AsyncIterator[str]:
+                     choice: Callable[..., dict[str, Any]], opening: list[dict[str, Any]], body: Any) -> AsyncIterator[str]:
         """The server-sent events of a streamed request: the ``opening`` chunks' choices, one chunk per event
         that shows text or ends a row (``choice(row, text, finish_reason)``), the usage if asked, ``[DONE]``.
         A failure after the stream began cannot change its status: it is sent as an error event."""
         def chunk(choices: list[dict[str, Any]], usage: Optional[Usage] = None) -> str:
             return sse(answer.chunk(choices, usage, with_usage_field=with_usage))
 
-        requests = self.submit(rows, samplings)
+        with_usage = body.include_usage
+        requests = self.submit(rows, samplings, body.ignore_eos)
         for opened in opening:
             yield chunk([opened])
         try:
@@ -402,7 +400,7 @@ class _Server:
             if row.finish_reason is None:  # ended without saying how in an event
                 row.finish_reason = "length"
                 yield chunk([choice(i, None, row.finish_reason)])
-        usage = _usage(rows[::prompts_every], rows, request)
+        usage = _usage(rows[::body.n], rows, request)
         if with_usage:
             yield sse(answer.chunk([], usage, with_usage_field=True))
         yield sse("[DONE]")

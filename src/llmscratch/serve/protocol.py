@@ -8,8 +8,8 @@ Types are strict (``"5"`` is not a number, ``1`` is not ``true``), as OpenAI's o
 What each endpoint reads:
 
 * both: ``model``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``n``,
-  ``stream``, ``stream_options.include_usage``; and two extensions vLLM also reads,
-  ``top_k`` and ``repetition_penalty``.
+  ``stream``, ``stream_options.include_usage``; and three extensions vLLM also reads,
+  ``top_k``, ``repetition_penalty`` and ``ignore_eos``.
 * ``/v1/chat/completions``: ``messages`` (``content`` a string or a list of text parts) and
   ``max_completion_tokens`` (the newer name of ``max_tokens``).
 * ``/v1/completions``: ``prompt`` (a string, a list of strings, a list of token ids or a list
@@ -74,6 +74,7 @@ class _Sampling(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(None, ge=-1)  # vLLM's extension; -1 or 0: every token
     repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM's extension (transformers' definition)
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens past the end-of-text token (benchmarks)
     seed: Optional[int] = Field(None, ge=-(2**63), lt=2**63)
     stop: Optional[Union[str, list[str]]] = None
     n: int = Field(1, ge=1, le=MAX_N)
