@@ -36,8 +36,8 @@ WORDS = ("the quick brown fox jumps over the lazy dog while a small bird sings i
 
 
 def prompt(i: int) -> str:
-    """Client ``i``'s prompt: about 8, 32, 96 or 200 words (mixed lengths, as real traffic)."""
-    words = (8, 32, 96, 200)[i % 4]
+    """Client ``i``'s prompt: 8, 24, 48 or 100 words (mixed lengths, as real traffic)."""
+    words = (8, 24, 48, 100)[i % 4]
     return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(words))
 
 
@@ -175,18 +175,18 @@ def bench(name: str, servers: list[Server], concurrency: list[int], rounds: int,
 def report(name: str, servers: list[Server], concurrency: list[int], runs: dict) -> None:
     med = lambda xs: statistics.median(xs)  # noqa: E731
     print(f"\n### {name}\n")
-    head = "| clients | " + " | ".join(f"{s.label} tok/s | {s.label} TTFT" for s in servers)
+    head = "| clients | " + " | ".join(f"{s.label} tok/s | {s.label} TTFT" for s in servers) + " |"
     if len(servers) > 1:
-        head += f" | {servers[0].label} / {servers[1].label} (per round; median) |"
+        head += f" {servers[0].label} / {servers[1].label} tok/s (per round; median) |"
     print(head)
     print("|" + "---|" * (1 + 2 * len(servers) + (len(servers) > 1)))
     for c in concurrency:
         cells = [f"{med([x['tok_s'] for x in runs[(s.label, c)]]):.1f} | {med([x['ttft'] for x in runs[(s.label, c)]]):.2f}s"
                  for s in servers]
-        row = f"| {c} | " + " | ".join(cells)
+        row = f"| {c} | " + " | ".join(cells) + " |"
         if len(servers) > 1:
             ratios = [a["tok_s"] / b["tok_s"] for a, b in zip(runs[(servers[0].label, c)], runs[(servers[1].label, c)])]
-            row += f" | {', '.join(f'{x:.2f}' for x in ratios)}; **{med(ratios):.2f}×** |"
+            row += f" {', '.join(f'{x:.2f}' for x in ratios)}; **{med(ratios):.2f}×** |"
         print(row)
     lo, hi = min(concurrency), max(concurrency)
     for s in servers:
