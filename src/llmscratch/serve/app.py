@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import json
 import logging
 import time
 from typing import Any, AsyncIterator, Callable, Optional, Sequence
@@ -192,8 +193,7 @@ class _Server:
         return b"".join(chunks)
 
     async def json_object(self, request: Request) -> dict[str, Any]:
-        import json
-
+        """A body that must be a JSON object (the tokenizer endpoints, which take a few loose fields)."""
         try:
             body = json.loads(await self.read_body(request))
         except ValueError as err:
