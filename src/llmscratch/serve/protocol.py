@@ -186,19 +186,17 @@ class CompletionRequest(_Sampling):
 
 
 def _param(loc: tuple) -> str:
-    """``("messages", 0, "content")`` → ``messages[0].content`` (a union's branch names left out)."""
+    """``("messages", 0, "content")`` → ``messages[0].content``; a union's branch names (``"list[int]"``) left out."""
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("str", "list[str]", "list[int]", "list[list[int]]", "list[TextPart]", "TextPart", "int", "float",
-                      "bool", "dict[str,any]", "list[any]") or "[" in str(part) or "-" in str(part):
-            continue  # a branch of a Union; the field is named already
-        else:
+        elif part not in _BRANCHES and "[" not in str(part):
             out += f".{part}" if out else str(part)
     return out
 
 
+_BRANCHES = {"str", "int", "float", "bool", "TextPart"}
 _TYPES = {"prompt": "a string, a list of strings, a list of token ids or a list of lists of token ids",
           "stop": "a string or a list of strings", "content": "a string or a list of text parts"}
 
@@ -215,14 +213,13 @@ def parse(model: type[_Strict], raw: bytes) -> Any:
         if first["type"] == "model_type" or not first["loc"]:
             raise bad_request("the body must be a JSON object", code="invalid_json") from None
         param = _param(first["loc"])
-        last = param.rsplit(".", 1)[-1].split("[")[0]
-        if last in _TYPES and len({_param(e["loc"]) for e in err.errors()}) >= 1 and len(err.errors()) > 1:
-            message = f"{param} must be {_TYPES[last]}"
+        field = param.rsplit(".", 1)[-1].split("[")[0]
+        if field in _TYPES and len(err.errors()) > 1:  # every branch of a union failed: say what it may be
+            message = f"{param} must be {_TYPES[field]}"
         elif first["type"] == "missing":
             message = f"{param} is required"
         else:
-            got = json.dumps(first.get("input"))[:60] if first["type"] != "missing" else ""
-            message = f"{param}: {first['msg']} (got {got})"
+            message = f"{param}: {first['msg']} (got {json.dumps(first.get('input'))[:60]})"
         raise bad_request(message, param) from None
 
 
