@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,6 +212,38 @@ def test_an_error_in_one_request_fails_it_alone(engine):
         assert request.finish_reason == "length" and request.token_ids == engine.generate([prompt], GREEDY)[0]
 
 
+def test_a_failing_prefill_fails_its_request_and_a_failing_step_those_running_then_serving_goes_on(engine, monkeypatch):
+    forward = engine.model.forward
+    broken = {"prefill": True, "step": False}
+
+    def failing_forward(idx, *args, **kwargs):
+        if broken["prefill"] and idx.shape[1] > 1 and 13 in idx[0].tolist():
+            raise RuntimeError("out of memory (pretend)")
+        if broken["step"] and idx.shape[1] == 1:
+            raise RuntimeError("a kernel failed (pretend)")
+        return forward(idx, *args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", failing_forward)
+    batcher = Batcher(engine, max_batch=4)
+    others = [batcher.submit(p, GREEDY) for p in PROMPTS[:2]]
+    batcher.run_step()
+    failing = batcher.submit([13, 1, 2], GREEDY)
+    while batcher.run_step():
+        pass
+    assert failing.finish_reason == "error" and failing.error == "out of memory (pretend)"
+    assert [r.token_ids for r in others] == [engine.generate([p], GREEDY)[0] for p in PROMPTS[:2]]
+    running = [batcher.submit(p, GREEDY) for p in PROMPTS[:2]]
+    batcher.run_step()
+    broken["step"] = True
+    batcher.run_step()
+    assert [r.finish_reason for r in running] == ["error", "error"] and "kernel failed" in running[0].error
+    broken["step"] = False
+    after = batcher.submit(PROMPTS[2], GREEDY)
+    while batcher.run_step():
+        pass
+    assert after.token_ids == engine.generate([PROMPTS[2]], GREEDY)[0]
+
+
 def test_bad_requests_are_refused_when_submitted(engine):
     batcher = Batcher(engine)
     with pytest.raises(ConfigError, match="outside the vocabulary"):
@@ -242,6 +278,18 @@ def test_the_batch_cache_moves_rows_left_and_grows_without_changing_them(chars):
     assert torch.equal(cache.k[:, :3, :, 0:4], before) and cache.length == 4
     cache.relayout(rows=3, live=4, length=10, cap=16)  # moved right into a bigger buffer
     assert torch.equal(cache.k[:, :3, :, 6:10], before) and cache.k.shape[3] == 16 == cache.max_len
+
+
+def test_when_the_longest_row_leaves_the_others_move_left_and_decode_on_unchanged(engine):
+    batcher = Batcher(engine, max_batch=2)
+    short = batcher.submit([4], GREEDY)
+    long = batcher.submit(list(range(1, 29)), dataclasses.replace(GREEDY, max_new_tokens=2))
+    batcher.run_step()
+    batcher.run_step()
+    assert long.done and batcher._cache.length == len(short._window) == 2  # not 29: the columns before it are gone
+    while batcher.run_step():
+        pass
+    assert short.token_ids == engine.generate([[4]], GREEDY)[0]
 
 
 # --------------------------------------------------------------------------- threads and asyncio
@@ -311,6 +359,15 @@ def test_stop_lets_running_requests_finish_within_the_grace_then_cancels(engine)
     assert not batcher._thread.is_alive()
 
 
+def test_stopping_a_batcher_that_never_started_cancels_what_was_queued(engine):
+    batcher = Batcher(engine)
+    queued = batcher.submit(PROMPTS[0], GREEDY)
+    batcher.stop(grace_s=0)
+    assert queued.finish_reason == "cancelled" and [e.finish_reason for e in queued] == ["cancelled"]
+    with pytest.raises(BatcherClosed):
+        batcher.submit(PROMPTS[0], GREEDY)
+
+
 # --------------------------------------------------------------------------- log-probabilities
 
 
@@ -345,3 +402,21 @@ def test_generated_logprobs_are_those_of_the_prompt_and_completion_read_at_once(
     for mine, reference in zip(got, whole):
         assert mine.logprob == pytest.approx(reference.logprob, abs=1e-4)
         assert [t for t, _ in mine.top] == [t for t, _ in reference.top]
+
+
+def test_the_model_s_last_only_logits_are_the_last_column_of_all(chars):
+    model = varied_gpt(0, vocab_size=chars.vocab_size)
+    idx = torch.tensor([PROMPTS[1], PROMPTS[0] * 2 + [1]])  # (2, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])
+
+
+@pytest.mark.slow
+def test_the_speed_benchmark_runs_at_a_tiny_size():
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "benchmarks/batcher_speed.py", "--preset", "test", "--rounds", "1", "--requests", "1",
+         "--new-tokens", "4", "--prompt-lengths", "3,5", "--clients", "1,2", "--threads", "1"],
+        capture_output=True, text=True, timeout=600, cwd=root, env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert result.returncode == 0, result.stderr
+    assert "2 clients / 1: median of per-round ratios" in result.stdout

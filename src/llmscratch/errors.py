@@ -25,6 +25,11 @@ class ChatTemplateError(LLMScratchError):
     """A chat template that cannot be compiled, or that refuses a conversation; the message names the template."""
 
 
+class ChatError(LLMScratchError):
+    """A conversation that cannot be had: a model with no chat format, a saved conversation that
+    cannot be read, a message too long for the model's context."""
+
+
 class CheckpointError(LLMScratchError):
     """A run directory or weights file that is missing, corrupted or does not match its config."""
 

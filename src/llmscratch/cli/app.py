@@ -11,13 +11,13 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import attention, bench, convert, evaluate, experiment, explain, generate, info, runs, serve, train
+from . import attention, bench, chat, convert, evaluate, experiment, explain, generate, info, runs, serve, train
 from ..errors import LLMScratchError
 from .commands import COMMANDS
 
 
 # importing a command's module registers it (``@command``)
-COMMAND_MODULES = (explain, train, generate, info, runs, evaluate, convert, attention, experiment, bench, serve)
+COMMAND_MODULES = (explain, train, generate, chat, info, runs, evaluate, convert, attention, experiment, bench, serve)
 
 
 def _version() -> str:
@@ -60,6 +60,7 @@ _SMALLER = {
              "or fewer windows per forward pass (--micro-batch, --batch-size)",
     "explain": "a smaller --d-out, a smaller --batch or a shorter sentence",
     "generate": "fewer --num-samples or --max-new-tokens, or a smaller model",
+    "chat": "a shorter conversation (--load, /reset) or a smaller model",
     "attention": "a shorter --prompt, or a smaller model",
     "eval": "a smaller --batch-size",
     "bench": "a smaller --batch, --context, --decode-batches or --preset",

@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from .commands import command
+from .sampling import add_sampling_options, sampling_config
 
 if TYPE_CHECKING:
     from ..inference.generate import SamplingConfig
@@ -37,28 +38,6 @@ def read_prompt_file(path: str) -> str:
                           f"save it as UTF-8") from None
 
 
-def _sampling(args: argparse.Namespace) -> "SamplingConfig":
-    """The sampling options as a SamplingConfig, checked before the run is loaded (the tokenizer's
-    end-of-text id and vocabulary limit are the Engine's to add)."""
-    from ..data.tokenizer import check_utf8
-    from ..errors import ConfigError
-    from ..inference.generate import SamplingConfig
-
-    if args.num_samples < 1:
-        raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
-    if args.greedy and args.temperature is not None:  # (--top-k and --top-p agree with it: the top token is in both)
-        raise ConfigError(f"--greedy is temperature 0 (always the most likely token), so --temperature "
-                          f"{args.temperature} contradicts it: give one of them")
-    for stop in args.stop or []:
-        check_utf8(stop, f"--stop {stop!r}")
-    return SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        temperature=0.0 if args.greedy else 0.8 if args.temperature is None else args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        repetition_penalty=args.repetition_penalty, stop=tuple(args.stop or ()),
-    )
-
-
 def _prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The prompts' texts in command-line order, and how an error names each (by its option)."""
     from ..data.tokenizer import check_utf8
@@ -79,21 +58,17 @@ def _prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def _run_chat(args: argparse.Namespace, sampling: "SamplingConfig") -> int:
     """``--chat``: one user message (after ``--system``, if given) in the model's chat template; the answer streamed."""
-    import dataclasses
-
-    from ..data.chat_template import chat_format
     from ..data.tokenizer import check_utf8
+    from ..inference.chat import chat_format_for, chat_sampling, single_turn
     from ..inference.engine import Engine
 
     check_utf8(args.chat, "--chat")
     if args.system is not None:
         check_utf8(args.system, "--system")
-    messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
-    messages.append({"role": "user", "content": args.chat})
     engine = Engine.load(args.run_dir, args.device, use_cache=not args.no_cache, rows=args.num_samples)
-    chat = chat_format(engine.tokenizer)
-    ids = chat.prompt_ids(messages)  # the template's text, special tokens as their ids
-    sampling = dataclasses.replace(sampling, stop_ids=tuple(chat.stop_ids))  # the end of the turn ends the answer
+    chat = chat_format_for(engine.tokenizer, args.run_dir)  # its template, or ours; a base model is refused
+    ids = single_turn(chat, args.chat, args.system)  # the template's text, special tokens as their ids
+    sampling = chat_sampling(chat, sampling)  # the end of the turn ends the answer
     if args.num_samples > 1:
         for i, answer in enumerate(engine.complete([ids], sampling, samples=args.num_samples,
                                                    ignore_eos=args.ignore_eos)):
@@ -111,7 +86,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..inference.engine import Engine
 
-    sampling = _sampling(args)
+    if args.num_samples < 1:
+        raise ConfigError(f"--num-samples must be at least 1, got {args.num_samples}")
+    sampling = sampling_config(args)
     if args.chat is not None:
         if args.prompts:
             raise ConfigError("--chat is the user's message, put into the model's chat template: give it or "
@@ -160,22 +137,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "instruction format) and answered: only the answer is printed, ending at the model's "
                         "end-of-turn token")
     p.add_argument("--system", metavar="TEXT", help="with --chat: a system message before it")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with this probability mass")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
-                   help="make tokens already in the text (prompt included) less likely, as Hugging Face transformers "
-                        "does: their logits are divided by P (multiplied if negative); above 1 discourages repeats, "
-                        "e.g. 1.2 (default 1.0: off)")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="end a row when its text contains TEXT, which is not printed; give it again for more stop "
-                        "strings (default: none; a newline in bash: --stop $'\\n')")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token (temperature 0)")
-    p.add_argument("--seed", type=int, default=1337,
-                   help="random seed (default 1337); row i of a batch (prompt by prompt, sample by sample) uses seed + i")
+    add_sampling_options(p)
     p.add_argument("--num-samples", type=int, default=1,
                    help="how many samples to draw of each prompt, in one batch (printed when all are done)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole window every step (no KV cache)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")

@@ -10,7 +10,7 @@ joins the batch at the next step; a request that ends (end-of-text, a stop strin
 queue (first in, first out) takes its row. At most ``max_batch`` requests decode at once.
 
 ```
-batcher = Batcher(Engine.load("runs/latest"), max_batch=16)
+batcher = Batcher(Engine.load("runs/latest", rows=16), max_batch=16)
 batcher.start()
 request = batcher.submit(prompt_ids, SamplingConfig(max_new_tokens=64, temperature=0.8, seed=1))
 for event in request:                          # a thread; ``async for event in request.events()`` in asyncio
@@ -47,7 +47,9 @@ request with ``finish_reason == "error"`` and its message; the others go on.
   Once finished: ``token_ids``, ``text``, ``finish_reason``, ``error`` (the message, for
   ``"error"``), ``prompt_tokens``, ``completion_tokens``; ``done`` and ``wait()`` tell when.
 * :meth:`Batcher.stop` ``(grace_s)``: refuse new requests, let the running and queued ones finish
-  for up to ``grace_s`` seconds, cancel the rest, end the thread.
+  for up to ``grace_s`` seconds, cancel the rest, end the thread. :attr:`Batcher.load`:
+  ``(running, queued)``. :meth:`Batcher.run_step`: one step on the calling thread, for tests and
+  callers without threads (instead of :meth:`start`).
 * :func:`prompt_logprobs` ``(engine, ids, top=0)``: the log-probability of every prompt token
   given the ones before it (the completions API's ``echo`` with ``logprobs``), one forward pass.
 
@@ -63,14 +65,17 @@ different times::
 
     columns:   0   1   2   3   4   5   6   7   (length = 8; next token → column 8)
     row 0:     a0  a1  a2  a3  a4  a5  a6  a7   n=8, positions 0..7, next at position 8
-    row 1:     ·   ·   ·   ·   ·   b0  b1  b2   n=3  (joined 2 steps ago with a 2-token prompt… )
+    row 1:     ·   ·   ·   ·   ·   b0  b1  b2   n=3  (a 2-token prompt, prefilled at length 7)
     row 2:     ·   ·   c0  c1  c2  c3  c4  c5   n=6  (· = hidden by the mask)
 
-A new request is prefilled on its own (with the others that join at the same step, as one
-left-padded batch) and its keys and values are copied into the next free row, ending at column
-``length`` (if its window is longer than ``length``, every row first moves right to make room).
+A new request is prefilled on its own and its keys and values are copied into the next free row,
+ending at column ``length`` (if its window is longer than ``length``, every row first moves right
+to make room). On its own, not as one left-padded batch with the others that join at the same
+step: prompts of mixed lengths would be padded to the longest, and a prefill's matrix products
+are already many rows each.
 A request that leaves gives its row to the last row (one row copied), so the running rows stay
-``0 … n-1`` and a step runs the model on exactly ``n`` rows. When ``length`` reaches the buffer's
+``0 … n-1`` and a step runs the model on exactly ``n`` rows; if it was the longest, leaving many
+columns before every row (at least 16, and a quarter of them), the rows move left to column 0. When ``length`` reaches the buffer's
 end, the rows move left to column 0 (they all end at ``length``, so it is one slice copy), and
 the buffer doubles if they fill more than half of it, up to the context length.
 
@@ -100,7 +105,6 @@ from .generate import (
     SamplingConfig,
     _check_prompts,
     crop_window,
-    left_pad,
     make_generator,
     sample_next,
     token_presence,
@@ -504,29 +508,28 @@ class Batcher:
             self._sample(request, logits[row : row + 1])
 
     def _prefill(self, requests: list[Request]) -> None:
-        """Run the joining requests' windows (one left-padded batch), sample their first tokens,
-        and give each that goes on a row of the batch cache."""
+        """Run each joining request's window through the model alone (the module docstring says
+        why), sample its first token, and give it a row of the batch cache if it goes on."""
+        param = next(self.model.parameters())
         for request in requests:
             if not request._window:  # new (a cut window is already set)
                 request._window = list(crop_window(request.prompt_ids, self.engine.context_length))  # a copy: it grows
-                request._generator = make_generator(request.sampling.seed, self.engine.device)
+                request._generator = make_generator(request.sampling.seed, param.device)
                 if request.sampling.repetition_penalty != 1.0:
-                    request._seen = token_presence([request.prompt_ids], self.model.cfg.vocab_size, self.engine.device)
-        windows = [r._window for r in requests]
-        idx, positions, mask = left_pad(windows, self.engine.device)  # (b, W) each
-        width = idx.shape[1]
-        param = next(self.model.parameters())
-        cache = KVCache.for_model(self.model.cfg, len(requests), width, device=param.device, dtype=param.dtype)
-        logits = self.model(idx, positions=positions, key_padding_mask=mask, cache=cache)[:, -1]  # (b, V)
-        for j, request in enumerate(requests):
-            if not bool(torch.isfinite(logits[j]).all()):
+                    request._seen = token_presence([request.prompt_ids], self.model.cfg.vocab_size, param.device)
+            n = len(request._window)
+            try:  # a prefill that fails (out of memory, say) fails its own request only
+                cache = KVCache.for_model(self.model.cfg, 1, n, device=param.device, dtype=param.dtype)
+                idx = torch.tensor([request._window], device=param.device)  # (1, n)
+                logits = self.model(idx, cache=cache, last_only=True)[:, -1]  # (1, V)
+            except Exception as err:
+                request._finish("error", _message(err))
+                continue
+            if not bool(torch.isfinite(logits).all()):
                 request._finish("error", "the model's logits for the prompt are not finite (NaN or inf): its weights "
                                          "are damaged or diverged")
-                continue
-            if not self._sample(request, logits[j : j + 1]):
-                continue
-            n = len(request._window)
-            self._place(request, cache.k[:, j, :, width - n :], cache.v[:, j, :, width - n :])  # (L, H, n, d) each
+            elif self._sample(request, logits):
+                self._place(request, cache.k[:, 0], cache.v[:, 0])  # (L, H, n, d) each
 
     def _sample(self, request: Request, logits: torch.Tensor) -> bool:
         """Sample ``request``'s next token from ``logits (1, V)`` and publish it; whether it goes on.
@@ -595,8 +598,11 @@ class Batcher:
             self._cache.move(last, row, len(self._rows[last]._window))
             self._rows[row] = self._rows[last]
         self._rows.pop()
-        if not self._rows:
-            self._cache.length = 0
+        live = max((len(r._window) for r in self._rows), default=0)
+        if self._cache.length - live >= max(16, self._cache.length // 4):
+            # The longest row left: the others move left, so that no step reads the columns
+            # before them (every step's attention reads all `length` columns of every row).
+            self._cache.relayout(len(self._rows), live, live, self._cache.max_len)
 
     def _retire(self, request: Request, reason: str, error: Optional[str] = None) -> None:
         """End ``request`` (publishing its last event where it has none yet) and free its row."""

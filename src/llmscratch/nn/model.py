@@ -726,6 +726,7 @@ class GPT(nn.Module):
         cache: Optional[KVCache | StaticKVCache] = None,
         need_weights: bool = False,
         trace: Optional[Callable[[int, str, torch.Tensor], None]] = None,
+        last_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the model.
 
@@ -741,6 +742,8 @@ class GPT(nn.Module):
             need_weights: also return the per-layer attention weights (explicit backend).
             trace: ``trace(layer, name, tensor)`` sees what every attention layer computes (see
                 ``_Step.trace``): per-head q, k, v, the weights (with ``need_weights``), the context.
+            last_only: the logits of the last position only, ``(B, 1, V)`` (a prefill needs no
+                others; the head is a third of a 128-token prefill of GPT-2 small).
 
         Returns:
             logits ``(B, T, V)``, or the mean cross-entropy loss when ``targets`` is given;
@@ -782,6 +785,8 @@ class GPT(nn.Module):
             x = block(x, step)
         if cache is not None:
             cache.length += t
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.final_norm(x)  # (B, T, C)
 
         if targets is None:
