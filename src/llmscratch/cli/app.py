@@ -12,14 +12,14 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from . import (attention, bench, chat, convert, evaluate, experiment, explain, finetune, generate, info, prepare,
-               runs, train)
+               runs, serve, train)
 from ..errors import LLMScratchError
 from .commands import COMMANDS
 
 
 # importing a command's module registers it (``@command``)
-COMMAND_MODULES = (explain, train, prepare, generate, chat, info, runs, evaluate, convert, attention, experiment, bench,
-                   finetune)
+COMMAND_MODULES = (explain, train, prepare, generate, chat, serve, info, runs, evaluate, convert, attention, experiment,
+                   bench, finetune)
 
 
 def _version() -> str:
