@@ -11,6 +11,7 @@ runs/
     metrics.jsonl                    one JSON record per log or evaluation step
     loss.png                         the curves so far
     tokenizer files                  as the tokenizer saves them
+    labels.json                      a classifier's classes, pooling and base run (finetune --task classify)
     best/                            the best validation weights, with the tokenizer
     sharded/                         an FSDP checkpoint (every rank's shard), until consolidated
 ```
@@ -37,6 +38,7 @@ TRAINING_STATE_FILE = "training_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+LABELS_FILE = "labels.json"
 BEST_DIR = "best"
 SHARDED_DIR = "sharded"
 LATEST = "latest"
@@ -80,6 +82,10 @@ class RunDir:
     @property
     def plot(self) -> Path:
         return self.path / PLOT_FILE
+
+    @property
+    def labels(self) -> Path:
+        return self.path / LABELS_FILE
 
     @property
     def best(self) -> "RunDir":

