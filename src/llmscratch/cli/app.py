@@ -11,13 +11,13 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import attention, bench, convert, evaluate, experiment, explain, generate, info, runs, train
+from . import attention, bench, convert, evaluate, experiment, explain, finetune, generate, info, runs, train
 from ..errors import LLMScratchError
 from .commands import COMMANDS
 
 
 # importing a command's module registers it (``@command``)
-COMMAND_MODULES = (explain, train, generate, info, runs, evaluate, convert, attention, experiment, bench)
+COMMAND_MODULES = (explain, train, generate, info, runs, evaluate, convert, attention, experiment, bench, finetune)
 
 
 def _version() -> str:
@@ -62,6 +62,7 @@ _SMALLER = {
     "generate": "fewer --num-samples or --max-new-tokens, or a smaller model",
     "attention": "a shorter --prompt, or a smaller model",
     "eval": "a smaller --batch-size",
+    "finetune": "a smaller --batch-size or --micro-batch, --train lora, or a smaller model",
     "bench": "a smaller --batch, --context, --decode-batches or --preset",
     "experiment": "--quick or --tiny",
 }
