@@ -11,13 +11,14 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import attention, bench, convert, evaluate, experiment, explain, finetune, generate, info, runs, train
+from . import attention, bench, classify, convert, evaluate, experiment, explain, finetune, generate, info, runs, train
 from ..errors import LLMScratchError
 from .commands import COMMANDS
 
 
 # importing a command's module registers it (``@command``)
-COMMAND_MODULES = (explain, train, generate, info, runs, evaluate, convert, attention, experiment, bench, finetune)
+COMMAND_MODULES = (explain, train, generate, info, runs, evaluate, convert, attention, experiment, bench, finetune,
+                   classify)
 
 
 def _version() -> str:

@@ -291,3 +291,26 @@ def data_sha(sources: Sequence[str], options: dict[str, Any]) -> str:
 def make_classify_task(opts: Any, tokenizer: Any, runtime: Runtime, log: Callable[[str], None]) -> ClassifyFinetuneTask:
     """The task factory ``training.finetune.finetune`` calls."""
     return ClassifyFinetuneTask(opts, tokenizer, runtime, log)
+
+
+def evaluate_labelled(run_dir: str | Path, data: str, text_column: Optional[str] = None,
+                      label_column: Optional[str] = None, device: str = "auto",
+                      batch_size: int = 16) -> tuple[ClassScores, list[str], list[str]]:
+    """A classifier run's scores on every text of a labelled file (or ``testament``), the classes, and notes
+    (texts cut to the context). The columns default to those the run was fine-tuned with."""
+    from ..data import labelled as lab
+    from ..errors import ConfigError
+    from ..runtime import setup_runtime
+    from ..store.classifier import load_classifier
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    runtime = setup_runtime(device, "auto")
+    model, tokenizer, info = load_classifier(run_dir, device=runtime.device, need_tokenizer="the texts")
+    examples = lab.load_examples(data, text_column or info.get("text_column", "text"),
+                                 label_column or info.get("label_column", "label"))
+    encoded = lab.encode(examples, tokenizer, info["classes"], model.cfg.context_length)
+    notes = [f"{encoded.cut:,} of the {len(examples):,} texts of {data} are longer than the model's context "
+             f"({model.cfg.context_length} tokens) and were cut to it"] if encoded.cut else []
+    scores = score(model, encoded, runtime, batch_size=batch_size, pad_to=info.get("pad_to"))
+    return scores, list(info["classes"]), notes
