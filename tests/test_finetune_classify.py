@@ -9,6 +9,7 @@ should; bad data names its file and line.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
@@ -16,6 +17,7 @@ import random
 import pytest
 import torch
 
+from llmscratch import cli
 from llmscratch.data import labelled as lab
 from llmscratch.nn.classifier import GPTClassifier, pad_batch
 from llmscratch.runtime import setup_runtime
@@ -146,3 +148,143 @@ def test_precision_recall_and_confusion_by_hand():
     assert (p0, r0) == (5 / 7, 5 / 6)
     assert (p1, r1) == (3 / 4, 3 / 6)
     assert math.isnan(r2) and p2 == 0.0
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a.csv", "text,kind\nhello,x\n", "a.csv, line 1: no column 'label'"),
+    ("b.jsonl", '{"text": "hi", "label": "x"}\n{"text": "ho"}\n', "b.jsonl, line 2: no 'label' field"),
+    ("c.csv", "text,label\nhello,x\n  ,y\n", "c.csv, line 3: the text ('text') is empty"),
+    ("d.tsv", "text\tlabel\nhello\t\n", "d.tsv, line 2: the label ('label') is empty"),
+    ("e.csv", b"text,label\nhello,x\ncaf\xe9,y\n", "e.csv, line 3: not valid UTF-8"),
+    ("f.txt", "hello\n", "f.txt: unknown format .txt"),
+    ("g.jsonl", '{"text": "hi", "label": "x"}\nnot json\n', "g.jsonl, line 2: not JSON"),
+])
+def test_bad_data_names_the_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(lab.LabelledDataError) as err:
+        lab.read_labelled(path)
+    assert message in str(err.value)
+
+
+def test_one_label_only_and_a_label_the_run_lacks_are_refused(tmp_path):
+    path = tmp_path / "one.csv"
+    path.write_text("text,label\na,x\nb,x\n")
+    examples = lab.read_labelled(path)
+    with pytest.raises(lab.LabelledDataError, match="every text has the label 'x'"):
+        lab.label_map(examples, str(path))
+    with pytest.raises(lab.LabelledDataError, match=r"one.csv, line 2: label 'x' is not one of .*\['a', 'b'\]"):
+        lab.encode(examples, ByteTokenizer(), ["a", "b"], max_tokens=10)
+
+
+def test_texts_longer_than_the_context_are_cut_and_counted():
+    examples = [lab.Example("abcdef", "x", "f", 2), lab.Example("ab", "y", "f", 3), lab.Example("abcd", "x", "f", 4)]
+    enc = lab.encode(examples, ByteTokenizer(), ["x", "y"], max_tokens=3)
+    assert enc.cut == 2 and [len(r) for r in enc.ids] == [3, 2, 3] and enc.labels == [0, 1, 0]
+
+
+def test_testament_labels_old_and_new_at_matthew():
+    verses = lab.testament_examples()
+    assert len(verses) == 31_102 or len(verses) == 31_103
+    first_new = next(i for i, e in enumerate(verses) if e.label == "New")
+    assert verses[first_new].text.startswith("The book of the generation of Jesus Christ")
+    assert all(e.label == "Old" for e in verses[:first_new]) and all(e.label == "New" for e in verses[first_new:])
+    balanced = lab.balance(verses, seed=123)
+    assert sum(e.label == "Old" for e in balanced) == sum(e.label == "New" for e in balanced) == len(verses) - first_new
+
+
+# ----------------------------------------------------------------------------- end to end
+
+FRUIT, METAL = "apple pear plum fig grape melon".split(), "iron steel copper tin zinc lead".split()
+
+
+def write_separable(path, n: int = 160, seed: int = 0) -> list[tuple[str, str]]:
+    rnd = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "fruit" if i % 2 else "metal"
+        words = FRUIT if label == "fruit" else METAL
+        rows.append((" ".join(rnd.choice(words) for _ in range(rnd.randint(2, 6))), label))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sentence", "kind"])
+        writer.writerows(rows)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory):
+    """A tiny base run (random "test" GPT, BPE on the data's words), fine-tuned for 40 steps on fruit vs metal."""
+    from llmscratch.data.tokenizer import build_tokenizer
+    from llmscratch.nn.model import GPT, GPTConfig
+    from llmscratch.store.checkpoint import save_run
+
+    root = tmp_path_factory.mktemp("classify")
+    rows = write_separable(root / "data.csv")
+    tok = build_tokenizer("bpe", "\n".join(t for t, _ in rows) * 3, vocab_size=300)
+    torch.manual_seed(0)
+    save_run(root / "base", GPT(GPTConfig.from_preset("test", vocab_size=tok.vocab_size)), tok)
+    status = cli.main(["finetune", str(root / "base"), "--task", "classify", "--data", str(root / "data.csv"),
+                       "--text-column", "sentence", "--label-column", "kind", "--out-dir", str(root / "runs"),
+                       "--name", "c", "--steps", "40", "--lr", "1e-3", "--eval-every", "20", "--no-progress",
+                       "--device", "cpu"])
+    assert status == 0
+    return root, rows
+
+
+@pytest.mark.slow
+def test_a_tiny_run_learns_a_separable_task(classifier_run):
+    root, _ = classifier_run
+    run = root / "runs" / "c"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "test_accuracy" in r][-1]
+    assert final["test_accuracy"] >= 0.9 and final["step"] == 40
+    labels = json.loads((run / "labels.json").read_text())
+    assert labels["classes"] == ["fruit", "metal"] and labels["text_column"] == "sentence"
+    assert labels["base"] == str((root / "base").resolve())
+    assert json.loads((run / "finetune.json").read_text())["task"] == "classify"
+
+
+@pytest.mark.slow
+def test_classify_command_prints_label_and_probability(classifier_run, capsys):
+    root, _ = classifier_run
+    run = str(root / "runs" / "c")
+    assert cli.main(["classify", run, "pear fig apple", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.strip()
+    label, prob = out.split(" (")
+    assert label == "fruit" and 50.0 < float(prob.rstrip("%)")) <= 100.0
+    (root / "texts.txt").write_text("zinc tin iron\n\ngrape melon\n", encoding="utf-8")
+    assert cli.main(["classify", run, "--file", str(root / "texts.txt"), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["metal", "fruit"]
+    assert [line.split("\t")[2] for line in lines] == ["zinc tin iron", "grape melon"]
+    assert cli.main(["classify", str(root / "base"), "x"]) == 2  # not a classifier: a one-line error
+    assert "not a classifier" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_reports_the_confusion_matrix_of_the_classify_predictions(classifier_run, capsys):
+    """eval's confusion matrix, precision and recall equal those counted by hand from classify's labels."""
+    root, _ = classifier_run
+    run = str(root / "runs" / "c")
+    rnd = random.Random(7)
+    rows = [(" ".join(rnd.choice(FRUIT + METAL) for _ in range(3)), rnd.choice(["fruit", "metal"])) for _ in range(30)]
+    with open(root / "mixed.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("sentence", "kind"), *rows])
+    assert cli.main(["classify", "--device", "cpu", run, *[t for t, _ in rows]]) == 0
+    predicted = [line.split("\t")[0] for line in capsys.readouterr().out.strip().splitlines()]
+    classes = ["fruit", "metal"]
+    cm = [[sum(1 for (_, t), p in zip(rows, predicted) if t == a and p == b) for b in classes] for a in classes]
+    assert cli.main(["eval", run, "--data", str(root / "mixed.csv"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    accuracy = (cm[0][0] + cm[1][1]) / len(rows)
+    assert f"30 texts: accuracy {100 * accuracy:.2f}%" in out
+    table = out.split("columns: predicted)")[1].strip().splitlines()
+    assert [[int(v) for v in line.split()[1:]] for line in table[1:]] == cm
+    for name, row, col in zip(classes, cm, zip(*cm)):
+        line = next(x for x in out.splitlines() if x.startswith(name + " "))
+        precision = f"{100 * row[classes.index(name)] / sum(col):.1f}%" if sum(col) else "n/a"
+        assert line.split()[1] == precision and line.split()[2] == f"{100 * row[classes.index(name)] / sum(row):.1f}%"
