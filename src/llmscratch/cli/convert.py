@@ -48,7 +48,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from ..store.convert import export_checkpoint
 
-    export_checkpoint(args.run_dir, args.out, args.format, log=print, dtype=args.dtype)
+    export_checkpoint(args.run_dir, args.out, args.format, log=print, dtype=args.dtype, merge=args.merge)
     return 0
 
 
@@ -70,4 +70,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="the precision of a GGUF export's weights (default f16; norms stay f32 as llama.cpp wants)")
     p.add_argument("--format", choices=("hf", "gguf", "book", "run"), default="hf",
                    help="output format (default hf); run: an ordinary run directory, consolidated from the "
-                   "sharded checkpoint of an --fsdp run")
+                   "sharded checkpoint of an --fsdp run (or, with --merge, a LoRA run's merged weights)")
+    p.add_argument("--merge", action="store_true",
+                   help="fold a LoRA run's adapters into its base weights (W + scaling·A·B) before writing: "
+                   "the export is then a plain model that every format holds")

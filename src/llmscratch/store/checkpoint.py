@@ -53,8 +53,10 @@ import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError
 from ..files import DiskFullError, PathLike, disk_full_error, sync_directory, write_atomic, write_text_atomic
+from ..nn.lora import has_lora
 from ..nn.model import GPT, GPTConfig
-from .rundir import BEST_DIR, CONFIG_FILE, LATEST, SHARDED_DIR, TRAIN_CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE
+from . import lora as lora_files
+from .rundir import ADAPTER_CONFIG_FILE, BEST_DIR, CONFIG_FILE, LATEST, SHARDED_DIR, TRAIN_CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE
 
 # Fields that change how a model runs but not what its weights are; load_model accepts them
 # as overrides (e.g. the explicit attention backend for inspection, no dropout for eval).
@@ -277,8 +279,11 @@ def _unwrap(model: nn.Module) -> GPT:
 
 
 def _state_dict_for_file(model: GPT, state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-    """The model's state dict (or ``state_dict``, gathered from shards) with a tied head stored once."""
+    """The model's state dict (or ``state_dict``, gathered from shards) with a tied head stored once;
+    for a model with LoRA adapters, the adapters alone (``store/lora.py``: the base stays in its run)."""
     sd = dict(model.state_dict() if state_dict is None else state_dict)
+    if has_lora(model):
+        return {k: v for k, v in sd.items() if ".lora." in k}
     if model.cfg.tie_weights:
         sd.pop("out_head.weight", None)
     return sd
@@ -295,8 +300,18 @@ def save_model(run_dir: PathLike, model: nn.Module,
     run_dir = Path(run_dir)
     gpt = _unwrap(model)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _mark_adapters(run_dir, gpt)
     _write_safetensors(run_dir / WEIGHTS_FILE, _state_dict_for_file(gpt, state_dict), tag)
     write_text_atomic(run_dir / CONFIG_FILE, gpt.cfg.to_json() + "\n")
+
+
+def _mark_adapters(run_dir: Path, gpt: GPT) -> None:
+    """Before weights are written: ``adapter.json`` for a model with LoRA adapters (its weights file will
+    hold only them), and no stale one beside whole weights."""
+    if has_lora(gpt):
+        lora_files.write_adapter_config(run_dir, gpt)
+    else:
+        (run_dir / ADAPTER_CONFIG_FILE).unlink(missing_ok=True)
 
 
 # How messages name the model types of Hugging Face configs.
@@ -608,6 +623,8 @@ def load_model(run_dir: PathLike, device: Union[str, torch.device] = "cpu", **co
     (as ``from_pretrained`` does); call ``.train()`` to train it.
     """
     run_dir = Path(run_dir)
+    if lora_files.is_adapter(run_dir):
+        return _load_with_adapters(run_dir, device, config_overrides)
     cfg = load_config(run_dir)
     bad = sorted(set(config_overrides) - set(RUNTIME_FIELDS))
     if bad:
@@ -635,6 +652,21 @@ def load_model(run_dir: PathLike, device: Union[str, torch.device] = "cpu", **co
     if cfg.tie_weights:
         tensors["out_head.weight"] = tensors["tok_emb.weight"]  # same Parameter: loaded twice, same values
     model.load_state_dict(tensors, strict=True)
+    return model.to(device).eval()
+
+
+def _load_with_adapters(run_dir: Path, device: Union[str, torch.device], overrides: dict[str, Any]) -> GPT:
+    """A LoRA run or adapter folder: its base run's model with the adapters of ``run_dir`` on it."""
+    adapter = lora_files.read_adapter_config(run_dir)
+    if lora_files.is_adapter(adapter.base_run):
+        raise CheckpointError(f"{run_dir}'s base run {adapter.base_run} holds adapters itself; adapters go on whole "
+                              f"weights: merge the base first (`llmscratch export {adapter.base_run} OUT --format run "
+                              "--merge`) and point adapter.json at OUT")
+    model = load_model(adapter.base_run, **overrides)
+    weights_path = run_dir / WEIGHTS_FILE
+    tensors = read_safetensors(weights_path)
+    refuse_non_finite(tensors, weights_path, _non_finite_fix(run_dir))
+    lora_files.load_adapter(model, run_dir, tensors)
     return model.to(device).eval()
 
 
@@ -705,6 +737,7 @@ def save_checkpoint(run_dir: PathLike, model: nn.Module, state: dict) -> None:
     _check_plain(state, "training_state")
     gpt = _unwrap(model)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _mark_adapters(run_dir, gpt)
     staged_weights, staged_state = run_dir / (PENDING + WEIGHTS_FILE), run_dir / (PENDING + TRAINING_STATE_FILE)
     weights = _state_dict_for_file(gpt, None)
     try:

@@ -20,14 +20,16 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, LLMScratchError
 from ..files import PathLike
+from ..nn.lora import has_lora, merge_lora
 from ..nn.model import GPT, GPTConfig
 from . import sharded
 from .checkpoint import (
     _read_json, _require_dir, _with_tied_head, _write_torch,
     book_config_dict, book_to_ours, describe, load_hf_model, load_model, ours_to_book, read_book_file,
-    refuse_non_finite, save_hf, save_run,
+    refuse_non_finite, save_hf, save_model, save_run,
 )
 from .hf_llama import is_llama_family, load_hf_llama, save_hf_llama
+from .lora import base_run_of, is_adapter
 from .rundir import (
     BEST_DIR, CONFIG_FILE, METRICS_FILE, PLOT_FILE, TRAIN_CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE,
 )
@@ -427,29 +429,62 @@ EXPORT_FORMATS = ("hf", "gguf", "book", "run")
 
 
 def export_checkpoint(run_dir: PathLike, out: PathLike, fmt: str = "hf",
-                      log: Callable[[str], None] = lambda message: None, dtype: str = "f16") -> Path:
+                      log: Callable[[str], None] = lambda message: None, dtype: str = "f16",
+                      merge: bool = False) -> Path:
     """Write the run's model as ``fmt``: ``"hf"`` (a directory for transformers' ``from_pretrained``:
     GPT-2, or Llama/Qwen2/Qwen3 for a modern model, with the run's tokenizer files), ``"gguf"``
     (one file for llama.cpp and Ollama, in ``dtype`` ``"f16"`` or ``"f32"``), ``"book"`` (a
     ``torch.save`` state dict for the book's ``GPTModel``) or ``"run"`` (an ordinary run
-    directory, consolidated from the sharded checkpoint of an FSDP run). Returns the path written."""
+    directory, consolidated from the sharded checkpoint of an FSDP run). Returns the path written.
+
+    ``merge``: a LoRA run's adapters are folded into its base weights first (``W + scaling·(A·B)ᵀ``),
+    and the plain model that results is what every format writes; a LoRA run is refused without it.
+    """
 
     if fmt not in EXPORT_FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if dtype not in ("f16", "f32"):
         raise CheckpointError(f"unknown GGUF precision {dtype!r}; choose f16 or f32 (no quantization on export)")
     run_dir, out = Path(run_dir), Path(out)
-    if fmt == "run":
+    if fmt == "run" and not is_adapter(run_dir):
         return sharded.consolidate(run_dir, out, log=log)
     _refuse_export_target(run_dir, out, fmt)
     model = sharded.load_sharded(run_dir)[0] if sharded.latest_is_sharded(run_dir) else load_model(run_dir)
-    if fmt == "hf":
+    _merge_adapters(model, run_dir, merge, log)
+    if fmt == "run":
+        _export_merged_run(model, run_dir, out, log)
+    elif fmt == "hf":
         _export_hf(model, run_dir, out, log)
     elif fmt == "gguf":
         _export_gguf(model, run_dir, out, dtype, log)
     else:
         _export_book(model, out, log)
     return out
+
+
+def _merge_adapters(model: GPT, run_dir: Path, merge: bool, log: Callable[[str], None]) -> None:
+    """Fold a LoRA run's adapters into the base weights (``merge``), or refuse to export them unmerged."""
+    if not has_lora(model):
+        if merge:
+            log(f"note: {run_dir} holds no LoRA adapters; --merge has nothing to fold in")
+        return
+    base = base_run_of(model)
+    if not merge:
+        raise CheckpointError(f"{run_dir} holds LoRA adapters on the base run {base}, and the formats hold whole "
+                              "weights: add --merge to fold the adapters into the base weights first")
+    merge_lora(model)
+    log(f"merged the LoRA adapters of {run_dir} into the weights of {base}")
+
+
+def _export_merged_run(model: GPT, run_dir: Path, out: Path, log: Callable[[str], None]) -> None:
+    """Write ``out``: a plain run directory (config, merged weights, the run's tokenizer)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not an empty directory; choose a new directory or delete it")
+    save_model(out, model)
+    tokenizer = _run_tokenizer(run_dir)
+    if tokenizer is not None:
+        tokenizer.save(out)
+    log(f"wrote {out}, a run directory: {describe(model)}")
 
 
 def _hf_kind(directory: Path) -> str:

@@ -33,6 +33,7 @@ def describe_run(run_dir: PathLike) -> str:
     lines.append(_tokenizer_line(run.path))
     lines.append(_weights_line(run))
     lines += _training_lines(run)
+    lines += _finetune_lines(run)
     best, final = run.best_evaluation(), run.final_evaluation()
     if best:
         lines.append(f"best validation (during training): step {best['step']}, loss {best['val_loss']:.4f}, "
@@ -41,6 +42,25 @@ def describe_run(run_dir: PathLike) -> str:
         lines.append(f"final validation (whole split): loss {final['val_loss']:.4f}, ppl {final['val_ppl']:.2f}, "
                      f"{final['val_bpb']:.4f} bits/byte")
     return "\n".join(lines)
+
+
+def _finetune_lines(run: RunDir) -> list[str]:
+    """What a fine-tuned run records of its base run and task, and its held-out response loss before/after."""
+    if not run.finetune.is_file():
+        return []
+    try:
+        record = ckpt.read_json(run.finetune)
+    except CheckpointError as err:
+        return [f"fine-tuned: {run.finetune.name} cannot be read: {err}"]
+    lines = [f"fine-tuned from {record.get('base')} (--task {record.get('task')}, --train {record.get('train')})"]
+    metrics = run.read_metrics()
+    before = next((r for r in metrics if r.get("before")), None)
+    after = next((r for r in reversed(metrics) if r.get("after")), None)
+    for name in ("val", "test"):
+        key = f"{name}_response_loss"
+        if before and after and key in before and key in after:
+            lines.append(f"  held-out {name} response loss: {before[key]:.4f} before, {after[key]:.4f} after")
+    return lines
 
 
 def _tokenizer_line(path: Path) -> str:

@@ -11,6 +11,9 @@ runs/
     metrics.jsonl                    one JSON record per log or evaluation step
     loss.png                         the curves so far
     tokenizer files                  as the tokenizer saves them
+    adapter.json                     a LoRA run: its adapters' settings and the base run (then
+                                     model.safetensors holds the adapters only; store/lora.py)
+    finetune.json                    a fine-tuned run: its base run, task and options
     labels.json                      a classifier's classes, pooling and base run (finetune --task classify)
     best/                            the best validation weights, with the tokenizer
     sharded/                         an FSDP checkpoint (every rank's shard), until consolidated
@@ -42,6 +45,8 @@ LABELS_FILE = "labels.json"
 BEST_DIR = "best"
 SHARDED_DIR = "sharded"
 LATEST = "latest"
+FINETUNE_FILE = "finetune.json"
+ADAPTER_CONFIG_FILE = "adapter.json"
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,14 @@ class RunDir:
     @property
     def plot(self) -> Path:
         return self.path / PLOT_FILE
+
+    @property
+    def adapter_config(self) -> Path:
+        return self.path / ADAPTER_CONFIG_FILE
+
+    @property
+    def finetune(self) -> Path:
+        return self.path / FINETUNE_FILE
 
     @property
     def labels(self) -> Path:

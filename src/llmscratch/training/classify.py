@@ -240,6 +240,10 @@ class ClassifyFinetuneTask(ClassificationTask):
         return GPTClassifier.from_gpt(model, len(self.splits.classes), self.options["pool"], self.pad_id,
                                       seed=self.opts.seed)
 
+    def new_parameters(self, model: GPTClassifier) -> list:
+        """The class head: it learns whatever ``--train`` freezes."""
+        return model.task_parameters()
+
     def labels_info(self) -> dict[str, Any]:
         """What ``labels.json`` records: the classes, how texts are read, where the run came from."""
         return {"classes": self.splits.classes, "pool": self.options["pool"], "pad_id": self.pad_id,

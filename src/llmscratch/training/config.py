@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from ..errors import ConfigError
 from ..nn.attention import BACKENDS
+from ..nn.lora import DEFAULT_TARGETS, SCALINGS, TARGETS, LoRAConfig
 from ..nn.model import ACTIVATIONS, FIELD_OPTIONS, LOSS_IMPLS, PRESETS, GPTConfig, check_field_types, \
     numbers_from_strings
 from ..nn.positions import POSITION_KINDS
@@ -32,7 +33,7 @@ from .distributed import DEFAULT_TIMEOUT_S
 TOKENIZERS = ("char", "bpe", "gpt2")
 OPTIMIZERS = ("muon", "adamw")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-GROUPS = ("data", "model", "optimisation", "evaluation and checkpoints", "runtime", "run directory")
+GROUPS = ("data", "model", "optimisation", "LoRA", "evaluation and checkpoints", "runtime", "run directory")
 
 
 def option(default: Any, group: str, help: str, *, resume: bool = False, choices: Optional[tuple] = None,
@@ -96,6 +97,18 @@ class TrainConfig:
                             "embeddings, head, gains and biases; adamw: AdamW on everything (needed with --fsdp)",
                             choices=OPTIMIZERS)
     muon_momentum: float = option(0.9, "optimisation", "Muon's momentum")
+    # LoRA: low-rank adapters on the frozen weights of --init-from (nn/lora.py, docs/finetuning.md)
+    lora_rank: int = option(0, "LoRA", "train LoRA adapters of this rank on the frozen weights of --init-from "
+                            "(AdamW on the adapters alone; the run saves them and a reference to the base run); "
+                            "0: train every weight")
+    lora_alpha: float = option(16.0, "LoRA", "the adapters' alpha: their update is multiplied by alpha/rank "
+                               "(--lora-scaling alpha: by alpha, as the book's appendix E)")
+    lora_dropout: float = option(0.0, "LoRA", "dropout on the adapters' input during training")
+    lora_targets: str = option(",".join(DEFAULT_TARGETS), "LoRA", "the projections to adapt in every block, "
+                               "comma-separated: " + ", ".join(TARGETS) + " (query/key/value: those rows of the "
+                               "fused attention input; qkv: all of it; gate/up: the SwiGLU halves of mlp_in)")
+    lora_scaling: str = option("alpha/rank", "LoRA", "alpha/rank: the LoRA paper's and PEFT's; alpha: the book's",
+                               choices=SCALINGS)
     # evaluation, logging, checkpoints
     eval_interval: int = option(350, "evaluation and checkpoints", "evaluate every N steps", resume=True)
     eval_windows: int = option(64, "evaluation and checkpoints", "validation windows per evaluation during "
@@ -201,6 +214,28 @@ class TrainConfig:
         GPTConfig.from_preset(self.preset, **self.model)  # a bad model option is named now, before any work
         if self.resume and self.init_from:
             raise ConfigError("--resume continues a run; --init-from starts a new one from weights: pick one")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise ConfigError(f"{named('lora_rank')} must be >= 0 (0: no LoRA, every weight trains), "
+                              f"got {self.lora_rank}")
+        if not self.lora_rank:
+            return
+        self.lora()  # LoRAConfig checks the LoRA options, naming each
+        if not (self.init_from or self.resume):
+            raise ConfigError("--lora-rank adapts trained weights, which a new random model has not: give "
+                              "--init-from RUN (a run directory; `llmscratch import` makes one)")
+        if self.fsdp:
+            raise ConfigError("--lora-rank trains adapters far smaller than the model, and is not wired for --fsdp: "
+                              "drop --fsdp (DDP under torchrun works)")
+
+    def lora(self) -> Optional[LoRAConfig]:
+        """The adapters this run trains (``--lora-rank`` and the other LoRA options), or None."""
+        if not self.lora_rank:
+            return None
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                          targets=self.lora_targets, scaling=self.lora_scaling)
 
     def to_dict(self) -> dict[str, Any]:
         """Every option as a plain mapping: what ``train_config.json`` holds and ``--resume`` compares against."""

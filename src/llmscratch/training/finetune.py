@@ -28,17 +28,18 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError, ConfigError, Stopped
+from ..nn.lora import has_lora, merge_lora
 from ..nn.model import GPT, loss_label
 from ..runtime import Runtime, seed_everything, setup_runtime
 from ..store import checkpoint as ckpt
 from ..store.convert import load_pretrained
-from ..store.rundir import RunDir, new_run_dir
+from ..store.rundir import FINETUNE_FILE, RunDir, new_run_dir
 from . import distributed as dist
 from .config import TrainConfig
 from .loop import LoopState, run_loop
@@ -51,7 +52,6 @@ Log = Callable[[str], None]
 
 TASKS = ("instruct", "classify")
 TRAIN_MODES = ("all", "last-block", "lora")
-FINETUNE_FILE = "finetune.json"  # beside train_config.json: the base run, the task and its options
 
 
 @dataclass
@@ -146,7 +146,9 @@ class FinetuneTask(Task, Protocol):
 
     def adapt(self, model: GPT) -> GPT:
         """The model to fine-tune made from the base one (a class head in place of the LM head, say);
-        called on a new run before anything is frozen or wrapped, and on a resume before its weights load."""
+        called on a new run before anything is frozen or wrapped, and on a resume before its weights load.
+        A task with new parameters may also define ``new_parameters(model) -> list`` (they learn under
+        every ``--train``)."""
 
     def before(self, run: Run) -> None:
         """At the start of a new run, before the first step (the held-out numbers before, say)."""
@@ -222,40 +224,51 @@ def train_config_for(opts: FinetuneOptions, steps: int, run_dir: RunDir) -> Trai
         grad_clip=opts.grad_clip, optimizer="adamw", eval_interval=opts.eval_every, log_interval=opts.log_every,
         checkpoint_interval=opts.checkpoint_every, sample_tokens=0, device=opts.device, precision=opts.precision,
         seed=opts.seed, out_dir=str(run_dir.path.parent), name=run_dir.path.name,
-        resume=str(run_dir) if opts.resume else None, init_from=opts.base, time_budget=opts.time_budget,
+        resume=str(run_dir) if opts.resume else None, init_from=None if opts.resume else opts.base,
+        time_budget=opts.time_budget,
         stop_at=opts.stop_at, progress=opts.progress)
 
 
-def choose_trainable(model: GPT, opts: FinetuneOptions, log: Log) -> dict[str, Any]:
+def choose_trainable(model: GPT, opts: FinetuneOptions, log: Log, new: Sequence[nn.Parameter] = ()) -> dict[str, Any]:
     """Freeze what ``--train`` leaves alone; return what was chosen (for finetune.json and the log).
 
     ``all``: every weight. ``last-block``: the last transformer block and the final norm (the
     book's chapter 6 choice; a task's own new layers stay trainable). ``lora``: low-rank adapters
-    on the chosen linear layers, everything else frozen (``nn/lora.py``).
+    on the chosen linear layers, everything else frozen (``nn/lora.py``). ``new``: the task's own new
+    parameters (a class head), which learn whatever ``--train`` says.
     """
     if opts.train == "all":
         return {"train": "all"}
     if opts.train == "last-block":
         keep = {id(p) for m in (model.blocks[-1], model.final_norm) for p in m.parameters()}
-        new = getattr(model, "task_parameters", lambda: [])()  # a task's new head stays trainable
-        keep |= {id(p) for p in new}
         for p in model.parameters():
             p.requires_grad_(id(p) in keep)
-        return {"train": "last-block"}
-    return add_adapters(model, opts, log)
+        chosen = {"train": "last-block"}
+    else:
+        chosen = add_adapters(model, opts, log)
+    for p in new:
+        p.requires_grad_(True)
+    return chosen
 
 
 def add_adapters(model: GPT, opts: FinetuneOptions, log: Log) -> dict[str, Any]:
-    """``--train lora``: adapters from ``nn/lora.py`` (AdamW updates them alone)."""
-    try:
-        from ..nn import lora  # type: ignore[attr-defined]
-    except ImportError:
-        raise ConfigError("--train lora needs LoRA adapters (llmscratch.nn.lora), which this version does not "
-                          "have; use --train all or --train last-block") from None
-    targets = tuple(t for t in opts.lora_targets.split(",") if t) if opts.lora_targets else None
-    kwargs = {"targets": targets} if targets else {}
-    info = lora.add_lora(model, rank=opts.lora_rank, alpha=opts.lora_alpha, dropout=opts.lora_dropout, **kwargs)
-    return {"train": "lora", "lora": info if isinstance(info, dict) else str(info)}
+    """``--train lora``: adapters from ``nn/lora.py`` on ``--lora-targets``; AdamW updates them alone.
+
+    The run then saves the adapters only, with a reference to the base run (``store/lora.py``):
+    ``load_model`` puts them back on the base, so every command loads the run as it is, and
+    ``llmscratch export RUN OUT --merge`` folds them into plain weights.
+    """
+    from ..nn import lora
+    from ..store.lora import set_base_run
+
+    if ckpt.folder_kind(opts.base) != "run":
+        raise ConfigError(f"--train lora saves adapters with a reference to the run they adapt, and {opts.base} is "
+                          f"not a run directory: make one first (`llmscratch import {opts.base} RUN_DIR`)")
+    targets = tuple(t.strip() for t in opts.lora_targets.split(",") if t.strip()) if opts.lora_targets else None
+    info = lora.add_lora(model, rank=opts.lora_rank, alpha=opts.lora_alpha, dropout=opts.lora_dropout,
+                         **({"targets": targets} if targets else {}))
+    set_base_run(model, opts.base)
+    return {"train": "lora", "lora": info.config.to_dict(), "lora_layers": len(info.layers)}
 
 
 def trainable_count(model: nn.Module) -> int:
@@ -311,9 +324,12 @@ def _finetune(opts: FinetuneOptions, make_task: TaskFactory, log: Log, given: se
     runtime = setup_runtime(opts.device, opts.precision)
     seed_everything(opts.seed)
     model, tokenizer = load_base(opts.base, runtime.device)
+    if has_lora(model):  # a LoRA run as the base: its adapters folded in first, as `train --init-from` does
+        merge_lora(model)
+        log(f"{opts.base} holds LoRA adapters: merged into its base weights before fine-tuning")
     task = make_task(opts, tokenizer, runtime, log)
     model = task.adapt(model)
-    chosen = choose_trainable(model, opts, log)
+    chosen = choose_trainable(model, opts, log, getattr(task, "new_parameters", lambda m: [])(model))
     steps = total_steps(opts, task.train_examples)
     cfg = train_config_for(opts, steps, run_dir)
     if state is not None:
@@ -323,7 +339,7 @@ def _finetune(opts: FinetuneOptions, make_task: TaskFactory, log: Log, given: se
         if steps <= int(state["step"]):
             raise ConfigError(f"{run_dir} is already at step {state['step']}, so {steps} steps leave nothing to "
                               f"train; give --steps above {state['step']} to train further")
-        load_checkpoint_weights(model, run_dir, state)
+        load_checkpoint_weights(model, run_dir, state, lora_run=opts.train == "lora")
     model.to(runtime.device)
     run = Run(cfg=cfg, run_dir=run_dir, group=dist.Group(), runtime=runtime, tokenizer=tokenizer, splits=None,
               corpus_sha=task.data_sha, model=model, train_model=model, forward=model,
@@ -352,6 +368,9 @@ def _finetune(opts: FinetuneOptions, make_task: TaskFactory, log: Log, given: se
             f"(continue with: llmscratch finetune --resume {run_dir})")
     else:
         task.after(run, st)
+    from .train import peak_memory
+
+    log(f"peak memory: {peak_memory(runtime.device)}")
     try:
         from .train import plot_metrics
 
@@ -375,14 +394,20 @@ def start_directory(run: Run, opts: FinetuneOptions, chosen: dict[str, Any]) -> 
     run.tokenizer.save(run.run_dir.path)
 
 
-def load_checkpoint_weights(model: GPT, run_dir: RunDir, state: dict) -> None:
-    """A resumed run's weights, saved with its training state, into the (adapted) model."""
+def load_checkpoint_weights(model: GPT, run_dir: RunDir, state: dict, lora_run: bool = False) -> None:
+    """A resumed run's weights, saved with its training state, into the (adapted) model: a LoRA run's
+    file holds its adapters (the base weights are the base run's), any other's every weight."""
     ckpt.check_saved_together(run_dir.path, state)
     tensors = ckpt.read_safetensors(run_dir.weights)
+    if lora_run:
+        from ..nn import lora
+
+        lora.load_lora_state_dict(model, tensors)
+        return
     if model.cfg.tie_weights and "tok_emb.weight" in tensors:
         tensors.setdefault("out_head.weight", tensors["tok_emb.weight"])
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected or [k for k in missing if "lora" not in k]:
+    if unexpected or missing:
         raise CheckpointError(f"{run_dir.weights} does not fit the model this fine-tuning run builds "
                               f"(missing {missing[:4]}, unexpected {unexpected[:4]}); start a new run")
 

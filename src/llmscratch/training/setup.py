@@ -22,11 +22,13 @@ from ..data.corpus import TokenSplits, check_split_sizes, load_corpus, prepare_t
 from ..data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..files import human_bytes
+from ..nn.lora import apply_lora, has_lora, lora_config, merge_lora
 from ..nn.model import GPT, GPTConfig, loss_label
 from ..runtime import Runtime, seed_everything, setup_runtime
 from ..store import checkpoint as ckpt
 from ..store import sharded
 from ..store.convert import load_pretrained
+from ..store.lora import base_run_of, set_base_run
 from ..store.rundir import RunDir, new_run_dir
 from . import distributed as dist
 from .config import RESUME_MAY_CHANGE, TrainConfig
@@ -114,6 +116,9 @@ def check_resumable(run_dir: Path) -> None:
         raise ConfigError(f"--resume {run_dir}: no such folder; give a run directory (runs/NAME, or runs/latest)")
     if not run_dir.is_dir():
         raise ConfigError(f"--resume {run_dir} is a file; give the run directory that holds it ({run_dir.parent})")
+    if run.finetune.is_file():
+        raise ConfigError(f"--resume {run_dir}: a fine-tuning run (it has {run.finetune.name}); continue it with "
+                          f"`llmscratch finetune --resume {run_dir}`")
     if not run.train_config.is_file() and run.config.is_file():
         raise ConfigError(f"--resume {run_dir}: these weights were not trained by `llmscratch train` (no "
                           f"{run.train_config.name}: imported?), so there is no run to continue; start one from them "
@@ -303,6 +308,40 @@ def build_model(cfg: TrainConfig, run_dir: RunDir, state: Optional[dict], tokeni
     return GPT(ckpt.load_config(run_dir.path)) if from_shards else whole_model()
 
 
+def adapt_model(cfg: TrainConfig, model: GPT, log: Log) -> None:
+    """LoRA (``--lora-rank``): adapters on the frozen weights of ``--init-from``, or a resumed run's own.
+
+    Without ``--lora-rank``, a model that came with adapters (``--init-from`` a LoRA run) has them
+    merged into its weights first: every weight then trains, as without LoRA.
+    """
+    lora = cfg.lora()
+    if lora is None:
+        if has_lora(model):
+            merge_lora(model)
+            log(f"--init-from {cfg.init_from} holds LoRA adapters: merged into its base weights, which all train")
+        return
+    if cfg.resume:
+        if lora_config(model) != lora:
+            raise ConfigError(f"{cfg.resume}'s saved adapters are not the ones its train_config.json describes "
+                              f"({lora_config(model)} against {lora}); restore the run's files")
+    else:
+        if has_lora(model):
+            raise ConfigError(f"--init-from {cfg.init_from} holds LoRA adapters already; new ones go on whole weights: "
+                              f"merge them first (`llmscratch export {cfg.init_from} OUT --format run --merge`) and "
+                              "--init-from OUT")
+        if not (Path(cfg.init_from) / ckpt.CONFIG_FILE).is_file() or ckpt.folder_kind(cfg.init_from) != "run":
+            raise ConfigError(f"--lora-rank saves adapters with a reference to the run they adapt, and --init-from "
+                              f"{cfg.init_from} is not a run directory: make one first (`llmscratch import "
+                              f"{cfg.init_from} RUN_DIR`) and --init-from RUN_DIR")
+        apply_lora(model, lora)
+        set_base_run(model, cfg.init_from)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(f"LoRA rank {lora.rank}, alpha {lora.alpha:g} (x{lora.scale:g}) on {','.join(lora.targets)} of "
+        f"{base_run_of(model)}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f} %), "
+        "AdamW on the adapters")
+
+
 def setup(cfg: TrainConfig, log: Log, given: Optional[set[str]], new_run: NewRun, group: dist.Group,
           t_start: float) -> Run:
     """Everything the loop needs, from the options: see the module's docstring."""
@@ -327,6 +366,7 @@ def setup(cfg: TrainConfig, log: Log, given: Optional[set[str]], new_run: NewRun
     seed_everything(cfg.seed + group.rank)
     corpus_sha, tokenizer, splits = prepare_data(cfg, run_dir, state, group, log)
     model = build_model(cfg, run_dir, state, tokenizer, group, runtime)
+    adapt_model(cfg, model, log)
     model.loss_impl = cfg.loss
     try:
         loss_impl = model.loss_implementation(runtime.device)

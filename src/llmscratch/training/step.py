@@ -22,6 +22,7 @@ from typing import Callable, ContextManager, Iterable, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from ..nn.lora import has_lora
 from ..nn.optim import MuonAdamW, muon_param_groups
 from .config import TrainConfig
 
@@ -88,8 +89,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """``cfg.optimizer``: Muon on the hidden matrices and AdamW on the rest (optim.py), or AdamW on
-    everything; weight decay on matrices only (not on biases and LayerNorm gains) either way."""
-    if cfg.optimizer == "muon":
+    everything; weight decay on matrices only (not on biases and LayerNorm gains) either way.
+
+    Only the parameters that train (``requires_grad``) are handed over. A model with LoRA
+    adapters always gets AdamW: Muon orthogonalizes the update of a whole weight matrix, and
+    the adapters' thin ``A (in, r)`` and ``B (r, out)`` are factors of one, not whole matrices.
+    """
+    if cfg.optimizer == "muon" and not has_lora(model):
         return MuonAdamW(muon_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                          momentum=cfg.muon_momentum)
     decay, no_decay = [], []

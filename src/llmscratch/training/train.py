@@ -18,8 +18,11 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
 from ..data.tokenizer import Tokenizer
 from ..errors import LLMScratchError, Stopped
+from ..files import human_bytes
 from ..inference.engine import Engine
 from ..inference.generate import SamplingConfig
 from ..store import sharded
@@ -142,6 +145,7 @@ def finish(run: Run, task: Pretraining, st: LoopState, sample: Optional[Callable
             run.log(f"\n--- generated text ---\n{sample()}\n----------------------")
         except Exception as err:  # the run is saved: a sample that fails must not fail it
             run.log(f"(no sample: {err})")
+    run.log(f"peak memory: {peak_memory(run.runtime.device)}")
     if run.group.is_main:  # also after a stop: the curve so far (a resumed run redraws it whole)
         try:
             plot_metrics(run.run_dir)
@@ -151,6 +155,18 @@ def finish(run: Run, task: Pretraining, st: LoopState, sample: Optional[Callable
     if run.group.is_main and sharded.latest_is_sharded(run.run_dir.path):
         sharded.consolidate(run.run_dir.path)  # the FSDP shards → the ordinary run-directory files
         run.log(f"consolidated the sharded checkpoint into {run.run_dir}")
+
+
+def peak_memory(device: torch.device) -> str:
+    """The most memory this process held so far: on CUDA the tensors' (``max_memory_allocated``), else
+    the process's peak resident memory (``getrusage``'s ``ru_maxrss``: the model, data, Python, all)."""
+    if device.type == "cuda":
+        return f"{human_bytes(torch.cuda.max_memory_allocated(device))} of GPU memory allocated (CUDA)"
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return f"{human_bytes(peak if sys.platform == 'darwin' else peak * 1024)} resident ({device.type})"
 
 
 def sample_prompt_ids(tokenizer: Tokenizer, text: str, warn: Optional[Log] = None) -> list[int]:
