@@ -25,7 +25,8 @@ def add_classify_options(group: argparse._ArgumentGroup) -> None:
                        "(default text)")
     group.add_argument("--label-column", help="the column or field of the labels (default label)")
     group.add_argument("--balance", action="store_const", const=True,
-                       help="sample every class down to the smallest class's size (seeded), as the book does")
+                       help="sample every class down to the smallest class's size (seeded), as the book does "
+                       "(always on for --data testament)")
     group.add_argument("--pool", choices=("last", "mean", "end"),
                        help="what the class head reads: the last real token's state (the book's method), the mean "
                        "over the text's tokens, or the last position of a batch padded to the longest training text "

@@ -171,7 +171,7 @@ def prepare_splits(extra: dict, data: str, tokenizer, max_tokens: int, seed: int
     cols = (options["text_column"], options["label_column"])
     examples = lab.load_examples(data, *cols)
     val_file, test_file = options.get("val_data"), options.get("test_data")
-    if options["balance"]:
+    if options["balance"] or (data in lab.BUILTIN_DATA and not Path(data).exists()):  # testament: always balanced
         examples = lab.balance(examples, seed=seed)
     val_frac, test_frac = float(options["val_fraction"]), float(options["test_fraction"])
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
