@@ -288,3 +288,48 @@ def test_eval_reports_the_confusion_matrix_of_the_classify_predictions(classifie
         line = next(x for x in out.splitlines() if x.startswith(name + " "))
         precision = f"{100 * row[classes.index(name)] / sum(col):.1f}%" if sum(col) else "n/a"
         assert line.split()[1] == precision and line.split()[2] == f"{100 * row[classes.index(name)] / sum(row):.1f}%"
+
+
+FINETUNE = ["--task", "classify", "--text-column", "sentence", "--label-column", "kind", "--lr", "1e-3",
+            "--eval-every", "20", "--no-progress", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_stopped_and_resumed_run_ends_with_the_same_weights(classifier_run):
+    """--stop-at 20 then --resume to 40 gives the weights of the uninterrupted 40-step run (same batches, same optimizer)."""
+    from llmscratch.store.checkpoint import read_safetensors
+
+    root, _ = classifier_run
+    args = [str(root / "base"), "--data", str(root / "data.csv"), *FINETUNE, "--out-dir", str(root / "runs")]
+    assert cli.main(["finetune", *args, "--name", "r", "--steps", "40", "--stop-at", "20"]) == 0
+    assert cli.main(["finetune", "--resume", str(root / "runs" / "r"), "--task", "classify", "--no-progress"]) == 0
+    resumed, whole = read_safetensors(root / "runs" / "r" / "model.safetensors"), read_safetensors(
+        root / "runs" / "c" / "model.safetensors")
+    assert sorted(resumed) == sorted(whole)
+    for k in whole:
+        torch.testing.assert_close(resumed[k], whole[k], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_lora_classifier_saves_adapters_and_head_and_loads_merged(classifier_run, capsys):
+    from llmscratch.store.checkpoint import read_safetensors
+    from llmscratch.store.classifier import load_classifier
+    from llmscratch.training.classify import evaluate_labelled
+
+    root, _ = classifier_run
+    assert cli.main(["finetune", str(root / "base"), "--data", str(root / "data.csv"), *FINETUNE, "--out-dir",
+                     str(root / "runs"), "--name", "l", "--steps", "30", "--train", "lora", "--lora-rank", "4",
+                     "--lr", "3e-3"]) == 0
+    run = root / "runs" / "l"
+    saved = read_safetensors(run / "model.safetensors")
+    assert {k for k in saved if ".lora." not in k} == {"class_head.weight", "class_head.bias"}
+    model, _, info = load_classifier(run)
+    torch.testing.assert_close(model.class_head.weight, saved["class_head.weight"])
+    base = read_safetensors(root / "base" / "model.safetensors")
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, base["blocks.0.attn.qkv.weight"])  # merged
+    capsys.readouterr()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    in_run = [r for r in records if "test_accuracy" in r][-1]
+    scores, _, _ = evaluate_labelled(run, str(root / "data.csv"), device="cpu")
+    assert scores.accuracy >= in_run["test_accuracy"] - 0.25  # the whole file, of which the test split is a fifth
+    assert scores.accuracy > 0.7

@@ -48,6 +48,9 @@ class GPTClassifier(GPT):
         self.n_classes, self.pool, self.pad_id = n_classes, pool, pad_id
         self.class_head = nn.Linear(cfg.emb_dim, n_classes)
 
+    # A LoRA run saves its adapters only (store/lora.py), and these: the head is new, not the base run's.
+    saved_with_adapters = ("class_head.",)
+
     @classmethod
     def from_gpt(cls, gpt: GPT, n_classes: int, pool: str = "last", pad_id: int = 0, seed: int = 123) -> "GPTClassifier":
         """A classifier on ``gpt``'s weights (copied), with a new head drawn from ``seed``."""

@@ -17,8 +17,11 @@ import torch
 from ..errors import CheckpointError
 from ..files import PathLike, write_text_atomic
 from ..nn.classifier import GPTClassifier
-from .checkpoint import (WEIGHTS_FILE, has_tokenizer_files, load_config, no_tokenizer_error, read_safetensors,
-                         refuse_non_finite)
+from ..nn.lora import merge_lora
+from ..nn.model import GPTConfig
+from . import lora as lora_files
+from .checkpoint import (WEIGHTS_FILE, has_tokenizer_files, load_config, load_model, no_tokenizer_error,
+                         read_safetensors, refuse_non_finite)
 from .rundir import RunDir
 
 LABELS_VERSION = 1
@@ -61,11 +64,47 @@ def load_classifier(run_dir: PathLike, device: Union[str, torch.device] = "cpu",
     """``(classifier in eval mode, tokenizer or None, labels.json)`` of a classifier run."""
     run_dir = Path(run_dir)
     info = read_labels(run_dir)
-    cfg = load_config(run_dir)
+    if lora_files.is_adapter(run_dir):
+        model = _load_lora_classifier(run_dir, info)
+    else:
+        model = _load_whole_classifier(run_dir, info)
+    tokenizer = None
+    if has_tokenizer_files(run_dir):
+        from ..data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(run_dir)
+    elif need_tokenizer is not None:
+        raise no_tokenizer_error(run_dir, need_tokenizer)
+    return model.to(device).eval(), tokenizer, info
+
+
+def _new_classifier(cfg: GPTConfig, run_dir: Path, info: dict[str, Any]) -> GPTClassifier:
     try:
-        model = GPTClassifier(cfg, len(info["classes"]), info["pool"], info["pad_id"])
+        return GPTClassifier(cfg, len(info["classes"]), info["pool"], info["pad_id"])
     except ValueError as err:
         raise CheckpointError(f"{RunDir(run_dir).labels}: {err}") from err
+
+
+def _load_lora_classifier(run_dir: Path, info: dict[str, Any]) -> GPTClassifier:
+    """A ``--train lora`` classifier: the base run's weights, the adapters and the head of ``run_dir``, merged."""
+    adapter = lora_files.read_adapter_config(run_dir)
+    base = load_model(adapter.base_run)
+    model = _new_classifier(base.cfg, run_dir, info)
+    model.load_state_dict(base.state_dict(), strict=False)
+    tensors = read_safetensors(run_dir / WEIGHTS_FILE)
+    refuse_non_finite(tensors, run_dir / WEIGHTS_FILE, "fine-tune it again")
+    head = {k: v for k, v in tensors.items() if ".lora." not in k}
+    if sorted(head) != ["class_head.bias", "class_head.weight"]:
+        raise CheckpointError(f"{run_dir / WEIGHTS_FILE} holds no class head beside its adapters; fine-tune it again")
+    lora_files.load_adapter(model, run_dir, {k: v for k, v in tensors.items() if ".lora." in k})
+    model.load_state_dict(head, strict=False)
+    merge_lora(model)
+    return model
+
+
+def _load_whole_classifier(run_dir: Path, info: dict[str, Any]) -> GPTClassifier:
+    cfg = load_config(run_dir)
+    model = _new_classifier(cfg, run_dir, info)
     tensors = read_safetensors(run_dir / WEIGHTS_FILE)
     refuse_non_finite(tensors, run_dir / WEIGHTS_FILE, "fine-tune it again")
     if cfg.tie_weights and "tok_emb.weight" in tensors:
@@ -80,11 +119,4 @@ def load_classifier(run_dir: PathLike, device: Union[str, torch.device] = "cpu",
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{run_dir / WEIGHTS_FILE} does not fit its config.json and labels.json: {err}") from err
-    tokenizer = None
-    if has_tokenizer_files(run_dir):
-        from ..data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(run_dir)
-    elif need_tokenizer is not None:
-        raise no_tokenizer_error(run_dir, need_tokenizer)
-    return model.to(device).eval(), tokenizer, info
+    return model
