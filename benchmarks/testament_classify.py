@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -39,17 +38,26 @@ def random_twin(base: Path, out: Path, seed: int) -> Path:
 
 
 def finetune(base: Path, out_dir: Path, name: str, args: argparse.Namespace) -> dict:
-    """Fine-tune ``base`` on the testament task; its last record with the test numbers, and the time taken."""
-    t0 = time.time()
+    """Fine-tune ``base`` on the testament task; its last record with the test numbers, and the seconds its
+    training took (from its metrics). A run that already finished in ``out_dir`` is read, not run again."""
+    if not _finished(out_dir / name):
+        _run(base, out_dir, name, args)
+    records = RunDir(out_dir / name).read_metrics()
+    seconds = max((r["elapsed_s"] for r in records if "elapsed_s" in r), default=float("nan"))
+    return {**_finished(out_dir / name)[-1], "seconds": seconds}
+
+
+def _finished(run: Path) -> list[dict]:
+    return [r for r in RunDir(run).read_metrics() if "test_accuracy" in r] if run.is_dir() else []
+
+
+def _run(base: Path, out_dir: Path, name: str, args: argparse.Namespace) -> None:
     status = cli.main(["finetune", str(base), "--task", "classify", "--data", "testament", "--out-dir", str(out_dir),
                        "--name", name, "--steps", str(args.steps), "--train", args.train, "--lr", str(args.lr),
                        "--batch-size", str(args.batch_size), "--eval-every", str(args.steps), "--no-progress",
                        "--device", "cpu", "--pool", args.pool])
     if status != 0:
         raise SystemExit(f"fine-tuning {base} failed ({status})")
-    records = RunDir(out_dir / name).read_metrics()
-    final = [r for r in records if "test_accuracy" in r][-1]
-    return {**final, "seconds": time.time() - t0}
 
 
 def main() -> None:
@@ -61,7 +69,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="verses per step (default 8)")
     p.add_argument("--pool", default="last", choices=("last", "mean", "end"), help="(default last)")
     p.add_argument("--seed", type=int, default=123, help="the random twin's initialisation (default 123)")
-    p.add_argument("--out", help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--out", help="keep the runs here (default: a temporary folder); runs that finished there "
+                   "before are read, not run again")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
     base = Path(args.base).resolve()
@@ -69,7 +78,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        twin = random_twin(base, out / "random-init", args.seed)
+        twin = out / "random-init"
+        if not _finished(out / "from-random"):
+            random_twin(base, twin, args.seed)
         results = {"pretrained": finetune(base, out, "from-pretrained", args),
                    "random init": finetune(twin, out, "from-random", args)}
     cfg = load_config(base)
