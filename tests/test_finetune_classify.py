@@ -333,3 +333,19 @@ def test_lora_classifier_saves_adapters_and_head_and_loads_merged(classifier_run
     scores, _, _ = evaluate_labelled(run, str(root / "data.csv"), device="cpu")
     assert scores.accuracy >= in_run["test_accuracy"] - 0.25  # the whole file, of which the test split is a fifth
     assert scores.accuracy > 0.7
+
+
+def test_separate_validation_file_and_default_split(tmp_path):
+    from llmscratch.training.classify import prepare_splits
+
+    write_separable(tmp_path / "data.csv", n=50)
+    write_separable(tmp_path / "val.csv", n=6, seed=5)
+    cols = {"text_column": "sentence", "label_column": "kind"}
+    split = prepare_splits(cols, str(tmp_path / "data.csv"), ByteTokenizer(), 64, seed=123)
+    assert [len(p.ids) for p in (split.train, split.val, split.test)] == [35, 5, 10]  # 70/10/20
+    assert split.classes == ["fruit", "metal"]
+    given = prepare_splits({**cols, "val_data": str(tmp_path / "val.csv")}, str(tmp_path / "data.csv"),
+                           ByteTokenizer(), 64, seed=123)
+    assert [len(p.ids) for p in (given.train, given.val, given.test)] == [40, 6, 10]  # the test fifth still cut
+    rows = list(csv.reader(open(tmp_path / "val.csv")))[1:]
+    assert given.val.ids == [list(t.encode()) for t, _ in rows]
