@@ -400,3 +400,21 @@ def test_the_models_chat_template_is_what_transformers_renders(tmp_path):
         prompt = ref.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
         assert enc.ids[:enc.prompt_len] == ref.encode(prompt, add_special_tokens=False)
         assert enc.ids[enc.prompt_len:] == ref.encode(messages[-1]["content"] + "<|im_end|>", add_special_tokens=False)
+
+
+@pytest.mark.slow
+def test_the_benchmark_script_runs_at_a_tiny_size(base_run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    data = write_json(tmp_path / "data.json", alpaca_records(30))
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "finetune_instruct.py"), str(base_run), "--data", str(data),
+         "--steps", "1", "--batch-size", "2", "--held-out", "2", "--max-new-tokens", "2", "--lora-rank", "2",
+         "--lora-targets", "qkv", "--out", str(tmp_path / "bench")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root / "src")})
+    assert result.returncode == 0, result.stderr + result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| all |", "| lora |"))]
+    assert len(rows) == 2 and "--- lora: five test responses ---" in result.stdout

@@ -417,3 +417,36 @@ def test_export_merge_gives_the_adapted_logits(tmp_path, fmt):
     with torch.no_grad():
         torch.testing.assert_close(merged(x), base.eval()(x), atol=2e-5, rtol=2e-5)
         assert not torch.allclose(merged(x), load_model(tmp_path / "base")(x), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_lora_end_to_end_on_the_command_line(corpus, tmp_path, base_run, capsys):
+    """train --init-from --lora-rank, then generate, info, eval --task and export --merge on the LoRA run."""
+    from llmscratch.cli import main
+
+    out = tmp_path / "runs"
+    assert main(["train", "--init-from", str(base_run), "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets",
+                 "query,key,value,out,mlp_in,mlp_out", "--data", str(corpus), "--steps", "3", "--batch-size", "4",
+                 "--device", "cpu", "--out-dir", str(out), "--name", "lora", "--no-progress",
+                 "--sample-tokens", "0"]) == 0
+    said = capsys.readouterr().out
+    assert "trainable of" in said and "peak memory:" in said
+    run = out / "lora"
+    assert main(["generate", str(run), "--prompt", "And God", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("And God")
+    assert main(["info", str(run)]) == 0
+    assert "LoRA adapters: rank 4" in capsys.readouterr().out
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": "And God said", "endings": ["light", "void"], "label": 0})
+                    + "\n", encoding="utf-8")
+    assert main(["eval", str(run), "--task", str(task)]) == 0
+    assert "acc_norm" in capsys.readouterr().out
+    assert main(["export", str(run), str(tmp_path / "plain"), "--format", "run"]) == 2
+    assert "--merge" in capsys.readouterr().err
+    assert main(["export", str(run), str(tmp_path / "plain"), "--format", "run", "--merge"]) == 0
+    from llmscratch.store.checkpoint import load_model
+
+    merged, adapted = load_model(tmp_path / "plain"), load_model(run)
+    x = ids(merged.cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), adapted(x), atol=2e-5, rtol=2e-5)

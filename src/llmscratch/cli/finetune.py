@@ -98,7 +98,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--lora-alpha", type=float, help="LoRA's scale numerator: updates scaled by alpha/rank "
                       "(default 16)")
     what.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
-    what.add_argument("--lora-targets", help="comma-separated layers to adapt (default: the LoRA module's)")
+    what.add_argument("--lora-targets", help="comma-separated layers to adapt: query, key, value, qkv, out, "
+                      "mlp_in, gate, up, mlp_out (default query,value)")
     ev = p.add_argument_group("evaluation and checkpoints")
     ev.add_argument("--eval-every", type=int, help="held-out loss every N steps (default 50)")
     ev.add_argument("--eval-batches", type=int, help="validation batches per evaluation during training "

@@ -158,6 +158,6 @@ def _kind(annotation: str) -> type:
 
 def _shown_default(value: object) -> str:
     """How a help text states a default: ``"And God said"`` quoted, ``0.003``, ``cpu``."""
-    if isinstance(value, str) and (" " in value or not value):
+    if isinstance(value, str) and (" " in value or "," in value or not value):
         return f'"{value}"'
     return f"{value:g}" if isinstance(value, float) else str(value)

@@ -15,6 +15,7 @@ from ..errors import CheckpointError, LLMScratchError
 from ..files import PathLike
 from ..nn.model import GPT
 from . import checkpoint as ckpt
+from . import lora as lora_files
 from . import sharded
 from .rundir import BEST_DIR, SHARDED_DIR, RunDir
 
@@ -32,6 +33,8 @@ def describe_run(run_dir: PathLike) -> str:
     lines += [f"  {k}: {v}" for k, v in sorted(cfg.to_dict().items())]
     lines.append(_tokenizer_line(run.path))
     lines.append(_weights_line(run))
+    if lora_files.is_adapter(run.path):
+        lines.append(_adapter_line(run))
     lines += _training_lines(run)
     lines += _finetune_lines(run)
     best, final = run.best_evaluation(), run.final_evaluation()
@@ -61,6 +64,18 @@ def _finetune_lines(run: RunDir) -> list[str]:
         if before and after and key in before and key in after:
             lines.append(f"  held-out {name} response loss: {before[key]:.4f} before, {after[key]:.4f} after")
     return lines
+
+
+def _adapter_line(run: RunDir) -> str:
+    """What a LoRA run's adapters are and which run's weights they adapt."""
+    try:
+        adapter = lora_files.read_adapter_config(run.path)
+    except CheckpointError as err:
+        return f"LoRA adapters: cannot be used ({err})"
+    c = adapter.config
+    return (f"LoRA adapters: rank {c.rank}, alpha {c.alpha:g} (scaling {c.scaling}), dropout {c.dropout:g}, on "
+            f"{','.join(c.targets)}; the weights file holds only them, on the base run {adapter.base_run} "
+            "(`llmscratch export RUN OUT --merge` folds them in)")
 
 
 def _tokenizer_line(path: Path) -> str:
@@ -94,6 +109,8 @@ def _training_lines(run: RunDir) -> list[str]:
         if run.train_config.exists():
             saved = ckpt.read_json(run.train_config)
             total, optimizer = saved.get("steps"), saved.get("optimizer", "adamw")
+            if saved.get("lora_rank"):
+                optimizer = "adamw on LoRA adapters"
         lines = [f"training: step {state['step']}" + (f" of {total}" if total else "")
                  + f", {state.get('tokens_seen', 0):,} tokens seen" + (f", {optimizer}" if optimizer else "")]
         if "optimizer" not in state:

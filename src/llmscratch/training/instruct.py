@@ -328,7 +328,11 @@ class InstructionTask:
         if self.test_set:
             path = write_test_responses(run, self)
             if self.extra["judge"]:
-                judge_file(path, self.extra["judge"], self.extra["judge_model"], run.log)
+                try:
+                    judge_file(path, self.extra["judge"], self.extra["judge_model"], run.log)
+                except JudgeError as err:
+                    raise JudgeError(f"{err} (the fine-tuned run is saved in {run.run_dir}, its test responses in "
+                                     f"{path})") from None
 
     # Task
 
