@@ -11,15 +11,15 @@ import signal
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import (attention, bench, chat, convert, evaluate, experiment, explain, finetune, generate, info, prepare,
-               runs, serve, train)
+from . import (attention, bench, chat, classify, convert, evaluate, experiment, explain, finetune, generate, info,
+               prepare, runs, serve, train)
 from ..errors import LLMScratchError
 from .commands import COMMANDS
 
 
 # importing a command's module registers it (``@command``)
 COMMAND_MODULES = (explain, train, prepare, generate, chat, serve, info, runs, evaluate, convert, attention, experiment,
-                   bench, finetune)
+                   bench, finetune, classify)
 
 
 def _version() -> str:

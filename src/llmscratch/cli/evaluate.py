@@ -12,7 +12,13 @@ from .commands import command
 def _run_eval(args: argparse.Namespace) -> int:
     if args.task is not None:
         return _run_task(args)
+    from ..store.classifier import is_classifier_run
     from ..training.evaluate import evaluate_text
+
+    if is_classifier_run(args.run_dir):  # a classifier (finetune --task classify): labelled texts
+        from .classify import run_classification_eval
+
+        return run_classification_eval(args)
 
     result = evaluate_text(args.run_dir, args.data, encoding=args.encoding, device=args.device,
                            batch_size=args.batch_size)
@@ -59,3 +65,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="--task: only the first N questions")
     p.add_argument("--details", default=None, help="--task: write every question's log-likelihoods and "
                    "predictions to this JSONL file")
+    cls = p.add_argument_group("a classifier run (finetune --task classify)",
+                               "--data is then a labelled CSV, TSV or JSONL file (or testament): accuracy, "
+                               "per-class precision and recall, and the confusion matrix")
+    cls.add_argument("--text-column", help="the column or field of the texts (default: the run's)")
+    cls.add_argument("--label-column", help="the column or field of the labels (default: the run's)")

@@ -54,7 +54,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
         from ..training.instruct import finetune_instruct
 
         run_dir = finetune_instruct(opts, given=given)
-    print(f"saved in {run_dir}  (try it: llmscratch generate {run_dir} --chat \"...\")")
+    if args.task == "classify":
+        print(f"saved in {run_dir}  (try it: llmscratch classify {run_dir} \"...\")")
+    else:
+        print(f"saved in {run_dir}  (try it: llmscratch generate {run_dir} --chat \"...\")")
     return 0
 
 

@@ -1,29 +1,9 @@
-"""``llmscratch finetune --task classify``: the classification task's options and run (a placeholder).
+"""``llmscratch finetune RUN --task classify --data FILE``: a classifier fine-tuned from RUN.
 
-The classification task plugs in here; ``cli/finetune.py`` imports this module lazily and calls:
-
-- ``add_classify_options(group)``: add the task's own options to the ``finetune`` parser
-  (an ``argparse`` argument group; use option names no other task uses, e.g. ``--num-classes``,
-  ``--label-field``), each with help;
-- ``run_classify(args, opts, log) -> Path``: fine-tune with ``opts`` (a
-  ``training.finetune.FinetuneOptions``, the shared options already parsed; put the task's own
-  in ``opts.extra`` so that ``finetune.json`` saves them and ``--resume`` restores them) by
-  calling ``training.finetune.finetune(opts, make_task)`` with a factory that builds a
-  ``FinetuneTask`` (``tasks.Task`` plus ``train_examples``, ``data_sha``, ``adapt(model)``,
-  ``before(run)``, ``after(run, state)``; see ``training/instruct.py`` for the instruction task).
-
-What the shared run (``training/finetune.py``) does with a task, in order: ``task = make_task(opts,
-tokenizer, runtime, log)``; ``model = task.adapt(model)`` (swap in a class head here); the task's
-``new_parameters(model)`` if it has one (they learn under every ``--train``: all, last-block, lora);
-``task.start(run, step)`` if it has one (a resume's first step, for the batch order); ``task.before(run)``
-on a new run; ``run_loop``; ``task.after(run, state)`` unless stopped. ``task.evaluate`` returns at
-least ``loss``, ``ppl``, ``bpb`` and ``tokens``: ``bpb`` is what picks ``best/`` (lower is better; a
-classifier may put its loss or error rate there). ``task.data_sha`` must change when the data do
-(``finetune.data_fingerprint``). Note that a LoRA run's weights file holds the adapters only (the
-lora branch's ``store/lora.py``): a new head must be saved another way. A new head also changes
-the model ``config.json`` describes: ``load_model`` must be able to rebuild it.
-
-Until the classification task lands, both exist and ``run_classify`` says it is not available.
+``cli/finetune.py`` imports this module lazily: :func:`add_classify_options` adds the task's
+options to the ``finetune`` parser, :func:`run_classify` runs it through the shared
+fine-tuning run (``training/finetune.py``) with the task of ``training/classify.py``. The
+task's options go into ``opts.extra`` (saved in ``finetune.json``; ``--resume`` restores them).
 """
 
 from __future__ import annotations
@@ -32,13 +12,40 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
+# The classification task's own options (dest names), kept in finetune.json's options.extra.
+CLASSIFY_OPTIONS = ("text_column", "label_column", "balance", "pool")
+# Options of the instruction group that classify reads too (held-out files and fractions).
+SHARED_EXTRA = ("val_data", "test_data", "val_fraction", "test_fraction")
+
 
 def add_classify_options(group: argparse._ArgumentGroup) -> None:
-    """The classification task's own options (none yet)."""
+    """``--text-column``, ``--label-column``, ``--balance``, ``--pool`` (``--val-data``, ``--test-data`` and the
+    fractions are the instruction group's, read by both tasks)."""
+    group.add_argument("--text-column", help="the column (CSV/TSV header) or field (JSONL) of the texts "
+                       "(default text)")
+    group.add_argument("--label-column", help="the column or field of the labels (default label)")
+    group.add_argument("--balance", action="store_const", const=True,
+                       help="sample every class down to the smallest class's size (seeded), as the book does "
+                       "(always on for --data testament)")
+    group.add_argument("--pool", choices=("last", "mean", "end"),
+                       help="what the class head reads: the last real token's state (the book's method), the mean "
+                       "over the text's tokens, or the last position of a batch padded to the longest training text "
+                       "(the book's code exactly) (default last)")
 
 
 def run_classify(args: argparse.Namespace, opts: Any, log: Callable[[str], None] = print) -> Path:
-    """Fine-tune for classification (not available in this version)."""
-    from ..errors import ConfigError
+    """Fine-tune a classifier with the shared options ``opts`` and this task's from ``args``; the new run's folder.
 
-    raise ConfigError("--task classify is not available in this version of llmscratch; use --task instruct")
+    Split by default 70 % / 10 % / 20 % (train / validation / test, seeded, as the book);
+    ``--val-fraction``/``--test-fraction`` change it, ``--val-data``/``--test-data`` give files.
+    """
+    from ..training.classify import make_classify_task
+    from ..training.finetune import finetune
+    from .finetune import options_from_args
+
+    mine = {k: getattr(args, k) for k in CLASSIFY_OPTIONS if getattr(args, k, None) is not None}
+    opts.extra.update(mine)
+    _, given = options_from_args(args)
+    if mine:
+        given.add("extra")
+    return finetune(opts, make_classify_task, log, given)

@@ -282,8 +282,9 @@ def _state_dict_for_file(model: GPT, state_dict: Optional[Mapping[str, torch.Ten
     """The model's state dict (or ``state_dict``, gathered from shards) with a tied head stored once;
     for a model with LoRA adapters, the adapters alone (``store/lora.py``: the base stays in its run)."""
     sd = dict(model.state_dict() if state_dict is None else state_dict)
-    if has_lora(model):
-        return {k: v for k, v in sd.items() if ".lora." in k}
+    if has_lora(model):  # with a task's new layers (a classifier's head: GPTClassifier.saved_with_adapters)
+        extra = tuple(getattr(model, "saved_with_adapters", ()))
+        return {k: v for k, v in sd.items() if ".lora." in k or (extra and k.startswith(extra))}
     if model.cfg.tie_weights:
         sd.pop("out_head.weight", None)
     return sd

@@ -14,6 +14,7 @@ runs/
     adapter.json                     a LoRA run: its adapters' settings and the base run (then
                                      model.safetensors holds the adapters only; store/lora.py)
     finetune.json                    a fine-tuned run: its base run, task and options
+    labels.json                      a classifier's classes, pooling and base run (finetune --task classify)
     best/                            the best validation weights, with the tokenizer
     sharded/                         an FSDP checkpoint (every rank's shard), until consolidated
 ```
@@ -40,6 +41,7 @@ TRAINING_STATE_FILE = "training_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+LABELS_FILE = "labels.json"
 BEST_DIR = "best"
 SHARDED_DIR = "sharded"
 LATEST = "latest"
@@ -93,6 +95,10 @@ class RunDir:
     @property
     def finetune(self) -> Path:
         return self.path / FINETUNE_FILE
+
+    @property
+    def labels(self) -> Path:
+        return self.path / LABELS_FILE
 
     @property
     def best(self) -> "RunDir":

@@ -402,7 +402,10 @@ def load_checkpoint_weights(model: GPT, run_dir: RunDir, state: dict, lora_run: 
     if lora_run:
         from ..nn import lora
 
-        lora.load_lora_state_dict(model, tensors)
+        extra = {k: v for k, v in tensors.items() if ".lora." not in k}  # a task's new layers (a class head)
+        lora.load_lora_state_dict(model, {k: v for k, v in tensors.items() if ".lora." in k})
+        if extra:
+            model.load_state_dict(extra, strict=False)
         return
     if model.cfg.tie_weights and "tok_emb.weight" in tensors:
         tensors.setdefault("out_head.weight", tensors["tok_emb.weight"])
