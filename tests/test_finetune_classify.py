@@ -302,7 +302,9 @@ def test_stopped_and_resumed_run_ends_with_the_same_weights(classifier_run):
     root, _ = classifier_run
     args = [str(root / "base"), "--data", str(root / "data.csv"), *FINETUNE, "--out-dir", str(root / "runs")]
     assert cli.main(["finetune", *args, "--name", "r", "--steps", "40", "--stop-at", "20"]) == 0
-    assert cli.main(["finetune", "--resume", str(root / "runs" / "r"), "--task", "classify", "--no-progress"]) == 0
+    # no --task: a resumed run keeps the task it was fine-tuned for; another task is refused
+    assert cli.main(["finetune", "--resume", str(root / "runs" / "r"), "--task", "instruct", "--no-progress"]) == 2
+    assert cli.main(["finetune", "--resume", str(root / "runs" / "r"), "--no-progress"]) == 0
     resumed, whole = read_safetensors(root / "runs" / "r" / "model.safetensors"), read_safetensors(
         root / "runs" / "c" / "model.safetensors")
     assert sorted(resumed) == sorted(whole)

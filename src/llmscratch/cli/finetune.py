@@ -40,11 +40,26 @@ def options_from_args(args: argparse.Namespace) -> tuple[Any, set[str]]:
     return FinetuneOptions(task=args.task, base=args.run, extra=extra, **values), given
 
 
+def _task(args: argparse.Namespace) -> str:
+    """The task asked for; with ``--resume`` and no ``--task``, the one the run was fine-tuned for."""
+    from ..errors import ConfigError
+    from ..training.finetune import read_finetune_file
+
+    if args.resume is None:
+        return args.task or "instruct"
+    recorded = read_finetune_file(args.resume).get("task", "instruct")
+    if args.task is not None and args.task != recorded:
+        raise ConfigError(f"--resume {args.resume}: that run was fine-tuned with --task {recorded}, "
+                          f"not --task {args.task}; drop --task to continue it")
+    return recorded
+
+
 def _run_finetune(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
 
     if args.run is not None and args.resume is not None:
         raise ConfigError("give the run to fine-tune (RUN) or --resume RUN_DIR, not both")
+    args.task = _task(args)
     opts, given = options_from_args(args)
     if args.task == "classify":
         from .finetune_classify import run_classify
@@ -69,9 +84,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "directory that generate, chat, serve, export and eval use like any other; it records its base run "
         "in finetune.json. Ctrl-C saves a checkpoint; --resume continues it.")
     p.add_argument("run", nargs="?", help="the run to start from (omit with --resume)")
-    p.add_argument("--task", choices=("instruct", "classify"), default="instruct",
+    p.add_argument("--task", choices=("instruct", "classify"), default=None,
                    help="instruct: follow instructions (Alpaca JSON/JSONL or chat JSONL); classify: label texts "
-                   "(default instruct)")
+                   "(default instruct; with --resume, the run's own task)")
     data = p.add_argument_group("data")
     data.add_argument("--data", help="the training examples (the task says the format)")
     run = p.add_argument_group("run directory")
