@@ -9,9 +9,15 @@ against another implementation is a ratio measured in the same run:
   device memory. Peers: the book's ``GPTModel`` and ``GPTModelFast`` (``llms_from_scratch``)
   and Hugging Face ``GPT2LMHeadModel`` with SDPA attention, built with the same shape.
 * **decode**: tokens per second of greedy decoding at batch 1 and 8, without a cache, with
-  the KV cache, and with the static cache (compiled into a CUDA graph on CUDA); time to
-  first token. Peers: the book's ``generate_text_simple`` (no cache) and its KV-cache model,
-  and ``transformers``' ``generate``.
+  the KV cache (on the CPU also with the weights laid out as ``generate`` lays them out), and
+  with the static cache (compiled into a CUDA graph on CUDA); time to first token; the KV
+  cache's bytes per token against multi-head attention's. Of a random model of a preset, or
+  of a run's own (``--run``: SmolLM2-135M imported with ``llmscratch import smollm2``). Peers:
+  the book's ``generate_text_simple`` (no cache) and its KV-cache model, and ``transformers``'
+  ``generate`` (for a Llama-family model, its own Llama/Qwen class holding our weights, so
+  both decode the same tokens, which the table checks). The ratio over transformers is also
+  taken round by round (``over_transformers_rounds``): on a shared machine it holds steady
+  where the tokens/s do not.
 * **attention**: the attention op alone, forward and backward: the explicit path, the
   fused path, and each SDPA kernel (flash, efficient, cuDNN, math) where it runs.
 
