@@ -208,7 +208,7 @@ def test_cli_bench_counts_in_the_singular_for_one(monkeypatch, capsys, n, runs, 
                  "--new-tokens", n]) == 0
     out = capsys.readouterr().out
     assert f"(median of {runs} of {steps}):" in out
-    assert f"prompt 8 tokens, {tokens} (median of {runs}):" in out
+    assert f"prompt 8 tokens, {tokens} (median of {runs}, timed in interleaved rounds" in out
     assert "4 heads, T 32" in out
     assert bench.count(1, "head") == "1 head" and bench.count(0, "run") == "0 runs"
 
@@ -392,8 +392,25 @@ def test_decode_of_a_llama_config_runs_transformers_llama_with_our_weights():
     table = bench.format_decode(rows, bench.kv_cache_bytes(model.cfg))
     assert "skipped: the book's GPTModel" in table and "× transformers" in table and "ref. |" in table
     measured = [line for line in table.splitlines() if line.startswith("| llmscratch") or "(LlamaForCausalLM" in line]
-    assert len(measured) == 6 and {line.count("|") for line in measured} == {8}, table  # 7 cells in every row
+    assert len(measured) == 6 and {line.count("|") for line in measured} == {9}, table  # 8 cells in every row
     assert "KV cache per token (one row, float32): 256 bytes" in table and "512 bytes, 2.00 × ours" in table
+
+
+def test_decode_ratios_over_transformers_are_also_taken_round_by_round():
+    """Run i of every row is round i (interleaved): each round's ratio is transformers' seconds over ours,
+    the same number of tokens; the table shows their median and range."""
+    ours = {"mode": "llmscratch cache", "batch": 1, "tokens_per_s": 10.0, "first_token_ms": 1.0,
+            "runs_s": [1.0, 4.0, 2.0], "tokens_reference": True}
+    hf = {"mode": "transformers generate (LlamaForCausalLM, cache)", "batch": 1, "tokens_per_s": 5.0,
+          "first_token_ms": None, "runs_s": [1.5, 5.0, 3.0], "same_tokens": True}
+    other = {"mode": "llmscratch cache", "batch": 8, "tokens_per_s": 1.0, "first_token_ms": 1.0, "runs_s": [1.0]}
+    bench.add_decode_ratios([ours, hf, other], (1, 8))
+    assert ours["over_transformers_rounds"] == [1.5, 1.25, 1.5] and ours["over_transformers_round_median"] == 1.5
+    assert ours["over_transformers"] == 2.0  # the ratio of the medians need not be the median of the ratios
+    assert hf["over_transformers_rounds"] == [1.0, 1.0, 1.0]
+    assert "over_transformers_rounds" not in other  # no transformers row at batch 8
+    table = bench.format_decode([ours, hf, other])
+    assert " 1.50 (1.25–1.50) |" in table and "by round" in table
 
 
 def test_the_gpt2_peers_have_other_weights_so_their_tokens_are_not_compared():

@@ -161,7 +161,8 @@ def _decode(args: argparse.Namespace, s: _Session) -> None:
     s.record["decode"] = rows
     s.record["decode_kv_cache"] = kv
     print(f"\ngreedy decoding, {s.model_name}, prompt {PROMPT_TOKENS} tokens, "
-          f"{bench.count(args.new_tokens, 'new token')} (median of {bench.count(args.repeats, 'run')}):")
+          f"{bench.count(args.new_tokens, 'new token')} (median of {bench.count(args.repeats, 'run')}, timed in "
+          f"interleaved rounds; by round: the ratio in each round):")
     print(bench.format_decode(rows, kv))
 
 

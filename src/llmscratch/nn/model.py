@@ -566,20 +566,16 @@ class CausalSelfAttention(nn.Module):
         """``x (B, T, C)`` → per-head ``q (B, H, T, d)``, ``k, v (B, H_kv, T, d)``; q and k rotated by RoPE's ``(cos, sin)``."""
         b, t, _ = x.shape
         h, h_kv, d = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv(x)  # (B, T, (H + 2·H_kv)·d)
-        if h == h_kv:
-            qkv = qkv.view(b, t, 3, h, d)  # (B, T, 3, H, d)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, d)
-        else:
-            q, k, v = qkv.split([h * d, h_kv * d, h_kv * d], dim=-1)  # (B, T, H·d), 2 × (B, T, H_kv·d)
-            q = q.view(b, t, h, d).transpose(1, 2)  # (B, H, T, d)
-            k = k.view(b, t, h_kv, d).transpose(1, 2)  # (B, H_kv, T, d)
-            v = v.view(b, t, h_kv, d).transpose(1, 2)  # (B, H_kv, T, d)
-        if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)  # each head's vector normalised on its own
+        # The fused output is every query head, then every key head, then every value head,
+        # whatever the head counts: one view splits it into heads, with no copy.
+        qkv = self.qkv(x).view(b, t, h + 2 * h_kv, d).transpose(1, 2)  # (B, H + 2·H_kv, T, d)
+        qk, v = qkv.split([h + h_kv, h_kv], dim=1)  # (B, H + H_kv, T, d), (B, H_kv, T, d)
+        if self.cfg.qk_norm:  # each head's vector normalised on its own, with q's and k's own weights
+            q, k = qk.split([h, h_kv], dim=1)  # (B, H, T, d), (B, H_kv, T, d)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)  # (B, H + H_kv, T, d)
         if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, *rope)  # q and k rotated in one pass: they share the angles
+        q, k = qk.split([h, h_kv], dim=1)  # (B, H, T, d), (B, H_kv, T, d)
         return q, k, v
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:

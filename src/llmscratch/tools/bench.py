@@ -9,9 +9,15 @@ against another implementation is a ratio measured in the same run:
   device memory. Peers: the book's ``GPTModel`` and ``GPTModelFast`` (``llms_from_scratch``)
   and Hugging Face ``GPT2LMHeadModel`` with SDPA attention, built with the same shape.
 * **decode**: tokens per second of greedy decoding at batch 1 and 8, without a cache, with
-  the KV cache, and with the static cache (compiled into a CUDA graph on CUDA); time to
-  first token. Peers: the book's ``generate_text_simple`` (no cache) and its KV-cache model,
-  and ``transformers``' ``generate``.
+  the KV cache (on the CPU also with the weights laid out as ``generate`` lays them out), and
+  with the static cache (compiled into a CUDA graph on CUDA); time to first token; the KV
+  cache's bytes per token against multi-head attention's. Of a random model of a preset, or
+  of a run's own (``--run``: SmolLM2-135M imported with ``llmscratch import smollm2``). Peers:
+  the book's ``generate_text_simple`` (no cache) and its KV-cache model, and ``transformers``'
+  ``generate`` (for a Llama-family model, its own Llama/Qwen class holding our weights, so
+  both decode the same tokens, which the table checks). The ratio over transformers is also
+  taken round by round (``over_transformers_rounds``): on a shared machine it holds steady
+  where the tokens/s do not.
 * **attention**: the attention op alone, forward and backward: the explicit path, the
   fused path, and each SDPA kernel (flash, efficient, cuDNN, math) where it runs.
 
@@ -834,7 +840,11 @@ def _decode_row(d: _Decoder, batch: int, new_tokens: int, prompt_len: int, dtype
 
 def add_decode_ratios(rows: list[dict[str, Any]], batches: tuple[int, ...]) -> None:
     """Add ratios to the measured rows, in place, at each batch: ``over_no_cache`` (tokens/s over ours
-    without a cache) and ``over_transformers`` (tokens/s over transformers' ``generate``)."""
+    without a cache) and ``over_transformers`` (tokens/s over transformers' ``generate``), each a ratio of
+    the medians; and ``over_transformers_rounds``, the ratio in every round (run *i* of every row is
+    round *i*: they are timed interleaved), with its median, ``over_transformers_round_median``. On a
+    shared machine a load that comes and goes slows one round of every row alike, so the round's
+    ratio keeps steady where the tokens/s do not."""
     for batch in batches:
         measured = [r for r in rows if r["batch"] == batch and r.get("tokens_per_s")]
         no_cache = next((r for r in measured if r["mode"] == "llmscratch no cache"), None)
@@ -844,6 +854,9 @@ def add_decode_ratios(rows: list[dict[str, Any]], batches: tuple[int, ...]) -> N
                 r["over_no_cache"] = r["tokens_per_s"] / no_cache["tokens_per_s"]
             if hf:
                 r["over_transformers"] = r["tokens_per_s"] / hf["tokens_per_s"]
+                rounds = [theirs / ours for ours, theirs in zip(r["runs_s"], hf["runs_s"])]  # same tokens a run
+                r["over_transformers_rounds"] = rounds
+                r["over_transformers_round_median"] = statistics.median(rounds)
 
 
 def kv_cache_bytes(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -966,11 +979,21 @@ def _same_tokens_cell(r: dict[str, Any]) -> str:
     return "yes" if r["same_tokens"] else f"from {r['first_different_token']}"
 
 
+def _rounds_cell(r: dict[str, Any]) -> str:
+    """The ratio over transformers round by round: ``median (min–max)``; ``-`` where there is none."""
+    rounds = r.get("over_transformers_rounds")
+    if not rounds:
+        return "-"
+    return f"{r['over_transformers_round_median']:.2f} ({min(rounds):.2f}–{max(rounds):.2f})"
+
+
 def format_decode(rows: list[dict[str, Any]], kv: Optional[dict[str, Any]] = None) -> str:
     """The rows of :func:`bench_decode` as a Markdown table (what ``llmscratch bench`` prints), and under it
-    the KV cache's bytes per token (``kv``: :func:`kv_cache_bytes`)."""
+    the KV cache's bytes per token (``kv``: :func:`kv_cache_bytes`). ``× transformers`` is the ratio of
+    the medians; ``by round`` the median and range of the ratios taken round by round."""
     lines = [f"| {'mode':<48} | {'batch':>5} | {'tokens/s':>9} | {'first token ms':>14} | {'× no cache':>10} | "
-             f"{'× transformers':>14} | {'same tokens':>11} |", "| " + " | ".join(["---"] * 7) + " |"]
+             f"{'× transformers':>14} | {'by round (range)':>18} | {'same tokens':>11} |",
+             "| " + " | ".join(["---"] * 8) + " |"]
     for r in rows:
         if "error" in r or "skipped" in r:
             what = f"error: {r['error'][:80]}" if "error" in r else f"skipped: {r['skipped']}"
@@ -978,7 +1001,8 @@ def format_decode(rows: list[dict[str, Any]], kv: Optional[dict[str, Any]] = Non
             continue
         lines.append(f"| {r['mode']:<48} | {r['batch']:>5} | {r['tokens_per_s']:>9.1f} | "
                      f"{_fmt(r['first_token_ms'], '>14.1f')} | {_fmt(r.get('over_no_cache'), '>10.2f')} | "
-                     f"{_fmt(r.get('over_transformers'), '>14.2f')} | {_same_tokens_cell(r):>11} |")
+                     f"{_fmt(r.get('over_transformers'), '>14.2f')} | {_rounds_cell(r):>18} | "
+                     f"{_same_tokens_cell(r):>11} |")
     if kv is not None:
         lines.append(f"\nKV cache per token (one row, {kv['dtype'].removeprefix('torch.')}): {kv['bytes_per_token']:,} "
                      f"bytes (2 × {kv['layers']} layers × {count(kv['kv_heads'], 'K/V head')} × {kv['head_dim']} "
