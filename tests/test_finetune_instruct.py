@@ -185,7 +185,7 @@ def test_bad_data_names_file_and_line(tmp_path, content, message):
 def test_non_utf8_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n')
-    with pytest.raises(InstructDataError, match=r"bad.jsonl, line 2: not UTF-8"):
+    with pytest.raises(InstructDataError, match=r"bad.jsonl, line 2: not valid UTF-8"):
         read_examples(path)
 
 

@@ -50,6 +50,17 @@ class DiskFullError(LLMScratchError, OSError):
         return str(self.args[0])
 
 
+def decode_utf8(data: bytes, where: str, error: type[LLMScratchError] = LLMScratchError) -> str:
+    """``data`` (a file's bytes) as text, a byte-order mark dropped; bytes that are not UTF-8 raise
+    ``error`` naming ``where`` (the file, or the option that gave it), the line and the byte."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise error(f"{where}, line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                    "save it as UTF-8") from None
+
+
 def human_bytes(n: int) -> str:
     """``1.2 MB``, ``340 kB``, ``12 bytes``: a size as people read it (powers of 1000, as ``df -H``)."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):

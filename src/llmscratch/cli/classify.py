@@ -12,17 +12,12 @@ def _read_lines(path: str) -> list[str]:
     from pathlib import Path
 
     from ..errors import ConfigError
+    from ..files import decode_utf8
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--file {path}: no such file; give a text file with one text a line")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(f"--file {path}, line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x}); save it as "
-                          "UTF-8") from None
+    text = decode_utf8(p.read_bytes(), f"--file {path}", ConfigError)
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ConfigError(f"--file {path} holds no text (one text a line)")

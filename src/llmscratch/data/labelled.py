@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import LLMScratchError
+from ..files import decode_utf8
 
 BUILTIN_DATA = ("testament",)
 FIRST_NEW_TESTAMENT_BOOK = "Matthew"
@@ -45,16 +46,6 @@ class Example:
     label: str
     source: str
     line: int
-
-
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise LabelledDataError(f"{path}, line {line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
-                                f"{e.start}); save the file as UTF-8") from None
 
 
 def _format(path: Path) -> str:
@@ -112,7 +103,8 @@ def read_labelled(path: str | Path, text_column: str = "text", label_column: str
     if not path.is_file():
         raise LabelledDataError(f"{path}: no such file; give a .csv, .tsv or .jsonl file with a text and a label "
                                 f"column (or --data testament, the built-in task)")
-    rows = _rows(path, _decode(path), _format(path), text_column, label_column)
+    text = decode_utf8(path.read_bytes(), str(path), LabelledDataError)
+    rows = _rows(path, text, _format(path), text_column, label_column)
     examples = []
     for n, text, label in rows:
         if not isinstance(text, str) or not text.strip():

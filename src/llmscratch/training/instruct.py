@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ..data.chat_template import DEFAULT_SOURCE, DEFAULT_TEMPLATE, ChatFormat, chat_format
 from ..errors import ConfigError, CorpusError, LLMScratchError
-from ..files import write_text_atomic
+from ..files import decode_utf8, write_text_atomic
 from ..runtime import Runtime
 from .evaluate import byte_lengths_for
 from .finetune import FinetuneOptions, data_fingerprint, finetune
@@ -67,16 +67,6 @@ class Example:
     messages: list[dict[str, str]]
     record: dict[str, Any]
     where: str  # "FILE, line N" (or "FILE, item N" for a one-line JSON array)
-
-
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise InstructDataError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file "
-                                "as UTF-8") from None
 
 
 def _records(path: Path, text: str) -> list[tuple[Any, int]]:
@@ -153,7 +143,7 @@ def read_examples(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise InstructDataError(f"{path}: no such file" + (" (a folder)" if path.is_dir() else "")
                                 + "; give an Alpaca-style JSON/JSONL or a chat JSONL file")
-    text = _decode(path)
+    text = decode_utf8(path.read_bytes(), str(path), InstructDataError)
     array = text.lstrip().startswith("[")
     examples = [_example(rec, f"{path}, line {line}") for rec, line in _records(path, text)]
     if not examples:
