@@ -64,7 +64,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
     if args.task == "classify":
         from .finetune_classify import run_classify
 
-        run_dir = run_classify(args, opts)
+        run_dir = run_classify(args, opts, given)
     else:
         from ..training.instruct import finetune_instruct
 

@@ -33,19 +33,18 @@ def add_classify_options(group: argparse._ArgumentGroup) -> None:
                        "(the book's code exactly) (default last)")
 
 
-def run_classify(args: argparse.Namespace, opts: Any, log: Callable[[str], None] = print) -> Path:
-    """Fine-tune a classifier with the shared options ``opts`` and this task's from ``args``; the new run's folder.
+def run_classify(args: argparse.Namespace, opts: Any, given: set[str], log: Callable[[str], None] = print) -> Path:
+    """Fine-tune a classifier with the shared options ``opts`` (``given``: the names of those the command line
+    gave) and this task's from ``args``; the new run's folder.
 
     Split by default 70 % / 10 % / 20 % (train / validation / test, seeded, as the book);
     ``--val-fraction``/``--test-fraction`` change it, ``--val-data``/``--test-data`` give files.
     """
     from ..training.classify import make_classify_task
     from ..training.finetune import finetune
-    from .finetune import options_from_args
-
     mine = {k: getattr(args, k) for k in CLASSIFY_OPTIONS if getattr(args, k, None) is not None}
     opts.extra.update(mine)
-    _, given = options_from_args(args)
+    given = set(given)
     if mine:
         given.add("extra")
     return finetune(opts, make_classify_task, log, given)
